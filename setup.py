@@ -1,0 +1,30 @@
+"""beit_fast: the fastest correct BEiT pretraining for PyTorch.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed as
+``beit_fast.kernels`` (PyPI has an unrelated package called ``kernels``; never import it bare).
+"""
+from setuptools import setup
+
+setup(
+    name="beit_fast",
+    version="0.1.0",
+    description="Fast, faithful BEiT (masked image modeling with visual tokens) pretraining for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.kernels"],
+    package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.10,<=2.14.1",
+        "torchvision",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "scikit-image",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark"],
+        "xformers": ["xformers"],
+    },
+)
