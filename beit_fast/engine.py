@@ -1,0 +1,151 @@
+"""One BEiT pretraining step: tokenize, mask, predict the masked tokens, update.
+
+This is the eager reference step (the official ``engine_for_pretraining.py`` semantics): logits for
+masked positions only, mean cross-entropy over all masked positions of the batch, MIM accuracy,
+AdamW under per-step lr/wd schedules, gradient clipping, autocast with a loss scaler for fp16.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["resolve_amp_dtype", "mim_loss_reference", "StepResult", "PretrainEngine"]
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA cards that support it, else fp16 on CUDA, none on CPU."""
+    amp = amp.lower()
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 mixed precision needs a CUDA device; use --amp bf16 or none on CPU")
+        return torch.float16
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    raise ValueError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or none")
+
+
+def mim_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over masked positions (fp32) and MIM accuracy: ``logits [M, V]``, ``labels [M]``."""
+    loss = F.cross_entropy(logits.float(), labels)
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, acc
+
+
+@dataclass
+class StepResult:
+    """Host-side metrics of one step; ``skipped`` when the loss was not finite and no update was made."""
+
+    loss: float
+    mlm_acc: float
+    grad_norm: float
+    loss_scale: float
+    lr: float
+    min_lr: float
+    weight_decay: float
+    skipped: bool = False
+
+
+class PretrainEngine:
+    """Runs training steps for a model and a frozen tokenizer.
+
+    ``batch = (images [B,3,H,W] float, tokenizer_images [B,3,h,w] float, bool_masked_pos [B,N] bool)``.
+    The lr of each parameter group at step t is ``lr_schedule[t] * group["lr_scale"]``; groups with
+    weight decay get ``wd_schedule[t]``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        lr_schedule: np.ndarray,
+        wd_schedule: np.ndarray,
+        amp_dtype: torch.dtype | None = None,
+        clip_grad: float | None = 3.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optimizer = optimizer
+        self.device = device
+        self.lr_schedule = lr_schedule
+        self.wd_schedule = wd_schedule
+        self.amp_dtype = amp_dtype
+        self.clip_grad = clip_grad
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def set_schedule(self, step: int) -> None:
+        step = min(step, len(self.lr_schedule) - 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr_schedule[step]) * group.get("lr_scale", 1.0)
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = float(self.wd_schedule[step])
+
+    @torch.no_grad()
+    def tokenize(self, tokenizer_images: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """Labels of the masked positions, ``int64[M]``, in row-major mask order."""
+        tokens = self.tokenizer.get_codebook_indices(tokenizer_images).flatten(1)
+        if tokens.shape != bool_masked_pos.shape:
+            raise ValueError(
+                f"tokenizer grid ({tokens.shape[1]} tokens) does not match the mask ({bool_masked_pos.shape[1]} "
+                "patches): the tokenizer view must be input_size / patch_size * 8 pixels wide"
+            )
+        return tokens[bool_masked_pos]
+
+    def forward_loss(
+        self, images: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            logits = self.model(images, bool_masked_pos)
+        return mim_loss_reference(logits, labels)
+
+    def train_step(self, batch, step: int) -> StepResult:
+        images, tokenizer_images, bool_masked_pos = (t.to(self.device, non_blocking=True) for t in batch)
+        bool_masked_pos = bool_masked_pos.flatten(1).bool()
+        self.set_schedule(step)
+        labels = self.tokenize(tokenizer_images, bool_masked_pos)
+        self.model.train()
+        loss, acc = self.forward_loss(images, bool_masked_pos, labels)
+        loss_value = loss.item()
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        wd = max((g["weight_decay"] for g in self.optimizer.param_groups), default=0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_value):
+            return StepResult(loss_value, float("nan"), float("nan"), self.scaler.get_scale(), max(lrs), min(lrs), wd, True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.clip_grad if self.clip_grad else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return StepResult(
+            loss_value, acc.item(), grad_norm.item(), self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+            max(lrs), min(lrs), wd,
+        )
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

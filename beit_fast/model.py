@@ -1,0 +1,339 @@
+"""The BEiT Transformer for masked image modeling: the eager reference.
+
+Module and parameter names follow the official ``modeling_pretrain.py`` exactly, so an official
+pretraining checkpoint loads with ``strict=True`` (``checkpoint["model"]``). Everything here is plain
+PyTorch and written for clarity: it is the reference that every fast path is tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "BeitConfig",
+    "MODEL_CONFIGS",
+    "get_config",
+    "relative_position_index",
+    "RelativePositionBias",
+    "PatchEmbed",
+    "Attention",
+    "Mlp",
+    "Block",
+    "VisionTransformerForMaskedImageModeling",
+    "build_model",
+]
+
+
+@dataclass
+class BeitConfig:
+    """Architecture of a BEiT pretraining model. Defaults are BEiT-B/16 at 224 with an 8192 vocabulary."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    vocab_size: int = 8192
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.1
+    init_values: float = 0.1  # LayerScale init; 0 disables LayerScale (no gamma parameters)
+    use_abs_pos_emb: bool = False
+    use_shared_rel_pos_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "vocab_size", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BeitConfig.{name} must be a positive integer, got {value!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.init_values < 0:
+            raise ValueError(f"init_values must be >= 0, got {self.init_values}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODEL_CONFIGS: dict[str, BeitConfig] = {
+    # For tests and the CPU demo: the full method at 224/16, a narrow and shallow backbone.
+    "tiny": BeitConfig(embed_dim=128, depth=4, num_heads=4, drop_path_rate=0.0),
+    "small": BeitConfig(embed_dim=384, depth=12, num_heads=6),
+    "base": BeitConfig(embed_dim=768, depth=12, num_heads=12),
+    "large": BeitConfig(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+}
+
+
+def get_config(name: str, **overrides) -> BeitConfig:
+    """A named config (``tiny``, ``small``, ``base``, ``large``) with optional field overrides."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
+    return replace(MODEL_CONFIGS[name], **overrides)
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Normal(0, std) truncated at +-std, as the official pretraining code does (not at +-2)."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
+    """Index into the relative position bias table for every (query, key) pair, ``int64[N+1, N+1]``.
+
+    Patch i to patch j: ``(dh + Gh - 1) * (2 Gw - 1) + (dw + Gw - 1)``; [CLS] query to any key: T - 3;
+    any query to the [CLS] key: T - 2; [CLS] to [CLS]: T - 1; T = (2Gh - 1)(2Gw - 1) + 3 table rows.
+    """
+    gh, gw = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [N, N, 2]
+    num_table = (2 * gh - 1) * (2 * gw - 1) + 3
+    index = torch.zeros((gh * gw + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)
+    index[0, :] = num_table - 3
+    index[:, 0] = num_table - 2
+    index[0, 0] = num_table - 1
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """The relative position bias shared by all blocks: table ``[T, heads]``, output ``[heads, N+1, N+1]``."""
+
+    def __init__(self, window_size: tuple[int, int], num_heads: int) -> None:
+        super().__init__()
+        self.window_size = tuple(window_size)
+        self.num_relative_distance = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
+        # Persistent, as in the official code: official checkpoints contain it.
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+
+    def forward(self) -> torch.Tensor:
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(in_chans, D, P, stride P): ``[B, C, H, W] -> [B, N, D]`` with N = (H/P)(W/P), row-major."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.patch_shape = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.patch_shape[0] * self.patch_shape[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        if (h, w) != self.img_size:
+            raise ValueError(f"input image size {h}x{w} does not match the model's {self.img_size[0]}x{self.img_size[1]}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        random_tensor = x.new_empty(shape).bernoulli_(keep)
+        return x * random_tensor / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with q and v biases (no k bias) and an additive relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, N, D] -> q, k, v``, each ``[B, heads, N, D/heads]``."""
+        b, n, _ = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv_projection(x)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if rel_pos_bias is not None:
+            attn = attn + rel_pos_bias
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block with LayerScale (``gamma_1``, ``gamma_2``) and drop path."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
+        init_values: float, eps: float,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if init_values > 0:
+            self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+class VisionTransformerForMaskedImageModeling(nn.Module):
+    """BEiT pretraining model (official name and state-dict layout).
+
+    ``forward(x [B, 3, H, W] float, bool_masked_pos [B, N] bool) -> logits [M, vocab]`` where M is the
+    number of masked patches in the batch, in row-major order of ``bool_masked_pos`` (the order of
+    ``tokens[bool_masked_pos]``). The head runs on masked positions only.
+    """
+
+    def __init__(self, cfg: BeitConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = replace(cfg or BeitConfig(), **overrides)
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.num_features = self.embed_dim = dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim)) if cfg.use_abs_pos_emb else None
+        self.rel_pos_bias = (
+            RelativePositionBias(self.patch_embed.patch_shape, cfg.num_heads) if cfg.use_shared_rel_pos_bias else None
+        )
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.init_values, cfg.layer_norm_eps)
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(dim, cfg.vocab_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official initialisation, including the 1/sqrt(2l) rescale of each block's output layers."""
+        std = self.cfg.init_std
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std)
+        trunc_normal_(self.cls_token, std)
+        trunc_normal_(self.mask_token, std)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer_id, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def no_weight_decay(self) -> set[str]:
+        """Names the official optimizer factory exempts from weight decay (besides 1-D params and biases)."""
+        return {"pos_embed", "cls_token"}
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, mask-token substitution, [CLS], position embedding: ``[B, N+1, D]``."""
+        x = self.patch_embed(x)
+        b, n, _ = x.shape
+        if bool_masked_pos.shape != (b, n):
+            raise ValueError(f"bool_masked_pos must have shape {(b, n)}, got {tuple(bool_masked_pos.shape)}")
+        w = bool_masked_pos.unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token.expand(b, n, -1) * w
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final LayerNorm: ``[B, N+1, D]`` ([CLS] first)."""
+        x = self.embed(x, bool_masked_pos)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, rel_pos_bias)
+        return self.norm(x)
+
+    def forward(
+        self, x: torch.Tensor, bool_masked_pos: torch.Tensor, return_all_tokens: bool = False
+    ) -> torch.Tensor:
+        x = self.forward_features(x, bool_masked_pos)[:, 1:]
+        if return_all_tokens:
+            return self.lm_head(x)
+        return self.lm_head(x[bool_masked_pos])
+
+
+def build_model(name_or_cfg: str | BeitConfig = "base", **overrides) -> VisionTransformerForMaskedImageModeling:
+    """Build a pretraining model from a named config or a :class:`BeitConfig`, with field overrides."""
+    cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    return VisionTransformerForMaskedImageModeling(replace(cfg, **overrides))

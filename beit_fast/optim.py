@@ -1,0 +1,68 @@
+"""Optimizer parameter groups and per-step schedules, as the official BEiT code builds them."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["param_groups_weight_decay", "cosine_scheduler", "build_optimizer"]
+
+# timm-style exemption list: names whose parameters never decay under ``decay_mask_and_bias_table=False``.
+_TIMM_EXTRA_NO_DECAY = ("mask_token", "relative_position_bias_table")
+
+
+def param_groups_weight_decay(
+    model: nn.Module, weight_decay: float, decay_mask_and_bias_table: bool = True, lr_scale: float = 1.0
+) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed group.
+
+    The official rule: no decay for 1-D parameters, biases, and ``model.no_weight_decay()`` names
+    (``pos_embed``, ``cls_token``). That rule decays ``mask_token`` ([1, 1, D]) and the relative position
+    bias table (2-D); ``decay_mask_and_bias_table=False`` exempts them too, as timm does.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim == 1 or name.endswith(".bias") or name in skip
+        if not decay_mask_and_bias_table and name.split(".")[-1] in _TIMM_EXTRA_NO_DECAY:
+            exempt = True
+        (no_decay if exempt else decay).append(param)
+        (no_decay_names if exempt else decay_names).append(name)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "param_names": decay_names},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale, "param_names": no_decay_names},
+    ]
+
+
+def cosine_scheduler(
+    base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+    warmup_epochs: int = 0, start_warmup_value: float = 0.0, warmup_steps: int = -1,
+) -> np.ndarray:
+    """Per-step values: linear warmup from ``start_warmup_value`` then cosine from ``base_value`` to
+    ``final_value``; ``float64[epochs * niter_per_ep]``. ``warmup_steps > 0`` overrides ``warmup_epochs``."""
+    total = epochs * niter_per_ep
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    warmup_iters = min(warmup_iters, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    n = total - warmup_iters
+    iters = np.arange(n)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(math.pi * iters / max(n, 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == total
+    return schedule
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8, decay_mask_and_bias_table: bool = True, fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over the official parameter groups; ``fused`` defaults to True when the model is on CUDA."""
+    groups = param_groups_weight_decay(model, weight_decay, decay_mask_and_bias_table)
+    groups = [g for g in groups if g["params"]]
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
