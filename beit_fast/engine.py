@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["resolve_amp_dtype", "mim_loss_reference", "StepResult", "PretrainEngine"]
+__all__ = ["resolve_amp_dtype", "mim_loss_reference", "StepResult", "PretrainEngine", "FastPretrainEngine"]
+
+IGNORE_INDEX = -100
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -102,29 +104,30 @@ class PretrainEngine:
 
     @torch.no_grad()
     def tokenize(self, tokenizer_images: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Labels of the masked positions, ``int64[M]``, in row-major mask order."""
+        """Visual tokens of every patch, ``int64[B, N]``, row-major."""
         tokens = self.tokenizer.get_codebook_indices(tokenizer_images).flatten(1)
         if tokens.shape != bool_masked_pos.shape:
             raise ValueError(
                 f"tokenizer grid ({tokens.shape[1]} tokens) does not match the mask ({bool_masked_pos.shape[1]} "
                 "patches): the tokenizer view must be input_size / patch_size * 8 pixels wide"
             )
-        return tokens[bool_masked_pos]
+        return tokens
 
-    def forward_loss(
-        self, images: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor
+    def compute_loss(
+        self, images: torch.Tensor, bool_masked_pos: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over masked positions and MIM accuracy (0-dim tensors)."""
         with self.autocast():
             logits = self.model(images, bool_masked_pos)
-        return mim_loss_reference(logits, labels)
+        return mim_loss_reference(logits, tokens[bool_masked_pos])
 
     def train_step(self, batch, step: int) -> StepResult:
         images, tokenizer_images, bool_masked_pos = (t.to(self.device, non_blocking=True) for t in batch)
         bool_masked_pos = bool_masked_pos.flatten(1).bool()
         self.set_schedule(step)
-        labels = self.tokenize(tokenizer_images, bool_masked_pos)
+        tokens = self.tokenize(tokenizer_images, bool_masked_pos)
         self.model.train()
-        loss, acc = self.forward_loss(images, bool_masked_pos, labels)
+        loss, acc = self.compute_loss(images, bool_masked_pos, tokens)
         loss_value = loss.item()
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         wd = max((g["weight_decay"] for g in self.optimizer.param_groups), default=0.0)
@@ -149,3 +152,45 @@ class PretrainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+class FastPretrainEngine(PretrainEngine):
+    """The same step through the fast path, with static shapes so it compiles to one graph.
+
+    The model's fast switches (fused patch embedding + mask, fused attention, activation checkpointing)
+    are set with ``model.configure_fast_path``. The head and loss run as one fused linear +
+    cross-entropy over exactly ``num_masked`` rows per image: masked positions first (row-major), padded
+    with ignored rows for images the official mask generator left short of the target. The loss is the
+    mean over real masked rows, i.e. the reference's ``F.cross_entropy(lm_head(x[mask]), tokens[mask])``.
+    """
+
+    def __init__(self, *args, num_masked: int, compile: bool = True, ops_backend: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_masked = int(num_masked)
+        self.ops_backend = ops_backend
+        self._loss_fn = torch.compile(self._fast_loss, fullgraph=True, dynamic=False) if compile else self._fast_loss
+
+    def _fast_loss(
+        self, images: torch.Tensor, bool_masked_pos: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .ops.cross_entropy import masked_linear_cross_entropy
+
+        with self.autocast():
+            hidden, index = self.model.forward_masked_hidden(images, bool_masked_pos, self.num_masked)
+        real = bool_masked_pos.gather(1, index)
+        labels = tokens.gather(1, index).masked_fill(~real, IGNORE_INDEX).reshape(-1)
+        head = self.model.lm_head
+        dtype = self.amp_dtype or hidden.dtype
+        bias = head.bias.to(dtype) if head.bias is not None else None
+        return masked_linear_cross_entropy(
+            hidden.to(dtype), head.weight.to(dtype), bias, labels, ignore_index=IGNORE_INDEX,
+            return_accuracy=True, backend=self.ops_backend,
+        )
+
+    def compute_loss(self, images, bool_masked_pos, tokens):
+        if int(bool_masked_pos.shape[1]) < self.num_masked:
+            raise ValueError(f"num_masked {self.num_masked} exceeds the {bool_masked_pos.shape[1]} patches")
+        # Rows past num_masked would be dropped silently; checked on the device, without a host sync.
+        torch._assert_async((bool_masked_pos.sum(1) <= self.num_masked).all(),
+                            "an image has more masked patches than num_masked")
+        return self._loss_fn(images, bool_masked_pos, tokens)

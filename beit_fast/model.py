@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = [
     "BeitConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "Mlp",
     "Block",
     "VisionTransformerForMaskedImageModeling",
+    "masked_index",
     "build_model",
 ]
 
@@ -196,6 +198,8 @@ class Attention(nn.Module):
             self.q_bias = None
             self.v_bias = None
         self.proj = nn.Linear(dim, dim)
+        # "reference": the eager math below; any other name goes to beit_fast.ops.attention_with_bias.
+        self.attn_backend = "reference"
 
     def qkv_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, N, D] -> q, k, v``, each ``[B, heads, N, D/heads]``."""
@@ -210,12 +214,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv_projection(x)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if rel_pos_bias is not None:
-            attn = attn + rel_pos_bias
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.proj(out)
+        if self.attn_backend == "reference":
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if rel_pos_bias is not None:
+                attn = attn + rel_pos_bias
+            out = attn.softmax(dim=-1) @ v
+        else:
+            from .ops.attention import attention_with_bias
+
+            out = attention_with_bias(q, k, v, rel_pos_bias, self.scale, backend=self.attn_backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class Block(nn.Module):
@@ -274,6 +282,9 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(dim, cfg.vocab_size)
+        # Fast-path switches (see configure_fast_path); the defaults are the eager reference.
+        self.fused_embed_backend: str | None = None
+        self.checkpoint_blocks: frozenset[int] = frozenset()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -303,14 +314,53 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
     def get_num_layers(self) -> int:
         return len(self.blocks)
 
+    def configure_fast_path(
+        self, attention: str = "auto", fused_embed: str | None = "auto", activation_checkpointing: str | int = "none"
+    ) -> "VisionTransformerForMaskedImageModeling":
+        """Switch parts of the forward to the fast implementations; results stay those of the reference.
+
+        ``attention``: "reference" (the eager math) or a backend of ``beit_fast.ops.attention_with_bias``
+        ("auto", "math", "sdpa", "flex", "xformers"). ``fused_embed``: None keeps Conv2d + blend, else the
+        ``beit_fast.ops.patch_embed_mask`` backend ("auto", "triton", "reference").
+        ``activation_checkpointing``: "none", "all", or k to recompute every k-th block (blocks k-1, 2k-1, ...).
+        """
+        for blk in self.blocks:
+            blk.attn.attn_backend = attention
+        self.fused_embed_backend = fused_embed
+        depth = len(self.blocks)
+        if activation_checkpointing in ("none", 0, None):
+            self.checkpoint_blocks = frozenset()
+        elif activation_checkpointing == "all":
+            self.checkpoint_blocks = frozenset(range(depth))
+        else:
+            every = int(activation_checkpointing)
+            if every <= 0:
+                raise ValueError(f"activation_checkpointing must be 'none', 'all' or k >= 1, got {activation_checkpointing!r}")
+            self.checkpoint_blocks = frozenset(range(every - 1, depth, every))
+        return self
+
     def embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """Patch embedding, mask-token substitution, [CLS], position embedding: ``[B, N+1, D]``."""
-        x = self.patch_embed(x)
-        b, n, _ = x.shape
+        b = x.shape[0]
+        n = self.patch_embed.num_patches
+        if tuple(x.shape[-2:]) != self.patch_embed.img_size:
+            raise ValueError(f"input image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
+                             f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")
         if bool_masked_pos.shape != (b, n):
             raise ValueError(f"bool_masked_pos must have shape {(b, n)}, got {tuple(bool_masked_pos.shape)}")
-        w = bool_masked_pos.unsqueeze(-1).type_as(x)
-        x = x * (1 - w) + self.mask_token.expand(b, n, -1) * w
+        if self.fused_embed_backend is not None:
+            from .ops.patch_embed import patch_embed_mask
+
+            proj = self.patch_embed.proj
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            x = patch_embed_mask(
+                x.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), self.mask_token.view(-1).to(dtype),
+                bool_masked_pos, backend=self.fused_embed_backend,
+            )
+        else:
+            x = self.patch_embed(x)
+            w = bool_masked_pos.unsqueeze(-1).type_as(x)
+            x = x * (1 - w) + self.mask_token.expand(b, n, -1) * w
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
@@ -320,9 +370,27 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         """All tokens after the final LayerNorm: ``[B, N+1, D]`` ([CLS] first)."""
         x = self.embed(x, bool_masked_pos)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        for blk in self.blocks:
-            x = blk(x, rel_pos_bias)
+        for i, blk in enumerate(self.blocks):
+            if i in self.checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, rel_pos_bias)
         return self.norm(x)
+
+    def forward_masked_hidden(
+        self, x: torch.Tensor, bool_masked_pos: torch.Tensor, num_masked: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states of masked patches with static shapes, for a fused head + loss.
+
+        Returns ``hidden [B * K, D]`` and ``index [B, K]`` (int64) with K = ``num_masked``: for each image
+        the positions of its masked patches in row-major order, padded with unmasked positions when the
+        image has fewer than K (``bool_masked_pos.gather(1, index)`` tells which rows are real). Gathering
+        labels with the same index and ignoring the padded rows reproduces ``tokens[bool_masked_pos]``.
+        """
+        feats = self.forward_features(x, bool_masked_pos)[:, 1:]
+        index = masked_index(bool_masked_pos, num_masked)
+        hidden = feats.gather(1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return hidden.reshape(-1, feats.shape[-1]), index
 
     def forward(
         self, x: torch.Tensor, bool_masked_pos: torch.Tensor, return_all_tokens: bool = False
@@ -331,6 +399,14 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         if return_all_tokens:
             return self.lm_head(x)
         return self.lm_head(x[bool_masked_pos])
+
+
+def masked_index(bool_masked_pos: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """``int64[B, K]``: masked positions first, in row-major order (stable sort), then unmasked ones."""
+    if not 0 < num_masked <= bool_masked_pos.shape[1]:
+        raise ValueError(f"num_masked must be in [1, {bool_masked_pos.shape[1]}], got {num_masked}")
+    order = torch.argsort(bool_masked_pos.to(torch.int8), dim=1, descending=True, stable=True)
+    return order[:, :num_masked]
 
 
 def build_model(name_or_cfg: str | BeitConfig = "base", **overrides) -> VisionTransformerForMaskedImageModeling:

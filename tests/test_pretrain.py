@@ -1,0 +1,132 @@
+"""End-to-end pretraining runs at toy size: learning, exact resume, non-finite losses, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beit_fast import pretrain
+from beit_fast.checkpoint import load_checkpoint
+from beit_fast.tokenizer.dvae import DiscreteVAE, DVAEConfig
+
+
+@pytest.fixture(scope="module")
+def toy_setup(tmp_path_factory):
+    """A folder of 24 small structured images and a random-init 64-code dVAE on a 32-pixel view."""
+    root = tmp_path_factory.mktemp("toy")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48]
+    for i in range(24):
+        base = rng.uniform(0, 255, size=3)
+        stripes = 127 * (np.sin(xx / (2 + i % 5) + i) > 0)[..., None]
+        arr = np.clip(base + stripes + rng.normal(0, 10, (48, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(images / f"img_{i:02d}.png")
+    torch.manual_seed(0)
+    tok = DiscreteVAE(DVAEConfig.preset("tiny", vocab_size=64, input_size=32))
+    tok_path = root / "tok.pt"
+    tok.save(tok_path)
+    return images, tok_path
+
+
+def toy_args(toy_setup, out, *extra):
+    images, tok_path = toy_setup
+    return [
+        "--data_path", str(images), "--tokenizer", "dvae", "--discrete_vae_weight_path", str(tok_path),
+        "--model", "tiny", "--input_size", "32", "--patch_size", "8", "--num_mask_patches", "6",
+        "--min_mask_patches_per_block", "2", "--batch_size", "4", "--num_workers", "0", "--amp", "none",
+        "--log_freq", "1", "--no_progress", "--output_dir", str(out), *extra,
+    ]
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_tiny_run_learns_and_checkpoints(toy_setup, tmp_path):
+    out = tmp_path / "run"
+    summary = pretrain.main(toy_args(toy_setup, out, "--epochs", "6", "--warmup_epochs", "1", "--lr", "2e-3"))
+    log = read_log(out)
+    assert len(log) == 36 and log[-1]["step"] == 36
+    losses = np.array([r["loss"] for r in log])
+    assert np.isfinite(losses).all()
+    assert losses[-6:].mean() < losses[:3].mean() - 0.3, losses
+    assert {"loss", "mlm_acc", "lr", "grad_norm", "weight_decay", "images_per_s"} <= set(log[0])
+    ckpt = load_checkpoint(out / "checkpoint-last.pt")
+    assert ckpt["step"] == 36 and ckpt["epoch"] == 6
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "model_config", "args"}
+    assert (out / "checkpoint-6.pt").is_file()
+    assert not list(out.glob(".*.tmp"))
+    assert summary["steps"] == 36
+
+
+def test_resume_reproduces_uninterrupted_run(toy_setup, tmp_path):
+    common = ("--epochs", "3", "--warmup_epochs", "1", "--drop_path", "0.2")
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain.main(toy_args(toy_setup, full, *common))
+    # Interrupted mid-epoch (epoch 2 has steps 7..12), then resumed from its last checkpoint.
+    pretrain.main(toy_args(toy_setup, part, *common, "--stop_after_steps", "8"))
+    assert load_checkpoint(part / "checkpoint-last.pt")["step"] == 8
+    pretrain.main(toy_args(toy_setup, part, *common, "--resume", "auto"))
+    full_log, part_log = read_log(full), read_log(part)
+    assert [r["step"] for r in part_log] == list(range(1, 19))
+    for a, b in zip(full_log, part_log):
+        assert a["step"] == b["step"]
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
+        assert a["lr"] == b["lr"]
+    final_full = load_checkpoint(full / "checkpoint-last.pt")["model"]
+    final_part = load_checkpoint(part / "checkpoint-last.pt")["model"]
+    for k in final_full:
+        assert torch.equal(final_full[k], final_part[k]), k
+
+
+def test_non_finite_loss_skips_then_stops_with_checkpoint(toy_setup, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="consecutive non-finite losses"):
+        pretrain.main(toy_args(toy_setup, out, "--epochs", "2", "--warmup_epochs", "0", "--lr", "1e30",
+                               "--clip_grad", "0", "--min_lr", "1e30"))
+    assert (out / "checkpoint-last.pt").is_file()
+    log = read_log(out)
+    assert all(np.isfinite(r["loss"]) for r in log)  # skipped steps are never logged as losses
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--num_mask_patches", "17"), "num_mask_patches must be in"),
+    (("--input_size", "30"), "not divisible"),
+    (("--batch_size", "0"), "batch_size must be positive"),
+    (("--vocab_size", "100"), "does not match the tokenizer"),
+    (("--second_input_size", "64"), "token grid"),
+])
+def test_bad_flags_give_clear_errors(toy_setup, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        pretrain.main(toy_args(toy_setup, tmp_path / "bad", "--epochs", "1", *extra))
+
+
+def test_missing_and_empty_data_folder(toy_setup, tmp_path):
+    _, tok = toy_setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, message in ((tmp_path / "nope", "nope"), (empty, "empty")):
+        args = toy_args(toy_setup, tmp_path / "o", "--epochs", "1")
+        args[args.index("--data_path") + 1] = str(folder)
+        with pytest.raises(SystemExit, match=message):
+            pretrain.main(args)
+
+
+def test_resume_refuses_other_config(toy_setup, tmp_path):
+    out = tmp_path / "cfg"
+    pretrain.main(toy_args(toy_setup, out, "--epochs", "1"))
+    with pytest.raises(SystemExit, match="another model config"):
+        pretrain.main(toy_args(toy_setup, out, "--epochs", "2", "--layer_scale_init_value", "0.5", "--resume", "auto"))
+
+
+def test_help_lists_every_flag_with_text(capsys):
+    parser = pretrain.get_args_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "--num_mask_patches" in capsys.readouterr().out
