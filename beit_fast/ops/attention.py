@@ -1,0 +1,379 @@
+"""Attention with an additive bias (BEiT's relative position bias), behind several backends.
+
+``attention_with_bias(q, k, v, bias, scale=None, backend="auto")`` computes exactly
+
+    softmax(q @ k^T * scale + bias) @ v            (scale defaults to Dh ** -0.5)
+
+for ``q [B, H, Nq, Dh]``, ``k [B, H, Nk, Dh]``, ``v [B, H, Nk, Dv]`` and a ``bias`` broadcastable to
+``[B, H, Nq, Nk]`` (BEiT: the output of ``RelativePositionBias.forward()``, ``[H, N, N]``, shared by the
+batch) or ``None``. Gradients flow to q, k, v and to the bias (hence to the relative position bias
+table) on every backend.
+
+Dtypes: q, k and v share one floating dtype and the op computes in it (autocast is switched off
+inside the op, as for the other fused ops). The bias may have any floating dtype: it is cast to the
+query's dtype (its gradient is cast back by autograd), except on ``"flex"`` where it is used in fp32
+because FlexAttention computes scores in fp32 and accumulates the bias gradient with atomics.
+
+Backends
+--------
+``"math"``      The eager reference, op for op the ``Attention`` module of ``beit_fast.model``:
+                ``(q * scale) @ k^T + bias``, softmax, ``@ v``, all in the input dtype.
+``"sdpa"``      ``torch.nn.functional.scaled_dot_product_attention`` with the bias as ``attn_mask``.
+                On CUDA it is restricted (``sdpa_kernel``) to ``EFFICIENT_ATTENTION``, the one SDPA
+                kernel that takes an additive bias *and* returns its gradient (flash takes no bias,
+                cuDNN returns no bias gradient). That kernel wants the bias in the query's dtype with
+                every stride but the last a multiple of 8 elements: see ``_aligned_bias``. On other
+                devices (CPU) plain SDPA (math or flash-cpu kernel) with the bias cast to q's dtype.
+``"flex"``      ``torch.nn.attention.flex_attention`` with ``score + bias[h, q_idx, kv_idx]`` as the
+                score_mod, compiled once per process (``torch.compile(flex_attention)``); CUDA only
+                (FlexAttention's backward does not run on CPU) and head dims >= 16. The bias gradient
+                is accumulated with atomics (scatter-add): not bitwise deterministic.
+``"xformers"``  ``xformers.ops.memory_efficient_attention`` (inputs as ``[B, N, H, Dh]``, the bias as an
+                aligned ``[B, H, Nq, Nk]`` tensor); CUDA only, when xformers imports.
+``"auto"``      The first backend of ``AUTO_PRIORITY[device type]`` that supports the inputs.
+
+An unknown name raises ValueError; a known backend that cannot run on the given tensors raises
+RuntimeError saying why.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._util import autocast_off
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "AUTO_PRIORITY",
+    "AUTO_PRIORITY_MEASUREMENTS",
+    "attention_with_bias",
+    "attention_reference",
+    "available_attention_backends",
+    "resolve_attention_backend",
+]
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("math", "sdpa", "flex", "xformers")
+_VALID_NAMES: tuple[str, ...] = ("auto",) + ATTENTION_BACKENDS
+
+# The order in which backend="auto" tries the backends, per device type (other device types: "math").
+# The CUDA order below is the a-priori one (no GPU measurement was available when it was written):
+# SDPA's efficient kernel is the xformers kernel, shipped with PyTorch and dispatched without Python
+# overhead; xformers next; FlexAttention last because its bias gradient goes through atomics.
+# A GPU session re-orders this tuple from `pytest benchmarks/bench_attention.py --benchmark-only`
+# and records the numbers (card, dtype, shape, ms per forward+backward) in AUTO_PRIORITY_MEASUREMENTS.
+AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
+    "cuda": ("sdpa", "xformers", "flex", "math"),
+    "cpu": ("sdpa", "math"),
+}
+AUTO_PRIORITY_MEASUREMENTS: dict[str, object] = {}  # empty: no GPU measurement recorded yet
+
+# The efficient-attention kernel (SDPA EFFICIENT_ATTENTION == xformers cutlass) reads the bias with
+# 128-bit loads: every stride but the last must be a multiple of 128 bits. 8 elements covers fp16/bf16
+# (8 x 16 bits) and over-covers fp32 (4 x 32 bits). PyTorch's own check uses 8 for every dtype.
+BIAS_ALIGNMENT = 8
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # efficient / xformers / flex
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, bias) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, Dh], got shape {tuple(t.shape)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32, float64")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor (additive bias), got dtype {bias.dtype}")
+    devices = {t.device for t in (q, k, v, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"q, k, v and bias must be on one device, got {sorted(map(str, devices))}")
+    b, h, nq, dh = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != dh:
+        raise ValueError(
+            f"k must be [B, H, Nk, Dh] = [{b}, {h}, Nk, {dh}] to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape[0] != b or v.shape[1] != h or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v must be [B, H, Nk, Dv] = [{b}, {h}, {k.shape[2]}, Dv] to match q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    if bias is not None:
+        target = (b, h, nq, k.shape[2])
+        ok = 2 <= bias.dim() <= 4 and all(
+            s in (1, t) for s, t in zip(reversed(tuple(bias.shape)), reversed(target))
+        )
+        if not ok:
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} is not broadcastable to [B, H, Nq, Nk] = {list(target)} "
+                "(expected e.g. [H, Nq, Nk] from RelativePositionBias, or [B, H, Nq, Nk])"
+            )
+
+
+def _as_4d(bias: torch.Tensor) -> torch.Tensor:
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------------
+_XFORMERS: tuple[object, str] | None = None  # (xformers.ops module or None, error text), probed once
+
+
+def _xformers_ops():
+    """``(xformers.ops, "")`` when xformers imports, else ``(None, reason)``; probed once per process."""
+    global _XFORMERS
+    if _XFORMERS is None:
+        try:
+            _XFORMERS = (importlib.import_module("xformers.ops"), "")
+        except Exception as e:  # ImportError, or a broken install failing at import
+            _XFORMERS = (None, f"xformers cannot be imported ({type(e).__name__}: {e})")
+    return _XFORMERS
+
+
+def _unavailable_reason(name: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why backend ``name`` cannot run on these inputs, or None when it can."""
+    dev = q.device.type
+    if name == "math":
+        return None
+    if name == "sdpa":
+        if dev != "cuda":
+            return None
+        if q.dtype not in _KERNEL_DTYPES:
+            return f"SDPA's efficient-attention kernel supports float16/bfloat16/float32 on CUDA, got {q.dtype}"
+        align = 8 if q.dtype in _LOW_PRECISION else 4
+        if q.shape[-1] % align or v.shape[-1] % align:
+            return (
+                f"SDPA's efficient-attention kernel needs head dims divisible by {align} for {q.dtype}, "
+                f"got Dqk={q.shape[-1]}, Dv={v.shape[-1]}"
+            )
+        return None
+    if name == "flex":
+        if dev != "cuda":
+            return (
+                f"the 'flex' backend needs CUDA tensors (got {dev}): FlexAttention's backward does not run "
+                "on CPU"
+            )
+        if q.dtype not in _KERNEL_DTYPES:
+            return f"the 'flex' backend supports float16/bfloat16/float32, got {q.dtype}"
+        if q.shape[-1] < 16 or v.shape[-1] < 16:  # inductor's flex lowering: tl.dot needs K >= 16
+            return f"FlexAttention on CUDA needs head dims >= 16, got Dqk={q.shape[-1]}, Dv={v.shape[-1]}"
+        return None
+    if name == "xformers":
+        if dev != "cuda":
+            return f"the 'xformers' backend needs CUDA tensors (got {dev})"
+        ops, why = _xformers_ops()
+        if ops is None:
+            return why
+        if q.dtype not in _KERNEL_DTYPES:
+            return f"xformers' memory-efficient attention supports float16/bfloat16/float32, got {q.dtype}"
+        return None
+    raise AssertionError(name)  # pragma: no cover - names are validated before
+
+
+def available_attention_backends(device) -> list[str]:
+    """Backends that can run on ``device`` (a torch.device or string), in ``ATTENTION_BACKENDS`` order.
+
+    Device-level only: a backend listed here may still reject a particular dtype or head dim (e.g.
+    float64 on the CUDA kernels); ``resolve_attention_backend`` checks that. For a CUDA device on a
+    machine without CUDA the list is empty.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return []
+        names = ["math", "sdpa", "flex"]
+        if _xformers_ops()[0] is not None:
+            names.append("xformers")
+        return names
+    return ["math", "sdpa"]
+
+
+def resolve_attention_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None) -> str:
+    """The concrete backend that ``attention_with_bias(..., backend=backend)`` uses for these inputs.
+
+    Raises ValueError for an unknown name and RuntimeError when the named backend cannot run here.
+    """
+    if not isinstance(backend, str) or backend not in _VALID_NAMES:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; valid: {', '.join(map(repr, _VALID_NAMES))}"
+        )
+    v = q if v is None else v
+    if backend == "auto":
+        for name in AUTO_PRIORITY.get(q.device.type, ("math",)):
+            if _unavailable_reason(name, q, v) is None:
+                return name
+        return "math"
+    why = _unavailable_reason(backend, q, v)
+    if why is not None:
+        raise RuntimeError(f"attention backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+def _math_attention(q, k, v, bias, scale):
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias.to(q.dtype)
+    attn = attn.softmax(dim=-1)
+    return attn @ v
+
+
+def _aligned_bias(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The bias as the efficient-attention kernels want it: a ``[B, H, Nq, Nk]`` view in q's dtype whose
+    strides (except the last, 1) are multiples of ``BIAS_ALIGNMENT`` elements.
+
+    The bias (after broadcasting its key dim) is copied once into a buffer whose last dim is Nk rounded up
+    to a multiple of 8 (197 -> 200), sliced back to Nk and *expanded* (stride 0, no copy) over the dims
+    it broadcasts over (B for BEiT). Stride 0 is aligned, and it is the layout PyTorch itself gives the
+    kernel (SDPA's ``preprocess_mask`` expands the mask); the kernel's backward writes the bias gradient
+    into a freshly allocated ``[B, H, Nq, Nk]`` buffer regardless of the bias strides, and autograd's
+    expand backward sums it over B. Materialising ``[B, H, Nq, Nk]`` instead would cost B copies of the
+    bias in memory and bandwidth for nothing. Autograd runs through pad/slice/expand, so the gradient
+    reaches ``bias`` in its own dtype. (SDPA would pad an unaligned mask itself, in its composite; doing it
+    here makes the layout explicit, shared with xformers, which does not pad, and skips SDPA's check.)
+    """
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    b4 = _as_4d(bias).to(q.dtype)
+    if b4.shape[-1] != nk:  # bias broadcast over keys: the last dim must be real memory
+        b4 = b4.expand(*b4.shape[:-1], nk)
+    pad = (-nk) % BIAS_ALIGNMENT
+    if pad or b4.stride(-1) != 1 or any(b4.stride(d) % BIAS_ALIGNMENT for d in range(3) if b4.shape[d] > 1):
+        b4 = F.pad(b4, (0, pad))[..., :nk]
+    return b4.expand(b, h, nq, nk)
+
+
+def _sdpa_attention(q, k, v, bias, scale):
+    if q.device.type != "cuda":
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The kernel needs a unit last-dim stride on q, k, v (BEiT's views from the qkv projection have it).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    mask = None if bias is None else _aligned_bias(bias, q, k)
+    if (
+        mask is not None
+        and torch.is_grad_enabled()
+        and mask.requires_grad
+        and not (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        # pytorch/pytorch#148476: SDPA skips the log-sum-exp when only the mask needs a gradient and the
+        # efficient backward then reads a null pointer. Call the kernel op directly, asking for it.
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, 0.0, False, scale=scale
+        )[0]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+_FLEX_COMPILED: Callable | None = None
+
+
+def _compiled_flex() -> Callable:
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX_COMPILED = torch.compile(flex_attention)
+    return _FLEX_COMPILED
+
+
+def _bias_score_mod(bias: torch.Tensor) -> Callable:
+    """score_mod adding ``bias`` (broadcastable to [B, H, Nq, Nk]) in fp32; broadcast dims are indexed
+    out up front so the captured tensor is the bias itself (no expand), whose gradient flex computes."""
+    b4 = _as_4d(bias).to(torch.float32)
+    use_b, use_h, use_q, use_k = (b4.shape[d] != 1 for d in range(4))
+    t = b4
+    for d in (3, 2, 1, 0):
+        if t.shape[d] == 1:
+            t = t.select(d, 0)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        idx = []
+        if use_b:
+            idx.append(b)
+        if use_h:
+            idx.append(h)
+        if use_q:
+            idx.append(q_idx)
+        if use_k:
+            idx.append(kv_idx)
+        return score + (t[tuple(idx)] if idx else t)
+
+    return score_mod
+
+
+def _flex_attention(q, k, v, bias, scale, *, compiled: bool = True):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled and not torch.compiler.is_compiling():
+        fn = _compiled_flex()  # one compiled function per process; new score_mod closures do not recompile
+    else:
+        fn = flex_attention  # inside an outer torch.compile region flex_attention is captured directly
+    score_mod = None if bias is None else _bias_score_mod(bias)
+    return fn(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def _xformers_attention(q, k, v, bias, scale):
+    ops, why = _xformers_ops()
+    if ops is None:
+        raise RuntimeError(f"attention backend 'xformers' is unavailable: {why}")
+    attn_bias = None if bias is None else _aligned_bias(bias, q, k)
+    out = ops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+_IMPLS: dict[str, Callable] = {
+    "math": _math_attention,
+    "sdpa": _sdpa_attention,
+    "flex": _flex_attention,
+    "xformers": _xformers_attention,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------------
+def attention_with_bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``softmax(q @ k^T * scale + bias) @ v`` -> ``[B, H, Nq, Dv]`` (see the module docstring).
+
+    q ``[B, H, Nq, Dh]``, k ``[B, H, Nk, Dh]``, v ``[B, H, Nk, Dv]`` (one floating dtype); bias
+    broadcastable to ``[B, H, Nq, Nk]`` (BEiT: ``[H, N, N]``) or None; scale defaults to ``Dh ** -0.5``;
+    backend one of "auto", "math", "sdpa", "flex", "xformers".
+    """
+    _check_inputs(q, k, v, bias)
+    name = resolve_attention_backend(backend, q, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    with autocast_off(q.device):
+        return _IMPLS[name](q, k, v, bias, scale)
+
+
+def attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:
+    """The "math" backend: the eager reference, in the input dtype."""
+    return attention_with_bias(q, k, v, bias, scale, backend="math")

@@ -1,0 +1,78 @@
+"""Ahead-of-time compile of every Triton kernel for A100 (sm_80) and H100 (sm_90a), on a machine
+without a GPU, at the configurations the launchers use at BEiT shapes (fp16 and bf16; D = 768 / 1024,
+P = 16, V = 8192).
+
+The root conftest runs this process under TRITON_INTERPRET=1, where ``@triton.jit`` objects are
+interpreter wrappers that cannot be compiled; so each target is compiled in a fresh subprocess with
+TRITON_INTERPRET=0 (``python -m beit_fast.kernels._compile_check``), both targets in parallel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block: A100, H100
+GEMM_KERNELS = ("_pe_fwd_kernel", "_pe_bwd_params_kernel", "_pe_bwd_pixels_kernel")
+ALL_KERNELS = GEMM_KERNELS + ("_ce_rows_kernel",)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    procs = {}
+    for cap in (80, 90):
+        path = out / f"sm{cap}.json"
+        procs[cap] = (path, subprocess.Popen(
+            [sys.executable, "-m", "beit_fast.kernels._compile_check", "--capability", str(cap), "--json", str(path)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = {}
+    for cap, (path, p) in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"compile for capability {cap} failed:\n{err[-4000:]}"
+        results[cap] = json.loads(path.read_text())
+    return results
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_every_kernel_compiles_for_both_dtypes(compiled, cap):
+    res = compiled[cap]
+    seen = {(r["kernel"], r["dtype"]) for r in res}
+    for k in ALL_KERNELS:
+        for dt in ("float16", "bfloat16"):
+            assert (k, dt) in seen, (k, dt)
+    for r in res:
+        assert r["has_cubin"], r
+        assert r["ptx_target"] == ("sm_90a" if cap == 90 else "sm_80"), r
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_shared_memory_within_card_limit(compiled, cap):
+    for r in compiled[cap]:
+        assert 0 <= r["shared"] <= SHARED_LIMIT[cap], r
+
+
+def test_sm90_gemms_use_wgmma(compiled):
+    for r in compiled[90]:
+        if r["kernel"] in GEMM_KERNELS:
+            assert r["has_wgmma"], f"{r['name']} {r['dtype']}: no wgmma in the sm_90a PTX"
+
+
+def test_sm80_gemms_use_tensor_cores(compiled):
+    for r in compiled[80]:
+        if r["kernel"] in GEMM_KERNELS:
+            assert r["has_mma_sync"], f"{r['name']} {r['dtype']}: no mma.sync in the sm_80 PTX"
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_gemm_operand_copies_are_16_byte_vectors(compiled, cap):
+    """The patch gather (pixels read straight from NCHW, no im2col) must still be 16-byte
+    cp.async copies, like the weight tile."""
+    for r in compiled[cap]:
+        if r["kernel"] in GEMM_KERNELS:
+            assert r["cp_async_widths"] == [16], r
