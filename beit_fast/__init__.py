@@ -1,0 +1,39 @@
+"""beit_fast: fast, faithful BEiT pretraining (masked image modeling with visual tokens) for PyTorch.
+
+Public API: the model and its configs, the masking generator, the fused ops (each with its reference)
+and their backend switch. Everything not re-exported here is private.
+"""
+from .masking import MaskingConfig, MaskingGenerator
+from .model import (
+    MODEL_CONFIGS,
+    BeitConfig,
+    VisionTransformerForMaskedImageModeling,
+    build_model,
+    get_config,
+)
+from .ops import (
+    attention_with_bias,
+    get_backend,
+    masked_linear_cross_entropy,
+    patch_embed_mask,
+    set_backend,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BeitConfig",
+    "MODEL_CONFIGS",
+    "get_config",
+    "build_model",
+    "VisionTransformerForMaskedImageModeling",
+    "MaskingConfig",
+    "MaskingGenerator",
+    "patch_embed_mask",
+    "masked_linear_cross_entropy",
+    "attention_with_bias",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+]
