@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint
 from .data import PretrainDataset, ImageFolderDataset, ResumableSampler, build_pretrain_loader
-from .engine import PretrainEngine, resolve_amp_dtype
+from .engine import FastPretrainEngine, PretrainEngine, resolve_amp_dtype
 from .masking import MaskingGenerator
 from .model import MODEL_CONFIGS, build_model, get_config
 from .optim import build_optimizer, cosine_scheduler
@@ -113,6 +113,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=3.0, help="gradient norm clip (0: off)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with a loss scaler; none on CPU")
+    g = p.add_argument_group("speed")
+    g.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
+                   help="fast training step (fused kernels, fused attention, static shapes, torch.compile): "
+                   "auto = on with CUDA, off (the eager reference step) on CPU")
+    g.add_argument("--attn_backend", default="auto", choices=["auto", "reference", "math", "sdpa", "flex", "xformers"],
+                   help="attention with the relative position bias in the fast step")
+    g.add_argument("--kernel_backend", default="auto", choices=["auto", "triton", "reference"],
+                   help="fused patch-embedding and linear-cross-entropy ops in the fast step")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the fast step's forward and backward")
+    g.add_argument("--activation_checkpointing", default="none",
+                   help="recompute blocks in backward to save memory: none, all, or k (every k-th block)")
+
+    g = p.add_argument_group("safety")
     g.add_argument("--max_bad_steps", type=int, default=3,
                    help="stop (with a checkpoint) after this many consecutive non-finite losses")
 
@@ -174,6 +188,13 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.tokenizer == "dvae" and args.data_path is not None and not args.discrete_vae_weight_path:
         errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path (train one with "
                       "python -m beit_fast.train_tokenizer --data_path ...)")
+    if args.activation_checkpointing not in ("none", "all"):
+        try:
+            if int(args.activation_checkpointing) < 1:
+                raise ValueError
+        except ValueError:
+            errors.append(f"--activation_checkpointing must be none, all or a positive integer, "
+                          f"got {args.activation_checkpointing!r}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
         errors.append(f"--resume checkpoint not found: {args.resume}")
     if errors:
@@ -210,11 +231,12 @@ def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):
     if path is None:  # demo: train a small dVAE once, reuse it afterwards
         path = str(Path(args.output_dir) / "tokenizer.pt")
         if not os.path.isfile(path):
-            from .tokenizer.train import train_demo_tokenizer
+            from .train_tokenizer import main as train_tokenizer
 
             log.info("training the demo dVAE tokenizer (%d steps) -> %s", args.tokenizer_steps, path)
-            train_demo_tokenizer(path, steps=args.tokenizer_steps, seed=args.seed, progress=not args.no_progress,
-                                 input_size=args.second_input_size)
+            train_tokenizer(["--output", path, "--preset", "tiny", "--steps", str(args.tokenizer_steps),
+                             "--input_size", str(args.second_input_size), "--seed", str(args.seed),
+                             "--device", str(device)] + (["--no_progress"] if args.no_progress else []))
         else:
             log.info("reusing the demo dVAE tokenizer %s", path)
         args.discrete_vae_weight_path = path
@@ -300,8 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
                                    args.warmup_lr, args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-    engine = PretrainEngine(model, tokenizer, optimizer, device, lr_schedule, wd_schedule,
-                            resolve_amp_dtype(args.amp, device), args.clip_grad or None)
+    engine_args = (model, tokenizer, optimizer, device, lr_schedule, wd_schedule)
+    engine_kwargs = dict(amp_dtype=resolve_amp_dtype(args.amp, device), clip_grad=args.clip_grad or None)
+    fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
+    if fast:
+        ckpt_mode = args.activation_checkpointing
+        model.configure_fast_path(attention=args.attn_backend, fused_embed=args.kernel_backend,
+                                  activation_checkpointing=ckpt_mode if ckpt_mode in ("none", "all") else int(ckpt_mode))
+        engine = FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=args.num_mask_patches,
+                                    compile=args.compile, ops_backend=args.kernel_backend)
+    else:
+        engine = PretrainEngine(*engine_args, **engine_kwargs)
     ckpt = Checkpointer(args.output_dir)
 
     step = 0
@@ -318,8 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("resumed from %s at step %d (epoch %d)", resume, step, step // steps_per_epoch)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters, vocab %d, device %s, amp %s", args.model, n_params / 1e6,
-             cfg.vocab_size, device, engine.amp_dtype)
+    log.info("model %s: %.2fM parameters, vocab %d, device %s, amp %s, step %s", args.model, n_params / 1e6,
+             cfg.vocab_size, device, engine.amp_dtype, "fast" if fast else "eager reference")
     log.info("data: %s, %d samples, %d steps/epoch x %d epochs = %d steps; %s", type(images).__name__,
              len(dataset), steps_per_epoch, args.epochs, total_steps, masking)
     with open(out / "args.json", "w") as f:

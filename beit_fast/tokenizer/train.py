@@ -1,0 +1,417 @@
+"""Training loop for :class:`~beit_fast.tokenizer.dvae.DiscreteVAE` (the official BEiT repo ships none).
+
+:func:`train_dvae` runs AdamW with a short linear warm-up and a cosine decay of the learning rate, the
+Gumbel temperature annealed exponentially from ``cfg.temperature_start`` to ``cfg.temperature_end`` and
+the KL weight ramped linearly from 0 (``dvae.temperature_at`` / ``dvae.kl_weight_at``). It evaluates
+before and after training on a fixed evaluation set with the *hard* (argmax) codes that tokenization
+uses and reports:
+
+* ``recon_mse``: mean squared error on the [0, 1] pixel scale (``unmap_pixels`` of both sides),
+* ``codes_used``: number of distinct codes over the evaluation set, ``perplexity``: exp of the entropy of
+  the empirical code distribution (both out of ``vocab_size``).
+
+Data: tensors are tokenizer views ``[3, S, S]`` already passed through ``map_pixels`` (values in
+[0.1, 0.9]). :func:`train_dvae` accepts a map-style ``torch.utils.data.Dataset`` (items: a tensor or a
+tuple whose first element is one), a tensor ``[N, 3, S, S]``, or any other iterable of ``[3, S, S]`` or
+``[b, 3, S, S]`` tensors (re-iterated when exhausted). :class:`RandomCropDataset` turns photographs
+(PIL images, arrays or files) into random-resized-crop views like BEiT's (scale 0.08-1, ratio 3/4-4/3,
+horizontal flip, Lanczos resize); :func:`skimage_photos` / :func:`image_files` supply the photographs
+for the CLI (``python -m beit_fast.train_tokenizer``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .base import map_pixels, unmap_pixels
+from .dvae import DiscreteVAE, DVAEConfig, kl_weight_at, temperature_at
+
+__all__ = [
+    "train_dvae", "evaluate_dvae", "codebook_stats", "RandomCropDataset", "skimage_photos", "image_files",
+    "SKIMAGE_TRAIN_PHOTOS", "SKIMAGE_EVAL_PHOTOS", "IMAGE_EXTENSIONS",
+]
+
+logger = logging.getLogger("beit_fast.tokenizer")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+#: scikit-image sample photographs bundled with the package (no download needed). The two in
+#: ``SKIMAGE_EVAL_PHOTOS`` are held out from training and used only for the evaluation numbers.
+SKIMAGE_TRAIN_PHOTOS = (
+    "astronaut", "chelsea", "rocket", "camera", "coins", "moon", "hubble_deep_field", "immunohistochemistry",
+    "retina", "brick", "grass", "gravel", "stereo_motorcycle", "colorwheel", "cell",
+)
+SKIMAGE_EVAL_PHOTOS = ("coffee", "clock")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------
+def _to_pil(img: Any) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    if isinstance(img, (str, os.PathLike)):
+        with Image.open(img) as im:
+            return im.convert("RGB")
+    arr = np.asarray(img)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"cannot make an RGB image from an array of shape {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def skimage_photos(names: Sequence[str] = SKIMAGE_TRAIN_PHOTOS, max_side: int = 640) -> list[Image.Image]:
+    """scikit-image sample photographs as RGB PIL images (grey ones replicated to 3 channels, larger ones
+    shrunk to ``max_side``).
+    Photos that this scikit-image version cannot provide offline are skipped."""
+    import skimage.data
+
+    out = []
+    for name in names:
+        try:
+            img = getattr(skimage.data, name)()
+        except Exception as e:  # missing in this version, or needs a download (pooch)
+            logger.debug("skipping skimage.data.%s: %s", name, e)
+            continue
+        if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
+            img = img[0]
+        pil = _to_pil(img)
+        if max(pil.size) > max_side:  # e.g. retina (1411 px): crops of it would mostly be huge boxes
+            pil.thumbnail((max_side, max_side), Image.LANCZOS)
+        out.append(pil)
+    if not out:
+        raise RuntimeError(f"none of the scikit-image sample photos {list(names)} could be loaded")
+    return out
+
+
+def image_files(root: str | os.PathLike) -> list[str]:
+    """All image files (by extension) under ``root``, recursively, sorted."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data path is not a directory: {root!r}")
+    files = []
+    for dirpath, _, names in os.walk(root, followlinks=True):
+        files.extend(os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+    files.sort()
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+    return files
+
+
+def _random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params: 10 tries, then a centre crop fallback."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target_area * aspect)))
+        ch = int(round(math.sqrt(target_area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = rng.randint(0, h - ch)
+            left = rng.randint(0, w - cw)
+            return left, top, cw, ch
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+class RandomCropDataset(Dataset):
+    """Random resized crops of a set of photographs as tokenizer views: ``[3, size, size]`` float32,
+    ``map_pixels`` applied.
+
+    Args:
+        images: PIL images, HxW(x3) arrays, or image file paths (opened lazily on each access).
+        size: output side (112).
+        length: virtual dataset length (crops per epoch).
+        scale, ratio: RandomResizedCrop parameters (BEiT's: (0.08, 1), (3/4, 4/3)).
+        hflip: random horizontal flip with p = 0.5.
+        seed: ``None`` -> crops drawn from Python's ``random`` (seeded by the caller); an int -> crop ``i``
+            is a fixed function of ``(seed, i)`` (use for evaluation sets).
+    """
+
+    def __init__(self, images: Sequence[Any], size: int = 112, length: int = 10_000,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True, seed: int | None = None):
+        if len(images) == 0:
+            raise ValueError("RandomCropDataset needs at least one image")
+        self.images = [im if isinstance(im, (str, os.PathLike)) else _to_pil(im) for im in images]
+        self.size, self.length, self.scale, self.ratio = size, int(length), scale, ratio
+        self.hflip, self.seed = hflip, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Tensor:
+        rng = random.Random(self.seed * 1_000_003 + i) if self.seed is not None else random
+        img = self.images[rng.randrange(len(self.images))]
+        img = _to_pil(img) if isinstance(img, (str, os.PathLike)) else img
+        left, top, cw, ch = _random_resized_crop_box(img.width, img.height, rng, self.scale, self.ratio)
+        # reducing_gap: PIL first shrinks large boxes by an integer factor (box filter), then Lanczos
+        # over at least 2x the output size: visually the same, several times faster for big crops.
+        crop = img.resize((self.size, self.size), Image.LANCZOS, box=(left, top, left + cw, top + ch),
+                          reducing_gap=2.0)
+        if self.hflip and rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        return map_pixels(x)
+
+
+def _first_tensor(item: Any) -> Tensor:
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, Tensor):
+        raise TypeError(f"data items must be tensors (or tuples starting with one), got {type(item).__name__}")
+    return item
+
+
+def _collate(items: list[Any]) -> Tensor:
+    return torch.stack([_first_tensor(it) for it in items])
+
+
+def _batch_stream(data: Any, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless stream of ``[batch_size, 3, S, S]`` batches from a Dataset, a tensor or an iterable."""
+    if isinstance(data, Tensor):
+        if data.dim() != 4:
+            raise ValueError(f"a data tensor must be [N, 3, S, S], got {tuple(data.shape)}")
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield data[torch.randint(0, data.shape[0], (batch_size,), generator=g)]
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise ValueError("the dataset is empty")
+        g = torch.Generator().manual_seed(seed)
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(data) >= batch_size,
+                            collate_fn=_collate, generator=g, num_workers=0)
+        while True:
+            for batch in loader:
+                yield batch
+    else:
+        if not isinstance(data, Iterable):
+            raise TypeError(f"unsupported data type {type(data).__name__}: give a Dataset, a tensor or an iterable")
+        buf: list[Tensor] = []
+        while True:
+            n_seen = 0
+            for item in data:
+                t = _first_tensor(item)
+                n_seen += 1
+                buf.extend(t.unbind(0) if t.dim() == 4 else [t])
+                while len(buf) >= batch_size:
+                    yield torch.stack(buf[:batch_size])
+                    buf = buf[batch_size:]
+            if n_seen == 0:
+                if buf:
+                    yield torch.stack(buf)  # a last partial batch
+                    buf = []
+                    continue
+                raise ValueError("the data iterable is empty (or a one-shot iterator that is exhausted)")
+
+
+def _take(stream: Iterator[Tensor], n: int) -> list[Tensor]:
+    return [next(stream) for _ in range(n)]
+
+
+def _eval_batches(data: Any, batch_size: int, n_batches: int, seed: int) -> list[Tensor]:
+    """A fixed evaluation set: a tensor is used whole, a list/tuple of tensors as given (stacked),
+    a map-style dataset's first ``n_batches * batch_size`` items, other iterables' first ``n_batches``."""
+    if isinstance(data, Tensor):
+        if data.dim() == 3:
+            data = data.unsqueeze(0)
+        return list(data.split(batch_size))
+    if isinstance(data, (list, tuple)) and data and all(isinstance(_first_tensor(d), Tensor) for d in data):
+        items = [_first_tensor(d) for d in data]
+        if all(t.dim() == 3 for t in items):
+            return list(torch.stack(items).split(batch_size))
+        return [t if t.dim() == 4 else t.unsqueeze(0) for t in items]
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        n = min(len(data), n_batches * batch_size)
+        if n == 0:
+            raise ValueError("the evaluation dataset is empty")
+        return list(torch.stack([_first_tensor(data[i]) for i in range(n)]).split(batch_size))
+    return _take(_batch_stream(data, batch_size, seed), n_batches)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------
+def codebook_stats(tokens: Tensor, vocab_size: int) -> dict[str, float]:
+    """``codes_used`` (distinct values) and ``perplexity`` (exp entropy of their frequencies)."""
+    counts = torch.bincount(tokens.flatten().long().cpu(), minlength=vocab_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    nz = p[p > 0]
+    return {"codes_used": int((counts > 0).sum()), "perplexity": float(torch.exp(-(nz * nz.log()).sum()))}
+
+
+@torch.no_grad()
+def evaluate_dvae(model: DiscreteVAE, batches: Sequence[Tensor], device: str | torch.device = "cpu") -> dict[str, float]:
+    """Hard-code (argmax) reconstruction MSE on the [0, 1] scale plus codebook usage over ``batches``."""
+    was_training = model.training
+    model.eval()
+    se, n, toks = 0.0, 0, []
+    try:
+        for x in batches:
+            x = x.to(device=device, dtype=torch.float32)
+            recon, logits = model(x, hard=True)
+            se += float(((unmap_pixels(recon, model.cfg.eps) - unmap_pixels(x, model.cfg.eps)) ** 2).sum())
+            n += x.numel()
+            toks.append(logits.argmax(dim=1).flatten())
+    finally:
+        model.train(was_training)
+    out = {"recon_mse": se / max(n, 1), "eval_images": sum(int(b.shape[0]) for b in batches)}
+    out.update(codebook_stats(torch.cat(toks), model.vocab_size))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------
+def _lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def train_dvae(
+    cfg: DVAEConfig,
+    images_or_dataset: Any,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    out_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    eval_data: Any = None,
+    eval_batches: int = 4,
+    save_every: int | None = 500,
+    log_every: int = 50,
+    weight_decay: float = 0.0,
+    warmup_steps: int | None = None,
+    grad_clip: float | None = 1.0,
+    model: DiscreteVAE | None = None,
+) -> dict[str, Any]:
+    """Train a :class:`DiscreteVAE` and return its metrics (also stored in the checkpoint).
+
+    Args:
+        cfg: model / schedule configuration.
+        images_or_dataset: training data (see module docstring): tokenizer views in the map_pixels range.
+        steps, batch_size, lr: optimisation length, batch size, peak AdamW learning rate (warm-up over
+            ``warmup_steps``, default 5% of the run, then cosine decay to 10% of ``lr``).
+        out_path: checkpoint path (``None``: no checkpoint). Written atomically every ``save_every`` steps
+            and at the end.
+        device, seed, progress: where to train, RNG seed (torch, Python ``random``, numpy), tqdm bar.
+        eval_data: evaluation data in the same forms; default: ``eval_batches`` batches drawn once, before
+            training, from a separately seeded stream of ``images_or_dataset`` (not held out then).
+        model: continue training this model instead of building a fresh one from ``cfg``.
+
+    Returns a dict with ``initial`` and final evaluation (``recon_mse``, ``codes_used``, ``perplexity``),
+    ``train_recon_first``/``train_recon_last`` (mean training recon loss over the first/last 10% of steps,
+    map_pixels scale, Gumbel path), ``history``, ``time_s``, ``images_per_s`` and the checkpoint path.
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+    model = (model if model is not None else DiscreteVAE(cfg)).to(device)
+    cfg = model.cfg
+    model.train()
+
+    eval_set = _eval_batches(images_or_dataset if eval_data is None else eval_data, batch_size,
+                             max(1, eval_batches), seed + 1)
+    random.seed(seed)  # eval draws must not change the training crops
+
+    lo, hi = float(eval_set[0].min()), float(eval_set[0].max())
+    if lo < cfg.eps - 0.02 or hi > 1 - cfg.eps + 0.02:
+        logger.warning("data range [%.3f, %.3f] is outside the map_pixels range [%.2f, %.2f]: pass "
+                       "map_pixels(images in [0, 1])", lo, hi, cfg.eps, 1 - cfg.eps)
+
+    initial = evaluate_dvae(model, eval_set, device)
+    logger.info("initial eval: recon_mse %.5f, codes used %d/%d", initial["recon_mse"], initial["codes_used"],
+                cfg.vocab_size)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
+    stream = _batch_stream(images_or_dataset, batch_size, seed)
+    history: list[dict[str, float]] = []
+    recon_trace: list[float] = []
+    out_path = os.fspath(out_path) if out_path is not None else None
+
+    def _save(step: int, metrics: dict[str, Any]) -> None:
+        if out_path is not None:
+            model.save(out_path, step=step, metrics=metrics)
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), disable=not progress, desc="dVAE", dynamic_ncols=True)
+    run_logs: dict[str, float] = {}
+    for step in bar:
+        temp = temperature_at(step, cfg, steps)
+        klw = kl_weight_at(step, cfg, steps)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        x = next(stream).to(device=device, dtype=torch.float32, non_blocking=True)
+        recon, logits = model(x, temperature=temp)
+        loss, logs = model.loss(x, recon, logits, klw)
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"non-finite dVAE loss at step {step}: {logs}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        recon_trace.append(logs["recon"])
+        for k, v in logs.items():
+            run_logs[k] = v if k not in run_logs else 0.9 * run_logs[k] + 0.1 * v
+        if step % log_every == 0 or step == steps - 1:
+            rec = dict(step=step, temperature=temp, kl_weight=klw, lr=opt.param_groups[0]["lr"], **logs)
+            history.append(rec)
+            bar.set_postfix(recon=f"{run_logs['recon']:.4f}", kl=f"{run_logs['kl']:.2f}", T=f"{temp:.3f}")
+            logger.info("step %d: loss %.5f recon %.5f kl %.3f T %.4f kl_w %.2e", step, logs["loss"],
+                        logs["recon"], logs["kl"], temp, klw)
+        if save_every and out_path is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save(step + 1, {"partial": True, "history": history[-1:]})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    final = evaluate_dvae(model, eval_set, device)
+    k = max(1, steps // 10)
+    metrics: dict[str, Any] = dict(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(device), time_s=elapsed,
+        images_per_s=steps * batch_size / max(elapsed, 1e-9), vocab_size=cfg.vocab_size,
+        recon_mse=final["recon_mse"], codes_used=final["codes_used"], perplexity=final["perplexity"],
+        eval_images=final["eval_images"], initial=initial, final=final,
+        train_recon_first=float(np.mean(recon_trace[:k])), train_recon_last=float(np.mean(recon_trace[-k:])),
+        history=history, checkpoint=out_path, config=asdict(cfg),
+    )
+    _save(steps, metrics)
+    logger.info("done in %.1fs: recon_mse %.5f (initial %.5f), codes used %d/%d, perplexity %.1f", elapsed,
+                final["recon_mse"], initial["recon_mse"], final["codes_used"], cfg.vocab_size, final["perplexity"])
+    return metrics
