@@ -1,5 +1,6 @@
 """The fast training step against the eager reference: same loss, same gradients (tiny config, CPU)."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from beit_fast.optim import build_optimizer
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, vocab_size=40, drop_path_rate=0.0)
 K = 6
+# On a GPU machine (BEIT_FAST_REAL_GPU=1) the same parity tests run on CUDA with the real kernels.
+DEV = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and torch.cuda.is_available() else "cpu")
 
 
 def make_batch(seed: int, fixed: bool):
@@ -24,15 +27,15 @@ def make_batch(seed: int, fixed: bool):
         masks[1] = False
         masks[1, :3] = True
     tokens = torch.randint(0, 40, (3, 16), generator=g)
-    return images, masks, tokens
+    return images.to(DEV), masks.to(DEV), tokens.to(DEV)
 
 
 def engines(model, fast_kwargs):
-    ref_model = model
-    fast_model = copy.deepcopy(model)
+    ref_model = model.to(DEV)
+    fast_model = copy.deepcopy(ref_model)
     sched = np.full(10, 1e-3)
-    ref = PretrainEngine(ref_model, None, build_optimizer(ref_model, 1e-3, 0.05), torch.device("cpu"), sched, sched)
-    fast = FastPretrainEngine(fast_model, None, build_optimizer(fast_model, 1e-3, 0.05), torch.device("cpu"), sched,
+    ref = PretrainEngine(ref_model, None, build_optimizer(ref_model, 1e-3, 0.05), DEV, sched, sched)
+    fast = FastPretrainEngine(fast_model, None, build_optimizer(fast_model, 1e-3, 0.05), DEV, sched,
                               sched, num_masked=K, **fast_kwargs)
     return ref, fast
 
