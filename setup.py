@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.kernels"],
+    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels"],
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.10,<=2.14.1",
@@ -24,7 +24,10 @@ setup(
         "scikit-image",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        # Tests exercise the HuggingFace/timm interop and the property-based input checks.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors"],
+        "hf": ["transformers", "safetensors"],
+        "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],
     },
 )

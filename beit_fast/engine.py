@@ -15,7 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["resolve_amp_dtype", "mim_loss_reference", "StepResult", "PretrainEngine", "FastPretrainEngine"]
+__all__ = [
+    "resolve_amp_dtype", "mim_loss_reference", "StepResult", "PretrainEngine", "FastPretrainEngine",
+    "tokenize", "token_agreement",
+]
 
 IGNORE_INDEX = -100
 
@@ -44,6 +47,29 @@ def mim_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     with torch.no_grad():
         acc = (logits.argmax(-1) == labels).float().mean()
     return loss, acc
+
+
+@torch.no_grad()
+def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Token ids ``int64[B, h*w]``; ``dtype`` None: the tokenizer's own fp32 path, else its encoder under
+    autocast to ``dtype`` with channels-last activations (argmax taken in fp32)."""
+    if dtype is None:
+        return tokenizer.get_codebook_indices(images)
+    x = tokenizer._prepare_images(images).contiguous(memory_format=torch.channels_last)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    try:
+        with torch.autocast(x.device.type, dtype=dtype):
+            logits = tokenizer.encode_logits(x)
+    finally:
+        tokenizer.train(was_training)
+    return logits.float().argmax(dim=1).flatten(1)
+
+
+@torch.no_grad()
+def token_agreement(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype) -> float:
+    """Fraction of positions whose token id in ``dtype`` equals the fp32 one (1.0 = identical)."""
+    return (tokenize(tokenizer, images, dtype) == tokenize(tokenizer, images)).float().mean().item()
 
 
 @dataclass
@@ -88,6 +114,7 @@ class PretrainEngine:
         self.amp_dtype = amp_dtype
         self.clip_grad = clip_grad
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.tokenizer_dtype: torch.dtype | None = None  # None: fp32 tokenizer (see choose_tokenizer_precision)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def autocast(self):
@@ -102,10 +129,20 @@ class PretrainEngine:
             if group["weight_decay"] > 0:
                 group["weight_decay"] = float(self.wd_schedule[step])
 
+    def choose_tokenizer_precision(
+        self, tokenizer_images: torch.Tensor, dtype: torch.dtype = torch.bfloat16, min_agreement: float = 0.99
+    ) -> float:
+        """Run the tokenizer in ``dtype`` (channels-last) from now on if, on these images, its token ids
+        agree with fp32 on at least ``min_agreement`` of the positions; returns the measured agreement."""
+        agreement = token_agreement(self.tokenizer, tokenizer_images.to(self.device), dtype)
+        self.tokenizer.to(memory_format=torch.channels_last)
+        self.tokenizer_dtype = dtype if agreement >= min_agreement else None
+        return agreement
+
     @torch.no_grad()
     def tokenize(self, tokenizer_images: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """Visual tokens of every patch, ``int64[B, N]``, row-major."""
-        tokens = self.tokenizer.get_codebook_indices(tokenizer_images).flatten(1)
+        tokens = tokenize(self.tokenizer, tokenizer_images, self.tokenizer_dtype).flatten(1)
         if tokens.shape != bool_masked_pos.shape:
             raise ValueError(
                 f"tokenizer grid ({tokens.shape[1]} tokens) does not match the mask ({bool_masked_pos.shape[1]} "

@@ -125,3 +125,25 @@ def test_fast_step_bf16_close_to_fp32_reference():
         err_fast = (gfast[name].float() - g32[name]).abs().max()
         err_ref = (gref[name].float() - g32[name]).abs().max()
         assert err_fast <= 2 * err_ref + 1e-3 * g32[name].abs().max() + 1e-6, name
+
+
+def test_tokenizer_low_precision_agreement_and_choice():
+    from beit_fast.engine import token_agreement, tokenize
+    from beit_fast.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("dvae", random_init=True, preset="tiny", vocab_size=64, input_size=32)
+    images = (0.1 + 0.8 * torch.rand(4, 3, 32, 32))
+    assert torch.equal(tokenize(tok, images), tok.get_codebook_indices(images))
+    assert token_agreement(tok, images, torch.float32) == 1.0
+    agreement = token_agreement(tok, images, torch.bfloat16)
+    assert 0.0 <= agreement <= 1.0
+    sched = np.full(4, 1e-3)
+    model = build_model("tiny", **CFG)
+    engine = PretrainEngine(model, tok, build_optimizer(model, 1e-3, 0.05), torch.device("cpu"), sched, sched)
+    assert engine.choose_tokenizer_precision(images, torch.bfloat16, min_agreement=1.01) == agreement
+    assert engine.tokenizer_dtype is None  # refused: agreement can never reach 101 %
+    engine.choose_tokenizer_precision(images, torch.bfloat16, min_agreement=0.0)
+    assert engine.tokenizer_dtype is torch.bfloat16
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    assert torch.equal(engine.tokenize(images, masks), tokenize(tok, images, torch.bfloat16))
