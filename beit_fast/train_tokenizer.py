@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .tokenizer.dvae import PRESETS, DVAEConfig
+from .tokenizer.dvae import PRESETS, RECOMMENDED_LR, DVAEConfig
 from .tokenizer.train import (
     SKIMAGE_EVAL_PHOTOS,
     SKIMAGE_TRAIN_PHOTOS,
@@ -33,14 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m beit_fast.train_tokenizer",
         description="Train a discrete VAE visual tokenizer (Gumbel-softmax relaxation, uniform prior) for BEiT.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--output", default="dvae_tokenizer.pt", help="checkpoint path (written atomically)")
+    p.add_argument("--output", default="dvae_tokenizer.pt", help="checkpoint path (written atomically) (default: %(default)s)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="model size preset: 'tiny' trains on a CPU in minutes, 'default' is a full-size tokenizer")
-    p.add_argument("--steps", type=int, default=300, help="number of optimisation steps")
-    p.add_argument("--batch_size", type=int, default=16, help="images per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (5%% warm-up, cosine decay)")
+                   help="model size preset: 'tiny' trains on a CPU in minutes, 'default' is a full-size tokenizer (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=300, help="number of optimisation steps (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=16, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate, 5%% warm-up then cosine decay to 10%% (default: the preset's: "
+                        + ", ".join(f"{k} {v:g}" for k, v in sorted(RECOMMENDED_LR.items())) + ")")
     p.add_argument("--vocab_size", type=int, default=None, help="codebook size (default: the preset's; 8192 in BEiT)")
     p.add_argument("--input_size", type=int, default=None,
                    help="side of the tokenizer view, a multiple of 8 (default: the preset's, 112)")
@@ -55,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstruction loss on the map_pixels'd image (default: the preset's, mse)")
     p.add_argument("--data_path", default=None,
                    help="folder of training images (searched recursively); default: scikit-image sample photos")
-    p.add_argument("--eval_images", type=int, default=128, help="number of fixed crops in the evaluation set")
-    p.add_argument("--save_every", type=int, default=100, help="also write the checkpoint every N steps (0: only at the end)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (model init, crops, Gumbel noise)")
+    p.add_argument("--eval_images", type=int, default=128, help="number of fixed crops in the evaluation set (default: %(default)s)")
+    p.add_argument("--save_every", type=int, default=100, help="also write the checkpoint every N steps (0: only at the end) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (model init, crops, Gumbel noise) (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to train on")
+                   help="torch device to train on (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loading worker processes (0: load crops in the training process) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no_progress", action="store_true", help="disable the tqdm progress bar")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line")
@@ -95,17 +98,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  json.dumps({k: v for k, v in vars(cfg).items() if k != "vocab_size"}))
 
     metrics = train_dvae(
-        cfg, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr, out_path=args.output,
+        cfg, train_set, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else RECOMMENDED_LR[args.preset], out_path=args.output,
         device=args.device, seed=args.seed, progress=not args.no_progress, eval_data=eval_set,
         eval_batches=(args.eval_images + args.batch_size - 1) // args.batch_size,
-        save_every=args.save_every or None,
+        save_every=args.save_every or None, num_workers=args.workers,
     )
     init = metrics["initial"]
     print(
         f"\nTokenizer trained: {metrics['steps']} steps x {metrics['batch_size']} images in {metrics['time_s']:.1f} s "
         f"({metrics['images_per_s']:.0f} img/s) on {metrics['device']}\n"
         f"  eval ({metrics['eval_images']} held-out crops): recon MSE [0,1] scale {metrics['recon_mse']:.5f} "
-        f"(untrained: {init['recon_mse']:.5f})\n"
+        f"(untrained: {init['recon_mse']:.5f}; each crop's mean colour: {metrics['mean_color_mse']:.5f})\n"
         f"  codes used {metrics['codes_used']} / {metrics['vocab_size']}, perplexity {metrics['perplexity']:.1f}\n"
         f"  checkpoint: {metrics['checkpoint']}"
     )

@@ -191,7 +191,7 @@ def _collate(items: list[Any]) -> Tensor:
     return torch.stack([_first_tensor(it) for it in items])
 
 
-def _batch_stream(data: Any, batch_size: int, seed: int) -> Iterator[Tensor]:
+def _batch_stream(data: Any, batch_size: int, seed: int, num_workers: int = 0) -> Iterator[Tensor]:
     """Endless stream of ``[batch_size, 3, S, S]`` batches from a Dataset, a tensor or an iterable."""
     if isinstance(data, Tensor):
         if data.dim() != 4:
@@ -204,7 +204,8 @@ def _batch_stream(data: Any, batch_size: int, seed: int) -> Iterator[Tensor]:
             raise ValueError("the dataset is empty")
         g = torch.Generator().manual_seed(seed)
         loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(data) >= batch_size,
-                            collate_fn=_collate, generator=g, num_workers=0)
+                            collate_fn=_collate, generator=g, num_workers=num_workers,
+                            persistent_workers=num_workers > 0)
         while True:
             for batch in loader:
                 yield batch
@@ -299,7 +300,7 @@ def train_dvae(
     images_or_dataset: Any,
     steps: int = 1000,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     out_path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -313,6 +314,7 @@ def train_dvae(
     warmup_steps: int | None = None,
     grad_clip: float | None = 1.0,
     model: DiscreteVAE | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train a :class:`DiscreteVAE` and return its metrics (also stored in the checkpoint).
 
@@ -327,8 +329,10 @@ def train_dvae(
         eval_data: evaluation data in the same forms; default: ``eval_batches`` batches drawn once, before
             training, from a separately seeded stream of ``images_or_dataset`` (not held out then).
         model: continue training this model instead of building a fresh one from ``cfg``.
+        num_workers: DataLoader worker processes for a map-style dataset (0: load in this process).
 
     Returns a dict with ``initial`` and final evaluation (``recon_mse``, ``codes_used``, ``perplexity``),
+    ``mean_color_mse`` (the MSE of predicting each evaluation crop by its mean colour: a reference point),
     ``train_recon_first``/``train_recon_last`` (mean training recon loss over the first/last 10% of steps,
     map_pixels scale, Gumbel path), ``history``, ``time_s``, ``images_per_s`` and the checkpoint path.
     """
@@ -355,12 +359,16 @@ def train_dvae(
                        "map_pixels(images in [0, 1])", lo, hi, cfg.eps, 1 - cfg.eps)
 
     initial = evaluate_dvae(model, eval_set, device)
+    # reference point: predicting every crop by its own mean colour (what a 1-token code could do)
+    mean_color_mse = float(sum(((unmap_pixels(b.float(), cfg.eps) - unmap_pixels(b.float(), cfg.eps)
+                                 .mean(dim=(2, 3), keepdim=True)) ** 2).sum() for b in eval_set)
+                           / sum(b.numel() for b in eval_set))
     logger.info("initial eval: recon_mse %.5f, codes used %d/%d", initial["recon_mse"], initial["codes_used"],
                 cfg.vocab_size)
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
-    stream = _batch_stream(images_or_dataset, batch_size, seed)
+    stream = _batch_stream(images_or_dataset, batch_size, seed, num_workers)
     history: list[dict[str, float]] = []
     recon_trace: list[float] = []
     out_path = os.fspath(out_path) if out_path is not None else None
@@ -407,7 +415,7 @@ def train_dvae(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=str(device), time_s=elapsed,
         images_per_s=steps * batch_size / max(elapsed, 1e-9), vocab_size=cfg.vocab_size,
         recon_mse=final["recon_mse"], codes_used=final["codes_used"], perplexity=final["perplexity"],
-        eval_images=final["eval_images"], initial=initial, final=final,
+        eval_images=final["eval_images"], initial=initial, final=final, mean_color_mse=mean_color_mse,
         train_recon_first=float(np.mean(recon_trace[:k])), train_recon_last=float(np.mean(recon_trace[-k:])),
         history=history, checkpoint=out_path, config=asdict(cfg),
     )
