@@ -26,7 +26,7 @@ setup(
     extras_require={
         # Tests exercise the HuggingFace/timm interop and the property-based input checks.
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors"],
-        "hf": ["transformers", "safetensors"],
+        "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],
     },

@@ -11,6 +11,14 @@ from .model import (
     build_model,
     get_config,
 )
+from .interop import (
+    apply_beit_fast_to_hf,
+    apply_beit_fast_to_timm,
+    convert_state_dict,
+    detect_format,
+    revert_beit_fast,
+)
+from .modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
 from .ops import (
     attention_with_bias,
     get_backend,
@@ -36,4 +44,12 @@ __all__ = [
     "set_backend",
     "get_backend",
     "use_backend",
+    "FusedLinearCrossEntropyLoss",
+    "PatchEmbedMask",
+    "RelPosBiasAttention",
+    "apply_beit_fast_to_hf",
+    "apply_beit_fast_to_timm",
+    "revert_beit_fast",
+    "convert_state_dict",
+    "detect_format",
 ]

@@ -1,0 +1,145 @@
+"""Interoperability with HuggingFace transformers and timm: patch their BEiT models with beit_fast's
+fused ops, and convert checkpoints between the official, HuggingFace and timm layouts.
+
+    apply_beit_fast_to_hf(model, attention="auto", fused_loss=True, fused_embed=True)
+    apply_beit_fast_to_timm(model, attention="auto", activation_checkpointing=False)
+    revert_beit_fast(model)
+    detect_format(state_dict); convert_state_dict(state_dict, to="hf"); official_to_hf / hf_to_official /
+    official_to_timm / timm_to_official; load_state_dict / save_state_dict (torch and safetensors files)
+
+Neither transformers nor timm is imported by this package until a function needs it. See INTEROP.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+# --------------------------------------------------------------------------------------------------
+# Instance patching (shared by the HF and timm patches; defined before the submodules import it)
+# --------------------------------------------------------------------------------------------------
+_STATE_ATTR = "_beit_fast_patch_state"
+
+
+class _AbsentType:
+    """Marks "no instance attribute before the patch"; one object, kept by copy/deepcopy/pickle."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_ABSENT"
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _AbsentType()
+
+
+class _PatchState:
+    """What one ``apply_*`` call changed on one model instance, so that it can be undone exactly."""
+
+    def __init__(self, library: str, options: dict[str, Any]) -> None:
+        self.library = library
+        self.options = dict(options)
+        self.records: list[tuple[object, str, object]] = []  # (object, attribute, previous instance value)
+        self.replaced: dict[str, list[str]] = {}  # human-readable summary: what -> [module paths]
+
+    def set(self, obj: object, name: str, value: object, what: str | None = None, path: str | None = None) -> None:
+        previous = obj.__dict__.get(name, _ABSENT)
+        self.records.append((obj, name, previous))
+        object.__setattr__(obj, name, value)
+        if what is not None:
+            self.replaced.setdefault(what, []).append(path or type(obj).__name__)
+
+    def undo(self) -> None:
+        for obj, name, previous in reversed(self.records):
+            if previous is _ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                object.__setattr__(obj, name, previous)
+        self.records.clear()
+
+
+def _begin_patch(model: nn.Module, library: str, options: dict[str, Any]) -> _PatchState:
+    revert_beit_fast(model)  # re-applying replaces the previous patch, it does not stack
+    state = _PatchState(library, options)
+    object.__setattr__(model, _STATE_ATTR, state)
+    return state
+
+
+def revert_beit_fast(model: nn.Module) -> nn.Module:
+    """Undo ``apply_beit_fast_to_hf`` / ``apply_beit_fast_to_timm`` on ``model`` (in place); returns it.
+
+    Every instance attribute the patch set is removed (or restored to the value it had before), so the
+    model runs its class's own methods again, bit for bit as before the patch. No-op on an unpatched model.
+    """
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is not None:
+        state.undo()
+        model.__dict__.pop(_STATE_ATTR, None)
+    return model
+
+
+def beit_fast_patch_info(model: nn.Module) -> dict[str, Any] | None:
+    """What the current patch of ``model`` replaced: ``{"library", "options", "replaced"}`` or None."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return None
+    return {"library": state.library, "options": dict(state.options),
+            "replaced": {k: list(v) for k, v in state.replaced.items()}}
+
+
+from .checkpoints import (  # noqa: E402
+    FORMATS,
+    TARGETS,
+    convert_state_dict,
+    detect_format,
+    detect_layout,
+    hf_config_from_state_dict,
+    hf_to_official,
+    infer_architecture,
+    installed_hf_naming,
+    load_state_dict,
+    official_config_from_hf,
+    official_config_from_state_dict,
+    official_pretrain_to_finetune,
+    official_to_hf,
+    official_to_timm,
+    save_state_dict,
+    timm_kwargs_from_state_dict,
+    timm_to_official,
+    to_official,
+)
+from .hf import apply_beit_fast_to_hf  # noqa: E402
+from .timm import apply_beit_fast_to_timm  # noqa: E402
+
+__all__ = [
+    "apply_beit_fast_to_hf",
+    "apply_beit_fast_to_timm",
+    "revert_beit_fast",
+    "beit_fast_patch_info",
+    "FORMATS",
+    "TARGETS",
+    "detect_format",
+    "detect_layout",
+    "convert_state_dict",
+    "to_official",
+    "official_to_hf",
+    "hf_to_official",
+    "official_to_timm",
+    "timm_to_official",
+    "official_pretrain_to_finetune",
+    "infer_architecture",
+    "installed_hf_naming",
+    "official_config_from_state_dict",
+    "official_config_from_hf",
+    "hf_config_from_state_dict",
+    "timm_kwargs_from_state_dict",
+    "load_state_dict",
+    "save_state_dict",
+]
