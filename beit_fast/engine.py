@@ -3,6 +3,12 @@
 This is the eager reference step (the official ``engine_for_pretraining.py`` semantics): logits for
 masked positions only, mean cross-entropy over all masked positions of the batch, MIM accuracy,
 AdamW under per-step lr/wd schedules, gradient clipping, autocast with a loss scaler for fp16.
+
+The model and its loss are one module, :class:`MIMLoss` (``forward(images, bool_masked_pos, tokens) ->
+(loss, acc)``), in both the reference and the fast static-shape form. The engine calls the model only
+through it, so a DDP or FSDP2 wrapper around it sees every forward (see :mod:`beit_fast.distributed`),
+and torch.compile compiles it (or the wrapper) as one graph. Gradient accumulation: :meth:`train_step`
+takes a list of micro-batches (``--update_freq``).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "resolve_amp_dtype", "mim_loss_reference", "StepResult", "PretrainEngine", "FastPretrainEngine",
+    "resolve_amp_dtype", "mim_loss_reference", "StepResult", "MIMLoss", "PretrainEngine", "FastPretrainEngine",
     "tokenize", "token_agreement",
 ]
 
@@ -74,7 +80,8 @@ def token_agreement(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dty
 
 @dataclass
 class StepResult:
-    """Host-side metrics of one step; ``skipped`` when the loss was not finite and no update was made."""
+    """Host-side metrics of one optimizer step (averaged over micro-batches and ranks); ``skipped`` when
+    the loss or (without a loss scaler) the gradient norm was not finite and no update was made."""
 
     loss: float
     mlm_acc: float
@@ -86,12 +93,62 @@ class StepResult:
     skipped: bool = False
 
 
+class MIMLoss(nn.Module):
+    """The model and the masked-image-modeling loss as one module: ``forward(images [B,3,H,W],
+    bool_masked_pos [B,N] bool, tokens [B,N] int64) -> (loss, mlm_acc)`` (0-dim tensors).
+
+    ``num_masked=None``: the eager reference, ``F.cross_entropy(model(x, mask), tokens[mask])``.
+    ``num_masked=K``: the fast static-shape form, ``model.forward_masked_hidden`` (K rows per image,
+    padded rows ignored) into the fused linear + cross-entropy op; the same loss.
+    ``amp_dtype``: autocast dtype of the model's forward (None: fp32). This is the module DDP wraps and
+    FSDP2 shards as its root, so that their hooks run for either form.
+    """
+
+    def __init__(self, model: nn.Module, num_masked: int | None = None, amp_dtype: torch.dtype | None = None,
+                 ops_backend: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.num_masked = None if num_masked is None else int(num_masked)
+        self.amp_dtype = amp_dtype
+        self.ops_backend = ops_backend
+
+    def _autocast(self, device_type: str):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.amp_dtype)
+
+    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
+                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_masked is None:
+            with self._autocast(images.device.type):
+                logits = self.model(images, bool_masked_pos)
+            return mim_loss_reference(logits, tokens[bool_masked_pos])
+        from .ops.cross_entropy import masked_linear_cross_entropy
+
+        with self._autocast(images.device.type):
+            hidden, index = self.model.forward_masked_hidden(images, bool_masked_pos, self.num_masked)
+        real = bool_masked_pos.gather(1, index)
+        labels = tokens.gather(1, index).masked_fill(~real, IGNORE_INDEX).reshape(-1)
+        head = self.model.lm_head
+        dtype = self.amp_dtype or hidden.dtype
+        bias = head.bias.to(dtype) if head.bias is not None else None
+        return masked_linear_cross_entropy(
+            hidden.to(dtype), head.weight.to(dtype), bias, labels, ignore_index=IGNORE_INDEX,
+            return_accuracy=True, backend=self.ops_backend,
+        )
+
+
 class PretrainEngine:
     """Runs training steps for a model and a frozen tokenizer.
 
     ``batch = (images [B,3,H,W] float, tokenizer_images [B,3,h,w] float, bool_masked_pos [B,N] bool)``.
     The lr of each parameter group at step t is ``lr_schedule[t] * group["lr_scale"]``; groups with
     weight decay get ``wd_schedule[t]``.
+
+    Parallel training: pass ``loss_module`` (a :class:`MIMLoss` over ``model``, already ``fully_shard``-ed
+    for FSDP2 before the optimizer was built) and ``parallel="ddp"`` (the engine wraps it in DDP) or
+    ``"fsdp"``; ``dist_info`` (:class:`beit_fast.distributed.DistInfo`) makes the logged loss and accuracy
+    means over all ranks, and every rank take the same skip decision.
     """
 
     def __init__(
@@ -104,18 +161,48 @@ class PretrainEngine:
         wd_schedule: np.ndarray,
         amp_dtype: torch.dtype | None = None,
         clip_grad: float | None = 3.0,
+        *,
+        loss_module: MIMLoss | None = None,
+        parallel: str = "none",
+        dist_info=None,
     ) -> None:
+        if parallel not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be none, ddp or fsdp, got {parallel!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.optimizer = optimizer
         self.device = device
         self.lr_schedule = lr_schedule
         self.wd_schedule = wd_schedule
+        self.loss_module = loss_module if loss_module is not None else self._default_loss_module(model)
+        if self.loss_module.model is not model:
+            raise ValueError("loss_module must wrap the engine's model")
         self.amp_dtype = amp_dtype
         self.clip_grad = clip_grad
+        if parallel == "fsdp" and amp_dtype == torch.float16:
+            raise ValueError("fp16 with a loss scaler is not supported with FSDP; use bf16")
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.tokenizer_dtype: torch.dtype | None = None  # None: fp32 tokenizer (see choose_tokenizer_precision)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.parallel = parallel
+        self.dist_info = dist_info
+        if parallel == "ddp":
+            from .distributed import wrap_ddp
+
+            self.train_module: nn.Module = wrap_ddp(self.loss_module, device)
+        else:
+            self.train_module = self.loss_module
+
+    def _default_loss_module(self, model: nn.Module) -> MIMLoss:
+        return MIMLoss(model)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.loss_module.amp_dtype
+
+    @amp_dtype.setter
+    def amp_dtype(self, value: torch.dtype | None) -> None:
+        self.loss_module.amp_dtype = value
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -150,43 +237,114 @@ class PretrainEngine:
             )
         return tokens
 
+    def _loss_call(self):
+        """What computes (loss, acc): the (DDP-wrapped) loss module, or its compiled form."""
+        return self.train_module
+
     def compute_loss(
         self, images: torch.Tensor, bool_masked_pos: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over masked positions and MIM accuracy (0-dim tensors)."""
-        with self.autocast():
-            logits = self.model(images, bool_masked_pos)
-        return mim_loss_reference(logits, tokens[bool_masked_pos])
+        return self._loss_call()(images, bool_masked_pos, tokens)
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dist_info is None:
+            return values
+        from .distributed import all_reduce_mean
+
+        return all_reduce_mean(values, self.dist_info)
 
     def train_step(self, batch, step: int) -> StepResult:
-        images, tokenizer_images, bool_masked_pos = (t.to(self.device, non_blocking=True) for t in batch)
-        bool_masked_pos = bool_masked_pos.flatten(1).bool()
+        """One optimizer step on one batch."""
+        return self.train_accumulated([batch], step)
+
+    def train_accumulated(self, batches, step: int) -> StepResult:
+        """One optimizer step on ``len(batches)`` micro-batches (gradient accumulation, ``--update_freq``).
+
+        Each micro-batch's loss is divided by the count (official ``loss / update_freq``), so the update
+        is that of the mean of the micro-batch losses; gradients are synchronised across ranks only on
+        the last micro-batch. The loss of each micro-batch is averaged over ranks before anything else,
+        so a non-finite loss on any rank makes every rank skip the step (no update, no further micro-batch).
+        """
+        n = len(batches)
+        if n < 1:
+            raise ValueError("train_accumulated needs at least one micro-batch")
+        from .distributed import no_grad_sync
+
         self.set_schedule(step)
-        tokens = self.tokenize(tokenizer_images, bool_masked_pos)
         self.model.train()
-        loss, acc = self.compute_loss(images, bool_masked_pos, tokens)
-        loss_value = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         wd = max((g["weight_decay"] for g in self.optimizer.param_groups), default=0.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss_value):
-            return StepResult(loss_value, float("nan"), float("nan"), self.scaler.get_scale(), max(lrs), min(lrs), wd, True)
-        self.scaler.scale(loss).backward()
+        losses, accs = [], []
+        for i, batch in enumerate(batches):
+            images, tokenizer_images, bool_masked_pos = (t.to(self.device, non_blocking=True) for t in batch)
+            bool_masked_pos = bool_masked_pos.flatten(1).bool()
+            tokens = self.tokenize(tokenizer_images, bool_masked_pos)
+            with no_grad_sync(self.train_module, skip=i < n - 1):
+                loss, acc = self.compute_loss(images, bool_masked_pos, tokens)
+                stats = self._reduce(torch.stack([loss.detach().float(), acc.detach().float()]))
+                loss_value, acc_value = stats.tolist()
+                if not math.isfinite(loss_value):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return StepResult(loss_value, float("nan"), float("nan"), self._scale(), max(lrs), min(lrs),
+                                      wd, True)
+                self.scaler.scale(loss / n if n > 1 else loss).backward()
+            losses.append(loss_value)
+            accs.append(acc_value)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.clip_grad if self.clip_grad else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm_value = grad_norm.item()
+        loss_value, acc_value = float(np.mean(losses)), float(np.mean(accs))
+        if not self.scaler.is_enabled() and not math.isfinite(grad_norm_value):
+            # Without a loss scaler nothing else would stop a non-finite update from wrecking the weights.
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_value, acc_value, grad_norm_value, 1.0, max(lrs), min(lrs), wd, True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return StepResult(
-            loss_value, acc.item(), grad_norm.item(), self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
-            max(lrs), min(lrs), wd,
-        )
+        return StepResult(loss_value, acc_value, grad_norm_value, self._scale(), max(lrs), min(lrs), wd)
+
+    def _scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    # -- checkpoint state ----------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict:
+        """Collective under FSDP: the full model state dict (on rank 0; ``{}`` elsewhere under FSDP)."""
+        if self.parallel == "fsdp":
+            from .distributed import full_model_state_dict
+
+            return full_model_state_dict(self.loss_module)
+        return self.model.state_dict()
+
+    def load_model_state_dict(self, state: dict) -> None:
+        if self.parallel == "fsdp":
+            from .distributed import load_full_model_state_dict
+
+            load_full_model_state_dict(self.loss_module, state)
+        else:
+            self.model.load_state_dict(state)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        """Optimizer and loss-scaler state, in ``optimizer.state_dict()`` layout whatever the parallelism
+        (collective under FSDP, full on rank 0)."""
+        if self.parallel == "fsdp":
+            from .distributed import full_optimizer_state_dict
+
+            optimizer = full_optimizer_state_dict(self.loss_module, self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.parallel == "fsdp":
+            from .distributed import load_full_optimizer_state_dict
+
+            load_full_optimizer_state_dict(self.loss_module, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -199,30 +357,43 @@ class FastPretrainEngine(PretrainEngine):
     cross-entropy over exactly ``num_masked`` rows per image: masked positions first (row-major), padded
     with ignored rows for images the official mask generator left short of the target. The loss is the
     mean over real masked rows, i.e. the reference's ``F.cross_entropy(lm_head(x[mask]), tokens[mask])``.
+
+    Compilation (``compile=True``): single process and DDP compile the module the step calls, i.e.
+    ``torch.compile(MIMLoss)`` or ``torch.compile(DDP(MIMLoss))`` - compiled after wrapping, so Dynamo's
+    DDP optimizer splits the graph at gradient-bucket boundaries and all-reduces overlap the backward.
+    With FSDP2 each Transformer block is compiled on its own (``block.compile()``, the torchtitan recipe),
+    and the FSDP hooks, the embedding and the fused head + loss run eagerly between them.
     """
 
-    def __init__(self, *args, num_masked: int, compile: bool = True, ops_backend: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, num_masked: int, compile: bool = True, ops_backend: str | None = None,
+                 compile_backend: str = "inductor", **kwargs) -> None:
         self.num_masked = int(num_masked)
         self.ops_backend = ops_backend
-        self._loss_fn = torch.compile(self._fast_loss, fullgraph=True, dynamic=False) if compile else self._fast_loss
+        super().__init__(*args, **kwargs)
+        if self.loss_module.num_masked != self.num_masked:
+            raise ValueError(f"loss_module.num_masked {self.loss_module.num_masked} != num_masked {self.num_masked}")
+        self.compiled = bool(compile)
+        if not compile:
+            self._loss_fn = self.train_module
+        elif self.parallel == "fsdp":
+            for block in self.model.blocks:
+                block.compile(backend=compile_backend, dynamic=False)
+            self._loss_fn = self.train_module
+        else:
+            self._loss_fn = torch.compile(self.train_module, backend=compile_backend, fullgraph=self.parallel == "none",
+                                          dynamic=False)
+
+    def _default_loss_module(self, model: nn.Module) -> MIMLoss:
+        return MIMLoss(model, num_masked=self.num_masked, ops_backend=self.ops_backend)
 
     def _fast_loss(
         self, images: torch.Tensor, bool_masked_pos: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from .ops.cross_entropy import masked_linear_cross_entropy
+        """The uncompiled, unwrapped static-shape loss (for inspection, e.g. ``torch._dynamo.explain``)."""
+        return self.loss_module(images, bool_masked_pos, tokens)
 
-        with self.autocast():
-            hidden, index = self.model.forward_masked_hidden(images, bool_masked_pos, self.num_masked)
-        real = bool_masked_pos.gather(1, index)
-        labels = tokens.gather(1, index).masked_fill(~real, IGNORE_INDEX).reshape(-1)
-        head = self.model.lm_head
-        dtype = self.amp_dtype or hidden.dtype
-        bias = head.bias.to(dtype) if head.bias is not None else None
-        return masked_linear_cross_entropy(
-            hidden.to(dtype), head.weight.to(dtype), bias, labels, ignore_index=IGNORE_INDEX,
-            return_accuracy=True, backend=self.ops_backend,
-        )
+    def _loss_call(self):
+        return self._loss_fn
 
     def compute_loss(self, images, bool_masked_pos, tokens):
         if int(bool_masked_pos.shape[1]) < self.num_masked:

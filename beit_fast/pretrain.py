@@ -3,6 +3,11 @@
 With no ``--data_path`` it runs the embedded default: a tiny BEiT on random crops of the photographs that
 ship with scikit-image, with a small discrete VAE tokenizer trained first (or reused), on CPU when there
 is no GPU, in a few minutes. Flags are named like the official ``run_beit_pretraining.py``.
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=N -m beit_fast.pretrain ...`` (DDP, or FSDP2 with
+``--fsdp``); ``--batch_size`` is per process, the global batch is ``batch_size x world_size x update_freq``
+and the lr is not rescaled. SIGTERM / SIGINT stop at the next step boundary with a checkpoint;
+``--resume auto`` continues from the newest valid one. See DISTRIBUTED.md.
 """
 from __future__ import annotations
 
@@ -21,9 +26,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import (
+    BEST_NAME, LAST_NAME, CheckpointError, atomic_save, find_resume_checkpoint, copy_atomic,
+    list_checkpoints, prune_checkpoints, remove_stale_temp_files, validate_checkpoint,
+)
 from .data import PretrainDataset, ImageFolderDataset, ResumableSampler, build_pretrain_loader
-from .engine import FastPretrainEngine, PretrainEngine, resolve_amp_dtype
+from .distributed import (
+    DistInfo, GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
+    cleanup_distributed, init_distributed, isolate_worker_from_signals,
+)
+from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
 from .masking import MaskingGenerator
 from .model import MODEL_CONFIGS, build_model, get_config
 from .optim import build_optimizer, cosine_scheduler
@@ -32,10 +44,12 @@ from .transforms import TwoViewConfig, TwoViewTransform
 
 log = logging.getLogger("beit_fast.pretrain")
 
+INTERPOLATIONS = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest")
+
 # Values that differ between the embedded CPU demo (no --data_path) and a real run (official recipe).
 DEMO_DEFAULTS = dict(
     model="tiny", epochs=8, batch_size=32, lr=1.5e-3, warmup_epochs=1, num_samples=1024,
-    tokenizer="dvae", tokenizer_steps=600, output_dir="runs/beit_pretrain_demo", save_ckpt_freq=1,
+    tokenizer="dvae", tokenizer_steps=300, output_dir="runs/beit_pretrain_demo", save_ckpt_freq=1,
 )
 OFFICIAL_DEFAULTS = dict(
     model="base", epochs=800, batch_size=128, lr=1.5e-3, warmup_epochs=10, num_samples=None,
@@ -58,8 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", type=int, default=224, help="image size of the patch view")
     g.add_argument("--second_input_size", type=int, default=None,
                    help="image size of the tokenizer view (default: input_size / patch_size * 8, i.e. 112)")
-    g.add_argument("--train_interpolation", default="bicubic", help="resize filter of the patch view")
-    g.add_argument("--second_interpolation", default="lanczos", help="resize filter of the tokenizer view")
+    g.add_argument("--train_interpolation", default="bicubic", choices=INTERPOLATIONS,
+                   help="resize filter of the patch view")
+    g.add_argument("--second_interpolation", default="lanczos", choices=INTERPOLATIONS,
+                   help="resize filter of the tokenizer view")
     g.add_argument("--color_jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter (0: off)")
     g.add_argument("--imagenet_default_mean_and_std", action="store_true",
                    help="normalise the patch view with ImageNet mean/std instead of 0.5/0.5")
@@ -81,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="tokenizer weights: DALL-E encoder.pkl (or a state dict of its layout), or a dVAE "
                    "checkpoint from beit_fast.train_tokenizer; demo: trained first if missing")
     g.add_argument("--tokenizer_steps", type=int, default=None,
-                   help="demo only: steps to train the demo dVAE when no checkpoint is given (demo 600)")
+                   help="demo only: steps to train the demo dVAE when no checkpoint is given (demo 300)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, choices=sorted(MODEL_CONFIGS), help="model size (demo tiny / real base)")
@@ -97,7 +113,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs (demo 8 / real 800)")
-    g.add_argument("--batch_size", type=int, default=None, help="batch size per process (demo 32 / real 128)")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="batch size per process and micro-batch (demo 32 / real 128); the global batch is "
+                   "batch_size x processes x update_freq")
+    g.add_argument("--update_freq", type=int, default=1,
+                   help="gradient accumulation: micro-batches per optimizer step (the lr is not rescaled)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate, not scaled by batch size (1.5e-3)")
     g.add_argument("--min_lr", type=float, default=1e-5, help="final learning rate of the cosine schedule")
     g.add_argument("--warmup_lr", type=float, default=0.0, help="learning rate at the start of the warmup")
@@ -130,6 +150,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation_checkpointing", default="none",
                    help="recompute blocks in backward to save memory: none, all, or k (every k-th block)")
 
+    g = p.add_argument_group("distributed (launch with torchrun; see DISTRIBUTED.md)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state with FSDP2 (fully_shard per block + "
+                   "root) instead of replicating them with DDP; for models that do not fit one device")
+
     g = p.add_argument_group("safety")
     g.add_argument("--max_bad_steps", type=int, default=3,
                    help="stop (with a checkpoint) after this many consecutive non-finite losses")
@@ -138,8 +163,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default=None, help="checkpoints and logs (demo runs/beit_pretrain_demo)")
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentation and masks")
-    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' for output_dir's latest")
+    g.add_argument("--resume", default="",
+                   help="checkpoint to resume from, or 'auto': output_dir's newest checkpoint that loads (an "
+                   "unloadable one is skipped with a warning), or a fresh start if there is none")
     g.add_argument("--save_ckpt_freq", type=int, default=None, help="save a numbered checkpoint every N epochs")
+    g.add_argument("--keep_last", type=int, default=0,
+                   help="keep only the K newest numbered checkpoints (0: keep all); checkpoint-last.pt and "
+                   "checkpoint-best.pt (lowest epoch-average loss) are always kept")
     g.add_argument("--save_ckpt_steps", type=int, default=0,
                    help="also refresh checkpoint-last.pt every N steps (0: only at epoch ends)")
     g.add_argument("--log_freq", type=int, default=10, help="write a log line every N steps")
@@ -147,6 +177,79 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="stop after this many global steps with a checkpoint, as if interrupted (for testing resume)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def _errors_of(args: argparse.Namespace) -> list[str]:
+    """Every problem with the flags that can be seen without touching files or devices."""
+    errors = []
+    for name in ("epochs", "batch_size", "input_size", "patch_size", "save_ckpt_freq", "log_freq",
+                 "min_mask_patches_per_block", "max_bad_steps", "update_freq"):
+        if getattr(args, name) <= 0:
+            errors.append(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("num_samples", "tokenizer_steps", "max_mask_patches_per_block", "vocab_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            errors.append(f"--{name} must be positive, got {value}")
+    for name in ("warmup_epochs", "save_ckpt_steps", "stop_after_steps", "keep_last", "seed"):
+        if getattr(args, name) < 0:
+            errors.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.num_workers is not None and args.num_workers < 0:
+        errors.append(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.warmup_steps < -1:
+        errors.append(f"--warmup_steps must be a step count, or -1 to use --warmup_epochs; got {args.warmup_steps}")
+    floats = {name: getattr(args, name) for name in ("lr", "min_lr", "warmup_lr", "weight_decay", "weight_decay_end",
+                                                     "opt_eps", "clip_grad", "color_jitter", "drop_path",
+                                                     "layer_scale_init_value")}
+    floats["opt_betas"] = None
+    for name, value in floats.items():
+        values = args.opt_betas if name == "opt_betas" else [value]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            errors.append(f"--{name} must be a finite number, got {' '.join(map(str, values))}")
+        elif name not in ("opt_betas", "drop_path", "opt_eps") and value is not None and value < 0:
+            errors.append(f"--{name} must be >= 0, got {value}")
+    if all(math.isfinite(b) for b in args.opt_betas) and not all(0 <= b < 1 for b in args.opt_betas):
+        errors.append(f"--opt_betas must both be in [0, 1), got {args.opt_betas[0]} {args.opt_betas[1]}")
+    if math.isfinite(args.opt_eps) and args.opt_eps <= 0:
+        errors.append(f"--opt_eps must be positive, got {args.opt_eps}")
+    if args.drop_path is not None and math.isfinite(args.drop_path) and not 0 <= args.drop_path < 1:
+        errors.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
+    if args.input_size > 0 and args.patch_size > 0:
+        if args.input_size % args.patch_size:
+            errors.append(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
+        grid = args.input_size // args.patch_size
+        if grid >= 1 and not 1 <= args.num_mask_patches <= grid * grid:
+            errors.append(f"--num_mask_patches must be in [1, {grid * grid}] for a {grid}x{grid} patch grid, "
+                          f"got {args.num_mask_patches}")
+        if grid >= 1 and args.second_input_size is None:
+            args.second_input_size = grid * 8
+        elif grid >= 1 and args.second_input_size != grid * 8:
+            errors.append(f"--second_input_size {args.second_input_size} gives a {args.second_input_size // 8}x"
+                          f"{args.second_input_size // 8} token grid, but the patch grid is {grid}x{grid}: use "
+                          f"{grid * 8}")
+    if args.tokenizer == "dalle" and not args.discrete_vae_weight_path:
+        errors.append("--tokenizer dalle needs --discrete_vae_weight_path pointing at DALL-E's encoder.pkl "
+                      "(this machine cannot download it); or use --tokenizer dvae")
+    if args.discrete_vae_weight_path and not os.path.isfile(args.discrete_vae_weight_path):
+        errors.append(f"tokenizer weights not found: {args.discrete_vae_weight_path}")
+    if args.tokenizer == "dvae" and args.data_path is not None and not args.discrete_vae_weight_path:
+        errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path (train one with "
+                      "python -m beit_fast.train_tokenizer --data_path ...)")
+    if args.data_path is not None and args.num_samples is not None:
+        errors.append("--num_samples only applies to the embedded demo (no --data_path)")
+    if args.activation_checkpointing not in ("none", "all"):
+        try:
+            if int(args.activation_checkpointing) < 1:
+                raise ValueError
+        except ValueError:
+            errors.append(f"--activation_checkpointing must be none, all or a positive integer, "
+                          f"got {args.activation_checkpointing!r}")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        errors.append(f"--resume checkpoint not found: {args.resume}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
+    if args.fsdp and args.amp == "fp16":
+        errors.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
+    return errors
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -157,50 +260,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.save_ckpt_freq is None:
         args.save_ckpt_freq = defaults["save_ckpt_freq"]
-    errors = []
-    for name in ("epochs", "batch_size", "input_size", "patch_size", "save_ckpt_freq", "log_freq",
-                 "min_mask_patches_per_block", "max_bad_steps"):
-        if getattr(args, name) <= 0:
-            errors.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "warmup_lr", "weight_decay", "clip_grad"):
-        if getattr(args, name) < 0:
-            errors.append(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.warmup_epochs < 0:
-        errors.append(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
-    if args.num_workers is not None and args.num_workers < 0:
-        errors.append("--num_workers must be >= 0")
-    if args.num_samples is not None and args.num_samples <= 0:
-        errors.append("--num_samples must be positive")
-    if args.patch_size > 0 and args.input_size % args.patch_size:
-        errors.append(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
-    grid = args.input_size // max(args.patch_size, 1)
-    if not 1 <= args.num_mask_patches <= grid * grid:
-        errors.append(f"--num_mask_patches must be in [1, {grid * grid}] for a {grid}x{grid} patch grid, "
-                      f"got {args.num_mask_patches}")
-    if args.drop_path is not None and not 0 <= args.drop_path < 1:
-        errors.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
-    if args.second_input_size is None:
-        args.second_input_size = grid * 8
-    elif args.second_input_size != grid * 8:
-        errors.append(f"--second_input_size {args.second_input_size} gives a {args.second_input_size // 8}x"
-                      f"{args.second_input_size // 8} token grid, but the patch grid is {grid}x{grid}: use {grid * 8}")
-    if args.tokenizer == "dalle" and not args.discrete_vae_weight_path:
-        errors.append("--tokenizer dalle needs --discrete_vae_weight_path pointing at DALL-E's encoder.pkl "
-                      "(this machine cannot download it); or use --tokenizer dvae")
-    if args.discrete_vae_weight_path and not os.path.isfile(args.discrete_vae_weight_path):
-        errors.append(f"tokenizer weights not found: {args.discrete_vae_weight_path}")
-    if args.tokenizer == "dvae" and args.data_path is not None and not args.discrete_vae_weight_path:
-        errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path (train one with "
-                      "python -m beit_fast.train_tokenizer --data_path ...)")
-    if args.activation_checkpointing not in ("none", "all"):
-        try:
-            if int(args.activation_checkpointing) < 1:
-                raise ValueError
-        except ValueError:
-            errors.append(f"--activation_checkpointing must be none, all or a positive integer, "
-                          f"got {args.activation_checkpointing!r}")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        errors.append(f"--resume checkpoint not found: {args.resume}")
+    errors = _errors_of(args)
     if errors:
         raise SystemExit("error: " + "\n       ".join(errors))
     return args
@@ -208,7 +268,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -244,45 +304,156 @@ def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):
         else:
             log.info("reusing the demo dVAE tokenizer %s", path)
         args.discrete_vae_weight_path = path
-    tokenizer = build_tokenizer(args.tokenizer, path)
+    try:
+        tokenizer = build_tokenizer(args.tokenizer, path)
+    except Exception as e:  # corrupt file, another tokenizer's weights, ...
+        raise SystemExit(f"error: cannot load the {args.tokenizer} tokenizer from {path}: "
+                         f"{type(e).__name__}: {e}") from None
     return tokenizer.to(device).eval().requires_grad_(False)
 
 
 class Checkpointer:
-    """Writes ``checkpoint-last.pt`` (and numbered copies) atomically into the output directory."""
+    """Writes ``checkpoint-last.pt`` atomically into the output directory; numbered and best checkpoints
+    are atomic copies of it (each state is serialised once)."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, keep_last: int = 0) -> None:
         self.dir = Path(output_dir)
+        self.keep_last = keep_last
 
     @property
     def last(self) -> Path:
-        return self.dir / "checkpoint-last.pt"
+        return self.dir / LAST_NAME
 
-    def save(self, state: dict, numbered: str | None = None) -> Path:
+    @property
+    def best(self) -> Path:
+        return self.dir / BEST_NAME
+
+    def save(self, state: dict, numbered: str | None = None, best: bool = False) -> Path:
         atomic_save(state, self.last)
         if numbered:
-            atomic_save(state, self.dir / f"checkpoint-{numbered}.pt")
+            copy_atomic(self.last, self.dir / f"checkpoint-{numbered}.pt")
+            for path in prune_checkpoints(self.dir, self.keep_last):
+                log.info("removed %s (--keep_last %d)", path.name, self.keep_last)
+        if best:
+            copy_atomic(self.last, self.best)
         return self.last
 
 
+def _rss_mb() -> float | None:
+    """Resident memory of this process in MiB (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (a resumed run re-logs the later ones; a line cut off by a
+    kill is dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _data_error(e: BaseException) -> SystemExit | None:
+    """A clear SystemExit for a data set that yields no readable image (raised in a worker or here)."""
+    for line in str(e).splitlines()[::-1]:
+        if "could not be read" in line:
+            return SystemExit("error: " + line.strip().removeprefix("RuntimeError: "))
+    return None
+
+
+_WORKERS_GONE = object()
+
+
+def _next_batch(it, stopper: GracefulStop):
+    """The next micro-batch; None at the end of the epoch; ``_WORKERS_GONE`` when a stop was requested and
+    the data workers were killed as well (signalled one by one), so the run stops at the last step."""
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+    except RuntimeError as e:
+        err = _data_error(e)
+        if err is not None:
+            raise err from None
+        if stopper.requested is not None:
+            log.warning("the data workers are gone (%s); stopping at the last finished step", str(e).splitlines()[0])
+            return _WORKERS_GONE
+        raise
+
+
+def _check_fast_backends(args: argparse.Namespace, device: torch.device) -> None:
+    from .ops.attention import available_attention_backends
+    from .ops.backend import triton_available, triton_interpreting
+
+    if args.attn_backend not in ("auto", "reference") and args.attn_backend not in available_attention_backends(device):
+        raise SystemExit(f"error: --attn_backend {args.attn_backend} cannot run on {device.type}; available there: "
+                         f"{', '.join(['auto', 'reference'] + available_attention_backends(device))}")
+    if args.kernel_backend == "triton":
+        if not triton_available():
+            raise SystemExit("error: --kernel_backend triton but Triton (or the beit_fast kernels) cannot be imported")
+        if device.type != "cuda" and not triton_interpreting():
+            raise SystemExit("error: --kernel_backend triton needs a CUDA device (on CPU only under "
+                             "TRITON_INTERPRET=1); use --kernel_backend auto or reference")
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Run pretraining with command-line flags ``argv`` (default ``sys.argv[1:]``); returns a summary."""
     args = resolve_defaults(get_args_parser().parse_args(argv))
+    dist_info, device = init_distributed(args.device)
+    try:
+        return _train(args, dist_info, device)
+    finally:
+        cleanup_distributed(dist_info)
+
+
+def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> dict:
+    is_main, rank, world = dist_info.is_main, dist_info.rank, dist_info.world_size
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
+    if not is_main:  # one rank speaks
+        logging.getLogger("beit_fast").setLevel(logging.WARNING)
+    if args.fsdp and not dist_info.active:
+        raise SystemExit("error: --fsdp needs a distributed launch: torchrun --nproc_per_node=N -m beit_fast.pretrain ...")
+    try:
+        amp_dtype = resolve_amp_dtype(args.amp, device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise SystemExit(f"error: --output_dir {out} is not writable: {e}") from None
+        for path in remove_stale_temp_files(out):
+            log.warning("removed %s, left by a save that was interrupted", path.name)
+    args.world_size = world
+    args.global_batch_size = args.batch_size * world * args.update_freq
 
     # data -> masking/tokenizer -> model -> loss -> loop
+    seed_everything(args.seed)
     grid = args.input_size // args.patch_size
     if args.data_path is None:
         images = SampleImages(num_samples=args.num_samples)
     else:
         try:
             images = ImageFolderDataset(args.data_path)
-        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
     transform = TwoViewTransform(TwoViewConfig(
         input_size=args.input_size, second_input_size=args.second_input_size,
@@ -293,32 +464,73 @@ def main(argv: list[str] | None = None) -> dict:
         (grid, grid), args.num_mask_patches, min_num_patches=args.min_mask_patches_per_block,
         max_num_patches=args.max_mask_patches_per_block, fixed_count=args.fixed_mask_count,
     )
+    if not any(masking(np.random.default_rng([args.seed, 2**31, i])).any() for i in range(32)):
+        raise SystemExit(f"error: these mask settings mask no patch of a {grid}x{grid} grid ({masking}); use "
+                         "--fixed_mask_count, or lower --min_mask_patches_per_block, or a larger patch grid")
     dataset = PretrainDataset(images, transform, masking, seed=args.seed)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: {len(dataset)} images are fewer than one batch of {args.batch_size}")
-    sampler = ResumableSampler(len(dataset), seed=args.seed, shuffle=True, drop_last=False)
+    # DistributedSampler's partition: rank r takes perm[r::world]. The ranks' batches of step t together
+    # are perm[t*B : (t+1)*B] with B the global batch, i.e. the batch of step t of a one-process run with
+    # batch B (same samples, other order): see DISTRIBUTED.md.
+    sampler = ResumableSampler(len(dataset), seed=args.seed, shuffle=True, rank=rank, world_size=world,
+                               drop_last=False)
+    micro_per_step = args.batch_size * args.update_freq
+    steps_per_epoch = sampler.num_samples // micro_per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} images give {sampler.num_samples} per process, fewer than one "
+                         f"step of --batch_size {args.batch_size} x --update_freq {args.update_freq}"
+                         + (f" on each of {world} processes" if world > 1 else ""))
+    total_steps = steps_per_epoch * args.epochs
+    if total_steps > 2**31:
+        raise SystemExit(f"error: {total_steps} steps ({args.epochs} epochs of {steps_per_epoch}) is not a plausible run")
     num_workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
     pin = args.pin_mem if args.pin_mem is not None else device.type == "cuda"
     loader = build_pretrain_loader(dataset, args.batch_size, num_workers=num_workers, sampler=sampler,
                                    pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
+    loader.worker_init_fn = isolate_worker_from_signals  # group signals reach only the main process
     # Each new iterator draws its base seed from this generator, not the global RNG, so that a run resumed
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
     loader.generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = sampler.num_samples // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
 
+    demo_tokenizer = args.discrete_vae_weight_path is None
+    if demo_tokenizer and not is_main:
+        barrier(dist_info)  # rank 0 trains (or finds) the demo tokenizer first
     tokenizer = build_tokenizer_for_run(args, device)
+    if demo_tokenizer and is_main:
+        barrier(dist_info)
     if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
         raise SystemExit(f"error: --vocab_size {args.vocab_size} does not match the tokenizer's vocabulary "
                          f"of {tokenizer.vocab_size}")
+    token_grid = tuple(tokenizer.token_grid(args.second_input_size))
+    if token_grid != (grid, grid):
+        raise SystemExit(f"error: the tokenizer ({args.discrete_vae_weight_path}) makes a {token_grid[0]}x"
+                         f"{token_grid[1]} token grid from the {args.second_input_size}px view, but the patch grid "
+                         f"is {grid}x{grid}")
     overrides = dict(img_size=args.input_size, patch_size=args.patch_size, vocab_size=tokenizer.vocab_size,
                      use_shared_rel_pos_bias=args.rel_pos_bias, use_abs_pos_emb=args.abs_pos_emb)
     if args.layer_scale_init_value is not None:
         overrides["init_values"] = args.layer_scale_init_value
     if args.drop_path is not None:
         overrides["drop_path_rate"] = args.drop_path
-    cfg = get_config(args.model, **overrides)
+    try:
+        cfg = get_config(args.model, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    seed_everything(args.seed)  # the same initial weights on every rank, whatever ran before
     model = build_model(cfg).to(device)
+    # Training randomness (drop path) differs across ranks, as in the official code (seed + rank).
+    seed_everything(args.seed + rank)
+
+    fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
+    if fast:
+        _check_fast_backends(args, device)
+        ckpt_mode = args.activation_checkpointing
+        model.configure_fast_path(attention=args.attn_backend, fused_embed=args.kernel_backend,
+                                  activation_checkpointing=ckpt_mode if ckpt_mode in ("none", "all") else int(ckpt_mode))
+    loss_module = MIMLoss(model, num_masked=args.num_mask_patches if fast else None, amp_dtype=amp_dtype,
+                          ops_backend=args.kernel_backend if fast else None)
+    parallel = "fsdp" if args.fsdp else ("ddp" if dist_info.active and world > 1 else "none")
+    if parallel == "fsdp":
+        apply_fsdp(loss_module, model.blocks)  # before the optimizer: parameters become sharded DTensors
 
     optimizer = build_optimizer(model, args.lr, args.weight_decay, tuple(args.opt_betas), args.opt_eps,
                                 args.decay_mask_and_bias_table)
@@ -327,19 +539,22 @@ def main(argv: list[str] | None = None) -> dict:
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
     engine_args = (model, tokenizer, optimizer, device, lr_schedule, wd_schedule)
-    engine_kwargs = dict(amp_dtype=resolve_amp_dtype(args.amp, device), clip_grad=args.clip_grad or None)
-    fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
+    engine_kwargs = dict(amp_dtype=amp_dtype, clip_grad=args.clip_grad or None, loss_module=loss_module,
+                         parallel=parallel, dist_info=dist_info)
     if fast:
-        ckpt_mode = args.activation_checkpointing
-        model.configure_fast_path(attention=args.attn_backend, fused_embed=args.kernel_backend,
-                                  activation_checkpointing=ckpt_mode if ckpt_mode in ("none", "all") else int(ckpt_mode))
         engine = FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=args.num_mask_patches,
                                     compile=args.compile, ops_backend=args.kernel_backend)
     else:
         engine = PretrainEngine(*engine_args, **engine_kwargs)
-    ckpt = Checkpointer(args.output_dir)
+    ckpt = Checkpointer(args.output_dir, keep_last=args.keep_last)
     if args.tokenizer_precision in ("fp16", "bf16") or (args.tokenizer_precision == "auto" and device.type == "cuda"):
-        probe = torch.stack([dataset.get(i, epoch=0)[1] for i in range(min(args.batch_size, len(dataset)))])
+        try:
+            probe = torch.stack([dataset.get(i, epoch=0)[1] for i in range(min(args.batch_size, len(dataset)))])
+        except RuntimeError as e:
+            err = _data_error(e)
+            if err is None:
+                raise
+            raise err from None
         forced = args.tokenizer_precision != "auto"
         candidates = [args.tokenizer_precision] if forced else ["fp16", "bf16"]
         for name in candidates:
@@ -351,101 +566,234 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
 
     step = 0
-    resume = str(ckpt.last) if args.resume == "auto" else args.resume
-    if resume and os.path.isfile(resume):
-        state = load_checkpoint(resume)
-        if state.get("model_config") != cfg.to_dict():
-            raise SystemExit(f"error: checkpoint {resume} was written for another model config:\n"
-                             f"  checkpoint: {state.get('model_config')}\n  this run:   {cfg.to_dict()}")
-        model.load_state_dict(state["model"])
-        engine.load_state_dict(state)
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        log.info("resumed from %s at step %d (epoch %d)", resume, step, step // steps_per_epoch)
+    best_loss, best_epoch = math.inf, None
+    epoch_loss_sum, epoch_loss_count = 0.0, 0
+    if args.resume:
+        state = _resume_state(args, dist_info)
+        if state is not None:
+            if state.get("model_config") != cfg.to_dict():
+                raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config:\n"
+                                 f"  checkpoint: {state.get('model_config')}\n  this run:   {cfg.to_dict()}")
+            _warn_if_trajectory_changes(state, args)
+            try:
+                engine.load_model_state_dict(state["model"])
+                engine.load_state_dict(state)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise SystemExit(f"error: checkpoint {state['_path']} does not fit this run: {e}") from None
+            step = int(state["step"])
+            per_rank = state.get("rng_per_rank")
+            if per_rank is not None and len(per_rank) == world:
+                set_rng_state(per_rank[rank])
+            elif world == 1 and state.get("rng") is not None:
+                set_rng_state(state["rng"])
+            else:
+                log.warning("the checkpoint holds RNG states of another number of processes: reseeding "
+                            "(drop path will not follow the original run)")
+                seed_everything(args.seed + rank + 7919 * step)
+            best_loss = float(state.get("best_loss", math.inf))
+            best_epoch = state.get("best_epoch")
+            epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
+            epoch_loss_count = int(state.get("epoch_loss_count", 0))
+            log.info("resumed from %s at step %d (epoch %d)", state["_path"], step, step // steps_per_epoch)
+            del state
+        if is_main:
+            _trim_log(out / "log.jsonl", step)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters, vocab %d, device %s, amp %s, step %s", args.model, n_params / 1e6,
-             cfg.vocab_size, device, engine.amp_dtype, "fast" if fast else "eager reference")
-    log.info("data: %s, %d samples, %d steps/epoch x %d epochs = %d steps; %s", type(images).__name__,
-             len(dataset), steps_per_epoch, args.epochs, total_steps, masking)
-    with open(out / "args.json", "w") as f:
-        json.dump(vars(args), f, indent=1, default=str)
+    log.info("model %s: %.2fM parameters, vocab %d, device %s, amp %s, step %s, %s", args.model, n_params / 1e6,
+             cfg.vocab_size, device, engine.amp_dtype,
+        "fast" if fast else "eager reference", {"none": "1 process", "ddp": f"DDP x {world}",
+                                                "fsdp": f"FSDP2 x {world}"}[parallel])
+    log.info("data: %s, %d samples, %d steps/epoch x %d epochs = %d steps of %d images (%d per process x %d "
+             "micro-batches x %d processes); %s", type(images).__name__, len(dataset), steps_per_epoch, args.epochs,
+             total_steps, args.global_batch_size, args.batch_size, args.update_freq, world, masking)
+    if is_main:
+        with open(out / "args.json", "w") as f:
+            json.dump(vars(args), f, indent=1, default=str)
 
-    def state_dict() -> dict:
-        return {"model": model.state_dict(), **engine.state_dict(), "step": step,
-                "epoch": step // steps_per_epoch, "model_config": cfg.to_dict(), "args": vars(args),
-                "rng": rng_state(), "tokenizer": {"kind": args.tokenizer, "path": args.discrete_vae_weight_path}}
+    def checkpoint_state() -> dict | None:
+        """Collective (every rank calls it at the same point); the state on rank 0, None elsewhere."""
+        model_state = engine.model_state_dict()
+        engine_state = engine.state_dict()
+        rngs = all_gather_object(rng_state(), dist_info)
+        if not is_main:
+            return None
+        return {"model": model_state, **engine_state, "step": step, "epoch": step // steps_per_epoch,
+                "model_config": cfg.to_dict(), "args": vars(args), "rng": rngs[0], "rng_per_rank": rngs,
+                "world_size": world, "best_loss": best_loss, "best_epoch": best_epoch,
+                "epoch_loss_sum": epoch_loss_sum, "epoch_loss_count": epoch_loss_count,
+                "tokenizer": {"kind": args.tokenizer, "path": args.discrete_vae_weight_path}}
 
-    log_file = open(out / "log.jsonl", "a")
+    def save(numbered: str | None = None, best: bool = False) -> None:
+        state = checkpoint_state()
+        if is_main:
+            ckpt.save(state, numbered, best)
+
+    log_file = open(out / "log.jsonl", "a") if is_main else None
     bad_steps = 0
     history: list[dict] = []
+    epoch_losses: list[float] = []
     start_time = time.time()
-    stopped_early = False
-    while step < total_steps and not stopped_early:
-        epoch, start_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_start(start_in_epoch * args.batch_size)
-        window: list = []
-        bar = tqdm(total=steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress, dynamic_ncols=True, leave=False)
-        t0 = time.time()
-        for batch in loader:
-            result = engine.train_step(batch, step)
-            step += 1
-            bar.update(1)
-            if result.skipped:
-                bad_steps += 1
-                log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step, result.loss, bad_steps)
-                if bad_steps >= args.max_bad_steps:
-                    ckpt.save(state_dict())
-                    log_file.close()
-                    raise SystemExit(f"error: {bad_steps} consecutive non-finite losses at step {step}; "
-                                     f"state saved to {ckpt.last}. Lower --lr or use --amp bf16/none.")
-                continue
-            bad_steps = 0
-            window.append(result)
-            bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.mlm_acc:.3f}", lr=f"{result.lr:.2e}")
-            if step % args.log_freq == 0 or step == total_steps:
-                elapsed = time.time() - t0
-                record = {"step": step, "epoch": epoch, **{k: v for k, v in asdict(result).items() if k != "skipped"},
-                          "images_per_s": len(window) * args.batch_size / max(elapsed, 1e-9),
-                          "skipped_images": loader.skipped.num_skipped}
-                record["loss"] = float(np.mean([r.loss for r in window]))
-                record["mlm_acc"] = float(np.mean([r.mlm_acc for r in window]))
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                history.append(record)
-                window, t0 = [], time.time()
-            if args.save_ckpt_steps and step % args.save_ckpt_steps == 0:
-                ckpt.save(state_dict())
-            if args.stop_after_steps and step >= args.stop_after_steps:
-                stopped_early = True
+    stop_reason: str | None = None
+    stopper = GracefulStop().install()
+    try:
+        while step < total_steps and stop_reason is None:
+            epoch, start_in_epoch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            sampler.set_start(start_in_epoch * micro_per_step)
+            window: list = []
+            steps_since_log = 0
+            bar = tqdm(total=steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=args.no_progress or not is_main, dynamic_ncols=True, leave=False)
+            t0 = time.time()
+            it = iter(loader)
+            while True:
+                micro = []
+                for _ in range(args.update_freq):
+                    batch = _next_batch(it, stopper)
+                    if batch is None or batch is _WORKERS_GONE:
+                        break
+                    micro.append(batch)
+                if batch is _WORKERS_GONE:
+                    stop_reason = stopper.signal_name
+                    break
+                if len(micro) < args.update_freq:  # cannot happen with steps_per_epoch as computed
+                    break
+                result = engine.train_accumulated(micro, step)
+                step += 1
+                steps_since_log += 1
+                bar.update(1)
+                if result.skipped:
+                    bad_steps += 1
+                    log.warning("step %d: non-finite loss %s or gradient norm %s, update skipped (%d in a row)",
+                                step, result.loss, result.grad_norm, bad_steps)
+                    if bad_steps >= args.max_bad_steps:
+                        save()
+                        raise SystemExit(f"error: {bad_steps} consecutive non-finite losses at step {step}; "
+                                         f"state saved to {ckpt.last}. Lower --lr, use --amp bf16/none, or check "
+                                         "that the masks mask patches.")
+                else:
+                    bad_steps = 0
+                    window.append(result)
+                    epoch_loss_sum += result.loss
+                    epoch_loss_count += 1
+                    bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.mlm_acc:.3f}", lr=f"{result.lr:.2e}")
+                    if is_main and (step % args.log_freq == 0 or step == total_steps):
+                        elapsed = time.time() - t0
+                        record = {"step": step, "epoch": epoch,
+                                  **{k: v for k, v in asdict(result).items() if k != "skipped"},
+                                  "images_per_s": steps_since_log * args.global_batch_size / max(elapsed, 1e-9),
+                                  "step_time_s": elapsed / steps_since_log,
+                                  "skipped_images": loader.skipped.num_skipped}
+                        record["loss"] = float(np.mean([r.loss for r in window]))
+                        record["mlm_acc"] = float(np.mean([r.mlm_acc for r in window]))
+                        rss = _rss_mb()
+                        if rss is not None:
+                            record["rss_mb"] = rss
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                        history.append(record)
+                        window, t0, steps_since_log = [], time.time(), 0
+                if args.save_ckpt_steps and step % args.save_ckpt_steps == 0 and step % steps_per_epoch:
+                    save()
+                # Every rank must stop at the same step: a signal seen by any rank stops all of them.
+                if any_rank(stopper.requested is not None, dist_info, device):
+                    stop_reason = stopper.signal_name or "a signal on another rank"
+                    break
+                if args.stop_after_steps and step >= args.stop_after_steps:
+                    stop_reason = f"--stop_after_steps {args.stop_after_steps}"
+                    break
+                if step % steps_per_epoch == 0:
+                    break
+            bar.close()
+            del it
+            if stop_reason is not None:
+                save()
+                log.info("stopped after step %d (%s); continue with --resume auto (or --resume %s)",
+                         step, stop_reason, ckpt.last)
                 break
-            if step % steps_per_epoch == 0:
-                break
-        bar.close()
-        if stopped_early:
-            ckpt.save(state_dict())
-            log.info("stopped after step %d as asked; resume with --resume %s", step, ckpt.last)
-            break
-        epoch_done = step // steps_per_epoch
-        numbered = str(epoch_done) if (epoch_done % args.save_ckpt_freq == 0 or step == total_steps) else None
-        ckpt.save(state_dict(), numbered)
-        if history:
-            last = history[-1]
-            log.info("epoch %d/%d: loss %.4f, mlm_acc %.4f, lr %.2e, %.1f img/s", epoch_done, args.epochs,
-                     last["loss"], last["mlm_acc"], last["lr"], last["images_per_s"])
-    log_file.close()
+            epoch_done = step // steps_per_epoch
+            epoch_loss = epoch_loss_sum / epoch_loss_count if epoch_loss_count else math.nan
+            epoch_losses.append(epoch_loss)
+            is_best = math.isfinite(epoch_loss) and epoch_loss < best_loss
+            if is_best:
+                best_loss, best_epoch = epoch_loss, epoch_done
+            epoch_loss_sum, epoch_loss_count = 0.0, 0
+            numbered = str(epoch_done) if (epoch_done % args.save_ckpt_freq == 0 or step == total_steps) else None
+            save(numbered, best=is_best)
+            log.info("epoch %d/%d: mean loss %.4f%s%s", epoch_done, args.epochs, epoch_loss,
+                     " (best so far)" if is_best else "",
+                     f", last {history[-1]['images_per_s']:.1f} img/s" if history else "")
+    finally:
+        stopper.restore()
+        if log_file is not None:
+            log_file.close()
     minutes = (time.time() - start_time) / 60
     if loader.skipped.num_skipped:
         log.warning("%d unreadable images were skipped: %s", loader.skipped.num_skipped,
                     ", ".join(list(loader.skipped.files)[:5]))
-    summary = {"steps": step, "minutes": minutes, "checkpoint": str(ckpt.last), "history": history}
+    summary = {"steps": step, "minutes": minutes, "checkpoint": str(ckpt.last), "history": history,
+               "interrupted": stop_reason, "best_loss": best_loss if math.isfinite(best_loss) else None,
+               "best_epoch": best_epoch, "epoch_losses": epoch_losses, "world_size": world}
     if history:
         log.info("done: %d steps in %.1f min; loss %.4f -> %.4f, mlm_acc %.4f -> %.4f; checkpoint %s", step, minutes,
                  history[0]["loss"], history[-1]["loss"], history[0]["mlm_acc"], history[-1]["mlm_acc"], ckpt.last)
     return summary
+
+
+def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
+    """The checkpoint every rank resumes from: rank 0 picks it (``auto``: the newest valid one), all
+    ranks load that same file. None: nothing to resume (``auto`` on a fresh output folder)."""
+    choice: tuple[str | None, str | None] = (None, None)
+    state = None
+    if dist_info.is_main:
+        try:
+            if args.resume == "auto":
+                path, state = find_resume_checkpoint(args.output_dir, warn=log.warning)
+                choice = (str(path) if path else None, None)
+                candidates = list_checkpoints(args.output_dir)
+                if path is None and candidates:
+                    choice = (None, f"error: --resume auto: none of the {len(candidates)} checkpoints in "
+                              f"{args.output_dir} can be loaded (see the warnings above); move them away to start "
+                              "from scratch, or pass --resume PATH")
+                elif path is None:
+                    log.info("--resume auto: no checkpoint in %s yet, starting from scratch", args.output_dir)
+            else:
+                state = validate_checkpoint(args.resume)
+                choice = (args.resume, None)
+        except CheckpointError as e:
+            choice = (None, f"error: {e}")
+    path, error = broadcast_object(choice, dist_info)
+    if error:
+        raise SystemExit(error)
+    if path is None:
+        return None
+    if state is None:
+        try:
+            state = validate_checkpoint(path)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e} (rank {dist_info.rank}; multi-node runs need --output_dir on a "
+                             "shared file system)") from None
+    state["_path"] = path
+    return state
+
+
+def _warn_if_trajectory_changes(state: dict, args: argparse.Namespace) -> None:
+    old = state.get("args") or {}
+    old_global = old.get("global_batch_size", old.get("batch_size"))
+    if old_global is not None and old_global != args.global_batch_size:
+        log.warning("the checkpoint was trained with a global batch of %s, this run uses %d: the data order and "
+                    "the schedules continue from step %d but do not follow the original run", old_global,
+                    args.global_batch_size, int(state["step"]))
+    for key in ("seed", "epochs", "lr", "tokenizer"):
+        if key in old and old[key] != getattr(args, key):
+            log.warning("resuming with --%s %s (the checkpoint's run used %s)", key, getattr(args, key), old[key])
+    tok = state.get("tokenizer") or {}
+    if tok.get("path") and args.discrete_vae_weight_path and \
+            os.path.abspath(tok["path"]) != os.path.abspath(args.discrete_vae_weight_path):
+        log.warning("resuming with tokenizer %s; the checkpoint was trained with %s", args.discrete_vae_weight_path,
+                    tok["path"])
 
 
 if __name__ == "__main__":

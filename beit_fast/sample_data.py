@@ -27,25 +27,29 @@ clock                  clock_motion.png          400x300     L, wall clock (moti
 =====================  ========================  ==========  ===============================================
 
 Synthetic images (checkerboards, phantom, logo, horse silhouette, colour wheel), scanned text (page, text),
-the tiny microaneurysms crop and the near-duplicate right motorcycle view are left out. Greyscale photographs
+the tiny microaneurysms crop and the near-duplicate right motorcycle view are left out; the colour wheel
+(``colorwheel``, color.png, 371x370) can be asked for by name (``EXTRA_IMAGES``). Greyscale photographs
 are replicated to three channels. Photographs that a given install lacks are skipped with a warning; with
 none at all a ``RuntimeError`` is raised.
 
 ``SampleImages(num_samples)`` is a ``Dataset`` whose item ``i`` is photograph ``i % n_photos``; the variety
 comes from the two-view transform's random crops (scale 0.08..1, so many distinct crops per photograph).
+Both ``sample_photographs`` and ``SampleImages`` can keep a subset of the photographs (``names=``, e.g. the
+tokenizer CLI holds out ``coffee`` and ``clock`` for evaluation) and cap their size (``max_side=``).
 """
 from __future__ import annotations
 
 import functools
 import os
 import warnings
+from typing import Iterable
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import to_rgb
+from .data import ImageFolderDataset
 
-__all__ = ["PHOTOGRAPHS", "SampleImages", "sample_photographs", "skimage_data_dir"]
+__all__ = ["PHOTOGRAPHS", "EXTRA_IMAGES", "SampleImages", "sample_photographs", "skimage_data_dir"]
 
 #: (name, file inside skimage/data) in the order used by ``SampleImages``.
 PHOTOGRAPHS: tuple[tuple[str, str], ...] = (
@@ -67,6 +71,11 @@ PHOTOGRAPHS: tuple[tuple[str, str], ...] = (
     ("clock", "clock_motion.png"),
 )
 
+#: Synthetic images used only when named (``names=``). The colour wheel (every hue at full saturation)
+#: balances the tokenizer CLI's training set, half of whose photographs are greyscale: without it the tiny
+#: dVAE sometimes ends up with no saturated colour among its codes.
+EXTRA_IMAGES: tuple[tuple[str, str], ...] = (("colorwheel", "color.png"),)
+
 
 def skimage_data_dir() -> str:
     """The ``data`` folder inside the installed scikit-image package (no download cache involved)."""
@@ -75,22 +84,18 @@ def skimage_data_dir() -> str:
     return os.path.dirname(os.path.abspath(skimage.data.__file__))
 
 
-@functools.lru_cache(maxsize=1)
-def _load_photographs() -> tuple[tuple[str, Image.Image], ...]:
+@functools.lru_cache(maxsize=None)
+def _load_photographs(table: tuple[tuple[str, str], ...] = PHOTOGRAPHS) -> tuple[tuple[str, Image.Image], ...]:
     root = skimage_data_dir()
     loaded = []
     missing = []
-    for name, fname in PHOTOGRAPHS:
+    for name, fname in table:
         path = os.path.join(root, fname)
         if not os.path.isfile(path):
             missing.append(fname)
             continue
         try:
-            with Image.open(path) as im:
-                im.load()
-                img = to_rgb(im)
-                if img is im:
-                    img = im.copy()
+            img = ImageFolderDataset.load_image(path)
         except Exception as e:  # a broken install: keep going with what is there
             missing.append(f"{fname} ({type(e).__name__}: {e})")
             continue
@@ -102,34 +107,64 @@ def _load_photographs() -> tuple[tuple[str, Image.Image], ...]:
             RuntimeWarning,
             stacklevel=3,
         )
-    if not loaded:
-        raise RuntimeError(
-            f"no scikit-image sample photograph could be read from {root}; pass a data folder instead"
-        )
     return tuple(loaded)
 
 
-def sample_photographs(with_names: bool = False) -> list:
+def sample_photographs(
+    with_names: bool = False, names: Iterable[str] | None = None, max_side: int | None = None
+) -> list:
     """The bundled photographs as RGB PIL images (loaded once per process, then cached).
 
-    With ``with_names=True`` returns ``[(name, image), ...]``. The images are shared by all callers: do not
-    modify them in place (the transforms never do).
+    With ``with_names=True`` returns ``[(name, image), ...]``. ``names`` keeps only those images, in
+    ``PHOTOGRAPHS`` then ``EXTRA_IMAGES`` order (an unknown name raises ``ValueError``; one this install
+    lacks is skipped with the loader's warning; none left at all raises ``RuntimeError``). ``max_side``
+    shrinks larger images (Lanczos, aspect ratio kept) so that neither side exceeds it, e.g. the 1411x1411
+    retina: random crops of it then need far less resampling work. The unshrunk images are shared by all
+    callers: do not modify them in place (the transforms never do).
     """
     photos = _load_photographs()
+    if names is not None:
+        wanted = set(names)
+        known = [name for name, _ in PHOTOGRAPHS + EXTRA_IMAGES]
+        if wanted - set(known):
+            raise ValueError(f"unknown sample photograph(s) {sorted(wanted - set(known))}; known: {known}")
+        extras = tuple(entry for entry in EXTRA_IMAGES if entry[0] in wanted)
+        photos = tuple((name, img) for name, img in photos + _load_photographs(extras) if name in wanted)
+    if not photos:
+        which = "photograph" if names is None else f"image of {sorted(wanted)}"
+        raise RuntimeError(f"no scikit-image sample {which} could be read from {skimage_data_dir()}; "
+                           "pass a data folder instead")
+    if max_side is not None:
+        photos = tuple((name, _shrink(img, max_side)) for name, img in photos)
     if with_names:
         return list(photos)
     return [img for _, img in photos]
 
 
-class SampleImages(Dataset):
-    """``num_samples`` items; item ``i`` is photograph ``i % n_photos`` (an RGB PIL image)."""
+def _shrink(img: Image.Image, max_side: int) -> Image.Image:
+    if max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    if max(img.size) <= max_side:
+        return img
+    small = img.copy()
+    small.thumbnail((max_side, max_side), Image.LANCZOS)
+    return small
 
-    def __init__(self, num_samples: int = 2048) -> None:
+
+class SampleImages(Dataset):
+    """``num_samples`` items; item ``i`` is photograph ``i % n_photos`` (an RGB PIL image).
+
+    ``names`` / ``max_side``: a subset of the photographs / a size cap (see :func:`sample_photographs`).
+    """
+
+    def __init__(self, num_samples: int = 2048, names: Iterable[str] | None = None,
+                 max_side: int | None = None) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.num_samples = int(num_samples)
-        self.photos = sample_photographs()
-        self.names = [name for name, _ in sample_photographs(with_names=True)]
+        named = sample_photographs(with_names=True, names=names, max_side=max_side)
+        self.photos = [img for _, img in named]
+        self.names = [name for name, _ in named]
 
     def __len__(self) -> int:
         return self.num_samples

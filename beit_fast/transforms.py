@@ -19,6 +19,10 @@ reproducible by seeding torch alone (see ``beit_fast.data.PretrainDataset``).
 Resizing is done by Pillow (PIL input to ``resized_crop``), exactly like the official code, so given the
 same box the views are identical to the official ones.
 
+:class:`TokenizerViewTransform` runs the same steps but renders only the tokenizer view (the training data
+of our dVAE tokenizer, ``python -m beit_fast.train_tokenizer``). ``map_pixels`` / ``unmap_pixels`` are
+defined once, in :mod:`beit_fast.tokenizer.base`, and re-exported here.
+
 ``to_rgb`` converts any Pillow mode to 8-bit RGB correctly (16-bit greyscale is scaled, not clipped;
 transparency is composited over a background colour instead of revealing whatever colour the transparent
 pixels happen to store).
@@ -34,6 +38,9 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
+# the one definition of DALL-E's pixel mapping (re-exported here for the data pipeline)
+from .tokenizer.base import LOGIT_LAPLACE_EPS, map_pixels, unmap_pixels
+
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
@@ -42,6 +49,7 @@ __all__ = [
     "LOGIT_LAPLACE_EPS",
     "TwoViewConfig",
     "TwoViewTransform",
+    "TokenizerViewTransform",
     "map_pixels",
     "unmap_pixels",
     "to_rgb",
@@ -51,9 +59,6 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
-
-#: DALL-E's logit-Laplace epsilon (``dall_e.utils.logit_laplace_eps``).
-LOGIT_LAPLACE_EPS = 0.1
 
 _INTERPOLATIONS = {
     "nearest": T.InterpolationMode.NEAREST,
@@ -65,16 +70,6 @@ _INTERPOLATIONS = {
 }
 
 _TOKENIZER_VIEWS = ("dall-e", "customized")
-
-
-def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
-    """DALL-E's input mapping [0, 1] -> [eps, 1 - eps] (same float expression as ``dall_e.utils``)."""
-    return (1 - 2 * eps) * x + eps
-
-
-def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
-    """Inverse of :func:`map_pixels`, clamped to [0, 1] (DALL-E's ``unmap_pixels``)."""
-    return torch.clamp((x - eps) / (1 - 2 * eps), 0, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -219,29 +214,55 @@ class TwoViewTransform:
         i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.cfg.scale), list(self.cfg.ratio))
         return int(i), int(j), int(h), int(w)
 
+    def render_tokenizer_view(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """The tokenizer view of one box of an RGB PIL image (deterministic): ``second_input_size``
+        ``second_interpolation`` resize -> ToTensor -> ``map_pixels`` ("dall-e") or Normalize(0.5, 0.5)."""
+        i, j, h, w = box
+        second_t = F.to_tensor(F.resized_crop(img, i, j, h, w, self.second_size, self.second_interpolation))
+        if self.cfg.tokenizer_view == "dall-e":
+            return map_pixels(second_t)
+        # "customized" (official: IMAGENET_INCEPTION mean/std)
+        return F.normalize(second_t, list(IMAGENET_INCEPTION_MEAN), list(IMAGENET_INCEPTION_STD))
+
     def render(self, img: Image.Image, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views of one box of an RGB PIL image (deterministic)."""
         i, j, h, w = box
         patch = F.resized_crop(img, i, j, h, w, self.patch_size, self.patch_interpolation)
-        second = F.resized_crop(img, i, j, h, w, self.second_size, self.second_interpolation)
         patch_t = F.normalize(F.to_tensor(patch), self.mean, self.std)
-        second_t = F.to_tensor(second)
-        if self.cfg.tokenizer_view == "dall-e":
-            second_t = map_pixels(second_t)
-        else:  # "customized" (official: IMAGENET_INCEPTION mean/std)
-            second_t = F.normalize(second_t, list(IMAGENET_INCEPTION_MEAN), list(IMAGENET_INCEPTION_STD))
-        return patch_t, second_t
+        return patch_t, self.render_tokenizer_view(img, box)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`augment`, one :meth:`sample_box`, :meth:`render`."""
         img = self.augment(img)
         return self.render(img, self.sample_box(img))
+
+    def _repr_views(self) -> str:
+        c = self.cfg
+        return (f"patch={c.input_size}px {c.interpolation} mean={tuple(self.mean)} std={tuple(self.std)}, "
+                f"tokenizer={c.second_input_size}px {c.second_interpolation} {c.tokenizer_view}")
 
     def __repr__(self) -> str:
         c = self.cfg
         return (
             f"{type(self).__name__}(jitter={c.color_jitter}, hflip={c.hflip_prob}, "
-            f"crop(scale={tuple(c.scale)}, ratio=({c.ratio[0]:.4f}, {c.ratio[1]:.4f})), "
-            f"patch={c.input_size}px {c.interpolation} mean={tuple(self.mean)} std={tuple(self.std)}, "
-            f"tokenizer={c.second_input_size}px {c.second_interpolation} {c.tokenizer_view})"
+            f"crop(scale={tuple(c.scale)}, ratio=({c.ratio[0]:.4f}, {c.ratio[1]:.4f})), {self._repr_views()})"
         )
 
+
+class TokenizerViewTransform(TwoViewTransform):
+    """PIL image -> the tokenizer view alone, ``[3, S2, S2]`` float32 (what a visual tokenizer such as the
+    dVAE is trained on).
+
+    The same steps as :class:`TwoViewTransform` (:meth:`augment`, :meth:`sample_box`, then
+    :meth:`render` = :meth:`render_tokenizer_view`) drawing the same torch random numbers, without rendering
+    the patch view: under the same torch seed the result equals ``TwoViewTransform(cfg)(img)[1]``. The
+    patch-view settings of ``cfg`` are unused.
+    """
+
+    def render(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:  # type: ignore[override]
+        """The tokenizer view of one box (deterministic)."""
+        return self.render_tokenizer_view(img, box)
+
+    def _repr_views(self) -> str:
+        c = self.cfg
+        return f"tokenizer={c.second_input_size}px {c.second_interpolation} {c.tokenizer_view}"

@@ -472,3 +472,23 @@ def test_sample_images_dataset_cycles_photographs():
     pre = PretrainDataset(ds, small_transform(), StandInMask(), seed=0)
     a, b = pre[0], pre[n]  # same photograph, different crops
     assert not torch.equal(a[0], b[0])
+
+
+def test_sample_photographs_subset_and_size_cap():
+    full = dict(sample_data.sample_photographs(with_names=True))
+    picked = sample_data.sample_photographs(with_names=True, names=["clock", "retina", "coffee"])
+    assert [n for n, _ in picked] == ["coffee", "retina", "clock"]  # PHOTOGRAPHS order
+    assert all(img is full[n] for n, img in picked)  # no cap: the shared cached images
+    capped = dict(sample_data.sample_photographs(with_names=True, names=["retina", "coffee"], max_side=500))
+    assert capped["retina"].size == (500, 500) and capped["coffee"].size == (500, 333)  # aspect kept
+    assert full["retina"].size == (1411, 1411)  # the cached original is untouched
+    small = sample_data.SampleImages(6, names=("coins", "chelsea"), max_side=400)
+    assert small.names == ["chelsea", "coins"] and len(small.photos) == 2 and max(small[0].size) <= 400
+    assert small[2] is small[0]
+    wheel = sample_data.sample_photographs(with_names=True, names=["colorwheel", "moon"])  # an extra image
+    assert [n for n, _ in wheel] == ["moon", "colorwheel"] and wheel[1][1].size == (371, 370)
+    assert "colorwheel" not in dict(sample_data.sample_photographs(with_names=True))  # only when named
+    with pytest.raises(ValueError, match="unknown sample photograph"):
+        sample_data.sample_photographs(names=["horse"])
+    with pytest.raises(ValueError, match="max_side"):
+        sample_data.sample_photographs(max_side=0)

@@ -1,5 +1,17 @@
-"""End-to-end pretraining runs at toy size: learning, exact resume, non-finite losses, bad input."""
+"""End-to-end pretraining runs at toy size: learning, exact resume, non-finite losses, bad input.
+
+Also the helpers the other end-to-end test files import (``from test_pretrain import ...``): the toy data
+set, and :func:`run_forked` / :func:`start_forked`, which run ``pretrain.main`` in processes forked from
+this one (one thread each, as torchrun sets it; no interpreter start-up, so a multi-process run costs about
+what its steps cost). A forked rank joins a gloo process group through the same environment variables
+torchrun sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...).
+"""
 import json
+import multiprocessing as mp
+import os
+import socket
+import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -11,24 +23,103 @@ from beit_fast.checkpoint import load_checkpoint
 from beit_fast.tokenizer.dvae import DiscreteVAE, DVAEConfig
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared machine two OpenMP threads contending with other processes
+    make these toy steps 10-50x slower; every run of a test uses the same count, so results compare."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_toy_images(folder, n=24, size=48, seed=0):
+    """``n`` small structured RGB PNGs (stripes of varying frequency over a random colour)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        base = rng.uniform(0, 255, size=3)
+        stripes = 127 * (np.sin(xx / (2 + i % 5) + i) > 0)[..., None]
+        arr = np.clip(base + stripes + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(os.path.join(folder, f"img_{i:03d}.png"))
+    return folder
+
+
+def make_toy_tokenizer(path, input_size=32, vocab_size=64):
+    torch.manual_seed(0)
+    DiscreteVAE(DVAEConfig.preset("tiny", vocab_size=vocab_size, input_size=input_size)).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def toy_setup(tmp_path_factory):
     """A folder of 24 small structured images and a random-init 64-code dVAE on a 32-pixel view."""
     root = tmp_path_factory.mktemp("toy")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:48, 0:48]
-    for i in range(24):
-        base = rng.uniform(0, 255, size=3)
-        stripes = 127 * (np.sin(xx / (2 + i % 5) + i) > 0)[..., None]
-        arr = np.clip(base + stripes + rng.normal(0, 10, (48, 48, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(images / f"img_{i:02d}.png")
-    torch.manual_seed(0)
-    tok = DiscreteVAE(DVAEConfig.preset("tiny", vocab_size=64, input_size=32))
-    tok_path = root / "tok.pt"
-    tok.save(tok_path)
+    images = make_toy_images(root / "images")
+    tok_path = make_toy_tokenizer(root / "tok.pt")
     return images, tok_path
+
+
+def _child(argv, env):
+    if env.pop("NEW_PROCESS_GROUP", None):  # so that a test can signal it and its workers, like Ctrl-C
+        os.setpgrp()
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        pretrain.main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+            code = 3
+        else:
+            code = e.code or 0
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_forked(argv, world_size=1, env=None):
+    """Start ``pretrain.main(argv)`` in ``world_size`` forked processes (ranks of one gloo group when > 1)."""
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        rank_env = dict(env or {})
+        if world_size > 1:
+            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        p = ctx.Process(target=_child, args=([str(a) for a in argv], rank_env))  # not daemonic: may start data workers
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def join_all(procs, timeout=180):
+    for p in procs:
+        p.join(timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"{len(hung)} process(es) did not finish within {timeout} s"
+    return [p.exitcode for p in procs]
+
+
+def run_forked(argv, world_size=1, env=None, timeout=180):
+    """Run and wait; asserts every process exited with 0."""
+    codes = join_all(start_forked(argv, world_size, env), timeout)
+    assert codes == [0] * world_size, f"exit codes {codes} (see the captured stderr)"
 
 
 def toy_args(toy_setup, out, *extra):

@@ -22,8 +22,8 @@ from beit_fast.tokenizer import (
     train_dvae,
 )
 from beit_fast.tokenizer import dvae as dvae_mod
-from beit_fast.tokenizer.dvae import gumbel_softmax, save_checkpoint
-from beit_fast.tokenizer.train import RandomCropDataset, codebook_stats, evaluate_dvae
+from beit_fast.tokenizer.dvae import gumbel_softmax
+from beit_fast.tokenizer.train import codebook_stats, evaluate_dvae
 
 SMALL = DVAEConfig(vocab_size=64, code_dim=16, hidden=8, channel_mult=(1, 1, 2), num_res_blocks=1, input_size=32)
 
@@ -223,7 +223,7 @@ def test_checkpoint_atomic_and_periodic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dvae_mod.torch, "save", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint({"x": 1}, path)
+        DiscreteVAE(cfg).save(path, step=9)
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["dvae.pt"]
 
 
@@ -255,16 +255,27 @@ def test_tokenize_is_fp32_and_mode_preserving():
     assert m.training  # restored
 
 
-def test_random_crop_dataset(tmp_path):
+def test_tokenizer_view_dataset(tmp_path):
     from PIL import Image
 
+    from beit_fast.data import ImageFolderDataset
+    from beit_fast.train_tokenizer import TokenizerViewDataset
+    from beit_fast.transforms import TokenizerViewTransform, TwoViewConfig
+
     arr = (np.random.default_rng(0).random((90, 130, 3)) * 255).astype(np.uint8)
-    p = tmp_path / "a.png"
-    Image.fromarray(arr).save(p)
-    ds = RandomCropDataset([str(p), arr[:, :, 0]], size=24, length=5, seed=7)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    Image.fromarray(arr[:, :, 0]).save(tmp_path / "b.png")  # greyscale file -> RGB
+    view = TokenizerViewTransform(TwoViewConfig(second_input_size=24, color_jitter=0.0))
+    ds = TokenizerViewDataset(ImageFolderDataset(tmp_path), view, length=5, seed=7)
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
     a, b = ds[3], ds[3]
-    assert a.shape == (3, 24, 24) and torch.equal(a, b)  # seeded crops are fixed
+    assert torch.equal(torch.rand(1), expected)  # the caller's torch RNG is untouched
+    assert len(ds) == 5 and a.shape == (3, 24, 24) and torch.equal(a, b)  # seeded crops are fixed
     assert float(a.min()) >= 0.1 - 1e-6 and float(a.max()) <= 0.9 + 1e-6
+    assert not torch.equal(ds[1], a)  # same image (index % 2), another crop
+    assert torch.equal(TokenizerViewDataset(list(ds.images), view, length=5, seed=7)[3], a)  # any image sequence
 
 
 def _env():

@@ -1,4 +1,4 @@
-"""Tests of beit_fast.transforms: the BEiT two-view transform and RGB conversion."""
+"""Tests of beit_fast.transforms: the BEiT two-view transform, its tokenizer-view-only variant and RGB conversion."""
 import io
 import random
 
@@ -11,6 +11,7 @@ from PIL import Image
 from beit_fast.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    TokenizerViewTransform,
     TwoViewConfig,
     TwoViewTransform,
     map_pixels,
@@ -194,6 +195,22 @@ def test_randomness_comes_only_from_torch_global_rng():
     torch.manual_seed(6)
     c = tf(img)
     assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("jitter", [0.4, 0.0])
+def test_tokenizer_view_transform_is_the_second_view(jitter):
+    """Same torch draws, same rendering: under one seed it gives exactly TwoViewTransform's tokenizer view."""
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, size=(150, 210, 3), dtype=np.uint8))
+    cfg = TwoViewConfig(second_input_size=40, color_jitter=jitter)
+    tok_only = TokenizerViewTransform(cfg)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        _, expected = TwoViewTransform(cfg)(img)
+        after_two = torch.rand(1)
+        torch.manual_seed(seed)
+        view = tok_only(img)
+        assert torch.equal(view, expected) and torch.equal(torch.rand(1), after_two)
+    assert view.shape == (3, 40, 40) and "40px lanczos dall-e" in repr(tok_only) and "patch" not in repr(tok_only)
 
 
 def test_color_jitter_changes_colours_and_can_be_disabled():

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = ["VisualTokenizer", "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS"]
 
+# The one definition of DALL-E's pixel mapping; beit_fast.transforms (the data pipeline) re-exports it.
 #: The ``eps`` of OpenAI's ``dall_e.utils.logit_laplace_eps``.
 LOGIT_LAPLACE_EPS = 0.1
 

@@ -28,14 +28,14 @@ Objective (see :meth:`DiscreteVAE.loss`)
 
 Checkpoint
     ``dict(config=asdict(cfg), model=state_dict, step=int, metrics=dict)``, written atomically
-    (:func:`save_checkpoint`), read by :meth:`DiscreteVAE.from_checkpoint`.
+    (:func:`beit_fast.checkpoint.atomic_save`), read by :meth:`DiscreteVAE.from_checkpoint` through
+    :func:`load_dvae_checkpoint` (``weights_only=True`` and a layout check).
 """
 from __future__ import annotations
 
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -43,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import atomic_save
 from .base import LOGIT_LAPLACE_EPS, VisualTokenizer
 
 __all__ = [
-    "DVAEConfig", "DiscreteVAE", "PRESETS", "RECOMMENDED_LR", "gumbel_softmax", "temperature_at", "kl_weight_at", "save_checkpoint",
-    "load_checkpoint",
+    "DVAEConfig", "DiscreteVAE", "PRESETS", "RECOMMENDED_LR", "gumbel_softmax", "temperature_at", "kl_weight_at",
+    "load_dvae_checkpoint",
 ]
 
 
@@ -285,8 +286,8 @@ class DiscreteVAE(VisualTokenizer):
                     step=int(step), metrics=dict(metrics or {}))
 
     def save(self, path: str | os.PathLike, step: int = 0, metrics: Mapping[str, Any] | None = None) -> str:
-        """Atomically write the checkpoint (see :func:`save_checkpoint`)."""
-        return save_checkpoint(self.checkpoint_dict(step, metrics), path)
+        """Atomically write the checkpoint (:func:`beit_fast.checkpoint.atomic_save`); returns the path."""
+        return os.fspath(atomic_save(self.checkpoint_dict(step, metrics), path))
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "DiscreteVAE":
@@ -294,7 +295,7 @@ class DiscreteVAE(VisualTokenizer):
 
         The checkpoint's ``step`` and ``metrics`` are attached as ``model.checkpoint_step`` /
         ``model.checkpoint_metrics``."""
-        ckpt = load_checkpoint(path, map_location)
+        ckpt = load_dvae_checkpoint(path, map_location)
         model = cls(DVAEConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model"], strict=True)
         model.checkpoint_step = int(ckpt.get("step", 0))
@@ -302,29 +303,7 @@ class DiscreteVAE(VisualTokenizer):
         return model.to(map_location).eval()
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike) -> str:
-    """``torch.save`` to a temporary file in the destination directory, fsync, then ``os.replace``: the
-    destination is either the old file or the complete new one, never a partial write."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_dvae_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a dVAE checkpoint (``weights_only=True``); clear errors for a missing file or wrong layout."""
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -13,10 +13,10 @@ uses and reports:
 Data: tensors are tokenizer views ``[3, S, S]`` already passed through ``map_pixels`` (values in
 [0.1, 0.9]). :func:`train_dvae` accepts a map-style ``torch.utils.data.Dataset`` (items: a tensor or a
 tuple whose first element is one), a tensor ``[N, 3, S, S]``, or any other iterable of ``[3, S, S]`` or
-``[b, 3, S, S]`` tensors (re-iterated when exhausted). :class:`RandomCropDataset` turns photographs
-(PIL images, arrays or files) into random-resized-crop views like BEiT's (scale 0.08-1, ratio 3/4-4/3,
-horizontal flip, Lanczos resize); :func:`skimage_photos` / :func:`image_files` supply the photographs
-for the CLI (``python -m beit_fast.train_tokenizer``).
+``[b, 3, S, S]`` tensors (re-iterated when exhausted). Photographs become such views through the data
+pipeline of BEiT itself: :class:`beit_fast.train_tokenizer.TokenizerViewDataset` runs
+:class:`beit_fast.transforms.TokenizerViewTransform` (BEiT's tokenizer view) over ``SampleImages`` or an
+``ImageFolderDataset`` (``python -m beit_fast.train_tokenizer``).
 """
 from __future__ import annotations
 
@@ -30,155 +30,20 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import map_pixels, unmap_pixels
+from .base import unmap_pixels
 from .dvae import DiscreteVAE, DVAEConfig, kl_weight_at, temperature_at
 
-__all__ = [
-    "train_dvae", "evaluate_dvae", "codebook_stats", "RandomCropDataset", "skimage_photos", "image_files",
-    "SKIMAGE_TRAIN_PHOTOS", "SKIMAGE_EVAL_PHOTOS", "IMAGE_EXTENSIONS",
-]
+__all__ = ["train_dvae", "evaluate_dvae", "codebook_stats"]
 
 logger = logging.getLogger("beit_fast.tokenizer")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-#: scikit-image sample photographs bundled with the package (no download needed). The two in
-#: ``SKIMAGE_EVAL_PHOTOS`` are held out from training and used only for the evaluation numbers.
-SKIMAGE_TRAIN_PHOTOS = (
-    "astronaut", "chelsea", "rocket", "camera", "coins", "moon", "hubble_deep_field", "immunohistochemistry",
-    "retina", "brick", "grass", "gravel", "stereo_motorcycle", "colorwheel", "cell",
-)
-SKIMAGE_EVAL_PHOTOS = ("coffee", "clock")
 
 
 # --------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------
-def _to_pil(img: Any) -> Image.Image:
-    if isinstance(img, Image.Image):
-        return img.convert("RGB")
-    if isinstance(img, (str, os.PathLike)):
-        with Image.open(img) as im:
-            return im.convert("RGB")
-    arr = np.asarray(img)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim == 3 and arr.shape[-1] == 4:
-        arr = arr[..., :3]
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"cannot make an RGB image from an array of shape {arr.shape}")
-    return Image.fromarray(np.ascontiguousarray(arr))
-
-
-def skimage_photos(names: Sequence[str] = SKIMAGE_TRAIN_PHOTOS, max_side: int = 640) -> list[Image.Image]:
-    """scikit-image sample photographs as RGB PIL images (grey ones replicated to 3 channels, larger ones
-    shrunk to ``max_side``).
-    Photos that this scikit-image version cannot provide offline are skipped."""
-    import skimage.data
-
-    out = []
-    for name in names:
-        try:
-            img = getattr(skimage.data, name)()
-        except Exception as e:  # missing in this version, or needs a download (pooch)
-            logger.debug("skipping skimage.data.%s: %s", name, e)
-            continue
-        if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
-            img = img[0]
-        pil = _to_pil(img)
-        if max(pil.size) > max_side:  # e.g. retina (1411 px): crops of it would mostly be huge boxes
-            pil.thumbnail((max_side, max_side), Image.LANCZOS)
-        out.append(pil)
-    if not out:
-        raise RuntimeError(f"none of the scikit-image sample photos {list(names)} could be loaded")
-    return out
-
-
-def image_files(root: str | os.PathLike) -> list[str]:
-    """All image files (by extension) under ``root``, recursively, sorted."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"data path is not a directory: {root!r}")
-    files = []
-    for dirpath, _, names in os.walk(root, followlinks=True):
-        files.extend(os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-    files.sort()
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
-    return files
-
-
-def _random_resized_crop_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params: 10 tries, then a centre crop fallback."""
-    area = w * h
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw = int(round(math.sqrt(target_area * aspect)))
-        ch = int(round(math.sqrt(target_area / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = rng.randint(0, h - ch)
-            left = rng.randint(0, w - cw)
-            return left, top, cw, ch
-    in_ratio = w / h
-    if in_ratio < min(ratio):
-        cw, ch = w, int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        ch, cw = h, int(round(h * max(ratio)))
-    else:
-        cw, ch = w, h
-    return (w - cw) // 2, (h - ch) // 2, cw, ch
-
-
-class RandomCropDataset(Dataset):
-    """Random resized crops of a set of photographs as tokenizer views: ``[3, size, size]`` float32,
-    ``map_pixels`` applied.
-
-    Args:
-        images: PIL images, HxW(x3) arrays, or image file paths (opened lazily on each access).
-        size: output side (112).
-        length: virtual dataset length (crops per epoch).
-        scale, ratio: RandomResizedCrop parameters (BEiT's: (0.08, 1), (3/4, 4/3)).
-        hflip: random horizontal flip with p = 0.5.
-        seed: ``None`` -> crops drawn from Python's ``random`` (seeded by the caller); an int -> crop ``i``
-            is a fixed function of ``(seed, i)`` (use for evaluation sets).
-    """
-
-    def __init__(self, images: Sequence[Any], size: int = 112, length: int = 10_000,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True, seed: int | None = None):
-        if len(images) == 0:
-            raise ValueError("RandomCropDataset needs at least one image")
-        self.images = [im if isinstance(im, (str, os.PathLike)) else _to_pil(im) for im in images]
-        self.size, self.length, self.scale, self.ratio = size, int(length), scale, ratio
-        self.hflip, self.seed = hflip, seed
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> Tensor:
-        rng = random.Random(self.seed * 1_000_003 + i) if self.seed is not None else random
-        img = self.images[rng.randrange(len(self.images))]
-        img = _to_pil(img) if isinstance(img, (str, os.PathLike)) else img
-        left, top, cw, ch = _random_resized_crop_box(img.width, img.height, rng, self.scale, self.ratio)
-        # reducing_gap: PIL first shrinks large boxes by an integer factor (box filter), then Lanczos
-        # over at least 2x the output size: visually the same, several times faster for big crops.
-        crop = img.resize((self.size, self.size), Image.LANCZOS, box=(left, top, left + cw, top + ch),
-                          reducing_gap=2.0)
-        if self.hflip and rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-        return map_pixels(x)
-
-
 def _first_tensor(item: Any) -> Tensor:
     if isinstance(item, (tuple, list)):
         item = item[0]

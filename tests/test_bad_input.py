@@ -1,0 +1,296 @@
+"""Bad input to ``python -m beit_fast.pretrain``: every flag, file and image a user can get wrong ends in
+either a clear ``error: ...`` (SystemExit) or a correct run; never a traceback from deep inside, never a
+non-finite loss in the log. Explicit cases first, then a property-based test (hypothesis) over random flag
+combinations and random image files."""
+import io
+import math
+import os
+import tempfile
+import warnings
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from beit_fast import pretrain
+from test_pretrain import make_toy_images, make_toy_tokenizer, one_thread, read_log  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    images = make_toy_images(root / "images", n=8, size=40)
+    tok = make_toy_tokenizer(root / "tok.pt")
+    (root / "junk.pt").write_bytes(b"not a tokenizer" * 20)
+    (root / "a_file").write_text("x")
+    (root / "empty").mkdir()
+    allbad = root / "allbad"
+    allbad.mkdir()
+    (allbad / "zero.png").write_bytes(b"")
+    (allbad / "text.jpg").write_text("hello")
+    (allbad / "random.png").write_bytes(os.urandom(300))
+    return root
+
+
+def args(root, *extra, images=None, tok=None):
+    return ["--data_path", str(images or root / "images"), "--tokenizer", "dvae", "--discrete_vae_weight_path",
+            str(tok or root / "tok.pt"), "--model", "tiny", "--input_size", "32", "--patch_size", "8",
+            "--num_mask_patches", "6", "--min_mask_patches_per_block", "2", "--batch_size", "4", "--num_workers", "0",
+            "--amp", "none", "--epochs", "1", "--no_progress", "--output_dir", str(root / "out"), *map(str, extra)]
+
+
+def run_expecting_error(argv):
+    """The SystemExit message (argparse's usage errors: its stderr line), asserting it is a clean one."""
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        pretrain.main(argv)
+    code = exc.value.code
+    if code == 2:  # argparse: usage + "prog: error: ..." on stderr
+        message = err.getvalue().strip().splitlines()[-1]
+        assert ": error: " in message, message
+        return message
+    assert isinstance(code, str) and code.startswith("error: "), code
+    assert "Traceback" not in code
+    return code
+
+
+CASES = [
+    (("--batch_size", -1), "--batch_size must be positive"),
+    (("--epochs", 0), "--epochs must be positive"),
+    (("--update_freq", 0), "--update_freq must be positive"),
+    (("--num_mask_patches", 17), r"--num_mask_patches must be in \[1, 16\] for a 4x4 patch grid"),
+    (("--num_mask_patches", 0), "--num_mask_patches must be in"),
+    (("--max_mask_patches_per_block", 0), "--max_mask_patches_per_block must be positive"),
+    (("--input_size", 30), "--input_size 30 is not divisible by --patch_size 8"),
+    (("--patch_size", 0), "--patch_size must be positive"),
+    (("--second_input_size", 64), "token grid"),
+    (("--lr", "nan"), "--lr must be a finite number"),
+    (("--lr", -1), "--lr must be >= 0"),
+    (("--min_lr", "inf"), "--min_lr must be a finite number"),
+    (("--opt_betas", 1, 0.9), r"--opt_betas must both be in \[0, 1\)"),
+    (("--opt_eps", 0), "--opt_eps must be positive"),
+    (("--drop_path", 1), r"--drop_path must be in \[0, 1\)"),
+    (("--layer_scale_init_value", -0.1), "--layer_scale_init_value must be >= 0"),
+    (("--color_jitter", -0.5), "--color_jitter must be >= 0"),
+    (("--weight_decay_end", -1), "--weight_decay_end must be >= 0"),
+    (("--warmup_steps", -5), "--warmup_steps must be a step count"),
+    (("--seed", -1), "--seed must be >= 0"),
+    (("--keep_last", -1), "--keep_last must be >= 0"),
+    (("--num_workers", -1), "--num_workers must be >= 0"),
+    (("--save_ckpt_steps", -1), "--save_ckpt_steps must be >= 0"),
+    (("--activation_checkpointing", "some"), "--activation_checkpointing must be none, all or a positive integer"),
+    (("--epochs", 10**10), "is not a plausible run"),
+    (("--model", "huge"), "argument --model: invalid choice: 'huge'"),
+    (("--train_interpolation", "cubic"), "argument --train_interpolation: invalid choice"),
+    (("--batch_size", "four"), "argument --batch_size: invalid int value"),
+    (("--amp", "fp8"), "argument --amp: invalid choice"),
+    (("--amp", "fp16"), "fp16 mixed precision needs a CUDA device"),
+    (("--device", "gpu0"), "--device 'gpu0' is not a device"),
+    (("--device", "cuda"), "no CUDA device is available"),
+    (("--fsdp",), "--fsdp needs a distributed launch"),
+    (("--fsdp", "--amp", "fp16"), "--fsdp does not support --amp fp16"),
+    (("--fast", "on", "--no-compile", "--attn_backend", "flex"), "--attn_backend flex cannot run on cpu"),
+    (("--vocab_size", 100), "--vocab_size 100 does not match the tokenizer's vocabulary of 64"),
+    (("--batch_size", 9), "8 images give 8 per process, fewer than one step of --batch_size 9"),
+    (("--batch_size", 4, "--update_freq", 3), "fewer than one step of --batch_size 4 x --update_freq 3"),
+    (("--num_samples", 10), "--num_samples only applies to the embedded demo"),
+    (("--resume", "/nonexistent/ckpt.pt"), "--resume checkpoint not found"),
+    (("--input_size", 8, "--num_mask_patches", 1), "these mask settings mask no patch of a 1x1 grid"),
+]
+
+
+@pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(map(str, c[0])) for c in CASES])
+def test_bad_flag_gives_clear_error(toy, extra, message):
+    assert_match(run_expecting_error(args(toy, *extra)), message)
+
+
+def assert_match(text, pattern):
+    import re
+
+    assert re.search(pattern, text), f"{pattern!r} not in {text!r}"
+
+
+def test_bad_files_give_clear_errors(toy):
+    cases = [
+        (args(toy, tok=toy / "missing.pt"), "tokenizer weights not found"),
+        (args(toy, tok=toy / "junk.pt"), "cannot load the dvae tokenizer from .*junk.pt"),
+        (args(toy, "--tokenizer", "dalle"), "cannot load the dalle tokenizer from .*tok.pt: .*not a DALL-E"),
+        (args(toy, "--output_dir", toy / "a_file"), "--output_dir .*a_file exists and is not a folder"),
+        (args(toy, "--resume", toy / "junk.pt"), "checkpoint .*junk.pt cannot be loaded"),
+        (args(toy, "--resume", toy / "tok.pt"), "not a beit_fast training checkpoint"),
+        (args(toy, images=toy / "nope"), "image folder not found"),
+        (args(toy, images=toy / "a_file"), "not a folder"),
+        (args(toy, images=toy / "empty"), "no image files found"),
+    ]
+    for argv, message in cases:
+        assert_match(run_expecting_error(argv), message)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_folder_of_unreadable_files_fails_clearly(toy, workers):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        message = run_expecting_error(args(toy, "--batch_size", 2, "--num_workers", workers, images=toy / "allbad"))
+    assert_match(message, r"^error: 3 consecutive images starting at index \d could not be read")
+
+
+def test_odd_image_formats_train_and_unreadable_files_are_skipped(toy, tmp_path):
+    """Greyscale, 1-bit, palette (with transparency), RGBA, LA, CMYK JPEG, 16-bit PNG, tiny and very
+    elongated images all train; a zero-byte file, a truncated PNG, a truncated JPEG and random bytes with an
+    image extension are skipped and counted; non-image files are ignored."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("1").save(folder / "bits.png")
+    rgb.convert("P").save(folder / "palette.png")
+    pal = rgb.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette_trns.png", transparency=0)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)))
+    rgba.save(folder / "rgba.png")
+    rgb.convert("LA").save(folder / "la.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16)).save(folder / "deep16.png")
+    rgb.resize((1, 1)).save(folder / "one_pixel.png")
+    rgb.resize((300, 3)).save(folder / "elongated.bmp")
+    rgb.save(folder / "ok.webp")
+    (folder / "zero.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    rgb.save(buf, "PNG")
+    (folder / "truncated.png").write_bytes(buf.getvalue()[:200])
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "noise.jpeg").write_bytes(os.urandom(500))
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = pretrain.main(args(toy, "--batch_size", 3, "--epochs", 2, "--log_freq", 1, "--output_dir", out,
+                                     images=folder))
+    log = read_log(out)
+    assert summary["steps"] == 10 and len(log) == 10  # 15 files with image extensions, batch 3
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert log[-1]["skipped_images"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property-based: random flag combinations and random image files
+# ---------------------------------------------------------------------------------------------------------
+FLAG_VALUES = {
+    "--batch_size": st.integers(-1, 6),
+    "--epochs": st.integers(-1, 2),
+    "--update_freq": st.integers(-1, 3),
+    "--input_size": st.sampled_from([8, 12, 16, 24, 30, 32]),
+    "--patch_size": st.sampled_from([-8, 0, 4, 8, 16]),
+    "--num_mask_patches": st.integers(-1, 20),
+    "--min_mask_patches_per_block": st.integers(-1, 10),
+    "--max_mask_patches_per_block": st.integers(-1, 10),
+    "--second_input_size": st.sampled_from([8, 16, 32, 33, 64]),
+    "--lr": st.sampled_from(["-1", "0", "1e-3", "5e-2", "nan", "inf", "1e30", "abc"]),
+    "--min_lr": st.sampled_from(["0", "1e-5", "-1e-5"]),
+    "--warmup_epochs": st.integers(-1, 2),
+    "--warmup_steps": st.integers(-3, 4),
+    "--weight_decay": st.sampled_from(["0", "0.05", "-0.1", "nan"]),
+    "--clip_grad": st.sampled_from(["0", "3", "-1"]),
+    "--drop_path": st.sampled_from(["0", "0.1", "0.99", "1", "-0.1"]),
+    "--layer_scale_init_value": st.sampled_from(["0", "0.1", "-1"]),
+    "--color_jitter": st.sampled_from(["0", "0.4", "-1"]),
+    "--opt_betas": st.sampled_from([("0.9", "0.999"), ("1", "0.5"), ("-0.1", "0.9")]),
+    "--opt_eps": st.sampled_from(["1e-8", "0", "-1"]),
+    "--seed": st.integers(-1, 3),
+    "--keep_last": st.integers(-1, 2),
+    "--log_freq": st.integers(-1, 3),
+    "--save_ckpt_freq": st.integers(-1, 2),
+    "--save_ckpt_steps": st.integers(-1, 2),
+    "--stop_after_steps": st.integers(-1, 3),
+    "--max_bad_steps": st.integers(-1, 2),
+    "--vocab_size": st.sampled_from([64, 100, 0]),
+    "--model": st.sampled_from(["tiny", "huge"]),
+    "--amp": st.sampled_from(["none", "bf16", "fp16", "auto"]),
+    "--train_interpolation": st.sampled_from(["bicubic", "nearest", "spline"]),
+    "--num_workers": st.sampled_from([0, -1]),
+    "--activation_checkpointing": st.sampled_from(["none", "all", "2", "0", "x"]),
+    "--fixed_mask_count": st.just(None),
+    "--no-rel_pos_bias": st.just(None),
+    "--abs_pos_emb": st.just(None),
+    "--fast": st.sampled_from([("on", "--no-compile", "--kernel_backend", "reference"), ("off",)]),
+}
+MODES = ["RGB", "L", "1", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F"]
+
+
+@st.composite
+def image_file(draw):
+    """(file name, bytes): a valid image of a random mode / size / format, or random bytes."""
+    ext = draw(st.sampled_from([".png", ".jpg", ".bmp", ".tif", ".webp"]))
+    if draw(st.booleans()):
+        return ext, draw(st.binary(min_size=0, max_size=64))
+    mode = draw(st.sampled_from(MODES))
+    w, h = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    seed = draw(st.integers(0, 2**16))
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(arr).convert("RGB")
+    if mode == "I;16":
+        img = Image.fromarray((arr[..., 0].astype(np.uint16) * 257))
+    elif mode in ("I", "F"):
+        img = img.convert("L").convert(mode)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".webp": "WEBP"}[ext]
+    buf = io.BytesIO()
+    try:
+        img.save(buf, fmt)
+    except (OSError, ValueError, KeyError):  # a mode this format cannot store: store it as TIFF
+        ext, buf = ".tif", io.BytesIO()
+        img.save(buf, "TIFF")
+    data = buf.getvalue()
+    if draw(st.integers(0, 4)) == 0:  # sometimes truncated
+        data = data[: draw(st.integers(0, max(len(data) - 1, 0)))]
+    return ext, data
+
+
+@settings(max_examples=int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 25)), deadline=None, database=None,
+          derandomize=os.environ.get("BEIT_FAST_FUZZ_EXAMPLES") is None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                 HealthCheck.data_too_large])
+@given(flags=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.none(), max_size=5).flatmap(
+           lambda keys: st.fixed_dictionaries({k: FLAG_VALUES[k] for k in keys})),
+       files=st.lists(image_file(), min_size=0, max_size=6),
+       good_images=st.integers(0, 6))
+def test_random_flags_and_image_bytes_give_clear_error_or_correct_run(toy, flags, files, good_images):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "images"
+        folder.mkdir()
+        if good_images:
+            make_toy_images(folder, n=good_images, size=36)
+        for i, (ext, data) in enumerate(files):
+            (folder / f"f{i}{ext}").write_bytes(data)
+        argv = args(toy, "--batch_size", 2, "--log_freq", 1, "--output_dir", tmp / "out", images=folder)
+        for flag, value in flags.items():
+            argv += [flag] if value is None else [flag, *(value if isinstance(value, tuple) else (str(value),))]
+        err = io.StringIO()
+        with warnings.catch_warnings(), redirect_stderr(err):
+            warnings.simplefilter("ignore")
+            try:
+                summary = pretrain.main(argv)
+            except SystemExit as e:
+                code = e.code
+                if code == 2:
+                    assert ": error: " in err.getvalue(), err.getvalue()
+                else:
+                    assert isinstance(code, str) and code.startswith("error: ") and "Traceback" not in code, code
+                return
+        # A run that completes logged only finite losses, one record per step.
+        log = read_log(tmp / "out")
+        assert summary["steps"] >= 1
+        assert all(math.isfinite(r["loss"]) and math.isfinite(r["mlm_acc"]) for r in log), log
+        assert len(log) <= summary["steps"]
