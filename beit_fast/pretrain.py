@@ -378,7 +378,7 @@ def _data_error(e: BaseException) -> SystemExit | None:
 _WORKERS_GONE = object()
 
 
-def _next_batch(it, stopper: GracefulStop):
+def _next_batch(it, stopper: GracefulStop, world_size: int = 1):
     """The next micro-batch; None at the end of the epoch; ``_WORKERS_GONE`` when a stop was requested and
     the data workers were killed as well (signalled one by one), so the run stops at the last step."""
     try:
@@ -389,10 +389,19 @@ def _next_batch(it, stopper: GracefulStop):
         err = _data_error(e)
         if err is not None:
             raise err from None
-        if stopper.requested is not None:
+        if stopper.requested is not None and world_size == 1:  # (several ranks must stop together: no)
             log.warning("the data workers are gone (%s); stopping at the last finished step", str(e).splitlines()[0])
             return _WORKERS_GONE
         raise
+
+
+def _shutdown_workers(loader) -> None:
+    """Stop the loader's persistent workers now, not whenever the loader is collected (after an error its
+    traceback keeps it alive, and the workers would linger in an in-process caller)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _check_fast_backends(args: argparse.Namespace, device: torch.device) -> None:
@@ -651,12 +660,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             while True:
                 micro = []
                 for _ in range(args.update_freq):
-                    batch = _next_batch(it, stopper)
+                    batch = _next_batch(it, stopper, world)
                     if batch is None or batch is _WORKERS_GONE:
                         break
                     micro.append(batch)
                 if batch is _WORKERS_GONE:
-                    stop_reason = stopper.signal_name
+                    stop_reason = f"{stopper.signal_name}, data workers gone"
                     break
                 if len(micro) < args.update_freq:  # cannot happen with steps_per_epoch as computed
                     break
@@ -695,20 +704,20 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                         log_file.flush()
                         history.append(record)
                         window, t0, steps_since_log = [], time.time(), 0
-                if args.save_ckpt_steps and step % args.save_ckpt_steps == 0 and step % steps_per_epoch:
-                    save()
                 # Every rank must stop at the same step: a signal seen by any rank stops all of them.
                 if any_rank(stopper.requested is not None, dist_info, device):
                     stop_reason = stopper.signal_name or "a signal on another rank"
-                    break
-                if args.stop_after_steps and step >= args.stop_after_steps:
+                elif args.stop_after_steps and step >= args.stop_after_steps:
                     stop_reason = f"--stop_after_steps {args.stop_after_steps}"
+                if stop_reason is not None or step % steps_per_epoch == 0:
                     break
-                if step % steps_per_epoch == 0:
-                    break
+                if args.save_ckpt_steps and step % args.save_ckpt_steps == 0:
+                    save()
             bar.close()
             del it
-            if stop_reason is not None:
+            if not (step > epoch * steps_per_epoch and step % steps_per_epoch == 0):  # stopped mid-epoch
+                if stop_reason is None:
+                    raise RuntimeError(f"the data loader ended epoch {epoch} early, at step {step}")
                 save()
                 log.info("stopped after step %d (%s); continue with --resume auto (or --resume %s)",
                          step, stop_reason, ckpt.last)
@@ -725,10 +734,13 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             log.info("epoch %d/%d: mean loss %.4f%s%s", epoch_done, args.epochs, epoch_loss,
                      " (best so far)" if is_best else "",
                      f", last {history[-1]['images_per_s']:.1f} img/s" if history else "")
+            if stop_reason is not None:  # at an epoch end: the epoch's checkpoints are written, stop here
+                log.info("stopped after step %d (%s); continue with --resume auto", step, stop_reason)
     finally:
         stopper.restore()
         if log_file is not None:
             log_file.close()
+        _shutdown_workers(loader)
     minutes = (time.time() - start_time) / 60
     if loader.skipped.num_skipped:
         log.warning("%d unreadable images were skipped: %s", loader.skipped.num_skipped,

@@ -5,6 +5,7 @@ combinations and random image files."""
 import io
 import math
 import os
+import re
 import tempfile
 import warnings
 from contextlib import redirect_stderr
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -110,8 +110,6 @@ def test_bad_flag_gives_clear_error(toy, extra, message):
 
 
 def assert_match(text, pattern):
-    import re
-
     assert re.search(pattern, text), f"{pattern!r} not in {text!r}"
 
 
@@ -257,7 +255,7 @@ def image_file(draw):
     return ext, data
 
 
-@settings(max_examples=int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 25)), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 20)), deadline=None, database=None,
           derandomize=os.environ.get("BEIT_FAST_FUZZ_EXAMPLES") is None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])

@@ -11,7 +11,6 @@ permutation (DistributedSampler), so its step-t batch of b is ``perm[(t*b + j)*W
 ranks that is exactly ``perm[t*b*W : (t+1)*b*W]``, the step-t batch of a one-process run with batch b*W
 (``test_rank_batches_union_is_the_single_process_batch``).
 """
-import json
 import os
 import shutil
 import signal
@@ -29,7 +28,7 @@ import torch.distributed.checkpoint.state_dict  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
 from beit_fast.checkpoint import load_checkpoint
 from beit_fast.data import ResumableSampler
-from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, one_thread, read_log, run_forked, start_forked  # noqa: F401
+from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, one_thread, read_log, run_forked, start_forked  # noqa: F401 (one_thread: autouse)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -138,8 +137,9 @@ def test_sigterm_to_one_rank_stops_both_then_resume_is_exact(toy, ddp_run, tmp_p
     (every rank from that file) continues bit for bit like the uninterrupted run."""
     out = tmp_path / "ddp"
     procs = start_forked(dist_args(toy, out, "--batch_size", 2), world_size=2)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text():
+    log_file, deadline = out / "log.jsonl", time.time() + 120
+    while not (log_file.is_file() and log_file.read_text()):  # rank 0 logged step 1: both ranks are training
+        assert time.time() < deadline, "timed out"
         assert all(p.is_alive() for p in procs), [p.exitcode for p in procs]
         time.sleep(0.01)
     os.kill(procs[1].pid, signal.SIGTERM)
@@ -164,10 +164,13 @@ def test_fast_step_under_ddp_goes_through_the_wrapper(toy, single_run, tmp_path)
 
 
 def test_gradient_accumulation_equals_the_double_batch(toy, single_run, tmp_path):
-    """--update_freq 2 at batch 2 (one process) and at batch 1 (two DDP ranks, no_sync on the first
-    micro-batch) both equal batch 4 in one process."""
+    """--update_freq 2 at batch 2 (one process; stopped mid-epoch and resumed, which must skip 2 x 2
+    samples per step done) and at batch 1 (two DDP ranks, no_sync on the first micro-batch) both equal
+    batch 4 in one process."""
     one = tmp_path / "uf_single"
-    run_forked(dist_args(toy, one, "--batch_size", 2, "--update_freq", 2))
+    run_forked(dist_args(toy, one, "--batch_size", 2, "--update_freq", 2, "--stop_after_steps", 8))
+    assert load_checkpoint(one / "checkpoint-last.pt")["step"] == 8
+    run_forked(dist_args(toy, one, "--batch_size", 2, "--update_freq", 2, "--resume", "auto"))
     assert_same_curve(one, single_run)
     assert_same_weights(one, single_run)
     two = tmp_path / "uf_ddp"
