@@ -22,6 +22,8 @@ setup(
         "pillow",
         "tqdm",
         "scikit-image",
+        "scikit-learn",  # the labelled digits data set (fine-tuning default, evidence script)
+        "matplotlib",  # beit_fast.visualize
     ],
     extras_require={
         # Tests exercise the HuggingFace/timm interop and the property-based input checks.
