@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT"), help="also copy the results here (default: $OUT)")
     p.add_argument("--budget", type=float, default=470, help="seconds for all stages together")
     p.add_argument("--batch", type=int, default=256, help="batch of the whole-step benchmarks")
+    p.add_argument("--steps", default=",".join(map(str, range(len(STEP_BENCHES)))),
+                   help="indices of STEP_BENCHES to run (default: all)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (tests,step,kernels,fast_step_tests,"
                                               "cli,profile,hf_patch)")
     args = p.parse_args(argv)
@@ -141,13 +143,20 @@ def main(argv=None) -> int:
         rows.extend(benchmark_rows(out_json))
         write()
 
-    rep.run("install", [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."], 90)
+    rc, _ = rep.run("install", [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                                "--no-index", "-e", "."], 90)
+    if rc != 0:  # no network there: run from the source tree (kernels/ is the beit_fast.kernels package)
+        link = ROOT / "beit_fast" / "kernels"
+        if not link.exists():
+            link.symlink_to(ROOT / "kernels", target_is_directory=True)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     rep.run("nvidia-smi", ["nvidia-smi"], 15)
     if "tests" not in skip:
         rep.run("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS], 110, env)
         write()
     if "step" not in skip:
-        for i, t in enumerate(STEP_BENCHES):
+        for i in map(int, filter(None, args.steps.split(","))):
+            t = STEP_BENCHES[i]
             bench(f"step{i}", [f"benchmarks/bench_train_step.py::{t}"], 110)
     if "kernels" not in skip:
         bench("kernels", ["benchmarks/bench_kernels.py", "benchmarks/bench_attention.py"], 100)

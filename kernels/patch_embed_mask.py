@@ -426,8 +426,9 @@ def patch_embed_mask_forward(pixels, weight, bias, mask_token, mask):
 
 def patch_embed_mask_backward(grad, pixels, weight, mask, need_pixels, need_weight, need_bias, need_token):
     """grad [B,N,D] (contiguous, pixels.dtype). Returns (d_pixels, d_weight, d_bias, d_token); entries
-    that are not needed are None. Parameter gradients are reduced in fp32 and returned in the dtype of
-    ``pixels`` (callers pass one dtype for all floating inputs)."""
+    that are not needed are None. Parameter gradients are reduced in fp32; weight and bias gradients are
+    returned in the dtype of ``pixels``, the mask-token gradient in float32 (the token may be kept in fp32
+    under low-precision pixels; autograd casts it to the token's dtype otherwise)."""
     B, C, H, W, D, P, NPW, NP, M, K = _geometry(pixels, weight)
     dev, dt = pixels.device, pixels.dtype
     need_token = need_token and mask is not None
@@ -463,6 +464,4 @@ def patch_embed_mask_backward(grad, pixels, weight, mask, need_pixels, need_weig
             d_w = d_w.to(dt).view(D, C, P, P)
         if d_b is not None:
             d_b = d_b.to(dt)
-        if d_t is not None:
-            d_t = d_t.to(dt)
     return d_px, d_w, d_b, d_t

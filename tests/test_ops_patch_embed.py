@@ -167,6 +167,28 @@ def test_low_precision_error_bound(dtype, shape):
         _lowp_close(a, t, r, f"grad {name}", dtype)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", LOWP)
+def test_fp32_mask_token_under_low_precision_pixels(backend, dtype):
+    """The model keeps its mask token in fp32 under autocast: the output stays in the pixels' dtype and
+    the token's gradient, a sum over every masked position, comes back in fp32 (not rounded to bf16, which
+    would lose ~3 significant digits of a sum over the whole batch; seen on an H200 in the bf16 step)."""
+    pixels, weight, bias, _, mask = _make(4, 3, 32, 32, 64, 8, dtype, seed=3)
+    token32 = torch.randn(64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    grad_out = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(5))
+    out, grads = _run(lambda *a: patch_embed_mask(*a, backend=backend), pixels, weight, bias, token32, mask,
+                      grad_out)
+    assert out.dtype == dtype
+    assert grads[3].dtype == torch.float32
+    g = grad_out.to(DEVICE, dtype).float()  # the upstream gradient as the op receives it
+    expected = g[mask].sum(0)
+    torch.testing.assert_close(grads[3], expected, rtol=1e-5, atol=1e-5)
+    # masked rows hold the token rounded once to the output dtype (within one ulp: Triton's CPU
+    # interpreter truncates fp32 -> bf16 where the GPU rounds to nearest)
+    n = int(mask.sum())
+    torch.testing.assert_close(out[mask].float(), token32.expand(n, -1), rtol=torch.finfo(dtype).eps, atol=0)
+
+
 @pytest.mark.parametrize("mask_kind", ["all", "nothing"])
 def test_all_or_no_rows_masked(mask_kind):
     args = _make(2, 3, 16, 24, 40, 8, torch.float32, mask_kind)
@@ -270,8 +292,10 @@ def test_input_checks(backend):
         call(px.double(), w.double(), b.double(), t.double(), m)
     with pytest.raises(ValueError, match="one device"):
         call(px, w.to("meta"), b, t, m)
+    with pytest.raises(TypeError, match="mask_token must have the dtype of pixels"):
+        call(px, w, b, t.half(), m)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        call(px.numpy(), w, b, t, m)
+        call(px.cpu().numpy(), w, b, t, m)
 
 
 # ------------------------------------------------------------------------------------------------

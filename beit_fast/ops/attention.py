@@ -59,16 +59,22 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("math", "sdpa", "flex", "xformers")
 _VALID_NAMES: tuple[str, ...] = ("auto",) + ATTENTION_BACKENDS
 
 # The order in which backend="auto" tries the backends, per device type (other device types: "math").
-# The CUDA order below is the a-priori one (no GPU measurement was available when it was written):
-# SDPA's efficient kernel is the xformers kernel, shipped with PyTorch and dispatched without Python
-# overhead; xformers next; FlexAttention last because its bias gradient goes through atomics.
-# A GPU session re-orders this tuple from `pytest benchmarks/bench_attention.py --benchmark-only`
-# and records the numbers (card, dtype, shape, ms per forward+backward) in AUTO_PRIORITY_MEASUREMENTS.
+# CUDA, from benchmarks/bench_attention.py on an NVIDIA H200 (2026-11-27, torch 2.11, bf16, forward +
+# backward incl. the bias gradient; benchmarks/results/LATEST.md): SDPA's efficient kernel beats the
+# math path; xformers was not installed there (kept second: it is the same cutlass kernel); FlexAttention
+# failed to compile with torch 2.11's default tiles ("out of resource: shared memory, Required 245760,
+# limit 232448"), so it comes after math and is only used when asked for by name.
 AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa", "xformers", "flex", "math"),
+    "cuda": ("sdpa", "xformers", "math", "flex"),
     "cpu": ("sdpa", "math"),
 }
-AUTO_PRIORITY_MEASUREMENTS: dict[str, object] = {}  # empty: no GPU measurement recorded yet
+AUTO_PRIORITY_MEASUREMENTS: dict[str, object] = {
+    "card": "NVIDIA H200", "date": "2026-11-27", "torch": "2.11.0+cu130", "dtype": "bfloat16",
+    "ms_fwd_bwd": {
+        "B256 H12 N197 Dh64": {"sdpa": 2.82, "math": 3.64, "flex": "compile failed (shared memory)"},
+        "B64 H12 N197 Dh64": {"sdpa": 1.11, "math": 1.18, "flex": "compile failed (shared memory)"},
+    },
+}
 
 # The efficient-attention kernel (SDPA EFFICIENT_ATTENTION == xformers cutlass) reads the bias with
 # 128-bit loads: every stride but the last must be a multiple of 128 bits. 8 elements covers fp16/bf16

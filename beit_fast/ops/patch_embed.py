@@ -14,7 +14,9 @@ are never read and tiles made only of masked patches skip the GEMM. The backward
 weight, bias, mask_token and, when they require grad, the pixels.
 
 Dtypes: fp32, fp16, bf16; every floating-point input must have the dtype of ``pixels`` and the output has
-that dtype too. Autocast does not apply inside this op: under ``torch.autocast`` pass already-cast
+that dtype too, except ``mask_token``, which may also stay float32 under fp16/bf16 pixels: it is then
+rounded to the output dtype where written, and its gradient (an fp32 sum over every masked position of
+the batch) is returned in float32, as the eager model's fp32 mask-token blend gives it. Autocast does not apply inside this op: under ``torch.autocast`` pass already-cast
 tensors (e.g. ``weight.to(pixels.dtype)``; the cast is differentiable, gradients reach fp32 master
 weights). Both backends behave this way.
 """
@@ -51,7 +53,7 @@ def patch_embed_mask_reference(
     if bool_masked_pos is None:
         return x
     w = bool_masked_pos.unsqueeze(-1).type_as(x)
-    return x * (1 - w) + mask_token * w
+    return (x * (1 - w) + mask_token * w).to(x.dtype)
 
 
 def _check_inputs(pixels, weight, bias, mask_token, bool_masked_pos):
@@ -66,7 +68,10 @@ def _check_inputs(pixels, weight, bias, mask_token, bool_masked_pos):
     if pixels.dim() != 4:
         raise ValueError(f"pixels must be [B, C, H, W], got shape {tuple(pixels.shape)}")
     check_float_dtype("pixels", pixels)
-    check_same_dtype("pixels", pixels, weight=weight, bias=bias, mask_token=mask_token)
+    check_same_dtype("pixels", pixels, weight=weight, bias=bias)
+    if mask_token.dtype not in (pixels.dtype, torch.float32):
+        raise TypeError(f"mask_token must have the dtype of pixels ({pixels.dtype}) or float32, "
+                        f"got {mask_token.dtype}")
     check_same_device(pixels=pixels, weight=weight, bias=bias, mask_token=mask_token,
                       bool_masked_pos=bool_masked_pos)
     B, C, H, W = pixels.shape
@@ -146,7 +151,7 @@ def _(grad, pixels, weight, mask, need_pixels, need_weight, need_bias, need_toke
         pixels.new_empty(pixels.shape) if need_pixels else pixels.new_empty((0,)),
         pixels.new_empty(weight.shape) if need_weight else pixels.new_empty((0,)),
         pixels.new_empty((D,)) if need_bias else pixels.new_empty((0,)),
-        pixels.new_empty((D,)) if (need_token and mask is not None) else pixels.new_empty((0,)),
+        pixels.new_empty((D,), dtype=torch.float32) if (need_token and mask is not None) else pixels.new_empty((0,)),
     )
 
 
