@@ -10,7 +10,11 @@ from .model import (
     VisionTransformerForMaskedImageModeling,
     build_model,
     get_config,
+    VisionTransformerForClassification,
+    build_classifier,
 )
+from .optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
+from .pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table
 from .interop import (
     apply_beit_fast_to_hf,
     apply_beit_fast_to_timm,
@@ -52,4 +56,12 @@ __all__ = [
     "revert_beit_fast",
     "convert_state_dict",
     "detect_format",
+    "VisionTransformerForClassification",
+    "build_classifier",
+    "load_pretrained",
+    "resize_rel_pos_bias_table",
+    "PretrainedLoadError",
+    "param_groups_layer_decay",
+    "layer_id_for_vit",
+    "apply_schedule",
 ]

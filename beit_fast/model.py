@@ -27,6 +27,8 @@ __all__ = [
     "VisionTransformerForMaskedImageModeling",
     "masked_index",
     "build_model",
+    "VisionTransformerForClassification",
+    "build_classifier",
 ]
 
 
@@ -183,9 +185,19 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with q and v biases (no k bias) and an additive relative position bias."""
+    """Multi-head self-attention with q and v biases (no k bias) and an additive relative position bias.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    ``window_size=(Gh, Gw)`` gives the module its own relative position bias (the fine-tuning model's
+    per-block bias, official ``modeling_finetune.Attention``): a zero-initialised
+    ``relative_position_bias_table [(2Gh-1)(2Gw-1)+3, heads]`` and a persistent
+    ``relative_position_index`` buffer (official key names ``blocks.{i}.attn.relative_position_*``).
+    As in the official code, that bias and a ``rel_pos_bias`` passed to ``forward`` (the shared one)
+    are both added when both exist. Without ``window_size`` (the pretraining model) nothing changes.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, window_size: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
@@ -197,6 +209,15 @@ class Attention(nn.Module):
         else:
             self.q_bias = None
             self.v_bias = None
+        if window_size is not None:
+            self.window_size = tuple(window_size)
+            num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+        else:
+            self.window_size = None
+            self.relative_position_bias_table = None
+            self.relative_position_index = None
         self.proj = nn.Linear(dim, dim)
         # "reference": the eager math below; any other name goes to beit_fast.ops.attention_with_bias.
         self.attn_backend = "reference"
@@ -211,9 +232,20 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
+    def table_bias(self) -> torch.Tensor | None:
+        """This module's own relative position bias ``[heads, N+1, N+1]`` (None without a window)."""
+        if self.relative_position_bias_table is None:
+            return None
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
     def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv_projection(x)
+        if self.relative_position_bias_table is not None:
+            own = self.table_bias()
+            rel_pos_bias = own if rel_pos_bias is None else own + rel_pos_bias
         if self.attn_backend == "reference":
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if rel_pos_bias is not None:
@@ -231,11 +263,11 @@ class Block(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-        init_values: float, eps: float,
+        init_values: float, eps: float, window_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, window_size=window_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -354,7 +386,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
             proj = self.patch_embed.proj
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             x = patch_embed_mask(
-                x.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), self.mask_token.view(-1).to(dtype),
+                x.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), self.mask_token.view(-1),
                 bool_masked_pos, backend=self.fused_embed_backend,
             )
         else:
@@ -413,3 +445,171 @@ def build_model(name_or_cfg: str | BeitConfig = "base", **overrides) -> VisionTr
     """Build a pretraining model from a named config or a :class:`BeitConfig`, with field overrides."""
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     return VisionTransformerForMaskedImageModeling(replace(cfg, **overrides))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning: image classification (official ``modeling_finetune.VisionTransformer``)
+# --------------------------------------------------------------------------------------------------
+class VisionTransformerForClassification(nn.Module):
+    """BEiT image classifier with the official fine-tuning state-dict layout.
+
+    Keys: ``patch_embed.proj.*``, ``cls_token``, ``pos_embed`` (``cfg.use_abs_pos_emb``),
+    ``rel_pos_bias.*`` (``cfg.use_shared_rel_pos_bias``), ``blocks.{i}.*`` (with
+    ``blocks.{i}.attn.relative_position_bias_table`` / ``relative_position_index`` when
+    ``use_rel_pos_bias``, the per-block bias), ``norm.*`` (only with [CLS] pooling: with mean pooling
+    ``norm`` is an ``nn.Identity``), ``fc_norm.*`` (mean pooling only), ``head.*``. No ``mask_token``.
+
+    ``forward(x [B, 3, H, W]) -> logits [B, num_classes]``. Mean pooling (default, the paper's):
+    ``head(fc_norm(mean of the patch tokens))``, [CLS] excluded; otherwise ``head(norm(x)[:, 0])``.
+    Initialisation: the pretraining model's (trunc-normal std 0.02 truncated at +-0.02, 1/sqrt(2l)
+    rescale of ``attn.proj`` / ``mlp.fc2``), zero bias tables, then the head's weight and bias
+    multiplied by ``init_scale`` (0.001). (The official fine-tuning init leaves the patch-embedding
+    conv at PyTorch's default and truncates the normal at +-2; moot when pretrained weights are loaded.)
+    ``num_classes=0``: no head (``nn.Identity``), ``forward`` returns the pooled features.
+    """
+
+    def __init__(
+        self, cfg: BeitConfig, num_classes: int, *, use_mean_pooling: bool = True, use_rel_pos_bias: bool = True,
+        init_scale: float = 0.001,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.use_mean_pooling = bool(use_mean_pooling)
+        self.use_rel_pos_bias = bool(use_rel_pos_bias)
+        self.init_scale = float(init_scale)
+        dim = cfg.embed_dim
+        self.num_features = self.embed_dim = dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim)) if cfg.use_abs_pos_emb else None
+        self.rel_pos_bias = (
+            RelativePositionBias(self.patch_embed.patch_shape, cfg.num_heads) if cfg.use_shared_rel_pos_bias else None
+        )
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
+        window = self.patch_embed.patch_shape if use_rel_pos_bias else None
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.init_values, cfg.layer_norm_eps,
+                  window_size=window)
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if use_mean_pooling else None
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The pretraining initialisation (incl. the 1/sqrt(2l) rescale), then the head scaled by init_scale."""
+        std = self.cfg.init_std
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std)
+        trunc_normal_(self.cls_token, std)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer_id, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        if isinstance(self.head, nn.Linear):
+            self.head.weight.mul_(self.init_scale)
+            self.head.bias.mul_(self.init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        """The official set: ``pos_embed`` and ``cls_token`` (the bias tables are decayed, as in the official
+        fine-tuning unless ``--disable_weight_decay_on_rel_pos_bias``)."""
+        return {"pos_embed", "cls_token"}
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def set_drop_path_rate(self, rate: float) -> "VisionTransformerForClassification":
+        """Stochastic depth rate, linear from 0 (first block) to ``rate`` (last), as at construction."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        dpr = torch.linspace(0, rate, len(self.blocks), device="cpu").tolist()
+        for p, blk in zip(dpr, self.blocks):
+            blk.drop_path = DropPath(p) if p > 0 else nn.Identity()
+        self.cfg = replace(self.cfg, drop_path_rate=float(rate))
+        return self
+
+    def configure_fast_path(self, attention: str = "auto") -> "VisionTransformerForClassification":
+        """Attention backend of every block: "reference" (eager math) or an ``attention_with_bias`` backend
+        ("auto", "math", "sdpa", "flex", "xformers"). Results stay those of the reference."""
+        for blk in self.blocks:
+            blk.attn.attn_backend = attention
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, [CLS], absolute position embedding: ``[B, N+1, D]``."""
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled and normalised features ``[B, D]``: fc_norm(mean of patch tokens), or norm(x)[:, 0]."""
+        x = self.embed(x)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, rel_pos_bias)
+        x = self.norm(x)
+        if self.fc_norm is not None:
+            return self.fc_norm(x[:, 1:].mean(1))
+        return x[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def forward_layer_features(
+        self, x: torch.Tensor, layers, include_cls: bool = False
+    ) -> list[torch.Tensor]:
+        """Average-pooled patch tokens of intermediate blocks, for linear probing: one ``[B, D]`` tensor per
+        entry of ``layers`` (1-based block indices, 1..depth), in that order: the mean over the patch
+        tokens ([CLS] excluded) of that block's output, before any final norm. One forward pass that stops
+        after the deepest requested block. ``include_cls=True`` returns ``[B, 2D]``: [CLS] then the mean
+        (the official ``run_linear_eval.py`` representation)."""
+        layers = [int(layer) for layer in layers]
+        depth = len(self.blocks)
+        if not layers:
+            raise ValueError("layers must name at least one block")
+        bad = [layer for layer in layers if not 1 <= layer <= depth]
+        if bad:
+            raise ValueError(f"layers must be block indices in 1..{depth}, got {bad}")
+        wanted = set(layers)
+        x = self.embed(x)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        found: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[: max(layers)], start=1):
+            x = blk(x, rel_pos_bias)
+            if i in wanted:
+                pooled = x[:, 1:].mean(1)
+                found[i] = torch.cat((x[:, 0], pooled), dim=-1) if include_cls else pooled
+        return [found[layer] for layer in layers]
+
+
+def build_classifier(
+    name_or_cfg: str | BeitConfig, num_classes: int, *, use_mean_pooling: bool = True, use_rel_pos_bias: bool = True,
+    init_scale: float = 0.001, **cfg_overrides,
+) -> VisionTransformerForClassification:
+    """A fine-tuning classifier from a named config or a :class:`BeitConfig`, with field overrides.
+
+    As in the official fine-tuning, the relative position bias is per block (``use_rel_pos_bias``) and
+    not shared: ``use_shared_rel_pos_bias`` defaults to False here (pass it in ``cfg_overrides`` to keep a
+    shared table). ``vocab_size`` is accepted and ignored (the classifier has no token head).
+    """
+    cfg_overrides.setdefault("use_shared_rel_pos_bias", False)
+    cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    return VisionTransformerForClassification(
+        replace(cfg, **cfg_overrides), num_classes, use_mean_pooling=use_mean_pooling,
+        use_rel_pos_bias=use_rel_pos_bias, init_scale=init_scale,
+    )

@@ -7,7 +7,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups_weight_decay", "cosine_scheduler", "build_optimizer"]
+__all__ = [
+    "param_groups_weight_decay", "cosine_scheduler", "build_optimizer", "layer_id_for_vit",
+    "param_groups_layer_decay", "apply_schedule",
+]
 
 # timm-style exemption list: names whose parameters never decay under ``decay_mask_and_bias_table=False``.
 _TIMM_EXTRA_NO_DECAY = ("mask_token", "relative_position_bias_table")
@@ -66,3 +69,72 @@ def build_optimizer(
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """The layer of a parameter for layer-wise lr decay (official ``get_num_layer_for_vit``).
+
+    ``cls_token``, ``mask_token``, ``pos_embed`` and ``patch_embed.*``: 0; ``blocks.{i}.*``: i + 1;
+    ``rel_pos_bias.*`` (the shared table) and everything else (``norm``, ``fc_norm``, ``head``):
+    ``num_layers + 1``. (The official code returns ``num_max_layer - 1`` for both, with
+    ``num_max_layer = num_layers + 2``.)
+    """
+    if name in ("cls_token", "mask_token", "pos_embed"):
+        return 0
+    if name.startswith("patch_embed"):
+        return 0
+    if name.startswith("rel_pos_bias"):
+        return num_layers + 1
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def param_groups_layer_decay(
+    model: nn.Module, weight_decay: float, layer_decay: float, no_weight_decay=(),
+) -> list[dict]:
+    """Parameter groups for fine-tuning with layer-wise lr decay (official ``get_parameter_groups``).
+
+    One group per (layer, decay / no_decay), in order of first appearance, each
+    ``{"params", "weight_decay", "lr_scale", "layer_id", "param_names"}`` with
+    ``lr_scale = layer_decay ** (L + 1 - layer_id)`` (L = ``model.get_num_layers()``, else the number of
+    ``blocks``) and ``layer_id`` from :func:`layer_id_for_vit`. Weight decay 0 for 1-D parameters, names
+    ending in ``.bias``, ``model.no_weight_decay()`` and the names in ``no_weight_decay`` (exact names, as
+    officially); everything else, including the relative position bias tables, decays (official default).
+    Apply a schedule with :func:`apply_schedule`, which multiplies the lr by ``lr_scale``.
+    """
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if hasattr(model, "get_num_layers"):
+        num_layers = int(model.get_num_layers())
+    else:
+        num_layers = len(getattr(model, "blocks", ()))
+    skip = set(no_weight_decay)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+    groups: dict[tuple[int, str], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim == 1 or name.endswith(".bias") or name in skip
+        layer_id = layer_id_for_vit(name, num_layers)
+        key = (layer_id, "no_decay" if exempt else "decay")
+        if key not in groups:
+            groups[key] = {
+                "params": [], "param_names": [], "weight_decay": 0.0 if exempt else weight_decay,
+                "lr_scale": layer_decay ** (num_layers + 1 - layer_id), "layer_id": layer_id,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float | None = None) -> None:
+    """Set the step's values on every group: ``lr * group["lr_scale"]`` (1 when absent) and, for the groups
+    that decay (weight decay > 0 when first seen here), weight decay ``wd`` (None: unchanged)."""
+    for group in optimizer.param_groups:
+        if "_decays" not in group:
+            group["_decays"] = group["weight_decay"] > 0
+        group["lr"] = float(lr) * group.get("lr_scale", 1.0)
+        if wd is not None and group["_decays"]:
+            group["weight_decay"] = float(wd)
