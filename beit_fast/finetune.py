@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,8 +45,9 @@ from .checkpoint import (
     remove_stale_temp_files, validate_checkpoint,
 )
 from .engine import resolve_amp_dtype
-from .model import MODEL_CONFIGS, VisionTransformerForClassification, build_classifier, get_config
+from .model import MODEL_CONFIGS, build_classifier, get_config
 from .optim import apply_schedule, cosine_scheduler, param_groups_layer_decay
+from .rng import rng_state, seed_everything, set_rng_state
 
 __all__ = [
     "FinetuneConfig", "finetune", "evaluate", "build_transforms", "build_mixup", "parse_randaug",
@@ -277,25 +277,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> list[in
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -384,7 +365,7 @@ def finetune(
     if cfg.resume and out is None and cfg.resume == "auto":
         raise ValueError("resume='auto' needs an output_dir")
     amp_dtype = resolve_amp_dtype(cfg.amp, device)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     if cfg.drop_path is not None and hasattr(model, "set_drop_path_rate"):
         model.set_drop_path_rate(cfg.drop_path)
     model.to(device)
@@ -439,7 +420,7 @@ def finetune(
             best_epoch = state.get("best_epoch")
             history = list(state.get("history", []))
             if state.get("rng") is not None:
-                _set_rng_state(state["rng"])
+                set_rng_state(state["rng"])
             log.info("resumed from %s after epoch %d (step %d)", path, start_epoch, int(state["step"]))
             if out is not None:
                 _trim_log(out / "log.jsonl", start_epoch)
@@ -451,7 +432,7 @@ def finetune(
                  "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
                  "step": epoch * steps_per_epoch, "model_config": _model_config(model),
                  "finetune_config": asdict(cfg), "best_top1": best_top1, "best_epoch": best_epoch,
-                 "history": history, "rng": _rng_state()}
+                 "history": history, "rng": rng_state()}
         atomic_save(state, out / LAST_NAME)
         if is_best:
             copy_atomic(out / LAST_NAME, out / BEST_NAME)
@@ -833,7 +814,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_classes_hint = 10
         else:
             num_classes_hint = sum(1 for d in (Path(args.data_path) / "train").iterdir() if d.is_dir())
-    _seed_everything(args.seed)
+    seed_everything(args.seed)
     model, ckpt = build_model_for_args(args, num_classes_hint, weights)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std else (INCEPTION_MEAN, INCEPTION_STD)
     train_tf = build_transforms(args.input_size, train=True, randaug=args.aa, reprob=args.reprob,

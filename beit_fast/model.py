@@ -119,6 +119,34 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
     return index
 
 
+def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table [T, heads]`` looked up at ``index int64[N+1, N+1]``: the bias ``[heads, N+1, N+1]``."""
+    n = index.shape[0]
+    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+def init_vit_weights_(model: nn.Module, std: float, tokens: tuple[torch.Tensor, ...]) -> None:
+    """The official BEiT initialisation, in place: truncated normal (cut at +-std) for ``model.pos_embed``
+    (if any), then each of ``tokens``, every Linear/Conv2d weight (biases zero), LayerNorms at (1, 0),
+    then each block's output projections divided by sqrt(2 * layer_id)."""
+    with torch.no_grad():
+        if getattr(model, "pos_embed", None) is not None:
+            trunc_normal_(model.pos_embed, std)
+        for t in tokens:
+            trunc_normal_(t, std)
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer_id, block in enumerate(model.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
 class RelativePositionBias(nn.Module):
     """The relative position bias shared by all blocks: table ``[T, heads]``, output ``[heads, N+1, N+1]``."""
 
@@ -131,9 +159,7 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(self.window_size))
 
     def forward(self) -> torch.Tensor:
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return bias.permute(2, 0, 1).contiguous()
+        return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
 
 
 class PatchEmbed(nn.Module):
@@ -236,9 +262,7 @@ class Attention(nn.Module):
         """This module's own relative position bias ``[heads, N+1, N+1]`` (None without a window)."""
         if self.relative_position_bias_table is None:
             return None
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return bias.permute(2, 0, 1).contiguous()
+        return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
 
     def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -322,22 +346,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The official initialisation, including the 1/sqrt(2l) rescale of each block's output layers."""
-        std = self.cfg.init_std
-        if self.pos_embed is not None:
-            trunc_normal_(self.pos_embed, std)
-        trunc_normal_(self.cls_token, std)
-        trunc_normal_(self.mask_token, std)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer_id, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        init_vit_weights_(self, self.cfg.init_std, (self.cls_token, self.mask_token))
 
     def no_weight_decay(self) -> set[str]:
         """Names the official optimizer factory exempts from weight decay (besides 1-D params and biases)."""
@@ -504,21 +513,7 @@ class VisionTransformerForClassification(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The pretraining initialisation (incl. the 1/sqrt(2l) rescale), then the head scaled by init_scale."""
-        std = self.cfg.init_std
-        if self.pos_embed is not None:
-            trunc_normal_(self.pos_embed, std)
-        trunc_normal_(self.cls_token, std)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer_id, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        init_vit_weights_(self, self.cfg.init_std, (self.cls_token,))
         if isinstance(self.head, nn.Linear):
             self.head.weight.mul_(self.init_scale)
             self.head.bias.mul_(self.init_scale)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import relative_position_index
+from .model import gather_relative_position_bias, relative_position_index
 from .ops.attention import _VALID_NAMES as _ATTENTION_NAMES
 from .ops.attention import attention_with_bias
 from .ops.backend import VALID_BACKENDS
@@ -228,9 +228,7 @@ class RelPosBiasAttention(nn.Module):
         """The module's own relative position bias, ``[heads, N, N]`` (None without a window)."""
         if self.relative_position_bias_table is None:
             return None
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return bias.permute(2, 0, 1).contiguous()
+        return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
 
     def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape

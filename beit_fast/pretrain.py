@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import os
-import random
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +36,7 @@ from .distributed import (
 from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
 from .masking import MaskingGenerator
 from .model import MODEL_CONFIGS, build_model, get_config
+from .rng import rng_state, seed_everything, set_rng_state  # noqa: F401 (re-exported)
 from .optim import build_optimizer, cosine_scheduler
 from .sample_data import SampleImages
 from .transforms import TwoViewConfig, TwoViewTransform
@@ -264,27 +263,6 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if errors:
         raise SystemExit("error: " + "\n       ".join(errors))
     return args
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):

@@ -18,14 +18,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from beit_fast import pretrain
-from test_pretrain import make_toy_images, make_toy_tokenizer, one_thread, read_log  # noqa: F401
+from test_pretrain import make_toy_images, make_toy_tokenizer, read_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    images = make_toy_images(root / "images", n=8, size=40)
-    tok = make_toy_tokenizer(root / "tok.pt")
+    make_toy_images(root / "images", n=8, size=40)
+    make_toy_tokenizer(root / "tok.pt")
     (root / "junk.pt").write_bytes(b"not a tokenizer" * 20)
     (root / "a_file").write_text("x")
     (root / "empty").mkdir()

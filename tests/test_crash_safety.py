@@ -22,7 +22,9 @@ from beit_fast.checkpoint import (
     atomic_save, find_resume_checkpoint, load_checkpoint, validate_checkpoint,
 )
 from beit_fast.distributed import GracefulStop
-from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, one_thread, read_log, run_forked, start_forked  # noqa: F401 (one_thread: autouse)
+from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, run_forked, start_forked
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,11 @@ import torch.distributed.checkpoint.state_dict  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
 from beit_fast.checkpoint import load_checkpoint
 from beit_fast.data import ResumableSampler
-from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, one_thread, read_log, run_forked, start_forked  # noqa: F401 (one_thread: autouse)
+from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, run_forked, start_forked
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="needs torch.distributed with gloo")]
 
 # Float32 rounding of a different summation order (per-rank means averaged vs one mean; all-reduced vs
 # summed gradients) moves these losses by < 3e-7 relative over 12 steps (measured); a missing gradient

@@ -15,13 +15,7 @@ from beit_fast.model import build_classifier, build_model
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (several threads on a loaded machine slow small ops down 10-100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Prototypes(torch.utils.data.Dataset):

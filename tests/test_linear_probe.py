@@ -12,13 +12,7 @@ from beit_fast.model import build_classifier, build_model
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (several threads on a loaded machine slow small ops down 10-100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n, num_classes=3, dim=16, seed=0, sep=4.0):

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from beit_fast.checkpoint import load_checkpoint
-from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, one_thread, read_log, start_forked  # noqa: F401
+from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, start_forked
 
 STEPS = int(os.environ.get("BEIT_FAST_LONG_RUN_STEPS", 2000))
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")]
 
 
 def rss_mb(pid):

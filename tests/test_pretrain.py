@@ -23,14 +23,7 @@ from beit_fast.checkpoint import load_checkpoint
 from beit_fast.tokenizer.dvae import DiscreteVAE, DVAEConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared machine two OpenMP threads contending with other processes
-    make these toy steps 10-50x slower; every run of a test uses the same count, so results compare."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_toy_images(folder, n=24, size=48, seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from beit_fast.checkpoint import atomic_save
-from beit_fast.model import BeitConfig, build_classifier, build_model
+from beit_fast.model import build_classifier, build_model
 from beit_fast.pretrained import (
     PretrainedLoadError, classifier_config_from_checkpoint, load_pretrained, resize_pos_embed,
     resize_rel_pos_bias_table,
@@ -14,13 +14,7 @@ from beit_fast.pretrained import (
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, vocab_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (several threads on a loaded machine slow small ops down 10-100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(g):

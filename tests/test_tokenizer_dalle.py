@@ -148,14 +148,7 @@ class Decoder(nn.Module):
 SMALL = dict(n_hid=8, vocab_size=512)  # same topology as the released model, narrower
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests use tiny tensors: one intra-op thread avoids oversubscription on shared 2-core CI
-    machines (measured: 2 threads made a 60-step test run 12x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _drop_fake_modules():

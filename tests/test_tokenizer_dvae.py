@@ -28,14 +28,7 @@ from beit_fast.tokenizer.train import codebook_stats, evaluate_dvae
 SMALL = DVAEConfig(vocab_size=64, code_dim=16, hidden=8, channel_mult=(1, 1, 2), num_res_blocks=1, input_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests use tiny tensors: one intra-op thread avoids oversubscription on shared 2-core CI
-    machines (measured: 2 threads made a 60-step test run 12x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_images(n, side=32, seed=0):

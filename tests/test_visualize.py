@@ -20,12 +20,7 @@ PANEL = int(visualize.PANEL_INCHES * DPI)  # 80 px
 CURVES = (int(3 * visualize.CURVE_PANEL_INCHES[0] * DPI), int(visualize.CURVE_PANEL_INCHES[1] * DPI))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
