@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -197,3 +198,23 @@ def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def trim_jsonl(path: str | os.PathLike, key: str, last: int) -> None:
+    """Keep the JSON-lines records of ``path`` whose ``key`` is <= ``last`` (a resumed run logs the later
+    ones again; a line cut off by a kill, or one without ``key``, is dropped). Rewritten atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)[key] <= last:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     BEST_NAME, LAST_NAME, CheckpointError, atomic_save, copy_atomic, find_resume_checkpoint, list_checkpoints,
-    remove_stale_temp_files, validate_checkpoint,
+    remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
 from .engine import resolve_amp_dtype
 from .model import MODEL_CONFIGS, build_classifier, get_config
@@ -324,23 +324,6 @@ def _model_config(model: nn.Module) -> dict:
     return out
 
 
-def _trim_log(path: Path, epoch: int) -> None:
-    if not path.is_file():
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["epoch"] <= epoch:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
 def finetune(
     model: nn.Module, train_set, val_set, cfg: FinetuneConfig, *, device: str | torch.device = "cpu",
     output_dir: str | os.PathLike | None = None, progress: bool = True, num_classes: int | None = None,
@@ -423,7 +406,7 @@ def finetune(
                 set_rng_state(state["rng"])
             log.info("resumed from %s after epoch %d (step %d)", path, start_epoch, int(state["step"]))
             if out is not None:
-                _trim_log(out / "log.jsonl", start_epoch)
+                trim_jsonl(out / "log.jsonl", "epoch", start_epoch)
 
     def save(epoch: int, is_best: bool) -> None:
         if out is None or not cfg.save_ckpt:

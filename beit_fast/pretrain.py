@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     BEST_NAME, LAST_NAME, CheckpointError, atomic_save, find_resume_checkpoint, copy_atomic,
-    list_checkpoints, prune_checkpoints, remove_stale_temp_files, validate_checkpoint,
+    list_checkpoints, prune_checkpoints, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
 from .data import PretrainDataset, ImageFolderDataset, ResumableSampler, build_pretrain_loader
 from .distributed import (
@@ -326,25 +326,6 @@ def _rss_mb() -> float | None:
         return None
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Keep the records of steps <= ``step`` (a resumed run re-logs the later ones; a line cut off by a
-    kill is dropped)."""
-    if not path.is_file():
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
 def _data_error(e: BaseException) -> SystemExit | None:
     """A clear SystemExit for a data set that yields no readable image (raised in a worker or here)."""
     for line in str(e).splitlines()[::-1]:
@@ -584,7 +565,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             log.info("resumed from %s at step %d (epoch %d)", state["_path"], step, step // steps_per_epoch)
             del state
         if is_main:
-            _trim_log(out / "log.jsonl", step)
+            trim_jsonl(out / "log.jsonl", "step", step)
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, vocab %d, device %s, amp %s, step %s, %s", args.model, n_params / 1e6,

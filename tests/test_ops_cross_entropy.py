@@ -7,7 +7,6 @@ several row chunks.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -15,46 +14,15 @@ import torch.nn.functional as F
 
 import beit_fast.kernels.masked_linear_ce as ce_kernels
 from beit_fast.ops import masked_linear_cross_entropy, masked_linear_cross_entropy_reference
+from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
 
 LOWP = (torch.float16, torch.bfloat16)
 IGN = -100
-# CPU + Triton interpreter by default; the real kernels on CUDA with BEIT_FAST_REAL_GPU=1.
-DEVICE = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and torch.cuda.is_available() else "cpu")
-
-
-class _PoisonedTorch:
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    @staticmethod
-    def _fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7777)
-        return t
-
-    def empty(self, *args, **kwargs):
-        return self._fill(self._real.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs):
-        return self._fill(self._real.empty_like(*args, **kwargs))
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(ce_kernels, "torch", _PoisonedTorch(torch))
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_reference():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+    monkeypatch.setattr(ce_kernels, "torch", PoisonedTorch(torch))
 
 
 def _make(shape, D, V, dtype, ignore_frac=0.25, bias=True, seed=None):

@@ -6,59 +6,23 @@ element a kernel fails to write makes the comparison fail.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import beit_fast.kernels.patch_embed_mask as pe_kernels
 from beit_fast.ops import patch_embed_mask, patch_embed_mask_reference
+from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
 
 LOWP = (torch.float16, torch.bfloat16)
-# CPU + Triton interpreter by default; the real kernels on CUDA with BEIT_FAST_REAL_GPU=1.
-DEVICE = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and torch.cuda.is_available() else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-class _PoisonedTorch:
-    """Stands in for ``torch`` inside the kernel module: empty()/empty_like() come back filled with NaN
-    (floating) or a sentinel (integer), so unwritten output elements are detected."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    @staticmethod
-    def _fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7777)
-        return t
-
-    def empty(self, *args, **kwargs):
-        return self._fill(self._real.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs):
-        return self._fill(self._real.empty_like(*args, **kwargs))
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(pe_kernels, "torch", _PoisonedTorch(torch))
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_reference():
-    # on CUDA, cuDNN convolutions default to TF32: the fp32 reference must be IEEE fp32
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    monkeypatch.setattr(pe_kernels, "torch", PoisonedTorch(torch))
 
 
 def _make(B, C, H, W, D, P, dtype, mask_kind="random", seed=None, bias=True):
