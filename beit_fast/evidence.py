@@ -70,7 +70,7 @@ class EvidenceConfig:
     # pretraining
     pretrain_epochs: int = 20
     pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
+    pretrain_lr: float = 1.5e-3
     pretrain_warmup_epochs: int = 3
     crop_scale_min: float = 0.5
     # downstream
