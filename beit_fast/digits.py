@@ -11,6 +11,7 @@ few-label setting in which pretraining on all images, without their labels, shou
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -22,15 +23,19 @@ __all__ = ["DigitsDataset", "load_digits_arrays", "DIGIT_CLASSES"]
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
+@functools.lru_cache(maxsize=1)
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """``images uint8 [1797, 8, 8]`` (0..255) and ``labels int64 [1797]``."""
+    """``images uint8 [1797, 8, 8]`` (0..255) and ``labels int64 [1797]``, read-only (parsed once per
+    process: every split and transform of a run shares them)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
         raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from e
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    return images, d.target.astype(np.int64)
+    labels = d.target.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
 
 
 def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
