@@ -11,6 +11,15 @@ and the lr is not rescaled. SIGTERM / SIGINT stop at the next step boundary with
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file (python beit_fast/pretrain.py): as with -m
+    import os, sys  # noqa: E401
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import beit_fast.pretrain as _cli
+    _cli.main()
+    raise SystemExit(0)
+
+# Only the standard library and plain-Python modules at import time: the flags are parsed (and --help
+# answered) before torch and the rest of the library are imported, inside the functions that use them.
 import argparse
 import json
 import logging
@@ -19,29 +28,23 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
+from .logs import cli_logging
+from .options import MODEL_NAMES, HelpFormatter
 
-from .checkpoint import (
-    BEST_NAME, LAST_NAME, CheckpointError, atomic_save, find_resume_checkpoint, copy_atomic,
-    list_checkpoints, prune_checkpoints, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
-)
-from .data import PretrainDataset, ImageFolderDataset, ResumableSampler, build_pretrain_loader
-from .distributed import (
-    DistInfo, GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
-    cleanup_distributed, init_distributed, isolate_worker_from_signals,
-)
-from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
-from .masking import MaskingGenerator
-from .model import MODEL_CONFIGS, build_model, get_config
-from .rng import rng_state, seed_everything, set_rng_state  # noqa: F401 (re-exported)
-from .optim import build_optimizer, cosine_scheduler
-from .sample_data import SampleImages
-from .transforms import TwoViewConfig, TwoViewTransform
+if TYPE_CHECKING:
+    import torch
+
+    from .distributed import DistInfo, GracefulStop
 
 log = logging.getLogger("beit_fast.pretrain")
+
+#: Numbered checkpoints kept by default (--keep_last): the newest two, besides checkpoint-last.pt and
+#: checkpoint-best.pt.
+DEFAULT_KEEP_LAST = 2
+#: Where DALL-E's released tokenizer weights come from (OpenAI's DALL-E release).
+DALLE_ENCODER_URL = "https://cdn.openai.com/dall-e/encoder.pkl"
 
 INTERPOLATIONS = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest")
 
@@ -62,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
         "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "
         "differ between the demo and a run with --data_path (the official BEiT-B recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="image folder (searched recursively); omit for the embedded demo")
@@ -93,13 +96,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", choices=["dalle", "dvae"], default=None,
                    help="visual tokenizer: DALL-E's released encoder or our discrete VAE (demo dvae / real dalle)")
     g.add_argument("--discrete_vae_weight_path", default=None,
-                   help="tokenizer weights: DALL-E encoder.pkl (or a state dict of its layout), or a dVAE "
-                   "checkpoint from beit_fast.train_tokenizer; demo: trained first if missing")
+                   help=f"tokenizer weights: DALL-E's encoder.pkl ({DALLE_ENCODER_URL}, or a state dict of its "
+                   "layout), or a dVAE checkpoint from python -m beit_fast.train_tokenizer; demo: trained first "
+                   "if missing")
     g.add_argument("--tokenizer_steps", type=int, default=None,
                    help="demo only: steps to train the demo dVAE when no checkpoint is given (demo 300)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=sorted(MODEL_CONFIGS), help="model size (demo tiny / real base)")
+    g.add_argument("--model", default=None, choices=MODEL_NAMES, help="model size (demo tiny / real base)")
     g.add_argument("--vocab_size", type=int, default=None, help="visual vocabulary (default: the tokenizer's)")
     g.add_argument("--patch_size", type=int, default=16, help="patch size in pixels")
     g.add_argument("--rel_pos_bias", action=argparse.BooleanOptionalAction, default=True,
@@ -166,21 +170,44 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint to resume from, or 'auto': output_dir's newest checkpoint that loads (an "
                    "unloadable one is skipped with a warning), or a fresh start if there is none")
     g.add_argument("--save_ckpt_freq", type=int, default=None, help="save a numbered checkpoint every N epochs")
-    g.add_argument("--keep_last", type=int, default=0,
-                   help="keep only the K newest numbered checkpoints (0: keep all); checkpoint-last.pt and "
-                   "checkpoint-best.pt (lowest epoch-average loss) are always kept")
+    g.add_argument("--keep_last", type=int, default=DEFAULT_KEEP_LAST,
+                   help="keep only the K newest numbered checkpoints (default: %(default)s; 0: keep all); "
+                   "checkpoint-last.pt and checkpoint-best.pt (lowest epoch-average loss) are always kept")
     g.add_argument("--save_ckpt_steps", type=int, default=0,
                    help="also refresh checkpoint-last.pt every N steps (0: only at epoch ends)")
     g.add_argument("--log_freq", type=int, default=10, help="write a log line every N steps")
+    g.add_argument("--log_dir", default=None,
+                   help="also write the logged scalars (loss, MIM accuracy, unigram baseline, lr, ...) as TensorBoard "
+                   "events to this folder (needs the tensorboard package); the JSON lines go to output_dir/log.jsonl "
+                   "either way")
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="stop after this many global steps with a checkpoint, as if interrupted (for testing resume)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
-def _errors_of(args: argparse.Namespace) -> list[str]:
-    """Every problem with the flags that can be seen without touching files or devices."""
+def _path_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the paths the user typed: reported first, before anything that depends on them."""
     errors = []
+    if args.data_path is not None:
+        if not os.path.exists(args.data_path):
+            errors.append(f"--data_path {args.data_path}: image folder not found")
+        elif not os.path.isdir(args.data_path):
+            errors.append(f"--data_path {args.data_path} is not a folder")
+    if args.discrete_vae_weight_path and not os.path.isfile(args.discrete_vae_weight_path):
+        errors.append(f"--discrete_vae_weight_path {args.discrete_vae_weight_path}: tokenizer weights not found")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        errors.append(f"--resume checkpoint not found: {args.resume}")
+    if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
+    if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
+        errors.append(f"--log_dir {args.log_dir} exists and is not a folder")
+    return errors
+
+
+def _errors_of(args: argparse.Namespace) -> list[str]:
+    """Every problem with the flags that can be seen without touching devices: the paths first."""
+    errors = _path_errors(args)
     for name in ("epochs", "batch_size", "input_size", "patch_size", "save_ckpt_freq", "log_freq",
                  "min_mask_patches_per_block", "max_bad_steps", "update_freq"):
         if getattr(args, name) <= 0:
@@ -226,13 +253,13 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
                           f"{args.second_input_size // 8} token grid, but the patch grid is {grid}x{grid}: use "
                           f"{grid * 8}")
     if args.tokenizer == "dalle" and not args.discrete_vae_weight_path:
-        errors.append("--tokenizer dalle needs --discrete_vae_weight_path pointing at DALL-E's encoder.pkl "
-                      "(this machine cannot download it); or use --tokenizer dvae")
-    if args.discrete_vae_weight_path and not os.path.isfile(args.discrete_vae_weight_path):
-        errors.append(f"tokenizer weights not found: {args.discrete_vae_weight_path}")
+        errors.append(f"--tokenizer dalle needs --discrete_vae_weight_path pointing at DALL-E's encoder.pkl, the "
+                      f"tokenizer of OpenAI's DALL-E release ({DALLE_ENCODER_URL}; download it once). No download "
+                      "needed: train our dVAE on your images, python -m beit_fast.train_tokenizer --data_path DIR "
+                      "--output dvae.pt, then pass --tokenizer dvae --discrete_vae_weight_path dvae.pt")
     if args.tokenizer == "dvae" and args.data_path is not None and not args.discrete_vae_weight_path:
-        errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path (train one with "
-                      "python -m beit_fast.train_tokenizer --data_path ...)")
+        errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path: train one on your images "
+                      "with python -m beit_fast.train_tokenizer --data_path DIR --output dvae.pt")
     if args.data_path is not None and args.num_samples is not None:
         errors.append("--num_samples only applies to the embedded demo (no --data_path)")
     if args.activation_checkpointing not in ("none", "all"):
@@ -242,10 +269,6 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         except ValueError:
             errors.append(f"--activation_checkpointing must be none, all or a positive integer, "
                           f"got {args.activation_checkpointing!r}")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        errors.append(f"--resume checkpoint not found: {args.resume}")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
     if args.fsdp and args.amp == "fp16":
         errors.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
     return errors
@@ -273,12 +296,15 @@ def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):
     if path is None:  # demo: train a small dVAE once, reuse it afterwards
         path = str(Path(args.output_dir) / "tokenizer.pt")
         if not os.path.isfile(path):
-            from .train_tokenizer import main as train_tokenizer
+            from .tokenizer_training import train_tokenizer
 
             log.info("training the demo dVAE tokenizer (%d steps) -> %s", args.tokenizer_steps, path)
-            train_tokenizer(["--output", path, "--preset", "tiny", "--steps", str(args.tokenizer_steps),
-                             "--input_size", str(args.second_input_size), "--seed", str(args.seed),
-                             "--device", str(device)] + (["--no_progress"] if args.no_progress else []))
+            metrics = train_tokenizer(path, preset="tiny", steps=args.tokenizer_steps,
+                                      input_size=args.second_input_size, seed=args.seed, device=str(device),
+                                      progress=not args.no_progress)
+            log.info("demo tokenizer: held-out reconstruction MSE %.4f (untrained %.4f, each crop's mean colour "
+                     "%.4f), %d of %d codes used", metrics["recon_mse"], metrics["initial"]["recon_mse"],
+                     metrics["mean_color_mse"], metrics["codes_used"], metrics["vocab_size"])
         else:
             log.info("reusing the demo dVAE tokenizer %s", path)
         args.discrete_vae_weight_path = path
@@ -294,19 +320,25 @@ class Checkpointer:
     """Writes ``checkpoint-last.pt`` atomically into the output directory; numbered and best checkpoints
     are atomic copies of it (each state is serialised once)."""
 
-    def __init__(self, output_dir: str, keep_last: int = 0) -> None:
+    def __init__(self, output_dir: str, keep_last: int = DEFAULT_KEEP_LAST) -> None:
         self.dir = Path(output_dir)
         self.keep_last = keep_last
 
     @property
     def last(self) -> Path:
+        from .checkpoint import LAST_NAME
+
         return self.dir / LAST_NAME
 
     @property
     def best(self) -> Path:
+        from .checkpoint import BEST_NAME
+
         return self.dir / BEST_NAME
 
     def save(self, state: dict, numbered: str | None = None, best: bool = False) -> Path:
+        from .checkpoint import atomic_save, copy_atomic, prune_checkpoints
+
         atomic_save(state, self.last)
         if numbered:
             copy_atomic(self.last, self.dir / f"checkpoint-{numbered}.pt")
@@ -381,16 +413,34 @@ def _check_fast_backends(args: argparse.Namespace, device: torch.device) -> None
 def main(argv: list[str] | None = None) -> dict:
     """Run pretraining with command-line flags ``argv`` (default ``sys.argv[1:]``); returns a summary."""
     args = resolve_defaults(get_args_parser().parse_args(argv))
-    dist_info, device = init_distributed(args.device)
-    try:
-        return _train(args, dist_info, device)
-    finally:
-        cleanup_distributed(dist_info)
+    from .distributed import cleanup_distributed, init_distributed
+
+    with cli_logging():
+        dist_info, device = init_distributed(args.device)
+        try:
+            return _train(args, dist_info, device)
+        finally:
+            cleanup_distributed(dist_info)
 
 
 def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> dict:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .checkpoint import remove_stale_temp_files, trim_jsonl
+    from .data import ImageFolderDataset, PretrainDataset, ResumableSampler, build_pretrain_loader
+    from .distributed import (GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier,
+                              isolate_worker_from_signals)
+    from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
+    from .masking import MaskingGenerator
+    from .model import build_model, get_config
+    from .optim import build_optimizer, cosine_scheduler
+    from .rng import rng_state, seed_everything, set_rng_state
+    from .sample_data import SampleImages
+    from .transforms import TwoViewConfig, TwoViewTransform
+
     is_main, rank, world = dist_info.is_main, dist_info.rank, dist_info.world_size
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_main:  # one rank speaks
         logging.getLogger("beit_fast").setLevel(logging.WARNING)
     if args.fsdp and not dist_info.active:
@@ -540,8 +590,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         state = _resume_state(args, dist_info)
         if state is not None:
             if state.get("model_config") != cfg.to_dict():
-                raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config:\n"
-                                 f"  checkpoint: {state.get('model_config')}\n  this run:   {cfg.to_dict()}")
+                raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config: "
+                                 f"{_config_difference(state.get('model_config'), cfg.to_dict())}")
             _warn_if_trajectory_changes(state, args)
             try:
                 engine.load_model_state_dict(state["model"])
@@ -598,6 +648,15 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             ckpt.save(state, numbered, best)
 
     log_file = open(out / "log.jsonl", "a") if is_main else None
+    tensorboard = None
+    if is_main and args.log_dir:
+        from .logs import TensorBoardMissing, TensorBoardWriter
+
+        try:
+            tensorboard = TensorBoardWriter(args.log_dir, purge_step=step + 1 if step else None)
+        except TensorBoardMissing as e:
+            log_file.close()
+            raise SystemExit(f"error: {e}") from None
     bad_steps = 0
     history: list[dict] = []
     epoch_losses: list[float] = []
@@ -656,11 +715,14 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                                   "skipped_images": loader.skipped.num_skipped}
                         record["loss"] = float(np.mean([r.loss for r in window]))
                         record["mlm_acc"] = float(np.mean([r.mlm_acc for r in window]))
+                        record["unigram_entropy"] = engine.unigram_entropy()
                         rss = _rss_mb()
                         if rss is not None:
                             record["rss_mb"] = rss
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                        if tensorboard is not None:
+                            tensorboard.add_scalars(record, step)
                         history.append(record)
                         window, t0, steps_since_log = [], time.time(), 0
                 # Every rank must stop at the same step: a signal seen by any rank stops all of them.
@@ -690,7 +752,10 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             epoch_loss_sum, epoch_loss_count = 0.0, 0
             numbered = str(epoch_done) if (epoch_done % args.save_ckpt_freq == 0 or step == total_steps) else None
             save(numbered, best=is_best)
-            log.info("epoch %d/%d: mean loss %.4f%s%s", epoch_done, args.epochs, epoch_loss,
+            if tensorboard is not None:
+                tensorboard.flush()
+            log.info("epoch %d/%d: mean loss %.4f nats (unigram baseline %s)%s%s", epoch_done, args.epochs,
+                     epoch_loss, _nats(engine.unigram_entropy()),
                      " (best so far)" if is_best else "",
                      f", last {history[-1]['images_per_s']:.1f} img/s" if history else "")
             if stop_reason is not None:  # at an epoch end: the epoch's checkpoints are written, stop here
@@ -699,6 +764,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         stopper.restore()
         if log_file is not None:
             log_file.close()
+        if tensorboard is not None:
+            tensorboard.close()
         _shutdown_workers(loader)
     minutes = (time.time() - start_time) / 60
     if loader.skipped.num_skipped:
@@ -706,16 +773,26 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                     ", ".join(list(loader.skipped.files)[:5]))
     summary = {"steps": step, "minutes": minutes, "checkpoint": str(ckpt.last), "history": history,
                "interrupted": stop_reason, "best_loss": best_loss if math.isfinite(best_loss) else None,
-               "best_epoch": best_epoch, "epoch_losses": epoch_losses, "world_size": world}
+               "best_epoch": best_epoch, "epoch_losses": epoch_losses, "world_size": world,
+               "unigram_entropy": engine.unigram_entropy()}
     if history:
-        log.info("done: %d steps in %.1f min; loss %.4f -> %.4f, mlm_acc %.4f -> %.4f; checkpoint %s", step, minutes,
-                 history[0]["loss"], history[-1]["loss"], history[0]["mlm_acc"], history[-1]["mlm_acc"], ckpt.last)
+        log.info("done: %d steps in %.1f min; MIM loss %.4f -> %.4f nats (unigram baseline: %s, the loss of "
+                 "predicting masked tokens by their frequency alone), mlm_acc %.4f -> %.4f; checkpoint %s", step,
+                 minutes, history[0]["loss"], history[-1]["loss"], _nats(summary["unigram_entropy"]),
+                 history[0]["mlm_acc"], history[-1]["mlm_acc"], ckpt.last)
     return summary
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f} nats"
 
 
 def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     """The checkpoint every rank resumes from: rank 0 picks it (``auto``: the newest valid one), all
     ranks load that same file. None: nothing to resume (``auto`` on a fresh output folder)."""
+    from .checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, validate_checkpoint
+    from .distributed import broadcast_object
+
     choice: tuple[str | None, str | None] = (None, None)
     state = None
     if dist_info.is_main:
@@ -748,6 +825,13 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                              "shared file system)") from None
     state["_path"] = path
     return state
+
+
+def _config_difference(old: dict | None, new: dict) -> str:
+    """``key: checkpoint X, this run Y`` for each key whose value differs (a key missing on one side: -)."""
+    old = old if isinstance(old, dict) else {}
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "-") != new.get(k, "-")]
+    return "; ".join(f"{k}: checkpoint {old.get(k, '-')!r}, this run {new.get(k, '-')!r}" for k in keys)
 
 
 def _warn_if_trajectory_changes(state: dict, args: argparse.Namespace) -> None:
