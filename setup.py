@@ -15,9 +15,10 @@ setup(
     packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels"],
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
     install_requires=[
+        # Triton is not listed: the CUDA builds of torch bring the version they were built with, and the
+        # CPU builds do not need it (the kernels run on GPUs; on CPU only the tests run them, interpreted).
         "torch>=2.10,<=2.14.1",
         "torchvision",
-        "triton; platform_system == 'Linux'",
         "numpy",
         "pillow",
         "tqdm",
@@ -26,8 +27,11 @@ setup(
         "matplotlib",  # beit_fast.visualize
     ],
     extras_require={
-        # Tests exercise the HuggingFace/timm interop and the property-based input checks.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors"],
+        # Tests exercise the HuggingFace/timm interop, the property-based input checks, the Triton kernels
+        # (interpreted on CPU) and the TensorBoard scalars of --log_dir.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors",
+                "triton; platform_system == 'Linux'", "tensorboard"],
+        "tensorboard": ["tensorboard"],  # pretrain --log_dir
         "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],

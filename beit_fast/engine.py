@@ -256,11 +256,13 @@ class PretrainEngine:
         if self.token_counts is not None:
             self.token_counts.scatter_add_(0, tokens.reshape(-1), bool_masked_pos.reshape(-1).to(torch.int64))
 
-    def unigram_entropy(self) -> float | None:
-        """Entropy, in nats, of the distribution of the masked targets seen so far (this process's): the
-        cross-entropy of predicting every masked token by the tokens' frequencies alone, i.e. the MIM loss a
-        model that ignores the image can reach. A loss below it is learning from the image. None before
-        the first step (or without a vocabulary size). Reads the counts back to the host."""
+    def unigram_baseline(self) -> tuple[float, float] | None:
+        """``(entropy in nats, largest frequency)`` of the masked targets seen so far (this process's): the
+        MIM loss and the MIM accuracy of a model that ignores the image and predicts every masked token by
+        the tokens' frequencies alone (the cross-entropy of the marginal distribution is its entropy; the
+        best constant guess is the most frequent token). A loss below the entropy, an accuracy above the
+        frequency, is learning from the image. None before the first step (or without a vocabulary size).
+        Reads the counts back to the host."""
         if self.token_counts is None:
             return None
         counts = self.token_counts.double().cpu()
@@ -268,7 +270,12 @@ class PretrainEngine:
         if total <= 0:
             return None
         p = counts[counts > 0] / total
-        return float(-(p * p.log()).sum())
+        return float(-(p * p.log()).sum()), float(p.max())
+
+    def unigram_entropy(self) -> float | None:
+        """The entropy part of :meth:`unigram_baseline` (nats), or None."""
+        baseline = self.unigram_baseline()
+        return None if baseline is None else baseline[0]
 
     def _loss_call(self):
         """What computes (loss, acc): the (DDP-wrapped) loss module, or its compiled form."""

@@ -66,7 +66,8 @@ class TensorBoardMissing(ImportError):
 
 
 #: TensorBoard tag group of each metric (the official BEiT scripts' ``loss/`` and ``opt/`` heads).
-_GROUPS = {"loss": "loss", "mlm_acc": "loss", "unigram_entropy": "loss", "lr": "opt", "min_lr": "opt",
+_GROUPS = {"loss": "loss", "mlm_acc": "loss", "unigram_entropy": "loss", "unigram_acc": "loss", "lr": "opt",
+           "min_lr": "opt",
            "weight_decay": "opt", "grad_norm": "opt", "loss_scale": "opt"}
 
 

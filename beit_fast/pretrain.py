@@ -43,6 +43,8 @@ log = logging.getLogger("beit_fast.pretrain")
 #: Numbered checkpoints kept by default (--keep_last): the newest two, besides checkpoint-last.pt and
 #: checkpoint-best.pt.
 DEFAULT_KEEP_LAST = 2
+#: The demo's photographs are capped at this many times the patch view's side (2: 448 px for 224 px views).
+DEMO_PHOTO_SIDE_PER_VIEW = 2
 #: Where DALL-E's released tokenizer weights come from (OpenAI's DALL-E release).
 DALLE_ENCODER_URL = "https://cdn.openai.com/dall-e/encoder.pkl"
 
@@ -467,7 +469,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     seed_everything(args.seed)
     grid = args.input_size // args.patch_size
     if args.data_path is None:
-        images = SampleImages(num_samples=args.num_samples)
+        # Photographs capped at twice the patch view's side: the colour jitter runs on the whole photograph
+        # (official order), and on the 1411 px retina it would cost more than the model's step.
+        images = SampleImages(num_samples=args.num_samples, max_side=DEMO_PHOTO_SIDE_PER_VIEW * args.input_size)
     else:
         try:
             images = ImageFolderDataset(args.data_path)
@@ -715,7 +719,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                                   "skipped_images": loader.skipped.num_skipped}
                         record["loss"] = float(np.mean([r.loss for r in window]))
                         record["mlm_acc"] = float(np.mean([r.mlm_acc for r in window]))
-                        record["unigram_entropy"] = engine.unigram_entropy()
+                        record["unigram_entropy"], record["unigram_acc"] = engine.unigram_baseline() or (None, None)
                         rss = _rss_mb()
                         if rss is not None:
                             record["rss_mb"] = rss
@@ -774,12 +778,14 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     summary = {"steps": step, "minutes": minutes, "checkpoint": str(ckpt.last), "history": history,
                "interrupted": stop_reason, "best_loss": best_loss if math.isfinite(best_loss) else None,
                "best_epoch": best_epoch, "epoch_losses": epoch_losses, "world_size": world,
-               "unigram_entropy": engine.unigram_entropy()}
+               "unigram_entropy": None, "unigram_acc": None}
+    summary["unigram_entropy"], summary["unigram_acc"] = engine.unigram_baseline() or (None, None)
     if history:
-        log.info("done: %d steps in %.1f min; MIM loss %.4f -> %.4f nats (unigram baseline: %s, the loss of "
-                 "predicting masked tokens by their frequency alone), mlm_acc %.4f -> %.4f; checkpoint %s", step,
-                 minutes, history[0]["loss"], history[-1]["loss"], _nats(summary["unigram_entropy"]),
-                 history[0]["mlm_acc"], history[-1]["mlm_acc"], ckpt.last)
+        log.info("done: %d steps in %.1f min; MIM loss %.4f -> %.4f nats, mlm_acc %.4f -> %.4f; unigram baseline "
+                 "(masked tokens predicted by their frequency alone): loss %s, accuracy %s; checkpoint %s", step,
+                 minutes, history[0]["loss"], history[-1]["loss"], history[0]["mlm_acc"], history[-1]["mlm_acc"],
+                 _nats(summary["unigram_entropy"]),
+                 "n/a" if summary["unigram_acc"] is None else f"{summary['unigram_acc']:.4f}", ckpt.last)
     return summary
 
 

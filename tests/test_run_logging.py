@@ -102,6 +102,7 @@ def test_unigram_entropy_of_the_masked_targets():
     engine.count_targets(tokens, mask)  # masked targets: 0, 1, 1, 0, 0 -> p = (3/5, 2/5)
     p = np.array([3 / 5, 2 / 5])
     assert engine.unigram_entropy() == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+    assert engine.unigram_baseline()[1] == pytest.approx(3 / 5)
     state = engine.state_dict()
     engine.count_targets(tokens, mask)
     engine.load_state_dict(state)
@@ -114,9 +115,11 @@ def test_unigram_baseline_is_logged_beside_the_loss(toy_setup, tmp_path, caplog)
     log = read_log(tmp_path / "run")
     values = [r["unigram_entropy"] for r in log]
     assert all(0 < v <= math.log(64) for v in values)
-    assert summary["unigram_entropy"] == values[-1]
+    assert all(1 / 64 <= r["unigram_acc"] <= 1 for r in log)
+    assert summary["unigram_entropy"] == values[-1] and summary["unigram_acc"] == log[-1]["unigram_acc"]
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
-    assert len(done) == 1 and f"unigram baseline: {values[-1]:.4f} nats" in done[0]
+    assert len(done) == 1 and "unigram baseline" in done[0]
+    assert f"loss {values[-1]:.4f} nats, accuracy {log[-1]['unigram_acc']:.4f}" in done[0]
 
 
 def test_tensorboard_scalars_beside_the_json_lines(toy_setup, tmp_path):  # noqa: F811
