@@ -502,7 +502,7 @@ def _series(records: list[dict]) -> tuple[str, dict[str, tuple[list[float], list
 
 def _kind(key: str) -> str | None:
     k = key.lower()
-    if "loss" in k:
+    if "loss" in k or k == "unigram_entropy":  # pretraining's unigram baseline: a loss a model can beat
         return "loss"
     if "acc" in k or k in ("top1", "top5") or k.endswith(("_top1", "_top5")) or k.startswith(("top1_", "top5_")):
         return "accuracy"
@@ -518,8 +518,9 @@ def plot_curves(log_path: str | os.PathLike, out: str | os.PathLike, *, title: s
     Reads what ``beit_fast.pretrain`` writes (``step``, ``loss``, ``mlm_acc``, ``lr``, ...) and is tolerant
     of other logs: the x axis is the first of ``step``, ``global_step``, ``iteration``, ``epoch`` present
     (else the line number); every numeric key containing ``loss`` goes to the first panel, every one
-    containing ``acc`` (or ``top1``/``top5``) to the second, ``lr`` to the third (log scale); a panel with
-    nothing to show says so. ``FileNotFoundError`` for a missing log, ``ValueError`` for one without any
+    containing ``acc`` (or ``top1``/``top5``) to the second, ``lr`` to the third (log scale); the unigram
+    baseline of pretraining (``unigram_entropy``, ``unigram_acc``) is drawn dashed grey in the first two; a
+    panel with nothing to show says so. ``FileNotFoundError`` for a missing log, ``ValueError`` for one without any
     numeric record. Writes ``3 * 3.0 * dpi`` by ``2.5 * dpi`` pixels (:data:`CURVE_PANEL_INCHES`).
     """
     dpi = _check_dpi(dpi)
@@ -551,6 +552,8 @@ def plot_curves(log_path: str | os.PathLike, out: str | os.PathLike, *, title: s
         for key in keys:
             xs, ys = series[key]
             style = dict(marker="o", markersize=2) if len(xs) < 30 else {}
+            if key.startswith("unigram_"):  # the frequency-only baseline, beside what the model reaches
+                style = dict(linestyle="--", color="grey")
             ax.plot(xs, ys, linewidth=1.2, label=key, **style)
         if kind == "lr" and all(y > 0 for key in keys for y in series[key][1]):
             ax.set_yscale("log")

@@ -146,3 +146,8 @@ def test_demo_run_pictures_the_sample_photographs():
     images, names = visualization._run_images({"data_path": None}, 2, seed=0)
     assert names == ["astronaut", "chelsea"]
     assert all(im.mode == "RGB" and max(im.size) <= 512 for im in images)
+
+
+def test_curves_put_the_unigram_baseline_beside_loss_and_accuracy():
+    assert visualization._kind("unigram_entropy") == visualization._kind("loss") == "loss"
+    assert visualization._kind("unigram_acc") == visualization._kind("mlm_acc") == "accuracy"
