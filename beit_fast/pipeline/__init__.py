@@ -7,13 +7,14 @@ where the decoder is libjpeg-turbo (CPU tensors) and within nvJPEG's decoding di
 * :mod:`~beit_fast.pipeline.device`: decode + render on the device, and the prefetching loader.
 """
 from .device import (
-    DevicePretrainLoader, DeviceTwoViewTransform, LoaderStats, build_device_pretrain_loader, device_pipeline_problems,
+    DATA_PIPELINES, DevicePretrainLoader, DeviceTwoViewTransform, LoaderStats, build_device_pretrain_loader,
+    build_loader_for, device_pipeline_problems,
 )
 from .encoded import EncodedBatch, EncodedPretrainDataset, EncodedSample, collate_encoded, read_encoded
 from .ops import color_jitter, resample_weights, resize_crops, vertical_pass_first
 
 __all__ = [
-    "DevicePretrainLoader", "DeviceTwoViewTransform", "LoaderStats", "build_device_pretrain_loader",
-    "device_pipeline_problems", "EncodedBatch", "EncodedPretrainDataset", "EncodedSample", "collate_encoded",
+    "DATA_PIPELINES", "DevicePretrainLoader", "DeviceTwoViewTransform", "LoaderStats", "build_device_pretrain_loader",
+    "build_loader_for", "device_pipeline_problems", "EncodedBatch", "EncodedPretrainDataset", "EncodedSample", "collate_encoded",
     "read_encoded", "color_jitter", "resample_weights", "resize_crops", "vertical_pass_first",
 ]

@@ -44,19 +44,34 @@ from .encoded import EncodedBatch, EncodedPretrainDataset, EncodedSample, collat
 from .ops import FILTERS, color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first
 
 __all__ = ["DeviceTwoViewTransform", "DevicePretrainLoader", "LoaderStats", "build_device_pretrain_loader",
-           "device_pipeline_problems"]
+           "build_loader_for", "device_pipeline_problems", "DATA_PIPELINES"]
 
 
-def device_pipeline_problems(cfg: TwoViewConfig) -> list[str]:
-    """Why ``cfg`` cannot run on the device pipeline (empty list: it can)."""
+def device_pipeline_problems(interpolation: str, second_interpolation: str) -> list[str]:
+    """Why the device pipeline cannot render views with these filters (empty list: it can)."""
     problems = []
-    for name in ("interpolation", "second_interpolation"):
-        value = getattr(cfg, name)
+    for flag, value in (("--train_interpolation", interpolation), ("--second_interpolation", second_interpolation)):
         if value not in FILTERS:
-            flag = "--train_interpolation" if name == "interpolation" else "--second_interpolation"
             problems.append(f"--data_pipeline gpu supports {flag} {', '.join(sorted(FILTERS))} (Pillow's "
                             f"convolution filters), not {value}; use --data_pipeline pil")
     return problems
+
+
+DATA_PIPELINES = ("pil", "gpu")
+
+
+def build_loader_for(pipeline: str, dataset: PretrainDataset, batch_size: int, device: str | torch.device,
+                     **kwargs) -> PretrainLoader:
+    """The loader of ``--data_pipeline``: ``"pil"`` -> :func:`beit_fast.data.build_pretrain_loader` (host
+    batches; the step copies them), ``"gpu"`` -> :func:`build_device_pretrain_loader` (batches on
+    ``device``). ``kwargs``: the arguments both take (``num_workers``, ``sampler``, ``pin_memory``, ...)."""
+    if pipeline == "pil":
+        from ..data import build_pretrain_loader
+
+        return build_pretrain_loader(dataset, batch_size, **kwargs)
+    if pipeline == "gpu":
+        return build_device_pretrain_loader(dataset, batch_size, device, **kwargs)
+    raise ValueError(f"unknown data pipeline {pipeline!r}; expected one of {DATA_PIPELINES}")
 
 
 def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -99,7 +114,7 @@ class DeviceTwoViewTransform:
 
     def __init__(self, cfg: TwoViewConfig, device: str | torch.device = "cpu", exact: bool = True,
                  chunk_size: int = 64, decoder: str = "auto") -> None:
-        problems = device_pipeline_problems(cfg)
+        problems = device_pipeline_problems(cfg.interpolation, cfg.second_interpolation)
         if problems:
             raise ValueError("; ".join(problems))
         if decoder not in ("auto", "device", "cpu"):
