@@ -362,6 +362,7 @@ class DevicePretrainLoader(PretrainLoader):
     def _threaded(self, raw):
         device = self.transform.device
         cuda = device.type == "cuda"
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -378,8 +379,8 @@ class DevicePretrainLoader(PretrainLoader):
             try:
                 stream = None
                 if cuda:
-                    torch.cuda.set_device(device)
-                    stream = torch.cuda.Stream(device)
+                    torch.cuda.set_device(index)  # the current device is per thread
+                    stream = torch.cuda.Stream(index)
                 for batch in raw:
                     if stop.is_set():
                         return

@@ -247,7 +247,8 @@ def resize_crops(images: Tensor, weights_y: Tensor, weights_x: Tensor, vertical_
     b = images.shape[0]
     out = torch.empty(b, 3, weights_y.shape[1], weights_x.shape[1], dtype=torch.uint8, device=images.device)
     vfirst = torch.zeros(b, dtype=torch.bool) if vertical_first is None else vertical_first.cpu()
-    with _full_precision_matmul(images.device):
+    # float32 only: TF32 off (a global flag, so not touched at all on the default float64 path)
+    with _full_precision_matmul(images.device if not exact else torch.device("cpu")):
         for flag in (False, True):
             sel = (vfirst == flag).nonzero().flatten()
             if sel.numel() == 0:
