@@ -86,6 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="pil: DataLoader workers decode, jitter and resize with Pillow; gpu: workers only read "
                    "JPEG bytes, the training device decodes them (nvJPEG on CUDA) and renders both views with "
                    "Pillow's arithmetic (identical pixels with a CPU decoder; runs on CPU tensors too)")
+    g.add_argument("--tokenize_in_loader", action="store_true",
+                   help="with --data_pipeline gpu: compute the visual tokens in the input pipeline's prefetch "
+                   "thread (a side CUDA stream, overlapping the previous step) instead of in the step")
 
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int, default=75, help="patches to mask per image (about 40%%)")
@@ -253,6 +256,8 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
     if args.data_pipeline == "gpu":
         errors += device_pipeline_problems(args.train_interpolation, args.second_interpolation)
+    if args.tokenize_in_loader and args.data_pipeline != "gpu":
+        errors.append("--tokenize_in_loader needs --data_pipeline gpu")
     if args.fsdp and args.amp == "fp16":
         errors.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
     return errors
@@ -539,6 +544,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             if engine.tokenizer_dtype is not None:
                 break
         log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
+    if args.tokenize_in_loader:
+        loader.set_tokenizer(tokenizer, engine.tokenizer_dtype)
 
     step = 0
     best_loss, best_epoch = math.inf, None

@@ -412,11 +412,15 @@ def test_pretrain_with_the_gpu_pipeline_on_cpu_equals_the_pil_run(tmp_path):
               "--min_mask_patches_per_block", "2", "--batch_size", "4", "--num_workers", "0", "--amp", "none",
               "--log_freq", "1", "--no_progress", "--epochs", "2", "--warmup_epochs", "1"]
     runs = {}
-    for kind in ("pil", "gpu"):
-        out = tmp_path / kind
-        pretrain.main(common + ["--output_dir", str(out), "--data_pipeline", kind])
-        runs[kind] = [r["loss"] for r in map(__import__("json").loads, open(out / "log.jsonl"))]
-    assert len(runs["pil"]) == 8 and runs["gpu"] == runs["pil"]
+    for name, flags in (("pil", ["--data_pipeline", "pil"]), ("gpu", ["--data_pipeline", "gpu"]),
+                        ("gpu_tokens", ["--data_pipeline", "gpu", "--tokenize_in_loader", "--num_workers", "2"])):
+        out = tmp_path / name
+        pretrain.main(common + ["--output_dir", str(out), *flags])
+        runs[name] = [r["loss"] for r in map(__import__("json").loads, open(out / "log.jsonl"))]
+    # the same losses: same pixels, same tokens (also when the loader's thread computes them)
+    assert len(runs["pil"]) == 8 and runs["gpu"] == runs["pil"] and runs["gpu_tokens"] == runs["pil"]
+    with pytest.raises(SystemExit, match="--tokenize_in_loader needs --data_pipeline gpu"):
+        pretrain.main(common + ["--output_dir", str(tmp_path / "bad"), "--tokenize_in_loader"])
     with pytest.raises(SystemExit, match="--data_pipeline gpu supports --train_interpolation"):
         pretrain.main(common + ["--output_dir", str(tmp_path / "bad"), "--data_pipeline", "gpu",
                                 "--train_interpolation", "nearest"])
@@ -441,3 +445,18 @@ def test_nvjpeg_views_within_tolerance_and_tokens(photo_folder, demo_tokenizer):
         msg = f"patch max {pm:.2f} mean {pa:.4f}, tokenizer max {tm:.2f} mean {ta:.4f} levels, ids {agree:.4f}"
         assert pa <= 1.0 and ta <= 1.0 and agree >= 0.98, msg
         assert torch.equal(d_mask, p_mask)
+
+
+def test_loader_side_tokens_equal_the_engines(photo_folder, demo_tokenizer):
+    """``set_tokenizer``: each batch carries the tokens the engine would compute (here on CPU tensors; on
+    CUDA the same code runs in the prefetch thread on the side stream)."""
+    from beit_fast.engine import tokenize
+
+    ds = make_dataset(photo_folder)
+    loader = build_device_pretrain_loader(ds, 5, "cpu", sampler=ResumableSampler(len(ds), seed=ds.seed))
+    loader.set_tokenizer(demo_tokenizer, None)  # fp32 (bf16 convolutions are slow on CPU)
+    for batch in loader:
+        assert batch.tokens.shape == (5, 196) and batch.tokens.dtype == torch.int64
+        assert torch.equal(batch.tokens, tokenize(demo_tokenizer, batch[1]))
+    loader.set_tokenizer(None)
+    assert not hasattr(next(iter(loader)), "tokens")

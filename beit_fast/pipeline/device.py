@@ -313,6 +313,15 @@ class DevicePretrainLoader(PretrainLoader):
         self.transform = transform
         self.prefetch = int(prefetch)
         self.stats = LoaderStats()
+        self.tokenizer: torch.nn.Module | None = None
+        self.tokenizer_dtype: torch.dtype | None = None
+
+    def set_tokenizer(self, tokenizer: torch.nn.Module | None, dtype: torch.dtype | None = None) -> None:
+        """Also compute each batch's visual tokens here (``batch.tokens``, int64 ``[B, N]``, with
+        :func:`beit_fast.engine.tokenize` in ``dtype``): in the prefetch thread, on the side CUDA stream, so
+        the tokenizer's forward of batch t+1 overlaps the step of batch t; the engine then uses them instead
+        of tokenizing. The training thread must not use ``tokenizer`` while iterating. None: off."""
+        self.tokenizer, self.tokenizer_dtype = tokenizer, dtype
 
     # -- one batch ------------------------------------------------------------------------------------------
     def _replacement(self, batch: EncodedBatch, row: int, reason: str) -> tuple[torch.Tensor, list]:
@@ -344,7 +353,12 @@ class DevicePretrainLoader(PretrainLoader):
             skipped.extend(extra)
         patch, tok = self.transform.render(images, batch)
         masks = batch.masks.to(self.transform.device, non_blocking=True)
-        return PretrainBatch(patch, tok, masks, skipped)
+        out = PretrainBatch(patch, tok, masks, skipped)
+        if self.tokenizer is not None:
+            from ..engine import tokenize
+
+            out.tokens = tokenize(self.tokenizer, tok, self.tokenizer_dtype)
+        return out
 
     # -- iteration ------------------------------------------------------------------------------------------
     def __iter__(self):
@@ -414,8 +428,9 @@ class DevicePretrainLoader(PretrainLoader):
                     current.wait_event(event)
                     end.record(current)
                     self.stats._events.append((start, end))
-                    for t in out[:3]:
-                        t.record_stream(current)  # allocated on the side stream, used on this one
+                    for t in (*out[:3], getattr(out, "tokens", None)):
+                        if t is not None:
+                            t.record_stream(current)  # allocated on the side stream, used on this one
                 self.stats.batches += 1
                 self.skipped.update(out.skipped)
                 yield out
