@@ -12,7 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels"],
+    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels",
+              "beit_fast.pipeline"],
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.10,<=2.14.1",
@@ -27,7 +28,8 @@ setup(
     ],
     extras_require={
         # Tests exercise the HuggingFace/timm interop and the property-based input checks.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors"],
+        # simplejpeg: the decoder comparison of benchmarks/bench_input_pipeline.py and the decoder-tolerance test
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors", "simplejpeg"],
         "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],

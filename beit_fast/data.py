@@ -195,8 +195,13 @@ class ImageFolderDataset(Dataset):
                 img = im.copy()
         return img
 
-    def get_with_skips(self, index: int) -> tuple[Image.Image, tuple[tuple[str, str], ...]]:
-        """(RGB image, skipped (path, reason) pairs) for ``index``, falling back to the next indices."""
+    def get_with_skips(self, index: int, loader: Callable[[str], Any] | None = None
+                       ) -> tuple[Image.Image, tuple[tuple[str, str], ...]]:
+        """(RGB image, skipped (path, reason) pairs) for ``index``, falling back to the next indices.
+
+        ``loader``: what reads one path (default :meth:`load_image`); it raises on an unreadable file.
+        The GPU input pipeline passes one that returns the JPEG bytes (:mod:`beit_fast.pipeline`)."""
+        load = self.load_image if loader is None else loader
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -210,7 +215,7 @@ class ImageFolderDataset(Dataset):
                 skipped.append((path, self.skipped_files.get(path, "unreadable")))
                 continue
             try:
-                return self.load_image(path), tuple(skipped)
+                return load(path), tuple(skipped)
             except Exception as e:  # any decode/IO failure: never crash a run for one file
                 reason = f"{type(e).__name__}: {e}"
                 self._bad.add(j)
@@ -224,6 +229,13 @@ class ImageFolderDataset(Dataset):
             f"{tried} consecutive images starting at index {index} could not be read "
             f"(data set {self.root} looks corrupt or holds no readable image); first failures: {first}"
         )
+
+    def mark_unreadable(self, index: int, reason: str) -> None:
+        """Record file ``index`` as unreadable (found so after loading, e.g. by a GPU decoder): later
+        :meth:`get_with_skips` calls skip it. Does not warn (the caller reports it)."""
+        index %= len(self)
+        self._bad.add(index)
+        self.skipped_files.setdefault(self.path(index), reason)
 
     def __getitem__(self, index: int) -> Image.Image:
         return self.get_with_skips(index)[0]

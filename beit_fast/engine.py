@@ -280,7 +280,12 @@ class PretrainEngine:
         for i, batch in enumerate(batches):
             images, tokenizer_images, bool_masked_pos = (t.to(self.device, non_blocking=True) for t in batch)
             bool_masked_pos = bool_masked_pos.flatten(1).bool()
-            tokens = self.tokenize(tokenizer_images, bool_masked_pos)
+            tokens = getattr(batch, "tokens", None)  # computed by the loader (DevicePretrainLoader.set_tokenizer)
+            if tokens is None:
+                tokens = self.tokenize(tokenizer_images, bool_masked_pos)
+            elif tokens.shape != bool_masked_pos.shape:
+                raise ValueError(f"the batch's tokens {tuple(tokens.shape)} do not match its mask "
+                                 f"{tuple(bool_masked_pos.shape)}")
             with no_grad_sync(self.train_module, skip=i < n - 1):
                 loss, acc = self.compute_loss(images, bool_masked_pos, tokens)
                 stats = self._reduce(torch.stack([loss.detach().float(), acc.detach().float()]))

@@ -28,7 +28,7 @@ from .checkpoint import (
     BEST_NAME, LAST_NAME, CheckpointError, atomic_save, find_resume_checkpoint, copy_atomic,
     list_checkpoints, prune_checkpoints, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
-from .data import PretrainDataset, ImageFolderDataset, ResumableSampler, build_pretrain_loader
+from .data import PretrainDataset, ImageFolderDataset, ResumableSampler
 from .distributed import (
     DistInfo, GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
     cleanup_distributed, init_distributed, isolate_worker_from_signals,
@@ -38,6 +38,7 @@ from .masking import MaskingGenerator
 from .model import MODEL_CONFIGS, build_model, get_config
 from .rng import rng_state, seed_everything, set_rng_state  # noqa: F401 (re-exported)
 from .optim import build_optimizer, cosine_scheduler
+from .pipeline import build_loader_for, device_pipeline_problems
 from .sample_data import SampleImages
 from .transforms import TwoViewConfig, TwoViewTransform
 
@@ -81,6 +82,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: min(8, cores))")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
                    help="pin host memory for faster copies to the GPU (default: on with CUDA)")
+    g.add_argument("--data_pipeline", choices=["pil", "gpu"], default="pil",
+                   help="pil: DataLoader workers decode, jitter and resize with Pillow; gpu: workers only read "
+                   "JPEG bytes, the training device decodes them (nvJPEG on CUDA) and renders both views with "
+                   "Pillow's arithmetic (identical pixels with a CPU decoder; runs on CPU tensors too)")
+    g.add_argument("--tokenize_in_loader", action="store_true",
+                   help="with --data_pipeline gpu: compute the visual tokens in the input pipeline's prefetch "
+                   "thread (a side CUDA stream, overlapping the previous step) instead of in the step")
 
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int, default=75, help="patches to mask per image (about 40%%)")
@@ -246,6 +254,10 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         errors.append(f"--resume checkpoint not found: {args.resume}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
+    if args.data_pipeline == "gpu":
+        errors += device_pipeline_problems(args.train_interpolation, args.second_interpolation)
+    if args.tokenize_in_loader and args.data_pipeline != "gpu":
+        errors.append("--tokenize_in_loader needs --data_pipeline gpu")
     if args.fsdp and args.amp == "fp16":
         errors.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
     return errors
@@ -452,8 +464,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         raise SystemExit(f"error: {total_steps} steps ({args.epochs} epochs of {steps_per_epoch}) is not a plausible run")
     num_workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
     pin = args.pin_mem if args.pin_mem is not None else device.type == "cuda"
-    loader = build_pretrain_loader(dataset, args.batch_size, num_workers=num_workers, sampler=sampler,
-                                   pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
+    loader = build_loader_for(args.data_pipeline, dataset, args.batch_size, device, num_workers=num_workers,
+                              sampler=sampler, pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
     loader.worker_init_fn = isolate_worker_from_signals  # group signals reach only the main process
     # Each new iterator draws its base seed from this generator, not the global RNG, so that a run resumed
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
@@ -532,6 +544,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             if engine.tokenizer_dtype is not None:
                 break
         log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
+    if args.tokenize_in_loader:
+        loader.set_tokenizer(tokenizer, engine.tokenizer_dtype)
 
     step = 0
     best_loss, best_epoch = math.inf, None
@@ -573,8 +587,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         "fast" if fast else "eager reference", {"none": "1 process", "ddp": f"DDP x {world}",
                                                 "fsdp": f"FSDP2 x {world}"}[parallel])
     log.info("data: %s, %d samples, %d steps/epoch x %d epochs = %d steps of %d images (%d per process x %d "
-             "micro-batches x %d processes); %s", type(images).__name__, len(dataset), steps_per_epoch, args.epochs,
-             total_steps, args.global_batch_size, args.batch_size, args.update_freq, world, masking)
+             "micro-batches x %d processes); %s; --data_pipeline %s", type(images).__name__, len(dataset),
+             steps_per_epoch, args.epochs, total_steps, args.global_batch_size, args.batch_size, args.update_freq,
+             world, masking, args.data_pipeline)
     if is_main:
         with open(out / "args.json", "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
