@@ -39,7 +39,6 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONFIGS = [
     ("cpu", 2, 2, (4, 4), 16, torch.float32, ["math", "sdpa", "triton"]),  # triton: the interpreter
     ("cpu", 8, 4, (14, 14), 32, torch.float32, ["math", "sdpa"]),
-    ("cuda", 64, 12, (14, 14), 64, torch.bfloat16, None),  # BEiT-B at 224
     ("cuda", 256, 12, (14, 14), 64, torch.bfloat16, None),  # BEiT-B at 224, the paper's per-GPU batch
     ("cuda", 64, 12, (24, 24), 64, torch.bfloat16, None),  # BEiT-B fine-tuned at 384 (N = 577)
 ]

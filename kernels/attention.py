@@ -13,20 +13,23 @@ Kernels (see KERNELS.md, section 3, for the reasoning behind the tiles):
   ``_attn_fwd_kernel``   one program per (b, h, block of BLOCK_M queries): online softmax over key
                          blocks in fp32 (exp2 domain), writes out and the row log-sum-exp (log2 units).
   ``_attn_bwd_dq_kernel`` one program per (h, block of queries, group of batch elements): for each
-                         batch element of its group it computes delta = rowsum(dO * O) (stored for the
-                         next kernel), recomputes P from q, k and the log-sum-exp, dP = dO @ v^T,
-                         dS = P * (dP - delta), dq = scale * dS @ k, and sums dS over the batch elements of
-                         its group: in registers when one key block covers the sequence (N <= 256: BEiT's
-                         197), otherwise by read-modify-write of its own slab of the partial sums. Either
-                         way it writes partial[g, h, i, j] = sum over b in group g of dS[b, h, i, j] (fp32).
+                         batch element of its group, in order, it computes delta = rowsum(dO * O) (stored
+                         for the next kernel), recomputes P from q, k and the log-sum-exp, dP = dO @ v^T,
+                         dS = P * (dP - delta), dq = scale * dS @ k, and adds dS (fp32) into its own slab
+                         partial[g, h, its rows, :] (the group's first element writes, the others
+                         read-modify-write; the slab stays in L2). Result: partial[g] = sum over the batch
+                         elements b of group g of dS[b] (no [B, H, N, N] tensor).
   ``_attn_bwd_dkdv_kernel`` one program per (b, h, block of keys): recomputes P^T, dv = P^T @ dO,
-                         dk = scale * dS^T @ q over all query blocks.
-  ``_table_grad_kernel`` one program per table row t: dtable[t, :] = sum over groups and over the
-                         positions (i, j) with index[i, j] == t of partial[g, :, i, j] (a precomputed
-                         position list, fixed order).
-No kernel uses atomics and every reduction has a fixed order: results are bitwise repeatable for a given
-launch configuration (the autotuner's choice; ``deterministic=True`` pins the first configuration so the
-result does not depend on timing either). Under the interpreter each kernel runs one fixed configuration.
+                         dk = scale * dS^T @ q over all query blocks (the table path reads index^T).
+  ``_table_grad_kernel`` one program per block of table rows t: dtable[t, :] = sum over groups and over
+                         the positions (i, j) with index[i, j] == t of partial[g, :, i, j] (a precomputed
+                         position list, fixed order). A dense bias instead gets partial.sum(0) reduced to
+                         its broadcast shape by the caller.
+No kernel uses atomics and every reduction has a fixed order (a program owns every element it writes):
+results are bitwise repeatable for a given launch configuration. The autotuner's choice may differ between
+processes; ``deterministic=True`` (or ``AUTOTUNE = False``) uses fixed configurations, and the batch
+grouping depends on shapes and the SM count only, never on the configuration. Under the interpreter each
+kernel runs one fixed configuration (no autotuner object).
 
 Dtypes: q, k, v in fp16 / bf16 / fp32; products accumulate in fp32, softmax statistics are fp32, P and dS
 are rounded to the input dtype before their tensor-core products (as FlashAttention does), the bias

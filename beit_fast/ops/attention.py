@@ -34,7 +34,9 @@ Backends
                 forward and backward, fp16/bf16/fp32 with fp32 accumulation, head dims <= 128, any bias
                 broadcastable to [B, H, Nq, Nk] read with its own strides, and with
                 ``attention_with_rel_pos_bias`` BEiT's table + index gathered inside the kernel. The bias
-                gradient is summed over the batch on chip and reduced without atomics (bitwise repeatable).
+                gradient is summed over the batch without a [B, H, N, N] tensor and without atomics
+                (bitwise repeatable; under ``torch.use_deterministic_algorithms(True)`` with fixed launch
+                configurations instead of the autotuner's choice).
                 CUDA; on CPU only under Triton's interpreter (TRITON_INTERPRET=1, the test suite).
                 Registered as ``torch.library`` custom ops (``beit_fast::attention_forward`` /
                 ``_backward``), so ``torch.compile(fullgraph=True)`` traces through it.
