@@ -337,7 +337,9 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rel_pos_bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if self.gamma_1 is None:
             x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
             return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -146,6 +146,8 @@ def test_no_bias_and_distinct_value_head_dim(dtype):
 def test_dense_bias_broadcast_and_strides(kind):
     """Batched biases ([B, H, N, N]: one group per batch element, the partial sums are the gradient),
     biases broadcast over heads or queries, and a non-contiguous bias view."""
+    if CUDA and kind != "BHNN":
+        pytest.skip("trimmed on CUDA (each bias layout compiles anew): the batched bias runs there")
     b, h, n, d = 3, 2, 13, 16
     q, k, v, dout, _, _ = _make(b, h, n, d, seed=3)
     g = torch.Generator().manual_seed(4)

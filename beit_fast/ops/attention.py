@@ -550,7 +550,9 @@ def _check_table_index(q: Tensor, k: Tensor, table, index) -> None:
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
     h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
     if table.dim() != 2 or table.shape[1] != h:
-        raise ValueError(f"table must be [T, H] with H = {h} heads (q {tuple(q.shape)}), got shape {tuple(table.shape)}")
+        raise ValueError(
+            f"table must be [T, H] with H = {h} heads (q {tuple(q.shape)}), got shape {tuple(table.shape)}"
+        )
     if not table.is_floating_point():
         raise TypeError(f"table must be a floating-point tensor, got dtype {table.dtype}")
     if index.dtype not in (torch.int16, torch.int32, torch.int64):
