@@ -158,6 +158,16 @@ def test_dense_bias_broadcast_and_strides(kind):
     _check(F32, q=q, k=k, v=v, dout=dout, bias=bias)
 
 
+def test_cross_attention_lengths():
+    """Nq != Nk (the kernels never assume a square score matrix), dense bias [H, Nq, Nk]."""
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(3, 2, 13, 16, generator=g, dtype=torch.float64).to(DEVICE)
+    k, v = (torch.randn(3, 2, 17, 16, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    dout = torch.randn(3, 2, 13, 16, generator=g, dtype=torch.float64).to(DEVICE)
+    bias = torch.randn(2, 13, 17, generator=g, dtype=torch.float64).to(DEVICE)
+    _check(F32, q=q, k=k, v=v, dout=dout, bias=bias)
+
+
 def test_only_table_requires_grad_and_int32_index():
     q, k, v, dout, table, index = _make(3, 2, 17, 16, seed=5)
     tab = table.float().requires_grad_()
