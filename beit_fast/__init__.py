@@ -25,6 +25,7 @@ from .interop import (
 from .modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
 from .ops import (
     attention_with_bias,
+    attention_with_rel_pos_bias,
     get_backend,
     masked_linear_cross_entropy,
     patch_embed_mask,
@@ -45,6 +46,7 @@ __all__ = [
     "patch_embed_mask",
     "masked_linear_cross_entropy",
     "attention_with_bias",
+    "attention_with_rel_pos_bias",
     "set_backend",
     "get_backend",
     "use_backend",

@@ -659,7 +659,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="mixed precision: auto = bf16 on CUDA when supported, else fp16; none on CPU")
     g.add_argument("--attn_backend", default="reference",
-                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers"],
+                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
                    help="attention implementation (reference: the eager math; auto: the fastest available)")
 
     g = p.add_argument_group("run")

@@ -144,7 +144,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
                    help="fast training step (fused kernels, fused attention, static shapes, torch.compile): "
                    "auto = on with CUDA, off (the eager reference step) on CPU")
-    g.add_argument("--attn_backend", default="auto", choices=["auto", "reference", "math", "sdpa", "flex", "xformers"],
+    g.add_argument("--attn_backend", default="auto",
+                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
                    help="attention with the relative position bias in the fast step")
     g.add_argument("--kernel_backend", default="auto", choices=["auto", "triton", "reference"],
                    help="fused patch-embedding and linear-cross-entropy ops in the fast step")
