@@ -374,17 +374,17 @@ class FastPretrainEngine(PretrainEngine):
                  **kwargs) -> None:
         self.num_masked = int(num_masked)
         self.ops_backend = ops_backend
-        super().__init__(*args, **kwargs)
-        if self.loss_module.num_masked != self.num_masked:
-            raise ValueError(f"loss_module.num_masked {self.loss_module.num_masked} != num_masked {self.num_masked}")
         self.fp8 = bool(fp8)
-        if self.fp8:
-            if self.parallel == "fsdp":
+        if self.fp8:  # before DDP wraps the model; the Parameter objects stay, so the optimizer stays valid
+            if kwargs.get("parallel") == "fsdp":
                 raise ValueError("fp8 is not supported with FSDP (the linears would have to be converted before "
                                  "sharding); use DDP or one GPU")
             from .fp8 import convert_to_fp8_training
 
-            convert_to_fp8_training(self.model)  # same Parameter objects: the optimizer stays valid
+            convert_to_fp8_training(args[0] if args else kwargs["model"])
+        super().__init__(*args, **kwargs)
+        if self.loss_module.num_masked != self.num_masked:
+            raise ValueError(f"loss_module.num_masked {self.loss_module.num_masked} != num_masked {self.num_masked}")
         self.compiled = bool(compile)
         mode = {"mode": compile_mode} if compile_mode else {}
         if not compile:

@@ -167,7 +167,8 @@ class _CudnnGraphs:
         except TypeError:  # older frontends: is_inference instead of generate_stats
             to, ts = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, is_inference=False, attn_scale=scale, bias=tb)
         to.set_output(True).set_dim(list(o.shape)).set_stride(list(o.stride()))
-        ts.set_output(True).set_data_type(cudnn.data_type.FLOAT)
+        ts.set_output(True).set_data_type(cudnn.data_type.FLOAT).set_dim(list(stats.shape)).set_stride(
+            list(stats.stride()))
         _finish(g, cudnn)
         self.fwd, self.fwd_t = g, (tq, tk, tv, tb, to, ts)
 

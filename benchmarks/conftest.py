@@ -64,6 +64,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     benches = getattr(session, "benchmarks", None) or []

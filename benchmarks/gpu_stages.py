@@ -511,7 +511,7 @@ def _bench_ms(fn, repeats: int) -> list[float]:
     if CUDA:
         import triton.testing
 
-        return [float(triton.testing.do_bench(fn, warmup=10, rep=60)) for _ in range(repeats)]
+        return [float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")) for _ in range(repeats)]
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
