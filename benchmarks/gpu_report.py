@@ -9,7 +9,7 @@ left of ``--budget``); the rows it wrote before a crash or a kill are kept, and 
 (``benchmarks/results/<date>-<card>.{md,json,log,profile.txt}`` + LATEST.md, copied to ``--out``) is
 rewritten after every stage. Nothing is installed from a network: wheels the device image lacks are
 carried in ``.whl/`` (``benchmarks/fetch_gpu_wheels.sh``) and installed with ``pip --target`` into a
-folder put on PYTHONPATH; beit_fast runs from this source tree (a shim maps ``beit_fast.kernels`` to
+folder put on PYTHONPATH; beit_fast runs from this source tree (``beit_fast/kernels`` is linked to
 ``kernels/`` when the package is not installed).
 
 Plan (the device image: torch 2.11, triton 3.6; a whole-step compile costs 30-60 s; planned seconds
@@ -30,11 +30,12 @@ assume the warm phase filled inductor's caches):
   attention_flex      60    120  FlexAttention with Hopper-sized tiles (a ladder if they fail)
                    -----
                      555  (default --budget 560: the device command limit is 600 s)
-  hf_patched_compiled 55    100  (after the budget unless earlier stages run short)
+  gpu_tests          120    150  kernel + fast-step tests on CUDA (after the budget unless stages run short)
+  hf_patched_compiled 55    100
   autotune           150    240  mode="max-autotune-no-cudagraphs"
 
 What did not fit is listed as skipped in the report; run it in a second call right after (the machine
-stays warm for 30 s, and inductor's caches with it): ``--only autotune,hf_patched_compiled --budget 300``
+stays warm for 30 s, and inductor's caches with it): ``--only autotune,gpu_tests --budget 400``
 (cudagraphs, fp8 and autotune run without "fast" get a baseline beit_fast row first, so their ratios
 stay within one call).
 """
@@ -102,6 +103,10 @@ def build_plan(args) -> tuple[list[Stage], list[Stage]]:
         step("cudagraphs", "beit_fast_cudagraphs", 90, 25, "sync-free step, compile mode reduce-overhead"),
         Stage("attention_flex", py + ["attention", "--candidates", "flex,flex_ladder"] + common, 120, 60,
               "FlexAttention with Hopper-sized kernel_options (ladder if they fail)"),
+        Stage("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                            "tests/test_ops_attention.py", "tests/test_ops_cross_entropy.py",
+                            "tests/test_ops_patch_embed.py", "tests/test_fast_step.py"], 150, 120,
+              "the kernels' and the fast step's tests on the card (BEIT_FAST_REAL_GPU=1)"),
         step("hf_patched_compiled", "hf_patched_compiled", 100, 55, "HF patched, compiled"),
         step("autotune", "beit_fast_autotune", 240, 150, "GEMM/epilogue autotuning (max-autotune-no-cudagraphs)"),
     ]
@@ -153,19 +158,20 @@ def install_wheels(env: dict, log) -> str:
 
 
 def source_shim(env: dict) -> str:
-    """Make ``import beit_fast.kernels`` work from this tree in the stage processes (no install needed)."""
-    probe = [sys.executable, "-c", "import beit_fast.kernels.masked_linear_ce, beit_fast, sys; print(beit_fast.__file__)"]
-    r = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    """Make ``import beit_fast`` (with ``beit_fast.kernels``) work from this tree in the stage processes and
+    in pytest, without installing: the lent machine has no network for pip's build dependencies. When the
+    package is not installed from this tree, ``beit_fast/kernels`` becomes a link to ``kernels/`` (a path
+    git ignores) and the tree goes on PYTHONPATH."""
+    probe = [sys.executable, "-c", "import beit_fast.kernels.masked_linear_ce, beit_fast; print(beit_fast.__file__)"]
+    # from benchmarks/, as the stage scripts run: only an installed beit_fast (or PYTHONPATH) is found
+    r = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
     if r.returncode == 0 and str(ROOT) in r.stdout:
         return f"beit_fast from {r.stdout.strip()}"
-    shim = Path(tempfile.mkdtemp(prefix="beit_fast_shim_")) / "beit_fast"
-    shim.mkdir()
-    for entry in (ROOT / "beit_fast").iterdir():
-        if entry.name != "kernels":
-            (shim / entry.name).symlink_to(entry)
-    (shim / "kernels").symlink_to(ROOT / "kernels", target_is_directory=True)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent), env.get("PYTHONPATH")]))
-    return f"beit_fast from this tree through {shim} (kernels/ as beit_fast.kernels)"
+    link = ROOT / "beit_fast" / "kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "kernels", target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return f"beit_fast from this tree on PYTHONPATH ({link} -> kernels/)"
 
 
 def main(argv=None) -> int:
