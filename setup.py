@@ -33,5 +33,7 @@ setup(
         "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],
+        # --fp8: torchao's float8 training (pick the torchao release built for your torch: 0.18 for torch 2.11)
+        "fp8": ["torchao>=0.13"],
     },
 )

@@ -265,7 +265,12 @@ class Attention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
+        if type(self.qkv) is nn.Linear:  # the reference: one F.linear with the q/v bias, as officially
+            qkv = F.linear(x, self.qkv.weight, bias)
+        else:  # a swapped-in linear (torchao's Float8Linear, --fp8) does its own matmul; the bias follows
+            qkv = self.qkv(x)
+            if bias is not None:
+                qkv = qkv + bias.to(qkv.dtype)
         qkv = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 

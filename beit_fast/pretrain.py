@@ -151,6 +151,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fused patch-embedding and linear-cross-entropy ops in the fast step")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the fast step's forward and backward")
+    g.add_argument("--compile_mode", default="default",
+                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+                   help="torch.compile mode of the fast step: max-autotune-no-cudagraphs autotunes the GEMMs and "
+                   "their bias/GELU epilogues (slower first step), reduce-overhead adds CUDA graphs")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 GEMMs (torchao float8 training, tensorwise scaling) for the blocks' QKV and MLP linears "
+                   "in the fast step; needs a CUDA GPU of compute capability >= 8.9 (H100/H200) and torchao "
+                   "(pip install 'beit_fast[fp8]')")
     g.add_argument("--tokenizer_precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="tokenizer forward precision (channels-last): auto tries fp16 then bf16 on CUDA and keeps "
                    "the first whose token ids agree with fp32 on >= 99%% of the first batch's positions, else fp32; "
@@ -261,6 +269,10 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         errors.append("--tokenize_in_loader needs --data_pipeline gpu")
     if args.fsdp and args.amp == "fp16":
         errors.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
+    if args.fp8 and args.fast == "off":
+        errors.append("--fp8 needs the fast step; drop --fast off")
+    if args.fp8 and args.fsdp:
+        errors.append("--fp8 is not supported with --fsdp; use DDP (torchrun without --fsdp) or one GPU")
     return errors
 
 
@@ -412,6 +424,13 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         amp_dtype = resolve_amp_dtype(args.amp, device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.fp8:  # before any work: the device decides
+        from .fp8 import fp8_unavailable_reason
+
+        on_fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
+        why = fp8_unavailable_reason(device) if on_fast else "it needs the fast step, which --fast auto uses only on CUDA"
+        if why is not None:
+            raise SystemExit(f"error: --fp8: {why}")
     out = Path(args.output_dir)
     if is_main:
         try:
@@ -524,7 +543,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                          parallel=parallel, dist_info=dist_info)
     if fast:
         engine = FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=args.num_mask_patches,
-                                    compile=args.compile, ops_backend=args.kernel_backend)
+                                    compile=args.compile, ops_backend=args.kernel_backend, fp8=args.fp8,
+                                    compile_mode=None if args.compile_mode == "default" else args.compile_mode)
     else:
         engine = PretrainEngine(*engine_args, **engine_kwargs)
     ckpt = Checkpointer(args.output_dir, keep_last=args.keep_last)

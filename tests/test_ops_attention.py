@@ -508,3 +508,44 @@ def test_cuda_unsupported_inputs_auto_falls_back_and_explicit_kernels_refuse():
     q6 = torch.randn(1, 2, 5, 6, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="divisible by 8"):
         resolve_attention_backend("sdpa", q6)
+
+
+def test_flex_kernel_options_are_valid_tiles():
+    """The tiles the "flex" backend passes per card (FLEX_KERNEL_OPTIONS) are FlexAttention option names
+    (fwd_/bwd_ prefixed) whose block shapes inductor accepts: powers of two that divide its 128-wide
+    sparse blocks, with BLOCK_N1 % BLOCK_M1 == BLOCK_M2 % BLOCK_N2 == 0 (the backward kernel's asserts)."""
+    from torch.nn.attention.flex_attention import FlexKernelOptions
+
+    names = set(FlexKernelOptions.__annotations__)
+    assert A.FLEX_KERNEL_OPTIONS, "no card has explicit tiles"
+    for cap, opts in A.FLEX_KERNEL_OPTIONS.items():
+        plain = {}
+        for key, value in opts.items():
+            assert key.startswith(("fwd_", "bwd_")), key
+            assert key[4:] in names, f"{cap}: {key} is not a FlexAttention kernel option"
+            plain[key] = value
+        for key in ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
+            v = plain[key]
+            assert v >= 16 and v & (v - 1) == 0 and 128 % v == 0, (cap, key, v)
+        assert plain["bwd_BLOCK_N1"] % plain["bwd_BLOCK_M1"] == 0
+        assert plain["bwd_BLOCK_M2"] % plain["bwd_BLOCK_N2"] == 0
+    assert A.flex_kernel_options(torch.zeros(1, 1, 4, 64)) is None  # CPU: torch's defaults
+
+
+def test_flex_backend_passes_the_card_tiles(monkeypatch):
+    """On a card with explicit tiles, the compiled flex function receives them as kernel_options."""
+    seen = {}
+
+    def fake_flex(q, k, v, score_mod=None, scale=None, **kw):
+        seen.update(kw)
+        return q
+
+    monkeypatch.setattr(A, "_compiled_flex", lambda: fake_flex)
+    monkeypatch.setattr(A, "flex_kernel_options", lambda q: {"fwd_BLOCK_M": 64})
+    q = torch.randn(1, 2, 5, 16)
+    A._flex_attention(q, q, q, torch.zeros(2, 5, 5), 0.25)
+    assert seen == {"kernel_options": {"fwd_BLOCK_M": 64}}
+    seen.clear()
+    monkeypatch.setattr(A, "flex_kernel_options", lambda q: None)
+    A._flex_attention(q, q, q, None, 0.25)
+    assert seen == {}

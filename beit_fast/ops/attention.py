@@ -27,7 +27,9 @@ Backends
 ``"flex"``      ``torch.nn.attention.flex_attention`` with ``score + bias[h, q_idx, kv_idx]`` as the
                 score_mod, compiled once per process (``torch.compile(flex_attention)``); CUDA only
                 (FlexAttention's backward does not run on CPU) and head dims >= 16. The bias gradient
-                is accumulated with atomics (scatter-add): not bitwise deterministic.
+                is accumulated with atomics (scatter-add): not bitwise deterministic. On cards listed
+                in ``FLEX_KERNEL_OPTIONS`` (Hopper) it passes those tiles as ``kernel_options``: the
+                defaults of torch 2.11 overflow Hopper's shared memory (see ``flex_kernel_options``).
 ``"xformers"``  ``xformers.ops.memory_efficient_attention`` (inputs as ``[B, N, H, Dh]``, the bias as an
                 aligned ``[B, H, Nq, Nk]`` tensor); CUDA only, when xformers imports.
 ``"triton"``    our fused kernel (``beit_fast/kernels/attention.py``, KERNELS.md section 3): flash-style
@@ -67,11 +69,13 @@ from .backend import triton_available, triton_interpreting
 __all__ = [
     "ATTENTION_BACKENDS",
     "AUTO_PRIORITY",
+    "FLEX_KERNEL_OPTIONS",
     "AUTO_PRIORITY_MEASUREMENTS",
     "attention_with_bias",
     "attention_with_rel_pos_bias",
     "attention_reference",
     "available_attention_backends",
+    "flex_kernel_options",
     "resolve_attention_backend",
 ]
 
@@ -329,6 +333,33 @@ def _sdpa_attention(q, k, v, bias, scale):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+# FlexAttention tiles per CUDA compute capability (``kernel_options``; prefixes fwd_/bwd_ select the pass).
+# Hopper (sm_90): torch 2.11's default tiles for head dim 64 (bwd 64x128x128x64, 3 stages, 8 warps) need
+# 245,760 bytes of shared memory, over the 232,448 (227 KiB) a block may have, and failed to compile on the
+# H200 (2026-11-27). These are smaller: the forward tile torch uses on A100 for head dim 64, and the
+# backward tile it uses on sm_100 for head dims <= 64, 2-3x under the limit (K/V tiles of 64 rows and
+# Q/dO tiles of 32 rows, 3 pipeline stages). benchmarks/gpu_report.py (stage attention_flex) measures
+# them against a ladder of smaller tiles; commit what it reports here. Other capabilities: torch's
+# defaults (None).
+_FLEX_HOPPER_TILES: dict[str, int] = {
+    "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+    "bwd_num_stages": 3, "bwd_num_warps": 4,
+}
+FLEX_KERNEL_OPTIONS: dict[tuple[int, int], dict[str, int]] = {(9, 0): _FLEX_HOPPER_TILES}
+
+
+def flex_kernel_options(q: torch.Tensor) -> dict[str, int] | None:
+    """The ``kernel_options`` the "flex" backend passes for queries ``q`` (None: torch's defaults).
+
+    Only CUDA tensors with head dim <= 64 on a card listed in ``FLEX_KERNEL_OPTIONS`` get explicit tiles
+    (BEiT's head dim is 64; larger head dims keep torch's heuristics)."""
+    if q.device.type != "cuda" or q.shape[-1] > 64:
+        return None
+    opts = FLEX_KERNEL_OPTIONS.get(tuple(torch.cuda.get_device_capability(q.device)))
+    return dict(opts) if opts else None
+
+
 _FLEX_COMPILED: Callable | None = None
 
 
@@ -374,7 +405,10 @@ def _flex_attention(q, k, v, bias, scale, *, compiled: bool = True):
     else:
         fn = flex_attention  # inside an outer torch.compile region flex_attention is captured directly
     score_mod = None if bias is None else _bias_score_mod(bias)
-    return fn(q, k, v, score_mod=score_mod, scale=scale)
+    options = flex_kernel_options(q)
+    if options is None:
+        return fn(q, k, v, score_mod=score_mod, scale=scale)
+    return fn(q, k, v, score_mod=score_mod, scale=scale, kernel_options=options)
 
 
 def _xformers_attention(q, k, v, bias, scale):
