@@ -292,7 +292,14 @@ N_FAST = int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 300))
 def _argv(base, flags):
     argv = list(base)
     for flag, value in flags.items():
-        argv += [flag] if value is None else [flag, *(value if isinstance(value, tuple) else (str(value),))]
+        if value is None:
+            argv.append(flag)
+        elif isinstance(value, tuple):
+            argv += [flag, *value]
+        elif str(value).startswith("-"):  # "-1e-5" would be read as an option: write it as --flag=-1e-5
+            argv.append(f"{flag}={value}")
+        else:
+            argv += [flag, str(value)]
     return argv
 
 

@@ -231,6 +231,11 @@ def test_keep_last_best_and_fallback_past_corrupt_checkpoints(toy, tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------
 # Nothing lost: numbered / best copies, one run per folder, full disks, flipped bytes, file modes
 # ---------------------------------------------------------------------------------------------------------
+def main_here(argv):
+    """``pretrain.main`` in this process (flags as strings, as from a command line)."""
+    return pretrain.main([str(a) for a in argv])
+
+
 def _die_while_copying_to(name, argv):
     """Run ``pretrain.main(argv)`` in this (forked) process and SIGKILL it halfway through the first copy of
     a checkpoint to a file called ``name`` (the data is half written to its temporary file)."""
@@ -248,7 +253,7 @@ def _die_while_copying_to(name, argv):
 
     shutil.copyfileobj = copyfileobj
     torch.set_num_threads(1)
-    pretrain.main([str(a) for a in argv])
+    main_here([str(a) for a in argv])
     os._exit(0)
 
 
@@ -293,7 +298,7 @@ def test_two_runs_on_one_folder_second_refuses_naming_the_first(toy, tmp_path):
     wait_for(lambda: logged_steps(out) >= 2, procs)
     for extra in ((), ("--resume", "auto"), ("--overwrite_output_dir",)):
         with pytest.raises(SystemExit) as exc:
-            pretrain.main(args + list(extra))
+            main_here(args + list(extra))
         message = str(exc.value.code)
         assert message.startswith("error: ") and f"pid {procs[0].pid}" in message and "in use" in message, message
     assert join_all(procs) == [0]  # the first run was not disturbed
@@ -311,30 +316,30 @@ def test_stale_lock_of_a_dead_run_is_detected_and_taken_over(toy, tmp_path, capl
     join_all(procs)
     assert any(out.glob("*.lock"))
     caplog.set_level(logging.INFO, logger="beit_fast")
-    pretrain.main(crash_args(toy, out, "--num_workers", 0, "--resume", "auto", "--stop_after_steps", 4))
+    main_here(crash_args(toy, out, "--num_workers", 0, "--resume", "auto", "--stop_after_steps", 4))
     assert f"stale lock" in caplog.text and f"pid {procs[0].pid}" in caplog.text
 
 
 def test_fresh_run_into_a_finished_runs_folder_refuses_and_resume_says_complete(toy, tmp_path, caplog):
     out = tmp_path / "finished"
     args = crash_args(toy, out, "--num_workers", 0, "--epochs", 2, "--save_ckpt_steps", 0)
-    pretrain.main(args)
+    main_here(args)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert len(read_log(out)) == 12
     with pytest.raises(SystemExit) as exc:
-        pretrain.main(args)
+        main_here(args)
     message = str(exc.value.code)
     assert message.startswith("error: ") and "--resume auto" in message and "--overwrite_output_dir" in message
     assert "complete" in message  # says what the folder holds
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before  # nothing written, nothing deleted
     caplog.set_level(logging.INFO, logger="beit_fast")
-    summary = pretrain.main(args + ["--resume", "auto"])
+    summary = main_here(args + ["--resume", "auto"])
     assert "is complete" in caplog.text and summary["steps"] == 12
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "args.json"} == {
         k: v for k, v in before.items() if k != "args.json"}
     # The explicit overwrite starts over: no checkpoint or log line of the old run is left mixed in.
-    pretrain.main(crash_args(toy, out, "--num_workers", 0, "--epochs", 1, "--save_ckpt_steps", 0,
+    main_here(crash_args(toy, out, "--num_workers", 0, "--epochs", 1, "--save_ckpt_steps", 0,
                              "--overwrite_output_dir"))
     assert sorted(p.name for p in out.glob("checkpoint-*.pt")) == [
         "checkpoint-1.pt", "checkpoint-best.pt", "checkpoint-last.pt"]
@@ -384,14 +389,14 @@ def test_full_disk_at_save_stops_cleanly_and_keeps_the_previous_checkpoint(toy, 
 
     out = tmp_path / f"full_{where}"
     args = crash_args(toy, out, "--num_workers", 0)
-    pretrain.main(args + ["--stop_after_steps", 5])
+    main_here(args + ["--stop_after_steps", 5])
     size = (out / "checkpoint-last.pt").stat().st_size
     before = (out / "checkpoint-last.pt").read_bytes()
     # "last": the disk fills up in the middle of writing checkpoint-last.pt at step 6; "copy": after it, in
     # the middle of the numbered copy of epoch 1 (checkpoint-last.pt at step 6 is complete).
     monkeypatch.setattr(ck, "os", _FullDisk(size // 2 if where == "last" else size + size // 2))
     with pytest.raises(SystemExit) as exc:
-        pretrain.main(args + ["--resume", "auto"])
+        main_here(args + ["--resume", "auto"])
     message = str(exc.value.code)
     assert message.startswith("error: ") and "No space left on device" in message, message
     assert "checkpoint-" in message and "--resume auto" in message
@@ -425,7 +430,7 @@ def test_permission_error_at_save_stops_cleanly(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     with pytest.raises(SystemExit) as exc:
-        pretrain.main(args)
+        main_here(args)
     message = str(exc.value.code)
     assert message.startswith("error: ") and "Permission denied" in message and "checkpoint-last.pt" in message
     monkeypatch.undo()
@@ -443,14 +448,14 @@ def _flip_bytes(path, n=64, seed=0):
 def test_flipped_bytes_are_detected_and_resume_auto_falls_back(toy, tmp_path, caplog):
     out = tmp_path / "flip"
     args = crash_args(toy, out, "--num_workers", 0, "--save_ckpt_steps", 0)
-    pretrain.main(args + ["--stop_after_steps", 12])
+    main_here(args + ["--stop_after_steps", 12])
     _flip_bytes(out / "checkpoint-last.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint-last\.pt.*(corrupt|checksum|CRC)"):
         validate_checkpoint(out / "checkpoint-last.pt")
     with pytest.raises(SystemExit, match=r"^error: .*checkpoint-last\.pt"):
-        pretrain.main(args + ["--resume", str(out / "checkpoint-last.pt")])
+        main_here(args + ["--resume", str(out / "checkpoint-last.pt")])
     caplog.set_level(logging.INFO, logger="beit_fast")
-    summary = pretrain.main(args + ["--resume", "auto"])
+    summary = main_here(args + ["--resume", "auto"])
     assert "checkpoint-last.pt" in caplog.text and "falling back" in caplog.text
     assert f"resumed from {out / 'checkpoint-2.pt'} at step 12" in caplog.text
     assert summary["steps"] == 18 and [r["step"] for r in read_log(out)] == list(range(1, 19))
@@ -462,7 +467,7 @@ def test_files_are_written_with_the_users_umask(toy, tmp_path):
         path = atomic_save({"x": torch.zeros(2)}, tmp_path / "a.pt")
         assert path.stat().st_mode & 0o777 == 0o644
         out = tmp_path / "modes"
-        pretrain.main(crash_args(toy, out, "--num_workers", 0, "--epochs", 1, "--save_ckpt_steps", 0))
+        main_here(crash_args(toy, out, "--num_workers", 0, "--epochs", 1, "--save_ckpt_steps", 0))
         for p in out.glob("checkpoint-*.pt"):
             assert p.stat().st_mode & 0o777 == 0o644, p
         os.umask(0o077)
