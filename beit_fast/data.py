@@ -13,9 +13,10 @@ Bad images
 ----------
 A file that cannot be opened or decoded (corrupt bytes, zero-byte file, truncated JPEG/PNG - Pillow's
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False -, unreadable permissions, not a regular file, more than
-``max_image_pixels`` pixels, ...) is skipped: ``ImageFolderDataset`` falls back to the next index (modulo the length) and keeps going, up to
-``max_consecutive_bad`` files in a row, after which a ``RuntimeError`` says the data set looks corrupt
-(so a folder of nothing but bad files fails clearly instead of looping forever).
+``max_image_pixels`` pixels, ...) is skipped: ``ImageFolderDataset`` falls back to the next index (modulo
+the length) and keeps going, up to ``max_consecutive_bad`` files in a row, after which a ``RuntimeError``
+says the data set looks corrupt (so a folder of nothing but bad files fails clearly instead of looping
+forever).
 
 Counting with DataLoader workers: a worker's dataset object is a copy, so counters kept on it never reach
 the main process. Instead every sample carries the list of ``(path, reason)`` it had to skip

@@ -449,7 +449,8 @@ def _fresh_run_error(args: argparse.Namespace, out: Path) -> str | None:
         for path in remove_run_outputs(out):
             log.warning("--overwrite_output_dir: deleted %s of the previous run", path.name)
         return None
-    what = f"{len(found)} checkpoint files ({', '.join(p.name for p in found[:4])}{', ...' if len(found) > 4 else ''})"
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    what = f"{len(found)} checkpoint files ({names})"
     newest = list_checkpoints(out)
     if newest:
         try:  # the pickle only (tensors stay on disk): cheap even for large checkpoints
@@ -606,11 +607,15 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     if args.resume:
         state = _resume_state(args, dist_info)
         if state is not None:
+            restore_error = None
             if is_main and state["_restore_copies"]:
                 try:
                     ckpt.restore_copies(state, state["_path"])
                 except CheckpointSaveError as e:
-                    raise SystemExit(f"error: {e}") from None
+                    restore_error = f"error: {e}"
+            restore_error = broadcast_object(restore_error, dist_info)
+            if restore_error:
+                raise SystemExit(restore_error)
             if state.get("model_config") != cfg.to_dict():
                 raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config:\n"
                                  f"  checkpoint: {state.get('model_config')}\n  this run:   {cfg.to_dict()}")
