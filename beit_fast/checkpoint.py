@@ -145,7 +145,8 @@ def _is_refused_object(detail: str) -> bool:
     """Whether torch's weights-only unpickler refused an object it does not allow (vs. bytes that are not
     a pickle at all, e.g. a corrupt or foreign file)."""
     d = detail.lower()
-    return any(s in d for s in ("global", "function", "create new object", "build", "reduce", "__setstate__"))
+    return any(s in d for s in ("global", "function", "create new object", "build", "reduce", "__setstate__",
+                                "persistent_load"))  # the last: a pickled module in torch's legacy format
 
 
 def load_checkpoint(

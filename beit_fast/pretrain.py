@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (  # noqa: F401 (Checkpointer re-exported)
+from .checkpoint import (
     LAST_NAME, CheckpointError, CheckpointSaveError, Checkpointer, OutputDirLock, existing_checkpoints,
     find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_run_outputs, remove_stale_temp_files,
     trim_jsonl, validate_checkpoint,
