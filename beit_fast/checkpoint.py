@@ -510,15 +510,17 @@ _HELD_LOCKS: set[str] = set()  # lock files held by this process (POSIX locks ar
 class OutputDirLock:
     """An exclusive lock on a run's output folder (``run.lock``), held for the whole run.
 
-    A POSIX record lock (``fcntl.lockf``): the kernel releases it when the process ends, however it ends,
-    so a lock file left by a killed run is stale and simply taken over (:meth:`acquire` returns what the
-    dead run wrote into it). A live holder's pid, host and start time are in the file, for the message.
+    A POSIX record lock (``fcntl.lockf``) on ``run.lock``, which holds the holder's pid, host, start time and
+    command (for the message a second run gets). The kernel releases the lock when the process ends, however
+    it ends; a clean release also deletes the file. So a ``run.lock`` that nobody holds was left by a run
+    that was killed: it is stale and taken over (:meth:`acquire` returns what that run wrote into it).
     Forked data workers do not inherit the lock.
     """
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOCK_NAME
         self._fd: int | None = None
+        self._key = ""
 
     @staticmethod
     def _read(fd: int) -> str:
@@ -537,54 +539,74 @@ class OutputDirLock:
     def acquire(self) -> str | None:
         """Take the lock; :class:`OutputDirInUseError` if a live run holds it. Returns the description of
         a stale holder (a run that died without releasing it), else None."""
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            log.warning("cannot lock %s on this platform: make sure no other run uses this folder", self.path)
+            return None
         key = str(self.path.resolve())
-        if key in _HELD_LOCKS:
+        if key in _HELD_LOCKS:  # POSIX locks belong to the process: a second lock here would succeed
             raise OutputDirInUseError(f"--output_dir {self.path.parent} is in use by another run in this process "
                                       f"(pid {os.getpid()}; lock file {self.path})")
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise CheckpointError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = self._read(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else ""
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise CheckpointError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                busy = e.errno in (errno.EACCES, errno.EAGAIN)
+                holder = self._read(fd) if busy else ""
+                os.close(fd)
+                if busy:
+                    raise OutputDirInUseError(
+                        f"--output_dir {self.path.parent} is in use by another run ({self.describe(holder)}; lock "
+                        f"file {self.path}). Wait for it to finish or stop it, or use another --output_dir") from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
+                    log.warning("cannot lock %s (%s): make sure no other run uses this folder", self.path,
+                                e.strerror)
+                    return None
+                raise CheckpointError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            # Locked - but a run releasing the lock deletes the file: make sure ours is still the one there.
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            own = os.fstat(fd)
+            if st is not None and (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                break
             os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise OutputDirInUseError(
-                    f"--output_dir {self.path.parent} is in use by another run ({self.describe(holder)}; lock file "
-                    f"{self.path}). Wait for it to finish or stop it, or use another --output_dir") from None
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
-                log.warning("cannot lock %s (%s): make sure no other run uses this folder", self.path, e.strerror)
-                return None
-            raise CheckpointError(f"cannot lock {self.path}: {e.strerror or e}") from None
+        else:
+            raise CheckpointError(f"cannot lock {self.path}: it keeps being replaced")
         stale = self._read(fd)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(info) + "\n").encode())
-        self._fd = fd
+        self._fd, self._key = fd, key
         _HELD_LOCKS.add(key)
         return self.describe(stale) if stale else None
 
     def release(self) -> None:
-        """Mark the lock file free (empty) and unlock it. Idempotent."""
+        """Delete the lock file, then unlock it (a run waiting on the old file sees it is gone). Idempotent."""
         if self._fd is None:
             return
-        import fcntl
+        import fcntl  # present: acquire() got this far
 
         try:
-            os.ftruncate(self._fd, 0)
+            os.unlink(self.path)
+        except OSError:
+            pass
+        try:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
         except OSError:
             pass
         finally:
             os.close(self._fd)
             self._fd = None
-            _HELD_LOCKS.discard(str(self.path.resolve()))
+            _HELD_LOCKS.discard(self._key)
 
     def __enter__(self) -> "OutputDirLock":
         self.acquire()
