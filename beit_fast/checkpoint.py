@@ -96,8 +96,8 @@ def _previous_format_globals() -> list:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct
-    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-            (_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct")]
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy._core.multiarray._reconstruct"),
+            (_reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
 def is_zip_format(path: str | os.PathLike) -> bool:
@@ -112,19 +112,25 @@ def verify_checksums(path: str | os.PathLike) -> None:
     check them). :class:`CheckpointError` naming the file if one differs. Files in torch's legacy (non-zip)
     format carry no checksums and pass; records written without checksums (CRC 0) are not checked."""
     path = Path(path)
+    errors = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError)
+    if not is_zip_format(path):
+        return
     try:
-        if not is_zip_format(path):
-            return
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.CRC == 0 and info.file_size:
-                    continue
+        zf = zipfile.ZipFile(path)
+    except errors as e:  # e.g. truncated: no central directory
+        raise CheckpointError(f"checkpoint {path} cannot be loaded (a damaged or truncated zip archive: "
+                              f"{type(e).__name__}: {e})") from None
+    with zf:
+        for info in zf.infolist():
+            if info.CRC == 0 and info.file_size:
+                continue
+            try:
                 with zf.open(info) as f:
                     while f.read(16 << 20):
                         pass
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the checksums written with "
-                              f"it ({type(e).__name__}: {e})") from None
+            except errors as e:
+                raise CheckpointError(f"checkpoint {path} is corrupt: its record {info.filename} does not match the "
+                                      f"checksum written with it ({type(e).__name__}: {e})") from None
 
 
 def _weights_only_detail(e: BaseException) -> str:
