@@ -12,10 +12,11 @@
 Bad images
 ----------
 A file that cannot be opened or decoded (corrupt bytes, zero-byte file, truncated JPEG/PNG - Pillow's
-``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False -, unreadable permissions, decompression bombs, ...) is
-skipped: ``ImageFolderDataset`` falls back to the next index (modulo the length) and keeps going, up to
-``max_consecutive_bad`` files in a row, after which a ``RuntimeError`` says the data set looks corrupt
-(so a folder of nothing but bad files fails clearly instead of looping forever).
+``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False -, unreadable permissions, not a regular file, more than
+``max_image_pixels`` pixels, ...) is skipped: ``ImageFolderDataset`` falls back to the next index (modulo
+the length) and keeps going, up to ``max_consecutive_bad`` files in a row, after which a ``RuntimeError``
+says the data set looks corrupt (so a folder of nothing but bad files fails clearly instead of looping
+forever).
 
 Counting with DataLoader workers: a worker's dataset object is a copy, so counters kept on it never reach
 the main process. Instead every sample carries the list of ``(path, reason)`` it had to skip
@@ -33,8 +34,9 @@ import inspect
 import math
 import os
 import random
+import stat
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from .transforms import TwoViewTransform, to_rgb
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "SkippedImageWarning",
     "ImageFolderDataset",
     "PretrainSample",
@@ -60,6 +63,12 @@ __all__ = [
 
 #: torchvision's ``IMG_EXTENSIONS`` (compared case-insensitively).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+#: Images with more pixels than this are skipped (read off the header, before decoding): 64 Mpx, 8192 x 8192,
+#: far above photographs of ImageNet-like data sets, below what exhausts a data worker's memory once decoded
+#: to RGB (a 12000 x 12000 PNG of a few KB would take 432 MB). Pillow's own limit only warns up to 179 Mpx.
+DEFAULT_MAX_IMAGE_PIXELS = 2**26
 
 
 class SkippedImageWarning(UserWarning):
@@ -91,6 +100,26 @@ def _normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------------
 # Image folder
 # --------------------------------------------------------------------------------------------------------
+def open_regular_file(path: str) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only, opened without blocking (a FIFO or device named like an
+    image can never hang a data worker); OSError naming the path otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_image_pixels(im: Image.Image, max_image_pixels: int | None) -> None:
+    """Refuse, before decoding, an opened image of more than ``max_image_pixels`` pixels (None: no limit)."""
+    if max_image_pixels is not None and im.width * im.height > max_image_pixels:
+        raise ValueError(f"{im.width}x{im.height} = {im.width * im.height} pixels is more than "
+                         f"max_image_pixels {max_image_pixels} (CLI: --max_image_pixels)")
+
+
 class ImageFolderDataset(Dataset):
     """All image files under ``root`` (recursively), as RGB PIL images.
 
@@ -100,7 +129,11 @@ class ImageFolderDataset(Dataset):
     * Class folders are optional: if every image lies inside a first-level sub-folder, ``classes`` is the
       sorted list of those sub-folders, ``class_to_idx`` maps them to 0..C-1 and ``targets[k]`` is the class
       of image k (as torchvision's ``ImageFolder``); otherwise ``classes == []`` and ``targets is None``.
+    * Only regular files are images (a FIFO, socket or device named ``x.png`` is ignored, and one that replaces
+      an image after the scan is skipped, never waited on). Symlinked folders are followed, each real folder
+      (by device and inode) once: links to a folder already in the tree, and link loops, add nothing.
     * ``root`` missing -> ``FileNotFoundError``; no image found -> ``ValueError``; both name the path.
+    * ``max_image_pixels``: larger images (width x height from the header) are skipped like unreadable ones.
     * Item ``i`` is image ``i`` converted with :func:`beit_fast.transforms.to_rgb`; if it cannot be read, the
       next readable index (modulo ``len``) is returned instead (see the module docstring).
       :meth:`get_with_skips` also returns the ``(path, reason)`` pairs skipped on the way.
@@ -114,12 +147,16 @@ class ImageFolderDataset(Dataset):
         root: str | os.PathLike,
         extensions: Iterable[str] = IMG_EXTENSIONS,
         max_consecutive_bad: int = 64,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.extensions = _normalize_extensions(extensions)
         if max_consecutive_bad < 1:
             raise ValueError("max_consecutive_bad must be >= 1")
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
         self.max_consecutive_bad = int(max_consecutive_bad)
+        self.max_image_pixels = int(max_image_pixels)
         if not os.path.exists(self.root):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         if not os.path.isdir(self.root):
@@ -150,15 +187,48 @@ class ImageFolderDataset(Dataset):
         self._bad: set[int] = set()
 
     def _scan(self) -> list[str]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel_dir = os.path.relpath(dirpath, self.root)
-            for f in filenames:
-                if f.startswith(".") or not f.lower().endswith(self.extensions):
+        """Relative paths of the regular image files under root. Real folders are walked first, then the
+        symlinked ones whose target (device, inode) was not visited yet, so that each folder is read once
+        and link loops end; a link's files are named by the link's path."""
+        found: list[str] = []
+        visited: set[tuple[int, int]] = set()
+        pending = [""]  # folders to walk (relative to root), each only if not visited
+        while pending:
+            links: list[str] = []
+            for rel_dir in pending:
+                try:
+                    st = os.stat(os.path.join(self.root, rel_dir))
+                except OSError:  # a dangling link
                     continue
-                rel = f if rel_dir == "." else os.path.join(rel_dir, f)
-                found.append(rel.replace(os.sep, "/"))
+                if (st.st_dev, st.st_ino) in visited:
+                    continue
+                stack = [rel_dir]
+                visited.add((st.st_dev, st.st_ino))
+                while stack:
+                    current = stack.pop()
+                    try:
+                        entries = list(os.scandir(os.path.join(self.root, current)))
+                    except OSError:  # unreadable folder: nothing from it
+                        continue
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            continue
+                        rel = entry.name if not current else f"{current}/{entry.name}"
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                st = entry.stat(follow_symlinks=False)
+                                if (st.st_dev, st.st_ino) not in visited:
+                                    visited.add((st.st_dev, st.st_ino))
+                                    stack.append(rel)
+                            elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+                                links.append(rel)
+                            elif entry.name.lower().endswith(self.extensions) and (
+                                    entry.is_file(follow_symlinks=False)  # d_type: no system call
+                                    or stat.S_ISREG(entry.stat(follow_symlinks=True).st_mode)):
+                                found.append(rel)
+                        except OSError:  # vanished or dangling entry
+                            continue
+            pending = sorted(links)
         found.sort()
         return found
 
@@ -186,9 +256,12 @@ class ImageFolderDataset(Dataset):
 
     # -- loading -----------------------------------------------------------------------------------------
     @staticmethod
-    def load_image(path: str) -> Image.Image:
-        """Open, fully decode and convert one file to RGB; raises on any failure."""
-        with Image.open(path) as im:
+    def load_image(path: str, max_image_pixels: int | None = None) -> Image.Image:
+        """Open, fully decode and convert one file to RGB; raises on any failure, also for a file that is not
+        a regular file (opened without blocking, so a FIFO cannot hang a worker) or, before decoding, for an
+        image of more than ``max_image_pixels`` pixels."""
+        with open_regular_file(path) as f, Image.open(f) as im:
+            check_image_pixels(im, max_image_pixels)
             im.load()
             img = to_rgb(im)
             if img is im:  # detach from the (closing) file object
@@ -199,7 +272,8 @@ class ImageFolderDataset(Dataset):
                        ) -> tuple[Image.Image, tuple[tuple[str, str], ...]]:
         """(RGB image, skipped (path, reason) pairs) for ``index``, falling back to the next indices.
 
-        ``loader``: what reads one path (default :meth:`load_image`); it raises on an unreadable file.
+        ``loader(path, max_image_pixels)``: what reads one path (default :meth:`load_image`); it raises on an
+        unreadable file, a file that is not a regular file, or an image over ``max_image_pixels``.
         The GPU input pipeline passes one that returns the JPEG bytes (:mod:`beit_fast.pipeline`)."""
         load = self.load_image if loader is None else loader
         n = len(self)
@@ -215,7 +289,7 @@ class ImageFolderDataset(Dataset):
                 skipped.append((path, self.skipped_files.get(path, "unreadable")))
                 continue
             try:
-                return load(path), tuple(skipped)
+                return load(path, self.max_image_pixels), tuple(skipped)
             except Exception as e:  # any decode/IO failure: never crash a run for one file
                 reason = f"{type(e).__name__}: {e}"
                 self._bad.add(j)

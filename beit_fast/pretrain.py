@@ -25,10 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    BEST_NAME, LAST_NAME, CheckpointError, atomic_save, find_resume_checkpoint, copy_atomic,
-    list_checkpoints, prune_checkpoints, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
+    LAST_NAME, CheckpointError, CheckpointSaveError, Checkpointer, OutputDirLock, existing_checkpoints,
+    find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_run_outputs, remove_stale_temp_files,
+    trim_jsonl, validate_checkpoint,
 )
-from .data import PretrainDataset, ImageFolderDataset, ResumableSampler
+from .data import (
+    DEFAULT_MAX_IMAGE_PIXELS, PretrainDataset, ImageFolderDataset, ResumableSampler,
+)
 from .distributed import (
     DistInfo, GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
     cleanup_distributed, init_distributed, isolate_worker_from_signals,
@@ -37,7 +40,7 @@ from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dty
 from .masking import MaskingGenerator
 from .model import MODEL_CONFIGS, build_model, get_config
 from .rng import rng_state, seed_everything, set_rng_state  # noqa: F401 (re-exported)
-from .optim import build_optimizer, cosine_scheduler
+from .optim import adamw_first_step, build_optimizer, cosine_scheduler
 from .pipeline import build_loader_for, device_pipeline_problems
 from .sample_data import SampleImages
 from .transforms import TwoViewConfig, TwoViewTransform
@@ -89,6 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenize_in_loader", action="store_true",
                    help="with --data_pipeline gpu: compute the visual tokens in the input pipeline's prefetch "
                    "thread (a side CUDA stream, overlapping the previous step) instead of in the step")
+    g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images with more pixels (width x height, read from the file header before decoding) "
+                   "are skipped and counted, like unreadable ones: a guard against decompression bombs")
 
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int, default=75, help="patches to mask per image (about 40%%)")
@@ -182,6 +188,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="",
                    help="checkpoint to resume from, or 'auto': output_dir's newest checkpoint that loads (an "
                    "unloadable one is skipped with a warning), or a fresh start if there is none")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a fresh run in an --output_dir that holds another run's checkpoints: they and its "
+                   "log.jsonl are deleted first (without this flag such a run is refused; see --resume auto)")
+    g.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow --resume checkpoints that pickle Python objects beyond tensors and plain values "
+                   "(old or foreign files): they are read with Python's full unpickler, which can run arbitrary "
+                   "code stored in the file; only for files you trust")
     g.add_argument("--save_ckpt_freq", type=int, default=None, help="save a numbered checkpoint every N epochs")
     g.add_argument("--keep_last", type=int, default=0,
                    help="keep only the K newest numbered checkpoints (0: keep all); checkpoint-last.pt and "
@@ -273,6 +286,29 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         errors.append("--fp8 needs the fast step; drop --fast off")
     if args.fp8 and args.fsdp:
         errors.append("--fp8 is not supported with --fsdp; use DDP (torchrun without --fsdp) or one GPU")
+    errors += _overflow_errors(args)
+    if args.max_image_pixels <= 0:
+        errors.append(f"--max_image_pixels must be positive, got {args.max_image_pixels}")
+    if args.resume and args.overwrite_output_dir:
+        errors.append("--resume continues the run in --output_dir, --overwrite_output_dir deletes it: choose one")
+    return errors
+
+
+def _overflow_errors(args: argparse.Namespace) -> list[str]:
+    """Learning rates whose first AdamW step, ``lr / (1 - beta1)``, does not fit in float32 (torch then
+    fails deep in the optimizer: "value cannot be converted to type float without overflow")."""
+    f32_max = float(torch.finfo(torch.float32).max)
+    beta1 = args.opt_betas[0]
+    betas_ok = all(math.isfinite(b) and 0 <= b < 1 for b in args.opt_betas)
+    errors = []
+    for name in ("lr", "min_lr", "warmup_lr"):
+        value = getattr(args, name)
+        if value is None or not math.isfinite(value) or value < 0:
+            continue  # reported above
+        step = adamw_first_step(value, beta1) if betas_ok else value
+        if step > f32_max:
+            errors.append(f"--{name} {value:g} is too large: AdamW's first step size {name} / (1 - beta1) = "
+                          f"{step:.3g} overflows float32 (max {f32_max:.3g})")
     return errors
 
 
@@ -313,33 +349,6 @@ def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):
         raise SystemExit(f"error: cannot load the {args.tokenizer} tokenizer from {path}: "
                          f"{type(e).__name__}: {e}") from None
     return tokenizer.to(device).eval().requires_grad_(False)
-
-
-class Checkpointer:
-    """Writes ``checkpoint-last.pt`` atomically into the output directory; numbered and best checkpoints
-    are atomic copies of it (each state is serialised once)."""
-
-    def __init__(self, output_dir: str, keep_last: int = 0) -> None:
-        self.dir = Path(output_dir)
-        self.keep_last = keep_last
-
-    @property
-    def last(self) -> Path:
-        return self.dir / LAST_NAME
-
-    @property
-    def best(self) -> Path:
-        return self.dir / BEST_NAME
-
-    def save(self, state: dict, numbered: str | None = None, best: bool = False) -> Path:
-        atomic_save(state, self.last)
-        if numbered:
-            copy_atomic(self.last, self.dir / f"checkpoint-{numbered}.pt")
-            for path in prune_checkpoints(self.dir, self.keep_last):
-                log.info("removed %s (--keep_last %d)", path.name, self.keep_last)
-        if best:
-            copy_atomic(self.last, self.best)
-        return self.last
 
 
 def _rss_mb() -> float | None:
@@ -407,10 +416,79 @@ def main(argv: list[str] | None = None) -> dict:
     """Run pretraining with command-line flags ``argv`` (default ``sys.argv[1:]``); returns a summary."""
     args = resolve_defaults(get_args_parser().parse_args(argv))
     dist_info, device = init_distributed(args.device)
+    lock = None
     try:
+        lock = _claim_output_dir(args, dist_info)
         return _train(args, dist_info, device)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed(dist_info)
+
+
+def _claim_output_dir(args: argparse.Namespace, dist_info: DistInfo) -> OutputDirLock | None:
+    """Rank 0 creates and locks --output_dir (a second run on it is refused, naming the live one; a lock
+    left by a killed run is taken over), clears temporary files of interrupted saves, and refuses a fresh
+    run into a folder holding another run's checkpoints (unless --overwrite_output_dir, which deletes them).
+    Every rank raises the same SystemExit on failure. Returns the held lock (rank 0) or None."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.output_dir)
+    lock, error = None, None
+    if dist_info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            error = f"error: --output_dir {out} is not writable: {e}"
+        if error is None:
+            lock = OutputDirLock(out)
+            try:
+                stale = lock.acquire()
+                if stale:
+                    log.warning("took over a stale lock on %s, left by a run that is no longer running (%s)",
+                                out, stale)
+            except CheckpointError as e:
+                lock, error = None, f"error: {e}"
+        if error is None:
+            for path in remove_stale_temp_files(out):
+                log.warning("removed %s, left by a save that was interrupted", path.name)
+            error = _fresh_run_error(args, out)
+        if error is not None and lock is not None:
+            lock.release()
+            lock = None
+    error = broadcast_object(error, dist_info)
+    if error:
+        raise SystemExit(error)
+    return lock
+
+
+def _fresh_run_error(args: argparse.Namespace, out: Path) -> str | None:
+    """A fresh run (no --resume) into a folder that holds another run's checkpoints is refused: it would
+    overwrite that run's checkpoint-best.pt and log and mix numbered checkpoints of both runs."""
+    found = existing_checkpoints(out)
+    if args.resume or not found:
+        return None
+    if args.overwrite_output_dir:
+        for path in remove_run_outputs(out):
+            log.warning("--overwrite_output_dir: deleted %s of the previous run", path.name)
+        return None
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    what = f"{len(found)} checkpoint files ({names})"
+    newest = list_checkpoints(out)
+    if newest:
+        try:  # the pickle only (tensors stay on disk): cheap even for large checkpoints
+            state = load_checkpoint(newest[0], verify=False, mmap=True)
+            epochs = (state.get("args") or {}).get("epochs")
+            done = epochs is not None and int(state.get("epoch", -1)) >= int(epochs)
+            what += (f"; {newest[0].name} is at step {state.get('step')}, epoch {state.get('epoch')} of {epochs}: "
+                     f"{'the run is complete' if done else 'the run is unfinished'}")
+        except Exception:  # noqa: BLE001 - only for the message
+            pass
+    return (f"error: --output_dir {out} holds another run's checkpoints: {what}. Continue that run with "
+            "--resume auto (a finished run says so and stops), or pass --overwrite_output_dir to delete its "
+            "checkpoints and log.jsonl and start over, or choose another --output_dir")
 
 
 def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> dict:
@@ -431,17 +509,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         why = fp8_unavailable_reason(device) if on_fast else "it needs the fast step, which --fast auto uses only on CUDA"
         if why is not None:
             raise SystemExit(f"error: --fp8: {why}")
-    out = Path(args.output_dir)
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise SystemExit(f"error: --output_dir {out} is not writable: {e}") from None
-        for path in remove_stale_temp_files(out):
-            log.warning("removed %s, left by a save that was interrupted", path.name)
+    out = Path(args.output_dir)  # created and locked by _claim_output_dir
     args.world_size = world
     args.global_batch_size = args.batch_size * world * args.update_freq
 
@@ -452,7 +520,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         images = SampleImages(num_samples=args.num_samples)
     else:
         try:
-            images = ImageFolderDataset(args.data_path)
+            images = ImageFolderDataset(args.data_path, max_image_pixels=args.max_image_pixels)
         except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
     transform = TwoViewTransform(TwoViewConfig(
@@ -574,6 +642,15 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     if args.resume:
         state = _resume_state(args, dist_info)
         if state is not None:
+            restore_error = None
+            if is_main and state["_restore_copies"]:
+                try:
+                    ckpt.restore_copies(state, state["_path"])
+                except CheckpointSaveError as e:
+                    restore_error = f"error: {e}"
+            restore_error = broadcast_object(restore_error, dist_info)
+            if restore_error:
+                raise SystemExit(restore_error)
             if state.get("model_config") != cfg.to_dict():
                 raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config:\n"
                                  f"  checkpoint: {state.get('model_config')}\n  this run:   {cfg.to_dict()}")
@@ -598,6 +675,10 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
             epoch_loss_count = int(state.get("epoch_loss_count", 0))
             log.info("resumed from %s at step %d (epoch %d)", state["_path"], step, step // steps_per_epoch)
+            if step >= total_steps:
+                log.info("the run in %s is complete (step %d of %d, %d epochs): nothing to train. Give more --epochs "
+                         "to continue it, or --overwrite_output_dir to start over", args.output_dir, step,
+                         total_steps, args.epochs)
             del state
         if is_main:
             trim_jsonl(out / "log.jsonl", "step", step)
@@ -630,8 +711,16 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
 
     def save(numbered: str | None = None, best: bool = False) -> None:
         state = checkpoint_state()
+        error = None
         if is_main:
-            ckpt.save(state, numbered, best)
+            try:
+                ckpt.save(state, numbered, best)
+            except CheckpointSaveError as e:  # disk full, permissions: stop cleanly, the last good file stays
+                error = (f"error: {e}. The run stopped at step {step}; make room (or fix the permissions) and "
+                         "continue with --resume auto")
+        error = broadcast_object(error, dist_info)
+        if error:
+            raise SystemExit(error)
 
     log_file = open(out / "log.jsonl", "a") if is_main else None
     bad_steps = 0
@@ -757,7 +846,8 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     if dist_info.is_main:
         try:
             if args.resume == "auto":
-                path, state = find_resume_checkpoint(args.output_dir, warn=log.warning)
+                path, state = find_resume_checkpoint(args.output_dir, warn=log.warning,
+                                                     trust_pickle=args.trust_pickle)
                 choice = (str(path) if path else None, None)
                 candidates = list_checkpoints(args.output_dir)
                 if path is None and candidates:
@@ -767,7 +857,7 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                 elif path is None:
                     log.info("--resume auto: no checkpoint in %s yet, starting from scratch", args.output_dir)
             else:
-                state = validate_checkpoint(args.resume)
+                state = validate_checkpoint(args.resume, trust_pickle=args.trust_pickle)
                 choice = (args.resume, None)
         except CheckpointError as e:
             choice = (None, f"error: {e}")
@@ -778,11 +868,15 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
         return None
     if state is None:
         try:
-            state = validate_checkpoint(path)
+            state = validate_checkpoint(path, trust_pickle=args.trust_pickle)
         except CheckpointError as e:
             raise SystemExit(f"error: {e} (rank {dist_info.rank}; multi-node runs need --output_dir on a "
                              "shared file system)") from None
     state["_path"] = path
+    # A crash (or a full disk) may have cut short the numbered / best copies of the newest state: re-do
+    # them when resuming from it (not when rewinding to an older checkpoint on purpose).
+    state["_restore_copies"] = args.resume == "auto" or \
+        Path(path).resolve() == (Path(args.output_dir) / LAST_NAME).resolve()
     return state
 
 

@@ -587,14 +587,16 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Pat
     return candidates[0]
 
 
-def _load_run_state(path: Path) -> dict:
-    from .checkpoint import load_checkpoint
+def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
+    from .checkpoint import CheckpointError, load_checkpoint
 
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, trust_pickle=trust_pickle)
     except FileNotFoundError:
         raise
-    except Exception as e:
+    except CheckpointError as e:  # corrupt, or pickled objects refused (the message names --trust-pickle)
+        raise ValueError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - anything else a broken file can raise
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from None
     missing = [k for k in ("model", "model_config", "args") if not isinstance(state, dict) or k not in state]
     if missing:
@@ -712,7 +714,7 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
                   only: str | Sequence[str] | None = None, checkpoint: str | os.PathLike | None = None,
                   tokenizer: str | os.PathLike | None = None, data_path: str | os.PathLike | None = None,
                   log_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  dpi: int = DEFAULT_DPI, palette: bool = False) -> list[Path]:
+                  dpi: int = DEFAULT_DPI, palette: bool = False, trust_pickle: bool = False) -> list[Path]:
     """Write the pictures of a pretraining output folder into ``out_dir``; returns the paths written.
 
     ``run_dir``: a ``python -m beit_fast.pretrain`` output folder. ``checkpoint``: default its newest
@@ -722,6 +724,8 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
     ``run_dir/log.jsonl``. ``only``: a subset of :data:`PARTS` (comma-separated or a list); by default all,
     skipping ``reconstruction`` with a warning when the tokenizer has no decoder (asked for explicitly, that
     is a ``ValueError``). Missing checkpoint / log / tokenizer: ``FileNotFoundError`` naming what is missing.
+    The checkpoint is read safely (:func:`beit_fast.checkpoint.load_checkpoint`); ``trust_pickle=True``
+    also reads one that pickles other objects, which can run code from the file: only for files you trust.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
@@ -741,7 +745,7 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
     if image_parts:
         device = torch.device(device)
         ckpt_path = _find_checkpoint(run_dir, checkpoint)
-        state = _load_run_state(ckpt_path)
+        state = _load_run_state(ckpt_path, trust_pickle)
         args = dict(state["args"])
         log.info("checkpoint %s (step %s)", ckpt_path, state.get("step"))
         images, names = _run_images(args, num_images, seed, data_path)
@@ -801,6 +805,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint to picture (default: RUN_DIR's newest, checkpoint-last.pt)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer weights (default: the path saved in the checkpoint, or RUN_DIR/tokenizer.pt)")
+    p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow a checkpoint that pickles Python objects beyond tensors and plain values (old or "
+                   "foreign files): it is read with Python's full unpickler, which can run arbitrary code stored "
+                   "in the file; only for files you trust")
     p.add_argument("--data_path", default=None,
                    help="image folder to draw the pictured images from (default: the run's; the demo's "
                    "scikit-image photographs for a demo run)")
@@ -821,7 +829,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     try:
         paths = visualize_run(args.run_dir, out_dir, num_images=args.num_images, seed=args.seed, only=args.only,
                               checkpoint=args.checkpoint, tokenizer=args.tokenizer, data_path=args.data_path,
-                              log_path=args.log, device=args.device, dpi=args.dpi, palette=args.palette)
+                              log_path=args.log, device=args.device, dpi=args.dpi, palette=args.palette,
+                              trust_pickle=args.trust_pickle)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     for path in paths:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from ..data import ImageFolderDataset, PretrainDataset, sample_seed
+from ..data import ImageFolderDataset, PretrainDataset, check_image_pixels, open_regular_file, sample_seed
 from ..transforms import AugmentParams, to_rgb
 
 __all__ = ["EncodedImage", "EncodedSample", "EncodedBatch", "EncodedPretrainDataset", "read_encoded",
@@ -57,21 +57,22 @@ def encode_pil(img: Image.Image) -> EncodedImage:
     return EncodedImage(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), arr.shape[0], arr.shape[1])
 
 
-def read_encoded(path: str) -> EncodedImage:
+def read_encoded(path: str, max_image_pixels: int | None = None) -> EncodedImage:
     """Read one file for the device pipeline; raises on a file the PIL pipeline could not read either.
 
     Plain RGB / greyscale JPEGs that end with the end-of-image marker: the bytes and the header's size,
     no decoding. Anything else: decoded here by ``ImageFolderDataset.load_image`` (the PIL pipeline's
     decoder, so a bad file fails with the same error and a good one gives the same pixels).
     """
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:  # a regular file only, never blocking (a FIFO cannot hang a worker)
         raw = f.read()
     if raw.startswith(_SOI) and raw.endswith(_EOI):
         with Image.open(io.BytesIO(raw)) as im:  # lazy: parses the header only
+            check_image_pixels(im, max_image_pixels)  # before nvJPEG ever sees it
             if im.format == "JPEG" and im.mode in ("RGB", "L"):
                 width, height = im.size
                 return EncodedImage(torch.frombuffer(bytearray(raw), dtype=torch.uint8), height, width)
-    return encode_pil(ImageFolderDataset.load_image(path))
+    return encode_pil(ImageFolderDataset.load_image(path, max_image_pixels))
 
 
 @dataclass
