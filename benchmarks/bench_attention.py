@@ -34,6 +34,9 @@ from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_
 HAS_CUDA = torch.cuda.is_available()
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton on CPU runs in its interpreter, hundreds of times slower than compiled code: those rows are left
+# out unless asked for (a harness check), and then named ..._INTERPRETED (see bench_kernels.py).
+RUN_INTERPRETED = os.environ.get("BEIT_FAST_BENCH_INTERPRETED") == "1"
 
 # (device, B, H, grid, Dh, dtype, backends); N = grid^2 + 1
 CONFIGS = [
@@ -60,11 +63,15 @@ def _params():
                     reason = "TRITON_INTERPRET=1: run with BEIT_FAST_REAL_GPU=1"
                 elif backend.startswith("triton") and device == "cpu" and not TRITON_INTERPRETED:
                     reason = "the triton backend runs on CPU only under TRITON_INTERPRET=1"
+                elif backend.startswith("triton") and device == "cpu" and not RUN_INTERPRETED:
+                    reason = ("Triton on CPU runs in the interpreter (times mean nothing): set "
+                              "BEIT_FAST_BENCH_INTERPRETED=1 to run it as a harness check")
                 marks = [pytest.mark.skip(reason=reason)] if reason else []
                 dt = str(dtype).replace("torch.", "")
                 n = grid[0] * grid[1] + 1
+                label = f"{backend}_INTERPRETED" if backend.startswith("triton") and device == "cpu" else backend
                 out.append(pytest.param(device, (b, h, grid, d), dtype, backend, kind, marks=marks,
-                                        id=f"{device}-B{b}-N{n}-{dt}-{backend}-{kind}"))
+                                        id=f"{device}-B{b}-N{n}-{dt}-{label}-{kind}"))
     return out
 
 
@@ -101,6 +108,8 @@ def test_attention_fwd_bwd(benchmark, device, shape, dtype, backend, kind, monke
     step()  # compile (flex) / autotune (triton) / first-call work outside the measurement
     benchmark.extra_info["backend"] = resolve_attention_backend(name, q)
     benchmark.extra_info["bias"] = kind
+    if name == "triton" and device == "cpu":
+        benchmark.extra_info["interpreter"] = True
     if backend == "triton" and device == "cuda":
         import beit_fast.kernels.attention as kernels
 
