@@ -12,13 +12,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels"],
+    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels",
+              "beit_fast.pipeline"],
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
     install_requires=[
-        # Triton is not listed: the CUDA builds of torch bring the version they were built with, and the
-        # CPU builds do not need it (the kernels run on GPUs; on CPU only the tests run them, interpreted).
         "torch>=2.10,<=2.14.1",
         "torchvision",
+        "triton; platform_system == 'Linux'",
         "numpy",
         "pillow",
         "tqdm",
@@ -27,13 +27,16 @@ setup(
         "matplotlib",  # beit_fast.visualize
     ],
     extras_require={
-        # Tests exercise the HuggingFace/timm interop, the property-based input checks, the Triton kernels
-        # (interpreted on CPU) and the TensorBoard scalars of --log_dir.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors",
-                "triton; platform_system == 'Linux'", "tensorboard"],
+        # Tests exercise the HuggingFace/timm interop, the property-based input checks and the TensorBoard
+        # scalars of --log_dir. simplejpeg: the decoder comparison of benchmarks/bench_input_pipeline.py and
+        # the decoder-tolerance test.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors", "simplejpeg",
+                "tensorboard"],
         "tensorboard": ["tensorboard"],  # pretrain --log_dir
         "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],
+        # --fp8: torchao's float8 training (pick the torchao release built for your torch: 0.18 for torch 2.11)
+        "fp8": ["torchao>=0.13"],
     },
 )

@@ -25,6 +25,7 @@ _EXPORTS = {
     "patch_embed_mask": "ops",
     "masked_linear_cross_entropy": "ops",
     "attention_with_bias": "ops",
+    "attention_with_rel_pos_bias": "ops",
     "set_backend": "ops",
     "get_backend": "ops",
     "use_backend": "ops",
@@ -69,7 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .model import (MODEL_CONFIGS, BeitConfig, VisionTransformerForClassification,
                         VisionTransformerForMaskedImageModeling, build_classifier, build_model, get_config)
     from .modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
-    from .ops import (attention_with_bias, get_backend, masked_linear_cross_entropy, patch_embed_mask, set_backend,
-                      use_backend)
+    from .ops import (attention_with_bias, attention_with_rel_pos_bias, get_backend, masked_linear_cross_entropy,
+                      patch_embed_mask, set_backend, use_backend)
     from .optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
     from .pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table

@@ -1,43 +1,318 @@
-"""Checkpoint files: written atomically so a crash mid-save never leaves a broken file behind.
+"""Checkpoint files: the one place where the package reads and writes them.
 
-* :func:`atomic_save` - ``torch.save`` to a temporary file in the same folder, fsync, rename over the
-  target, fsync the folder: a reader (or a resumed run) sees the old file or the new one, never half of
-  one, even if the process is killed (SIGKILL) or the machine loses power during the save. A killed save
-  leaves only a hidden ``.NAME.*.tmp`` file, which :func:`remove_stale_temp_files` clears.
-* :func:`copy_atomic` - publish an existing checkpoint under another name (numbered, best) without
-  serialising it again: an independent copy, written atomically as well.
-* :func:`find_resume_checkpoint` - the newest checkpoint of an output folder that loads and looks
-  complete, skipping (with a warning) any that does not.
-* :func:`prune_checkpoints` - keep the last K numbered checkpoints.
+Reading
+  :func:`load_checkpoint` is the one reader of every torch file the package opens (training checkpoints,
+  pretrained weights, tokenizers, the DALL-E ``encoder.pkl``, files to convert). It verifies the zip
+  checksums torch writes into each record (a flipped byte is an error naming the file, not NaN losses
+  later), then loads with ``torch.load(weights_only=True)``: tensors and plain Python values only, plus an
+  explicit allow-list (the uint32 numpy arrays of the previous checkpoint format's RNG state; the DALL-E
+  stand-in classes, passed by that loader). Anything else - a crafted file that would run code, an
+  official checkpoint with its ``argparse.Namespace`` - raises :class:`UnsafeCheckpointError`, unless the
+  caller opts in with ``trust_pickle=True`` (CLI: ``--trust-pickle``), which reads the file with Python's
+  full unpickler after a warning.
+
+Writing
+  :func:`atomic_save` / :func:`copy_atomic` write to a temporary file in the same folder, fsync, rename:
+  a reader sees the old file or the new one, never half of one, even after ``kill -9`` or a power loss.
+  Files get the user's umask (``0666 & ~umask``, not ``mkstemp``'s 0600). A write that fails (disk full,
+  permissions) raises :class:`CheckpointSaveError` naming the file and the cause; the previous file is
+  left as it was and no temporary file is left behind.
+
+Output folders of training runs
+  :class:`Checkpointer` writes ``checkpoint-last.pt`` and publishes the same bytes as numbered / best
+  checkpoints; the state records what it was published as, and :meth:`Checkpointer.restore_copies` re-does
+  a copy that a crash (or a full disk) cut short, when the run resumes. :class:`OutputDirLock` keeps a
+  second run out of a folder in use (a lock left by a killed run is stale and taken over).
+  :func:`find_resume_checkpoint` picks the newest checkpoint that verifies, loads and is complete.
 """
 from __future__ import annotations
 
+import errno
+import filecmp
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 __all__ = [
-    "atomic_save", "load_checkpoint", "extract_model_state", "CheckpointError", "REQUIRED_KEYS",
-    "validate_checkpoint", "list_checkpoints", "find_resume_checkpoint", "prune_checkpoints",
-    "copy_atomic", "remove_stale_temp_files", "LAST_NAME", "BEST_NAME",
+    "atomic_save", "copy_atomic", "load_checkpoint", "extract_model_state", "validate_checkpoint",
+    "verify_checksums", "is_zip_format", "list_checkpoints", "find_resume_checkpoint", "prune_checkpoints",
+    "remove_stale_temp_files", "existing_checkpoints", "remove_run_outputs", "trim_jsonl", "Checkpointer",
+    "OutputDirLock", "CheckpointError", "UnsafeCheckpointError", "CheckpointSaveError", "OutputDirInUseError",
+    "REQUIRED_KEYS", "LAST_NAME", "BEST_NAME", "LOCK_NAME",
 ]
+
+log = logging.getLogger("beit_fast.checkpoint")
 
 LAST_NAME = "checkpoint-last.pt"
 BEST_NAME = "checkpoint-best.pt"
+LOCK_NAME = "run.lock"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
 #: What a training checkpoint of this package must hold to be resumable.
 REQUIRED_KEYS = ("model", "optimizer", "step", "model_config")
+#: The key under which a saved state lists the other names it was published as (numbered, best).
+PUBLISHED_KEY = "published_as"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be loaded or is not a complete training checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError, ValueError, pickle.UnpicklingError):
+    """A file holding pickled Python objects that the safe loader refuses (unpickling them could run code)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions, ...); the previous file is unchanged."""
+
+
+class OutputDirInUseError(CheckpointError):
+    """Another live run holds the output folder's lock."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------
+def _previous_format_globals() -> list:
+    """What the previous checkpoint format needs beyond tensors and plain values: numpy's RNG state
+    (``np.random.get_state()``) holds a uint32 array. Only uint32 arrays can be built with these (an array
+    of another dtype, e.g. object arrays, fails at its dtype's state), and only numbers go into them."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy._core.multiarray._reconstruct"),
+            (_reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def is_zip_format(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is in torch's zip format (what ``torch.save`` writes since torch 1.6), told by its
+    first bytes as torch does (``zipfile.is_zipfile`` looks at the end and also finds zips *inside* a file)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def verify_checksums(path: str | os.PathLike) -> None:
+    """Check the CRC-32 of every record of a torch zip file (torch writes them; ``torch.load`` does not
+    check them). :class:`CheckpointError` naming the file if one differs. Files in torch's legacy (non-zip)
+    format carry no checksums and pass; records written without checksums (CRC 0) are not checked."""
+    path = Path(path)
+    errors = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError)
+    if not is_zip_format(path):
+        return
+    try:
+        zf = zipfile.ZipFile(path)
+    except errors as e:  # e.g. truncated: no central directory
+        raise CheckpointError(f"checkpoint {path} cannot be loaded (a damaged or truncated zip archive: "
+                              f"{type(e).__name__}: {e})") from None
+    with zf:
+        for info in zf.infolist():
+            if info.CRC == 0 and info.file_size:
+                continue
+            try:
+                with zf.open(info) as f:
+                    while f.read(16 << 20):
+                        pass
+            except errors as e:
+                raise CheckpointError(f"checkpoint {path} is corrupt: its record {info.filename} does not match the "
+                                      f"checksum written with it ({type(e).__name__}: {e})") from None
+
+
+def _weights_only_detail(e: BaseException) -> str:
+    """The line of torch's weights-only error that says what was refused (its other lines are advice)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text[text.index(marker) + len(marker):]
+    lines = [s.strip() for s in text.strip().splitlines() if s.strip()]
+    keys = ("global", "unsupported", "trying to", "can only", "only persistent", "blocked", "invalid")
+    for line in lines:
+        if any(k in line.lower() for k in keys) and not line.startswith(("Weights only load failed", "(1)", "(2)")):
+            return line
+    return lines[0] if lines else type(e).__name__
+
+
+def _is_refused_object(detail: str) -> bool:
+    """Whether torch's weights-only unpickler refused an object it does not allow (vs. bytes that are not
+    a pickle at all, e.g. a corrupt or foreign file)."""
+    d = detail.lower()
+    return any(s in d for s in ("global", "function", "create new object", "build", "reduce", "__setstate__",
+                                "persistent_load"))  # the last: a pickled module in torch's legacy format
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, trust_pickle: bool = False,
+    allow: Sequence[Any] = (), verify: bool = True, mmap: bool = False,
+) -> Any:
+    """Read a torch file safely: the package's one checkpoint reader.
+
+    * ``verify``: check the zip checksums first (:func:`verify_checksums`). ``mmap``: map the tensors
+      instead of reading them (zip format; to look at the small values of a large file).
+    * ``torch.load(weights_only=True)``: tensors, containers and plain Python values, plus the previous
+      format's numpy RNG arrays and the globals in ``allow`` (e.g. the DALL-E stand-in classes).
+    * A file with other pickled objects raises :class:`UnsafeCheckpointError` (naming the object and the
+      opt-in), unless ``trust_pickle=True``: then Python's full unpickler reads it, after a warning - it can
+      run any code the file contains; only for files you trust.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (naming the file) for one
+    that cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if verify:
+        verify_checksums(path)
+    try:
+        with torch.serialization.safe_globals([*_previous_format_globals(), *allow]):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = _weights_only_detail(e)
+        if not _is_refused_object(detail):
+            raise CheckpointError(f"checkpoint {path} cannot be loaded (not a torch checkpoint, or corrupt: "
+                                  f"{detail})") from None
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled Python objects that the safe loader refuses ({detail}): unpickling them "
+                "can run arbitrary code. If you trust the file, pass --trust-pickle (Python: trust_pickle=True)"
+            ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return _load_trusting_pickle(path, map_location)
+
+
+def _load_trusting_pickle(path: Path, map_location: str | torch.device) -> Any:
+    """The explicit opt-in (``trust_pickle=True`` / ``--trust-pickle``) and nothing else reaches this."""
+    warnings.warn(f"--trust-pickle: reading {path} with Python's full unpickler, which can run arbitrary code "
+                  "stored in the file; do this only for files you trust", UserWarning, stacklevel=3)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever the file does, name it
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def extract_model_state(checkpoint: dict) -> dict:
+    """The model state dict of a checkpoint: official files keep it under ``model`` (or ``module``)."""
+    for key in ("model", "module", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _non_finite(tensors: Mapping[str, Any]) -> list[str]:
+    bad = []
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+def validate_checkpoint(
+    path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_KEYS, *, trust_pickle: bool = False,
+) -> dict:
+    """Load ``path`` (:func:`load_checkpoint`: checksums, safe loading) and check it is a complete training
+    checkpoint with finite model weights; :class:`CheckpointError` (naming the file and the reason)
+    otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = load_checkpoint(path, trust_pickle=trust_pickle)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything a broken file can raise
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint dict")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a beit_fast training checkpoint (missing {missing})")
+    model = state.get("model")
+    bad = _non_finite(model) if isinstance(model, Mapping) else []
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is corrupt: non-finite model weights in {bad[:4]}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the only portable way (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointSaveError:
+    """A clear message for a failed write of ``path`` (disk full, permissions, ...)."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):  # torch wraps the OSError of f.write
+        cause = cause.__cause__ or cause.__context__
+    reason = f"{cause.strerror or cause}" if isinstance(cause, OSError) else f"{type(e).__name__}: {e}"
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        try:
+            free = shutil.disk_usage(path.parent).free
+            reason += f" ({free / 2**20:.1f} MiB free on that file system)"
+        except OSError:
+            pass
+    return CheckpointSaveError(f"could not write {path}: {reason}")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return True
+    # torch's zip writer reports a failed f.write as "[enforce fail at inline_container.cc] ..."
+    return isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+                                            or isinstance(e.__context__, OSError))
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if _is_write_failure(e):
+            raise _write_error(path, e) from None
+        raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,22 +329,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+    :class:`CheckpointSaveError` if it cannot be written (``path`` is then unchanged)."""
+    return _write_atomically(Path(path), lambda f: torch.save(obj, f))
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -78,59 +340,18 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     A copy rather than a hard link, so that the numbered and best checkpoints do not share storage with
     ``checkpoint-last.pt``: damage to one file (in-place edits, bad blocks) cannot take the others along.
     """
-    src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as g:
+    src = Path(src)
+
+    def write(f) -> None:
+        with open(src, "rb") as g:
             shutil.copyfileobj(g, f, 16 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+
+    return _write_atomically(Path(dst), write)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by this package (or an official one); clear error if missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # Our checkpoints hold numpy RNG state and plain python values: weights_only would refuse them.
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def validate_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_KEYS) -> dict:
-    """Load ``path`` and check it is a complete training checkpoint; :class:`CheckpointError` (naming the
-    file and the reason) otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        state = load_checkpoint(path)
-    except Exception as e:  # truncated zip, pickle errors, bad magic number, ...
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint dict")
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is not a beit_fast training checkpoint (missing {missing})")
-    return state
-
-
-def extract_model_state(checkpoint: dict) -> dict:
-    """The model state dict of a checkpoint: official files keep it under ``model`` (or ``module``)."""
-    for key in ("model", "module", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            return checkpoint[key]
-    return checkpoint
-
-
+# --------------------------------------------------------------------------------------------------------
+# Output folders
+# --------------------------------------------------------------------------------------------------------
 def numbered_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``[(N, path of checkpoint-N.pt), ...]`` of a folder, highest N first."""
     out = Path(output_dir)
@@ -153,18 +374,39 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return candidates + [p for _, p in numbered_checkpoints(out)]
 
 
+def existing_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint file of a run in ``output_dir`` (last, numbered, best)."""
+    out = Path(output_dir)
+    return list_checkpoints(out) + ([out / BEST_NAME] if (out / BEST_NAME).is_file() else [])
+
+
+def remove_run_outputs(output_dir: str | os.PathLike, extra: Iterable[str] = ("log.jsonl",)) -> list[Path]:
+    """Delete the checkpoints (and the ``extra`` files, e.g. the log) of a previous run in ``output_dir``:
+    what an explicit overwrite of the folder means. Returns the deleted paths."""
+    out = Path(output_dir)
+    removed = []
+    for p in existing_checkpoints(out) + [out / name for name in extra]:
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def find_resume_checkpoint(
-    output_dir: str | os.PathLike, warn: Callable[[str], None] | None = None,
+    output_dir: str | os.PathLike, warn: Callable[[str], None] | None = None, *, trust_pickle: bool = False,
 ) -> tuple[Path | None, dict | None]:
     """The newest valid checkpoint of ``output_dir`` and its loaded state, or ``(None, None)``.
 
-    A candidate that cannot be loaded or lacks :data:`REQUIRED_KEYS` is skipped with a warning
-    (``warn(message)``, default :func:`warnings.warn`) and the next older one is tried.
+    A candidate that fails :func:`validate_checkpoint` (checksums, safe loading, required keys, finite
+    weights) is skipped with a warning (``warn(message)``, default :func:`warnings.warn`) and the next older
+    one is tried.
     """
     warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
     for path in list_checkpoints(output_dir):
         try:
-            return path, validate_checkpoint(path)
+            return path, validate_checkpoint(path, trust_pickle=trust_pickle)
         except CheckpointError as e:
             warn(f"{e}; falling back to an older checkpoint")
     return None, None
@@ -186,7 +428,8 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Pat
 
 
 def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete ``.checkpoint-*.tmp`` files left by a save that was killed (they are never read)."""
+    """Delete ``.checkpoint-*.tmp`` files left by a save that was killed (they are never read). Only call
+    it while holding the folder's :class:`OutputDirLock`: a live run's temporary file looks the same."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
@@ -198,6 +441,185 @@ def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+class Checkpointer:
+    """The checkpoints of one output folder.
+
+    :meth:`save` writes ``checkpoint-last.pt`` atomically, then publishes the same bytes as
+    ``checkpoint-N.pt`` and/or ``checkpoint-best.pt`` (atomic copies; each state is serialised once) and
+    prunes numbered ones beyond ``keep_last``. The state records the names it is published as
+    (``published_as``), so :meth:`restore_copies` can re-do a copy that a kill or a full disk cut short
+    when the run resumes from that state: no numbered or best checkpoint is lost at that boundary.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int = 0) -> None:
+        self.dir = Path(output_dir)
+        self.keep_last = keep_last
+
+    @property
+    def last(self) -> Path:
+        return self.dir / LAST_NAME
+
+    @property
+    def best(self) -> Path:
+        return self.dir / BEST_NAME
+
+    def save(self, state: dict, numbered: str | int | None = None, best: bool = False) -> Path:
+        """Write ``state`` as ``checkpoint-last.pt`` (+ numbered / best copies). :class:`CheckpointSaveError`
+        if a file cannot be written: the files written before stay complete and valid."""
+        names = ([f"checkpoint-{numbered}.pt"] if numbered is not None else []) + ([BEST_NAME] if best else [])
+        try:
+            atomic_save({**state, PUBLISHED_KEY: names}, self.last)
+        except CheckpointSaveError as e:
+            raise CheckpointSaveError(f"{e}; the previous {LAST_NAME} is unchanged") from None
+        self._publish(self.last, names)
+        return self.last
+
+    def _publish(self, src: Path, names: Iterable[str]) -> list[Path]:
+        written = []
+        for name in names:
+            try:
+                written.append(copy_atomic(src, self.dir / name))
+            except CheckpointSaveError as e:
+                raise CheckpointSaveError(f"{e}; {src.name} is complete and {name} is written from it when the "
+                                          "run is resumed") from None
+            if _NUMBERED.match(name):
+                for path in prune_checkpoints(self.dir, self.keep_last):
+                    log.info("removed %s (--keep_last %d)", path.name, self.keep_last)
+        return written
+
+    def restore_copies(self, state: Mapping, source: str | os.PathLike) -> list[Path]:
+        """Re-publish ``source`` (the file ``state`` was loaded from) under the names its save published it
+        as, where that copy is missing or differs (a crash or a full disk between writing
+        ``checkpoint-last.pt`` and finishing its copies). Returns the files written."""
+        source = Path(source)
+        names = [n for n in state.get(PUBLISHED_KEY, ()) if isinstance(n, str) and "/" not in n]
+        todo = [n for n in names if (self.dir / n).resolve() != source.resolve()
+                and not _same_bytes(source, self.dir / n)]
+        written = self._publish(source, todo)
+        for path in written:
+            log.info("re-wrote %s from %s (its copy was cut short when the run stopped)", path.name, source.name)
+        return written
+
+
+_HELD_LOCKS: set[str] = set()  # lock files held by this process (POSIX locks are per process)
+
+
+class OutputDirLock:
+    """An exclusive lock on a run's output folder (``run.lock``), held for the whole run.
+
+    A POSIX record lock (``fcntl.lockf``) on ``run.lock``, which holds the holder's pid, host, start time and
+    command (for the message a second run gets). The kernel releases the lock when the process ends, however
+    it ends; a clean release also deletes the file. So a ``run.lock`` that nobody holds was left by a run
+    that was killed: it is stale and taken over (:meth:`acquire` returns what that run wrote into it).
+    Forked data workers do not inherit the lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / LOCK_NAME
+        self._fd: int | None = None
+        self._key = ""
+
+    @staticmethod
+    def _read(fd: int) -> str:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 4096).decode("utf-8", "replace").strip()
+
+    @staticmethod
+    def describe(text: str) -> str:
+        try:
+            info = json.loads(text)
+            return (f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}: "
+                    f"{info.get('command')}")
+        except (ValueError, AttributeError):
+            return text[:200] or "unknown process"
+
+    def acquire(self) -> str | None:
+        """Take the lock; :class:`OutputDirInUseError` if a live run holds it. Returns the description of
+        a stale holder (a run that died without releasing it), else None."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            log.warning("cannot lock %s on this platform: make sure no other run uses this folder", self.path)
+            return None
+        key = str(self.path.resolve())
+        if key in _HELD_LOCKS:  # POSIX locks belong to the process: a second lock here would succeed
+            raise OutputDirInUseError(f"--output_dir {self.path.parent} is in use by another run in this process "
+                                      f"(pid {os.getpid()}; lock file {self.path})")
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise CheckpointError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                busy = e.errno in (errno.EACCES, errno.EAGAIN)
+                holder = self._read(fd) if busy else ""
+                os.close(fd)
+                if busy:
+                    raise OutputDirInUseError(
+                        f"--output_dir {self.path.parent} is in use by another run ({self.describe(holder)}; lock "
+                        f"file {self.path}). Wait for it to finish or stop it, or use another --output_dir") from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
+                    log.warning("cannot lock %s (%s): make sure no other run uses this folder", self.path,
+                                e.strerror)
+                    return None
+                raise CheckpointError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            # Locked - but a run releasing the lock deletes the file: make sure ours is still the one there.
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            own = os.fstat(fd)
+            if st is not None and (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                break
+            os.close(fd)
+        else:
+            raise CheckpointError(f"cannot lock {self.path}: it keeps being replaced")
+        stale = self._read(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self._fd, self._key = fd, key
+        _HELD_LOCKS.add(key)
+        return self.describe(stale) if stale else None
+
+    def release(self) -> None:
+        """Delete the lock file, then unlock it (a run waiting on the old file sees it is gone). Idempotent."""
+        if self._fd is None:
+            return
+        import fcntl  # present: acquire() got this far
+
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            _HELD_LOCKS.discard(self._key)
+
+    def __enter__(self) -> "OutputDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def trim_jsonl(path: str | os.PathLike, key: str, last: int) -> None:

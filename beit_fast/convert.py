@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "official value; HF's own default 1e-12 would change the outputs)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow torch files that pickle Python objects besides tensors (e.g. official training "
-                        "checkpoints with their argparse args): torch.load(weights_only=False) can run code, "
-                        "use only for files you trust")
+                        "checkpoints with their argparse args): they are read with Python's full unpickler, "
+                        "which can run arbitrary code stored in the file; only for files you trust")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p

@@ -12,10 +12,11 @@
 Bad images
 ----------
 A file that cannot be opened or decoded (corrupt bytes, zero-byte file, truncated JPEG/PNG - Pillow's
-``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False -, unreadable permissions, decompression bombs, ...) is
-skipped: ``ImageFolderDataset`` falls back to the next index (modulo the length) and keeps going, up to
-``max_consecutive_bad`` files in a row, after which a ``RuntimeError`` says the data set looks corrupt
-(so a folder of nothing but bad files fails clearly instead of looping forever).
+``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False -, unreadable permissions, not a regular file, more than
+``max_image_pixels`` pixels, ...) is skipped: ``ImageFolderDataset`` falls back to the next index (modulo
+the length) and keeps going, up to ``max_consecutive_bad`` files in a row, after which a ``RuntimeError``
+says the data set looks corrupt (so a folder of nothing but bad files fails clearly instead of looping
+forever).
 
 Counting with DataLoader workers: a worker's dataset object is a copy, so counters kept on it never reach
 the main process. Instead every sample carries the list of ``(path, reason)`` it had to skip
@@ -33,18 +34,21 @@ import inspect
 import math
 import os
 import random
+import stat
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
+from .options import DEFAULT_MAX_IMAGE_PIXELS
 from .transforms import TwoViewTransform, to_rgb
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "SkippedImageWarning",
     "ImageFolderDataset",
     "PretrainSample",
@@ -60,6 +64,8 @@ __all__ = [
 
 #: torchvision's ``IMG_EXTENSIONS`` (compared case-insensitively).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
 
 
 class SkippedImageWarning(UserWarning):
@@ -91,6 +97,26 @@ def _normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------------
 # Image folder
 # --------------------------------------------------------------------------------------------------------
+def open_regular_file(path: str) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only, opened without blocking (a FIFO or device named like an
+    image can never hang a data worker); OSError naming the path otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_image_pixels(im: Image.Image, max_image_pixels: int | None) -> None:
+    """Refuse, before decoding, an opened image of more than ``max_image_pixels`` pixels (None: no limit)."""
+    if max_image_pixels is not None and im.width * im.height > max_image_pixels:
+        raise ValueError(f"{im.width}x{im.height} = {im.width * im.height} pixels is more than "
+                         f"max_image_pixels {max_image_pixels} (CLI: --max_image_pixels)")
+
+
 class ImageFolderDataset(Dataset):
     """All image files under ``root`` (recursively), as RGB PIL images.
 
@@ -100,7 +126,11 @@ class ImageFolderDataset(Dataset):
     * Class folders are optional: if every image lies inside a first-level sub-folder, ``classes`` is the
       sorted list of those sub-folders, ``class_to_idx`` maps them to 0..C-1 and ``targets[k]`` is the class
       of image k (as torchvision's ``ImageFolder``); otherwise ``classes == []`` and ``targets is None``.
+    * Only regular files are images (a FIFO, socket or device named ``x.png`` is ignored, and one that replaces
+      an image after the scan is skipped, never waited on). Symlinked folders are followed, each real folder
+      (by device and inode) once: links to a folder already in the tree, and link loops, add nothing.
     * ``root`` missing -> ``FileNotFoundError``; no image found -> ``ValueError``; both name the path.
+    * ``max_image_pixels``: larger images (width x height from the header) are skipped like unreadable ones.
     * Item ``i`` is image ``i`` converted with :func:`beit_fast.transforms.to_rgb`; if it cannot be read, the
       next readable index (modulo ``len``) is returned instead (see the module docstring).
       :meth:`get_with_skips` also returns the ``(path, reason)`` pairs skipped on the way.
@@ -114,12 +144,16 @@ class ImageFolderDataset(Dataset):
         root: str | os.PathLike,
         extensions: Iterable[str] = IMG_EXTENSIONS,
         max_consecutive_bad: int = 64,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.extensions = _normalize_extensions(extensions)
         if max_consecutive_bad < 1:
             raise ValueError("max_consecutive_bad must be >= 1")
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
         self.max_consecutive_bad = int(max_consecutive_bad)
+        self.max_image_pixels = int(max_image_pixels)
         if not os.path.exists(self.root):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         if not os.path.isdir(self.root):
@@ -150,15 +184,48 @@ class ImageFolderDataset(Dataset):
         self._bad: set[int] = set()
 
     def _scan(self) -> list[str]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel_dir = os.path.relpath(dirpath, self.root)
-            for f in filenames:
-                if f.startswith(".") or not f.lower().endswith(self.extensions):
+        """Relative paths of the regular image files under root. Real folders are walked first, then the
+        symlinked ones whose target (device, inode) was not visited yet, so that each folder is read once
+        and link loops end; a link's files are named by the link's path."""
+        found: list[str] = []
+        visited: set[tuple[int, int]] = set()
+        pending = [""]  # folders to walk (relative to root), each only if not visited
+        while pending:
+            links: list[str] = []
+            for rel_dir in pending:
+                try:
+                    st = os.stat(os.path.join(self.root, rel_dir))
+                except OSError:  # a dangling link
                     continue
-                rel = f if rel_dir == "." else os.path.join(rel_dir, f)
-                found.append(rel.replace(os.sep, "/"))
+                if (st.st_dev, st.st_ino) in visited:
+                    continue
+                stack = [rel_dir]
+                visited.add((st.st_dev, st.st_ino))
+                while stack:
+                    current = stack.pop()
+                    try:
+                        entries = list(os.scandir(os.path.join(self.root, current)))
+                    except OSError:  # unreadable folder: nothing from it
+                        continue
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            continue
+                        rel = entry.name if not current else f"{current}/{entry.name}"
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                st = entry.stat(follow_symlinks=False)
+                                if (st.st_dev, st.st_ino) not in visited:
+                                    visited.add((st.st_dev, st.st_ino))
+                                    stack.append(rel)
+                            elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+                                links.append(rel)
+                            elif entry.name.lower().endswith(self.extensions) and (
+                                    entry.is_file(follow_symlinks=False)  # d_type: no system call
+                                    or stat.S_ISREG(entry.stat(follow_symlinks=True).st_mode)):
+                                found.append(rel)
+                        except OSError:  # vanished or dangling entry
+                            continue
+            pending = sorted(links)
         found.sort()
         return found
 
@@ -186,17 +253,26 @@ class ImageFolderDataset(Dataset):
 
     # -- loading -----------------------------------------------------------------------------------------
     @staticmethod
-    def load_image(path: str) -> Image.Image:
-        """Open, fully decode and convert one file to RGB; raises on any failure."""
-        with Image.open(path) as im:
+    def load_image(path: str, max_image_pixels: int | None = None) -> Image.Image:
+        """Open, fully decode and convert one file to RGB; raises on any failure, also for a file that is not
+        a regular file (opened without blocking, so a FIFO cannot hang a worker) or, before decoding, for an
+        image of more than ``max_image_pixels`` pixels."""
+        with open_regular_file(path) as f, Image.open(f) as im:
+            check_image_pixels(im, max_image_pixels)
             im.load()
             img = to_rgb(im)
             if img is im:  # detach from the (closing) file object
                 img = im.copy()
         return img
 
-    def get_with_skips(self, index: int) -> tuple[Image.Image, tuple[tuple[str, str], ...]]:
-        """(RGB image, skipped (path, reason) pairs) for ``index``, falling back to the next indices."""
+    def get_with_skips(self, index: int, loader: Callable[[str], Any] | None = None
+                       ) -> tuple[Image.Image, tuple[tuple[str, str], ...]]:
+        """(RGB image, skipped (path, reason) pairs) for ``index``, falling back to the next indices.
+
+        ``loader(path, max_image_pixels)``: what reads one path (default :meth:`load_image`); it raises on an
+        unreadable file, a file that is not a regular file, or an image over ``max_image_pixels``.
+        The GPU input pipeline passes one that returns the JPEG bytes (:mod:`beit_fast.pipeline`)."""
+        load = self.load_image if loader is None else loader
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -210,7 +286,7 @@ class ImageFolderDataset(Dataset):
                 skipped.append((path, self.skipped_files.get(path, "unreadable")))
                 continue
             try:
-                return self.load_image(path), tuple(skipped)
+                return load(path, self.max_image_pixels), tuple(skipped)
             except Exception as e:  # any decode/IO failure: never crash a run for one file
                 reason = f"{type(e).__name__}: {e}"
                 self._bad.add(j)
@@ -224,6 +300,13 @@ class ImageFolderDataset(Dataset):
             f"{tried} consecutive images starting at index {index} could not be read "
             f"(data set {self.root} looks corrupt or holds no readable image); first failures: {first}"
         )
+
+    def mark_unreadable(self, index: int, reason: str) -> None:
+        """Record file ``index`` as unreadable (found so after loading, e.g. by a GPU decoder): later
+        :meth:`get_with_skips` calls skip it. Does not warn (the caller reports it)."""
+        index %= len(self)
+        self._bad.add(index)
+        self.skipped_files.setdefault(self.path(index), reason)
 
     def __getitem__(self, index: int) -> Image.Image:
         return self.get_with_skips(index)[0]

@@ -320,7 +320,12 @@ class PretrainEngine:
         for i, batch in enumerate(batches):
             images, tokenizer_images, bool_masked_pos = (t.to(self.device, non_blocking=True) for t in batch)
             bool_masked_pos = bool_masked_pos.flatten(1).bool()
-            tokens = self.tokenize(tokenizer_images, bool_masked_pos)
+            tokens = getattr(batch, "tokens", None)  # computed by the loader (DevicePretrainLoader.set_tokenizer)
+            if tokens is None:
+                tokens = self.tokenize(tokenizer_images, bool_masked_pos)
+            elif tokens.shape != bool_masked_pos.shape:
+                raise ValueError(f"the batch's tokens {tuple(tokens.shape)} do not match its mask "
+                                 f"{tuple(bool_masked_pos.shape)}")
             self.count_targets(tokens, bool_masked_pos)
             with no_grad_sync(self.train_module, skip=i < n - 1):
                 loss, acc = self.compute_loss(images, bool_masked_pos, tokens)
@@ -408,25 +413,39 @@ class FastPretrainEngine(PretrainEngine):
     DDP optimizer splits the graph at gradient-bucket boundaries and all-reduces overlap the backward.
     With FSDP2 each Transformer block is compiled on its own (``block.compile()``, the torchtitan recipe),
     and the FSDP hooks, the embedding and the fused head + loss run eagerly between them.
+    ``compile_mode``: torch.compile's ``mode`` (None: the default; e.g. "max-autotune-no-cudagraphs" lets
+    inductor autotune the GEMMs with their bias/GELU epilogues, "reduce-overhead" adds CUDA graphs).
+    ``fp8=True``: the blocks' QKV and MLP linears run as FP8 GEMMs (:func:`beit_fast.fp8.convert_to_fp8_training`;
+    CUDA compute capability >= 8.9 and torchao; not with FSDP).
     """
 
     def __init__(self, *args, num_masked: int, compile: bool = True, ops_backend: str | None = None,
-                 compile_backend: str = "inductor", **kwargs) -> None:
+                 compile_backend: str = "inductor", compile_mode: str | None = None, fp8: bool = False,
+                 **kwargs) -> None:
         self.num_masked = int(num_masked)
         self.ops_backend = ops_backend
+        self.fp8 = bool(fp8)
+        if self.fp8:  # before DDP wraps the model; the Parameter objects stay, so the optimizer stays valid
+            if kwargs.get("parallel") == "fsdp":
+                raise ValueError("fp8 is not supported with FSDP (the linears would have to be converted before "
+                                 "sharding); use DDP or one GPU")
+            from .fp8 import convert_to_fp8_training
+
+            convert_to_fp8_training(args[0] if args else kwargs["model"])
         super().__init__(*args, **kwargs)
         if self.loss_module.num_masked != self.num_masked:
             raise ValueError(f"loss_module.num_masked {self.loss_module.num_masked} != num_masked {self.num_masked}")
         self.compiled = bool(compile)
+        mode = {"mode": compile_mode} if compile_mode else {}
         if not compile:
             self._loss_fn = self.train_module
         elif self.parallel == "fsdp":
             for block in self.model.blocks:
-                block.compile(backend=compile_backend, dynamic=False)
+                block.compile(backend=compile_backend, dynamic=False, **mode)
             self._loss_fn = self.train_module
         else:
             self._loss_fn = torch.compile(self.train_module, backend=compile_backend, fullgraph=self.parallel == "none",
-                                          dynamic=False)
+                                          dynamic=False, **mode)
 
     def _default_loss_module(self, model: nn.Module) -> MIMLoss:
         return MIMLoss(model, num_masked=self.num_masked, ops_backend=self.ops_backend)

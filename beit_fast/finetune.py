@@ -16,7 +16,6 @@ if __name__ == "__main__" and not __package__:  # run as a file (python beit_fas
     raise SystemExit(0)
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -104,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="mixed precision: auto = bf16 on CUDA when supported, else fp16; none on CPU")
     g.add_argument("--attn_backend", default="reference",
-                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers"],
+                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
                    help="attention implementation (reference: the eager math; auto: the fastest available)")
 
     g = p.add_argument_group("run")
@@ -112,6 +111,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="",
                    help="fine-tuning checkpoint to resume from, or 'auto': output_dir's newest loadable one "
                    "(fresh start if none)")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a fresh run in an --output_dir that holds another run's checkpoints: they and its "
+                   "log.jsonl are deleted first (without this flag such a run is refused; see --resume auto)")
+    g.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow --finetune / --resume checkpoints that pickle Python objects beyond tensors and "
+                   "plain values (e.g. official checkpoints with their argparse args): they are read with "
+                   "Python's full unpickler, which can run arbitrary code stored in the file; only for files "
+                   "you trust")
     g.add_argument("--eval", action="store_true",
                    help="evaluate only: the --finetune weights (or --resume's) on the val set, then exit")
     g.add_argument("--eval_freq", type=int, default=1, help="evaluate every N epochs (and after the last)")
@@ -156,6 +163,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                                   "one subfolder of images per class")
                 elif not any(d.is_dir() for d in folder.iterdir()):
                     errors.append(f"{folder} has no class subfolders")
+    if args.resume and args.overwrite_output_dir:
+        errors.append("--resume continues the run in --output_dir, --overwrite_output_dir deletes it: choose one")
     if args.eval and not args.finetune and args.resume in ("", "auto"):
         errors.append("--eval needs weights: --finetune PATH (a fine-tuned or pretrained checkpoint) or --resume PATH")
     try:
@@ -256,15 +265,14 @@ def _run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --output_dir {out} is not writable: {e}") from None
-    with open(out / "args.json", "w") as f:
-        json.dump(vars(args), f, indent=1, default=str)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("fine-tuning %.2fM parameters on %d images (%d classes), %d val; lr %.3g, layer decay %.2f, "
              "%d epochs of %d steps; device %s", n_params / 1e6, len(train_set), len(classes), len(val_set),
              cfg.effective_lr(), layer_decay, cfg.epochs, len(train_set) // cfg.batch_size, device)
     try:
         result = finetune(model, train_set, val_set, cfg, device=device, output_dir=out,
-                          progress=not args.no_progress, num_classes=len(classes))
+                          progress=not args.no_progress, num_classes=len(classes), trust_pickle=args.trust_pickle,
+                          overwrite_output_dir=args.overwrite_output_dir, run_args=vars(args))
     except (ValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"best top-1 {100 * result['best_top1']:.2f}% (epoch {result['best_epoch']}); final top-1 "

@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    BEST_NAME, LAST_NAME, CheckpointError, atomic_save, copy_atomic, find_resume_checkpoint, list_checkpoints,
-    remove_stale_temp_files, trim_jsonl, validate_checkpoint,
+    LAST_NAME, CheckpointError, Checkpointer, OutputDirLock, existing_checkpoints, find_resume_checkpoint,
+    list_checkpoints, remove_run_outputs, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
 from .engine import autocast_or_null, resolve_amp_dtype
 from .model import build_classifier, get_config
-from .optim import apply_schedule, cosine_scheduler, param_groups_layer_decay
+from .optim import adamw_first_step, apply_schedule, cosine_scheduler, param_groups_layer_decay
 from .options import RESIZE_FILTERS
 from .rng import rng_state, seed_everything, set_rng_state
 
@@ -140,6 +140,11 @@ class FinetuneConfig:
             errors.append(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
         if self.num_workers < 0:
             errors.append(f"num_workers must be >= 0, got {self.num_workers}")
+        f32_max = float(torch.finfo(torch.float32).max)
+        beta1 = self.opt_betas[0]
+        if not errors and 0 <= beta1 < 1 and adamw_first_step(self.effective_lr(), beta1) > f32_max:
+            errors.append(f"lr {self.effective_lr():g} is too large: AdamW's first step size lr / (1 - beta1) "
+                          f"overflows float32 (max {f32_max:.3g})")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -327,6 +332,7 @@ def _model_config(model: nn.Module) -> dict:
 def finetune(
     model: nn.Module, train_set, val_set, cfg: FinetuneConfig, *, device: str | torch.device = "cpu",
     output_dir: str | os.PathLike | None = None, progress: bool = True, num_classes: int | None = None,
+    trust_pickle: bool = False, overwrite_output_dir: bool = False, run_args: dict | None = None,
 ) -> dict:
     """Fine-tune ``model`` (a :class:`~beit_fast.model.VisionTransformerForClassification`, already loaded
     with pretrained weights) on ``train_set``, evaluating on ``val_set`` every ``cfg.eval_freq`` epochs
@@ -337,16 +343,65 @@ def finetune(
     ``history`` one dict per epoch (``epoch`` 1-based, ``train_loss``, ``val_loss``, ``top1``, ``top5``,
     ``lr``; val fields None on epochs without evaluation). With ``output_dir``: ``checkpoint-last.pt``
     after every epoch, ``checkpoint-best.pt`` at each new best top-1 (``cfg.save_ckpt``), ``log.jsonl``
-    (one line per epoch); ``cfg.resume`` continues from a checkpoint at its epoch boundary.
+    (one line per epoch), ``args.json`` (``run_args``, if given); ``cfg.resume`` continues from a checkpoint
+    at its epoch boundary (``trust_pickle=True`` also reads one that pickles other objects: that can run
+    code from the file, only for files you trust).
+
+    The output folder is locked for the run (:class:`~beit_fast.checkpoint.OutputDirLock`: a second run
+    on it raises, naming the first). A fresh run (``cfg.resume == ""``) into a folder holding another run's
+    checkpoints raises :class:`~beit_fast.checkpoint.CheckpointError`, unless ``overwrite_output_dir``
+    (which deletes them and the log first).
     """
     cfg.validate()
+    out = Path(output_dir) if output_dir is not None else None
+    if cfg.resume and out is None and cfg.resume == "auto":
+        raise ValueError("resume='auto' needs an output_dir")
+    lock = _claim_output_dir(out, cfg, overwrite_output_dir) if out is not None else None
+    try:
+        if out is not None and run_args is not None:
+            with open(out / "args.json", "w") as f:
+                json.dump(run_args, f, indent=1, default=str)
+        return _finetune(model, train_set, val_set, cfg, device=device, out=out, progress=progress,
+                         num_classes=num_classes, trust_pickle=trust_pickle)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_output_dir(out: Path, cfg: FinetuneConfig, overwrite: bool) -> OutputDirLock:
+    """Create and lock ``out``; clear temporary files of interrupted saves; refuse (or, with ``overwrite``,
+    clear) another run's checkpoints for a fresh run."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = OutputDirLock(out)
+    stale = lock.acquire()
+    try:
+        if stale:
+            log.warning("took over a stale lock on %s, left by a run that is no longer running (%s)", out, stale)
+        for path in remove_stale_temp_files(out):
+            log.warning("removed %s, left by a save that was interrupted", path.name)
+        found = existing_checkpoints(out)
+        if found and not cfg.resume:
+            if not overwrite:
+                raise CheckpointError(
+                    f"{out} holds another run's checkpoints ({', '.join(p.name for p in found[:4])}): continue that "
+                    "run with resume='auto' (CLI: --resume auto), or pass overwrite_output_dir=True (CLI: "
+                    "--overwrite_output_dir) to delete them and its log.jsonl and start over")
+            for path in remove_run_outputs(out):
+                log.warning("overwrite_output_dir: deleted %s of the previous run", path.name)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _finetune(
+    model: nn.Module, train_set, val_set, cfg: FinetuneConfig, *, device: str | torch.device, out: Path | None,
+    progress: bool, num_classes: int | None, trust_pickle: bool,
+) -> dict:
     device = torch.device(device)
     num_classes = int(num_classes if num_classes is not None else getattr(model, "num_classes", 0))
     if num_classes <= 0:
         raise ValueError("num_classes unknown: pass num_classes or use a model with a head")
-    out = Path(output_dir) if output_dir is not None else None
-    if cfg.resume and out is None and cfg.resume == "auto":
-        raise ValueError("resume='auto' needs an output_dir")
     amp_dtype = resolve_amp_dtype(cfg.amp, device)
     seed_everything(cfg.seed)
     if cfg.drop_path is not None and hasattr(model, "set_drop_path_rate"):
@@ -375,18 +430,15 @@ def finetune(
 
     start_epoch, best_top1, best_epoch = 0, -1.0, None
     history: list[dict] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in remove_stale_temp_files(out):
-            log.warning("removed %s, left by a save that was interrupted", path.name)
+    checkpointer = Checkpointer(out) if out is not None else None
     if cfg.resume:
         state = None
         if cfg.resume == "auto":
-            path, state = find_resume_checkpoint(out, warn=log.warning)
+            path, state = find_resume_checkpoint(out, warn=log.warning, trust_pickle=trust_pickle)
             if path is None and list_checkpoints(out):
                 raise CheckpointError(f"resume='auto': no checkpoint in {out} can be loaded")
         else:
-            path, state = cfg.resume, validate_checkpoint(cfg.resume)
+            path, state = cfg.resume, validate_checkpoint(cfg.resume, trust_pickle=trust_pickle)
         if state is not None:
             if state.get("kind") != "finetune":
                 raise CheckpointError(f"{path} is not a fine-tuning checkpoint (resume a fine-tuning run; load "
@@ -405,8 +457,12 @@ def finetune(
             if state.get("rng") is not None:
                 set_rng_state(state["rng"])
             log.info("resumed from %s after epoch %d (step %d)", path, start_epoch, int(state["step"]))
+            if start_epoch >= cfg.epochs:
+                log.info("the run is complete (epoch %d of %d): nothing to train", start_epoch, cfg.epochs)
             if out is not None:
                 trim_jsonl(out / "log.jsonl", "epoch", start_epoch)
+                if cfg.resume == "auto" or Path(path).resolve() == (out / LAST_NAME).resolve():
+                    checkpointer.restore_copies(state, path)  # copies cut short by a crash
 
     def save(epoch: int, is_best: bool) -> None:
         if out is None or not cfg.save_ckpt:
@@ -416,9 +472,7 @@ def finetune(
                  "step": epoch * steps_per_epoch, "model_config": _model_config(model),
                  "finetune_config": asdict(cfg), "best_top1": best_top1, "best_epoch": best_epoch,
                  "history": history, "rng": rng_state()}
-        atomic_save(state, out / LAST_NAME)
-        if is_best:
-            copy_atomic(out / LAST_NAME, out / BEST_NAME)
+        checkpointer.save(state, best=is_best)
 
     eval_bs = cfg.eval_batch_size or max(1, int(1.5 * cfg.batch_size))
     pin = device.type == "cuda"
@@ -587,7 +641,7 @@ def build_model_for_args(args: argparse.Namespace, num_classes: int, checkpoint:
     ckpt = None
     try:
         if checkpoint:
-            sd, config = load_state_dict_any(checkpoint)
+            sd, config = load_state_dict_any(checkpoint, trust_pickle=getattr(args, "trust_pickle", False))
             ckpt = {"model": sd, **({"model_config": config} if config else {})}
         use_rel_pos_bias = args.rel_pos_bias
         if use_rel_pos_bias is None:

@@ -39,6 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", default=None,
                    help="pretrained checkpoint to probe (ours, official, HuggingFace/timm names); omitted = a randomly "
                    "initialised backbone (a baseline)")
+    g.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow a --finetune checkpoint that pickles Python objects beyond tensors and plain values "
+                   "(e.g. an official one with its argparse args): it is read with Python's full unpickler, which "
+                   "can run arbitrary code stored in the file; only for files you trust")
     g.add_argument("--model", default=None, choices=MODEL_NAMES,
                    help="model size (default: the checkpoint's architecture, else demo tiny / real base)")
     g.add_argument("--patch_size", type=int, default=None, help="patch size (default: the checkpoint's)")

@@ -125,6 +125,17 @@ def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> t
     return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
+def shared_bias_arg(rel_pos_bias: "RelativePositionBias | None", blocks: nn.ModuleList):
+    """What a model passes its blocks for the shared relative position bias: the ``(table, index)`` pair when
+    a block's attention backend is "triton" (its kernel gathers the bias from the table), otherwise the
+    gathered ``[heads, N+1, N+1]`` bias, computed once for all blocks; None without a shared bias."""
+    if rel_pos_bias is None:
+        return None
+    if any(blk.attn.attn_backend == "triton" for blk in blocks):
+        return rel_pos_bias.relative_position_bias_table, rel_pos_bias.relative_position_index
+    return rel_pos_bias()
+
+
 def init_vit_weights_(model: nn.Module, std: float, tokens: tuple[torch.Tensor, ...]) -> None:
     """The official BEiT initialisation, in place: truncated normal (cut at +-std) for ``model.pos_embed``
     (if any), then each of ``tokens``, every Linear/Conv2d weight (biases zero), LayerNorms at (1, 0),
@@ -254,7 +265,12 @@ class Attention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
+        if type(self.qkv) is nn.Linear:  # the reference: one F.linear with the q/v bias, as officially
+            qkv = F.linear(x, self.qkv.weight, bias)
+        else:  # a swapped-in linear (torchao's Float8Linear, --fp8) does its own matmul; the bias follows
+            qkv = self.qkv(x)
+            if bias is not None:
+                qkv = qkv + bias.to(qkv.dtype)
         qkv = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
@@ -264,9 +280,34 @@ class Attention(nn.Module):
             return None
         return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
 
-    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _table_and_index(self, rel_pos_bias) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The bias as ``(table, index)`` for the "triton" backend (its kernel gathers it; the official "own +
+        shared" sum is a sum of tables), or None where a dense bias is used."""
+        if self.attn_backend != "triton":
+            return None
+        own = self.relative_position_bias_table
+        if isinstance(rel_pos_bias, tuple):
+            table, index = rel_pos_bias
+            return (table, index) if own is None else (own + table, self.relative_position_index)
+        if rel_pos_bias is None and own is not None:
+            return own, self.relative_position_index
+        return None
+
+    def forward(
+        self, x: torch.Tensor, rel_pos_bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``rel_pos_bias``: the shared bias ``[heads, N+1, N+1]``, its ``(table, index)`` pair (what the
+        models pass when a block's attention backend is "triton"), or None."""
         b, n, _ = x.shape
         q, k, v = self.qkv_projection(x)
+        table_index = self._table_and_index(rel_pos_bias)
+        if table_index is not None:
+            from .ops.attention import attention_with_rel_pos_bias
+
+            out = attention_with_rel_pos_bias(q, k, v, *table_index, self.scale, backend="triton")
+            return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        if isinstance(rel_pos_bias, tuple):
+            rel_pos_bias = gather_relative_position_bias(*rel_pos_bias)
         if self.relative_position_bias_table is not None:
             own = self.table_bias()
             rel_pos_bias = own if rel_pos_bias is None else own + rel_pos_bias
@@ -301,7 +342,9 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rel_pos_bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if self.gamma_1 is None:
             x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
             return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -361,7 +404,8 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         """Switch parts of the forward to the fast implementations; results stay those of the reference.
 
         ``attention``: "reference" (the eager math) or a backend of ``beit_fast.ops.attention_with_bias``
-        ("auto", "math", "sdpa", "flex", "xformers"). ``fused_embed``: None keeps Conv2d + blend, else the
+        ("auto", "math", "sdpa", "flex", "xformers", "triton"; with "triton" the blocks get the shared table
+        and index, and the kernel gathers the bias). ``fused_embed``: None keeps Conv2d + blend, else the
         ``beit_fast.ops.patch_embed_mask`` backend ("auto", "triton", "reference").
         ``activation_checkpointing``: "none", "all", or k to recompute every k-th block (blocks k-1, 2k-1, ...).
         """
@@ -410,7 +454,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """All tokens after the final LayerNorm: ``[B, N+1, D]`` ([CLS] first)."""
         x = self.embed(x, bool_masked_pos)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
         for i, blk in enumerate(self.blocks):
             if i in self.checkpoint_blocks and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
@@ -538,7 +582,7 @@ class VisionTransformerForClassification(nn.Module):
 
     def configure_fast_path(self, attention: str = "auto") -> "VisionTransformerForClassification":
         """Attention backend of every block: "reference" (eager math) or an ``attention_with_bias`` backend
-        ("auto", "math", "sdpa", "flex", "xformers"). Results stay those of the reference."""
+        ("auto", "math", "sdpa", "flex", "xformers", "triton"). Results stay those of the reference."""
         for blk in self.blocks:
             blk.attn.attn_backend = attention
         return self
@@ -554,7 +598,7 @@ class VisionTransformerForClassification(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled and normalised features ``[B, D]``: fc_norm(mean of patch tokens), or norm(x)[:, 0]."""
         x = self.embed(x)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
         for blk in self.blocks:
             x = blk(x, rel_pos_bias)
         x = self.norm(x)
@@ -582,7 +626,7 @@ class VisionTransformerForClassification(nn.Module):
             raise ValueError(f"layers must be block indices in 1..{depth}, got {bad}")
         wanted = set(layers)
         x = self.embed(x)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
         found: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks[: max(layers)], start=1):
             x = blk(x, rel_pos_bias)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 __all__ = [
     "param_groups_weight_decay", "cosine_scheduler", "build_optimizer", "layer_id_for_vit",
-    "param_groups_layer_decay", "apply_schedule",
+    "param_groups_layer_decay", "apply_schedule", "adamw_first_step",
 ]
 
 # timm-style exemption list: names whose parameters never decay under ``decay_mask_and_bias_table=False``.
@@ -57,6 +57,13 @@ def cosine_scheduler(
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == total
     return schedule
+
+
+def adamw_first_step(lr: float, beta1: float) -> float:
+    """The largest step AdamW takes at a learning rate ``lr``: its first, ``lr / (1 - beta1)`` (the bias
+    correction divides by ``1 - beta1**t``). torch passes it to float32 kernels, so it must stay below
+    float32's maximum (else: "value cannot be converted to type float without overflow")."""
+    return lr / (1 - beta1)
 
 
 def build_optimizer(

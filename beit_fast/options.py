@@ -11,11 +11,17 @@ from dataclasses import dataclass
 __all__ = [
     "HelpFormatter", "MODEL_NAMES", "DVAE_PRESET_NAMES", "DVAE_RECOMMENDED_LR", "RESIZE_FILTERS",
     "PICTURE_PARTS", "PANEL_INCHES", "DEFAULT_DPI", "EvidenceConfig", "EVIDENCE_VARIANTS",
-    "add_classification_data_args",
+    "add_classification_data_args", "DEFAULT_MAX_IMAGE_PIXELS",
 ]
 
 #: Named model sizes: the keys of :data:`beit_fast.model.MODEL_CONFIGS` (a test checks they agree).
 MODEL_NAMES: tuple[str, ...] = ("base", "large", "small", "tiny")
+
+#: Images with more pixels than this are skipped (read off the header, before decoding): 64 Mpx, 8192 x 8192,
+#: far above photographs of ImageNet-like data sets, below what exhausts a data worker's memory once decoded
+#: to RGB (a 12000 x 12000 PNG of a few KB would take 432 MB). Pillow's own limit only warns up to 179 Mpx.
+#: (beit_fast.data re-exports it; pretrain's --max_image_pixels default.)
+DEFAULT_MAX_IMAGE_PIXELS = 2**26
 
 #: Named dVAE presets: the keys of :data:`beit_fast.tokenizer.dvae.PRESETS` (a test checks they agree).
 DVAE_PRESET_NAMES: tuple[str, ...] = ("default", "tiny")

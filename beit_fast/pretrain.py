@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .logs import cli_logging
-from .options import MODEL_NAMES, HelpFormatter
+from .options import DEFAULT_MAX_IMAGE_PIXELS, MODEL_NAMES, HelpFormatter
 
 if TYPE_CHECKING:
     import torch
 
+    from .checkpoint import OutputDirLock
     from .distributed import DistInfo, GracefulStop
 
 log = logging.getLogger("beit_fast.pretrain")
@@ -91,6 +92,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: min(8, cores))")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
                    help="pin host memory for faster copies to the GPU (default: on with CUDA)")
+    g.add_argument("--data_pipeline", choices=["pil", "gpu"], default="pil",
+                   help="pil: DataLoader workers decode, jitter and resize with Pillow; gpu: workers only read "
+                   "JPEG bytes, the training device decodes them (nvJPEG on CUDA) and renders both views with "
+                   "Pillow's arithmetic (identical pixels with a CPU decoder; runs on CPU tensors too)")
+    g.add_argument("--tokenize_in_loader", action="store_true",
+                   help="with --data_pipeline gpu: compute the visual tokens in the input pipeline's prefetch "
+                   "thread (a side CUDA stream, overlapping the previous step) instead of in the step")
+    g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images with more pixels (width x height, read from the file header before decoding) "
+                   "are skipped and counted, like unreadable ones: a guard against decompression bombs")
 
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int, default=None,
@@ -148,12 +159,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
                    help="fast training step (fused kernels, fused attention, static shapes, torch.compile): "
                    "auto = on with CUDA, off (the eager reference step) on CPU")
-    g.add_argument("--attn_backend", default="auto", choices=["auto", "reference", "math", "sdpa", "flex", "xformers"],
+    g.add_argument("--attn_backend", default="auto",
+                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
                    help="attention with the relative position bias in the fast step")
     g.add_argument("--kernel_backend", default="auto", choices=["auto", "triton", "reference"],
                    help="fused patch-embedding and linear-cross-entropy ops in the fast step")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the fast step's forward and backward")
+    g.add_argument("--compile_mode", default="default",
+                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+                   help="torch.compile mode of the fast step: max-autotune-no-cudagraphs autotunes the GEMMs and "
+                   "their bias/GELU epilogues (slower first step), reduce-overhead adds CUDA graphs")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 GEMMs (torchao float8 training, tensorwise scaling) for the blocks' QKV and MLP linears "
+                   "in the fast step; needs a CUDA GPU of compute capability >= 8.9 (H100/H200) and torchao "
+                   "(pip install 'beit_fast[fp8]')")
     g.add_argument("--tokenizer_precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="tokenizer forward precision (channels-last): auto tries fp16 then bf16 on CUDA and keeps "
                    "the first whose token ids agree with fp32 on >= 99%% of the first batch's positions, else fp32; "
@@ -177,6 +197,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="",
                    help="checkpoint to resume from, or 'auto': output_dir's newest checkpoint that loads (an "
                    "unloadable one is skipped with a warning), or a fresh start if there is none")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a fresh run in an --output_dir that holds another run's checkpoints: they and its "
+                   "log.jsonl are deleted first (without this flag such a run is refused; see --resume auto)")
+    g.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow --resume checkpoints that pickle Python objects beyond tensors and plain values "
+                   "(old or foreign files): they are read with Python's full unpickler, which can run arbitrary "
+                   "code stored in the file; only for files you trust")
     g.add_argument("--save_ckpt_freq", type=int, default=None, help="save a numbered checkpoint every N epochs")
     g.add_argument("--keep_last", type=int, default=DEFAULT_KEEP_LAST,
                    help="keep only the K newest numbered checkpoints (default: %(default)s; 0: keep all); "
@@ -277,8 +304,45 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         except ValueError:
             errors.append(f"--activation_checkpointing must be none, all or a positive integer, "
                           f"got {args.activation_checkpointing!r}")
+    if args.data_pipeline == "gpu":
+        from .pipeline import device_pipeline_problems
+
+        errors += device_pipeline_problems(args.train_interpolation, args.second_interpolation)
+    if args.tokenize_in_loader and args.data_pipeline != "gpu":
+        errors.append("--tokenize_in_loader needs --data_pipeline gpu")
     if args.fsdp and args.amp == "fp16":
         errors.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
+    if args.fp8 and args.fast == "off":
+        errors.append("--fp8 needs the fast step; drop --fast off")
+    if args.fp8 and args.fsdp:
+        errors.append("--fp8 is not supported with --fsdp; use DDP (torchrun without --fsdp) or one GPU")
+    errors += _overflow_errors(args)
+    if args.max_image_pixels <= 0:
+        errors.append(f"--max_image_pixels must be positive, got {args.max_image_pixels}")
+    if args.resume and args.overwrite_output_dir:
+        errors.append("--resume continues the run in --output_dir, --overwrite_output_dir deletes it: choose one")
+    return errors
+
+
+def _overflow_errors(args: argparse.Namespace) -> list[str]:
+    """Learning rates whose first AdamW step, ``lr / (1 - beta1)``, does not fit in float32 (torch then
+    fails deep in the optimizer: "value cannot be converted to type float without overflow")."""
+    import torch
+
+    from .optim import adamw_first_step
+
+    f32_max = float(torch.finfo(torch.float32).max)
+    beta1 = args.opt_betas[0]
+    betas_ok = all(math.isfinite(b) and 0 <= b < 1 for b in args.opt_betas)
+    errors = []
+    for name in ("lr", "min_lr", "warmup_lr"):
+        value = getattr(args, name)
+        if value is None or not math.isfinite(value) or value < 0:
+            continue  # reported above
+        step = adamw_first_step(value, beta1) if betas_ok else value
+        if step > f32_max:
+            errors.append(f"--{name} {value:g} is too large: AdamW's first step size {name} / (1 - beta1) = "
+                          f"{step:.3g} overflows float32 (max {f32_max:.3g})")
     return errors
 
 
@@ -322,39 +386,6 @@ def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):
         raise SystemExit(f"error: cannot load the {args.tokenizer} tokenizer from {path}: "
                          f"{type(e).__name__}: {e}") from None
     return tokenizer.to(device).eval().requires_grad_(False)
-
-
-class Checkpointer:
-    """Writes ``checkpoint-last.pt`` atomically into the output directory; numbered and best checkpoints
-    are atomic copies of it (each state is serialised once)."""
-
-    def __init__(self, output_dir: str, keep_last: int = DEFAULT_KEEP_LAST) -> None:
-        self.dir = Path(output_dir)
-        self.keep_last = keep_last
-
-    @property
-    def last(self) -> Path:
-        from .checkpoint import LAST_NAME
-
-        return self.dir / LAST_NAME
-
-    @property
-    def best(self) -> Path:
-        from .checkpoint import BEST_NAME
-
-        return self.dir / BEST_NAME
-
-    def save(self, state: dict, numbered: str | None = None, best: bool = False) -> Path:
-        from .checkpoint import atomic_save, copy_atomic, prune_checkpoints
-
-        atomic_save(state, self.last)
-        if numbered:
-            copy_atomic(self.last, self.dir / f"checkpoint-{numbered}.pt")
-            for path in prune_checkpoints(self.dir, self.keep_last):
-                log.info("removed %s (--keep_last %d)", path.name, self.keep_last)
-        if best:
-            copy_atomic(self.last, self.best)
-        return self.last
 
 
 def _rss_mb() -> float | None:
@@ -425,10 +456,83 @@ def main(argv: list[str] | None = None) -> dict:
 
     with cli_logging():
         dist_info, device = init_distributed(args.device)
+        lock = None
         try:
+            lock = _claim_output_dir(args, dist_info)
             return _train(args, dist_info, device)
         finally:
+            if lock is not None:
+                lock.release()
             cleanup_distributed(dist_info)
+
+
+def _claim_output_dir(args: argparse.Namespace, dist_info: DistInfo) -> OutputDirLock | None:
+    """Rank 0 creates and locks --output_dir (a second run on it is refused, naming the live one; a lock
+    left by a killed run is taken over), clears temporary files of interrupted saves, and refuses a fresh
+    run into a folder holding another run's checkpoints (unless --overwrite_output_dir, which deletes them).
+    Every rank raises the same SystemExit on failure. Returns the held lock (rank 0) or None."""
+    from .checkpoint import CheckpointError, OutputDirLock, remove_stale_temp_files
+    from .distributed import broadcast_object
+
+    out = Path(args.output_dir)
+    lock, error = None, None
+    if dist_info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            error = f"error: --output_dir {out} is not writable: {e}"
+        if error is None:
+            lock = OutputDirLock(out)
+            try:
+                stale = lock.acquire()
+                if stale:
+                    log.warning("took over a stale lock on %s, left by a run that is no longer running (%s)",
+                                out, stale)
+            except CheckpointError as e:
+                lock, error = None, f"error: {e}"
+        if error is None:
+            for path in remove_stale_temp_files(out):
+                log.warning("removed %s, left by a save that was interrupted", path.name)
+            error = _fresh_run_error(args, out)
+        if error is not None and lock is not None:
+            lock.release()
+            lock = None
+    error = broadcast_object(error, dist_info)
+    if error:
+        raise SystemExit(error)
+    return lock
+
+
+def _fresh_run_error(args: argparse.Namespace, out: Path) -> str | None:
+    """A fresh run (no --resume) into a folder that holds another run's checkpoints is refused: it would
+    overwrite that run's checkpoint-best.pt and log and mix numbered checkpoints of both runs."""
+    from .checkpoint import existing_checkpoints, list_checkpoints, load_checkpoint, remove_run_outputs
+
+    found = existing_checkpoints(out)
+    if args.resume or not found:
+        return None
+    if args.overwrite_output_dir:
+        for path in remove_run_outputs(out):
+            log.warning("--overwrite_output_dir: deleted %s of the previous run", path.name)
+        return None
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    what = f"{len(found)} checkpoint files ({names})"
+    newest = list_checkpoints(out)
+    if newest:
+        try:  # the pickle only (tensors stay on disk): cheap even for large checkpoints
+            state = load_checkpoint(newest[0], verify=False, mmap=True)
+            epochs = (state.get("args") or {}).get("epochs")
+            done = epochs is not None and int(state.get("epoch", -1)) >= int(epochs)
+            what += (f"; {newest[0].name} is at step {state.get('step')}, epoch {state.get('epoch')} of {epochs}: "
+                     f"{'the run is complete' if done else 'the run is unfinished'}")
+        except Exception:  # noqa: BLE001 - only for the message
+            pass
+    return (f"error: --output_dir {out} holds another run's checkpoints: {what}. Continue that run with "
+            "--resume auto (a finished run says so and stops), or pass --overwrite_output_dir to delete its "
+            "checkpoints and log.jsonl and start over, or choose another --output_dir")
 
 
 def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> dict:
@@ -436,14 +540,15 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     import torch
     from tqdm.auto import tqdm
 
-    from .checkpoint import remove_stale_temp_files, trim_jsonl
-    from .data import ImageFolderDataset, PretrainDataset, ResumableSampler, build_pretrain_loader
-    from .distributed import (GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier,
+    from .checkpoint import CheckpointSaveError, Checkpointer, trim_jsonl
+    from .data import ImageFolderDataset, PretrainDataset, ResumableSampler
+    from .distributed import (GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
                               isolate_worker_from_signals)
     from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
     from .masking import MaskingGenerator
     from .model import build_model, get_config
     from .optim import build_optimizer, cosine_scheduler
+    from .pipeline import build_loader_for
     from .rng import rng_state, seed_everything, set_rng_state
     from .sample_data import SampleImages
     from .transforms import TwoViewConfig, TwoViewTransform
@@ -457,17 +562,14 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         amp_dtype = resolve_amp_dtype(args.amp, device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    out = Path(args.output_dir)
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise SystemExit(f"error: --output_dir {out} is not writable: {e}") from None
-        for path in remove_stale_temp_files(out):
-            log.warning("removed %s, left by a save that was interrupted", path.name)
+    if args.fp8:  # before any work: the device decides
+        from .fp8 import fp8_unavailable_reason
+
+        on_fast = args.fast == "on" or (args.fast == "auto" and device.type == "cuda")
+        why = fp8_unavailable_reason(device) if on_fast else "it needs the fast step, which --fast auto uses only on CUDA"
+        if why is not None:
+            raise SystemExit(f"error: --fp8: {why}")
+    out = Path(args.output_dir)  # created and locked by _claim_output_dir
     args.world_size = world
     args.global_batch_size = args.batch_size * world * args.update_freq
 
@@ -480,7 +582,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         images = SampleImages(num_samples=args.num_samples, max_side=DEMO_PHOTO_SIDE_PER_VIEW * args.input_size)
     else:
         try:
-            images = ImageFolderDataset(args.data_path)
+            images = ImageFolderDataset(args.data_path, max_image_pixels=args.max_image_pixels)
         except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
     transform = TwoViewTransform(TwoViewConfig(
@@ -512,8 +614,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         raise SystemExit(f"error: {total_steps} steps ({args.epochs} epochs of {steps_per_epoch}) is not a plausible run")
     num_workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
     pin = args.pin_mem if args.pin_mem is not None else device.type == "cuda"
-    loader = build_pretrain_loader(dataset, args.batch_size, num_workers=num_workers, sampler=sampler,
-                                   pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
+    loader = build_loader_for(args.data_pipeline, dataset, args.batch_size, device, num_workers=num_workers,
+                              sampler=sampler, pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
     loader.worker_init_fn = isolate_worker_from_signals  # group signals reach only the main process
     # Each new iterator draws its base seed from this generator, not the global RNG, so that a run resumed
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
@@ -571,7 +673,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                          parallel=parallel, dist_info=dist_info)
     if fast:
         engine = FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=args.num_mask_patches,
-                                    compile=args.compile, ops_backend=args.kernel_backend)
+                                    compile=args.compile, ops_backend=args.kernel_backend, fp8=args.fp8,
+                                    compile_mode=None if args.compile_mode == "default" else args.compile_mode)
     else:
         engine = PretrainEngine(*engine_args, **engine_kwargs)
     ckpt = Checkpointer(args.output_dir, keep_last=args.keep_last)
@@ -592,6 +695,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             if engine.tokenizer_dtype is not None:
                 break
         log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
+    if args.tokenize_in_loader:
+        loader.set_tokenizer(tokenizer, engine.tokenizer_dtype)
 
     step = 0
     best_loss, best_epoch = math.inf, None
@@ -599,6 +704,15 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     if args.resume:
         state = _resume_state(args, dist_info)
         if state is not None:
+            restore_error = None
+            if is_main and state["_restore_copies"]:
+                try:
+                    ckpt.restore_copies(state, state["_path"])
+                except CheckpointSaveError as e:
+                    restore_error = f"error: {e}"
+            restore_error = broadcast_object(restore_error, dist_info)
+            if restore_error:
+                raise SystemExit(restore_error)
             if state.get("model_config") != cfg.to_dict():
                 raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config: "
                                  f"{_config_difference(state.get('model_config'), cfg.to_dict())}")
@@ -623,6 +737,10 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
             epoch_loss_count = int(state.get("epoch_loss_count", 0))
             log.info("resumed from %s at step %d (epoch %d)", state["_path"], step, step // steps_per_epoch)
+            if step >= total_steps:
+                log.info("the run in %s is complete (step %d of %d, %d epochs): nothing to train. Give more --epochs "
+                         "to continue it, or --overwrite_output_dir to start over", args.output_dir, step,
+                         total_steps, args.epochs)
             del state
         if is_main:
             trim_jsonl(out / "log.jsonl", "step", step)
@@ -633,8 +751,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         "fast" if fast else "eager reference", {"none": "1 process", "ddp": f"DDP x {world}",
                                                 "fsdp": f"FSDP2 x {world}"}[parallel])
     log.info("data: %s, %d samples, %d steps/epoch x %d epochs = %d steps of %d images (%d per process x %d "
-             "micro-batches x %d processes); %s", type(images).__name__, len(dataset), steps_per_epoch, args.epochs,
-             total_steps, args.global_batch_size, args.batch_size, args.update_freq, world, masking)
+             "micro-batches x %d processes); %s; --data_pipeline %s", type(images).__name__, len(dataset),
+             steps_per_epoch, args.epochs, total_steps, args.global_batch_size, args.batch_size, args.update_freq,
+             world, masking, args.data_pipeline)
     if is_main:
         with open(out / "args.json", "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
@@ -654,8 +773,16 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
 
     def save(numbered: str | None = None, best: bool = False) -> None:
         state = checkpoint_state()
+        error = None
         if is_main:
-            ckpt.save(state, numbered, best)
+            try:
+                ckpt.save(state, numbered, best)
+            except CheckpointSaveError as e:  # disk full, permissions: stop cleanly, the last good file stays
+                error = (f"error: {e}. The run stopped at step {step}; make room (or fix the permissions) and "
+                         "continue with --resume auto")
+        error = broadcast_object(error, dist_info)
+        if error:
+            raise SystemExit(error)
 
     log_file = open(out / "log.jsonl", "a") if is_main else None
     tensorboard = None
@@ -802,7 +929,7 @@ def _nats(value: float | None) -> str:
 def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     """The checkpoint every rank resumes from: rank 0 picks it (``auto``: the newest valid one), all
     ranks load that same file. None: nothing to resume (``auto`` on a fresh output folder)."""
-    from .checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, validate_checkpoint
+    from .checkpoint import LAST_NAME, CheckpointError, find_resume_checkpoint, list_checkpoints, validate_checkpoint
     from .distributed import broadcast_object
 
     choice: tuple[str | None, str | None] = (None, None)
@@ -810,7 +937,8 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     if dist_info.is_main:
         try:
             if args.resume == "auto":
-                path, state = find_resume_checkpoint(args.output_dir, warn=log.warning)
+                path, state = find_resume_checkpoint(args.output_dir, warn=log.warning,
+                                                     trust_pickle=args.trust_pickle)
                 choice = (str(path) if path else None, None)
                 candidates = list_checkpoints(args.output_dir)
                 if path is None and candidates:
@@ -820,7 +948,7 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                 elif path is None:
                     log.info("--resume auto: no checkpoint in %s yet, starting from scratch", args.output_dir)
             else:
-                state = validate_checkpoint(args.resume)
+                state = validate_checkpoint(args.resume, trust_pickle=args.trust_pickle)
                 choice = (args.resume, None)
         except CheckpointError as e:
             choice = (None, f"error: {e}")
@@ -831,11 +959,15 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
         return None
     if state is None:
         try:
-            state = validate_checkpoint(path)
+            state = validate_checkpoint(path, trust_pickle=args.trust_pickle)
         except CheckpointError as e:
             raise SystemExit(f"error: {e} (rank {dist_info.rank}; multi-node runs need --output_dir on a "
                              "shared file system)") from None
     state["_path"] = path
+    # A crash (or a full disk) may have cut short the numbered / best copies of the newest state: re-do
+    # them when resuming from it (not when rewinding to an older checkpoint on purpose).
+    state["_restore_copies"] = args.resume == "auto" or \
+        Path(path).resolve() == (Path(args.output_dir) / LAST_NAME).resolve()
     return state
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import extract_model_state, load_checkpoint
+from .checkpoint import CheckpointError, extract_model_state, load_checkpoint
 from .model import BeitConfig, VisionTransformerForClassification
 
 __all__ = [
@@ -139,17 +139,23 @@ def _is_state_dict(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def load_state_dict_any(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict | None]:
+def load_state_dict_any(
+    source: str | os.PathLike | Mapping, *, trust_pickle: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict | None]:
     """``(state dict in official names, the checkpoint's model_config or None)`` from a path or a loaded
     checkpoint: ``{"model": sd}``, ``{"module": sd}``, ``{"state_dict": sd}`` or a plain state dict; our,
-    official, timm or HuggingFace (``hf`` / ``hf_legacy``) key names (those are converted)."""
+    official, timm or HuggingFace (``hf`` / ``hf_legacy``) key names (those are converted). A path is read
+    by :func:`beit_fast.checkpoint.load_checkpoint` (safe loading; ``trust_pickle=True`` reads files that
+    pickle other objects, which can run code from the file: only for files you trust)."""
     if isinstance(source, (str, os.PathLike)):
         where = str(source)
         try:
-            ckpt = load_checkpoint(source)
+            ckpt = load_checkpoint(source, trust_pickle=trust_pickle)
         except FileNotFoundError:
             raise
-        except Exception as e:  # truncated or foreign files: pickle, zip, magic-number errors
+        except CheckpointError as e:  # truncated, corrupt, or pickled objects refused (names --trust-pickle)
+            raise PretrainedLoadError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - anything else a foreign file can raise
             raise PretrainedLoadError(f"{where} cannot be loaded ({type(e).__name__}: {e})") from None
     elif isinstance(source, Mapping):
         ckpt, where = source, "the given checkpoint"
@@ -175,13 +181,14 @@ def load_state_dict_any(source: str | os.PathLike | Mapping) -> tuple[dict[str, 
 
 def load_pretrained(
     model: VisionTransformerForClassification, source: str | os.PathLike | Mapping, *, strict_backbone: bool = True,
-    rel_pos_resize: str = "bicubic",
+    rel_pos_resize: str = "bicubic", trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Load pretrained weights into ``model`` the way the official fine-tuning does; returns
     ``{"missing": [...], "unexpected": [...], "notes": [...]}`` (keys of the model left at their init,
     checkpoint keys not used, and what was adapted).
 
-    ``source``: a path or a checkpoint dict (see :func:`load_state_dict_any`). Adaptations, each noted:
+    ``source``: a path or a checkpoint dict (see :func:`load_state_dict_any`, also for ``trust_pickle``).
+    Adaptations, each noted:
     ``mask_token`` / ``lm_head`` dropped; the checkpoints' ``relative_position_index`` buffers dropped
     (the model's own are kept); the shared ``rel_pos_bias`` table copied into every block (per-block
     model); tables resized to the model's patch grid (``rel_pos_resize``: see
@@ -193,7 +200,7 @@ def load_pretrained(
     (anything but ``head``, ``fc_norm``, index buffers) is missing and ``strict_backbone``, or when a shape
     differs in a way not handled above.
     """
-    sd, _ = load_state_dict_any(source)
+    sd, _ = load_state_dict_any(source, trust_pickle=trust_pickle)
     notes: list[str] = []
     own = model.state_dict()
     grid = tuple(model.patch_embed.patch_shape)

@@ -29,7 +29,7 @@ pixels happen to store).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -48,6 +48,7 @@ __all__ = [
     "IMAGENET_INCEPTION_STD",
     "LOGIT_LAPLACE_EPS",
     "TwoViewConfig",
+    "AugmentParams",
     "TwoViewTransform",
     "TokenizerViewTransform",
     "map_pixels",
@@ -172,6 +173,30 @@ class TwoViewConfig:
         return IMAGENET_DEFAULT_STD if self.imagenet_default_mean_and_std else IMAGENET_INCEPTION_STD
 
 
+#: Colour-jitter operations in torchvision's ``ColorJitter`` numbering (its ``fn_idx``).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Every random draw of one two-view sample (:meth:`TwoViewTransform.draw_params`).
+
+    ``jitter``: ``(operation, factor)`` pairs in the order they are applied (operation: ``BRIGHTNESS``,
+    ``CONTRAST``, ``SATURATION`` or ``HUE``; empty without colour jitter); ``flip``: horizontal flip of the
+    whole image; ``box``: ``(top, left, height, width)`` in the (flipped) image. The crop box depends only
+    on the image size, so these can be drawn before an image is decoded (the GPU input pipeline does).
+    """
+
+    jitter: tuple[tuple[int, float], ...] = field(default=())
+    flip: bool = False
+    box: tuple[int, int, int, int] = (0, 0, 1, 1)
+
+
+def _size_only(height: int, width: int) -> torch.Tensor:
+    """A zero-storage ``[3, height, width]`` tensor: what ``RandomResizedCrop.get_params`` reads is the size."""
+    return torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, int(height), int(width))
+
+
 class TwoViewTransform:
     """PIL image -> (patch_image [3, S, S] float32, tokenizer_image [3, S2, S2] float32).
 
@@ -213,6 +238,33 @@ class TwoViewTransform:
         """
         i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.cfg.scale), list(self.cfg.ratio))
         return int(i), int(j), int(h), int(w)
+
+    def draw_params(self, height: int, width: int) -> AugmentParams:
+        """The random draws of :meth:`__call__` for an image of ``height x width`` pixels, without the image.
+
+        Draws exactly the torch random numbers that :meth:`__call__` draws, in the same order (ColorJitter's
+        ``get_params``, the flip's ``torch.rand(1)``, :meth:`sample_box`), so under one torch seed
+        ``apply_params(img, draw_params(h, w))`` equals ``__call__(img)`` (a test checks it bit for bit).
+        """
+        jitter: tuple[tuple[int, float], ...] = ()
+        cj = self.color_jitter
+        if cj is not None:
+            fn_idx, *factors = T.ColorJitter.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue)
+            jitter = tuple((int(k), float(factors[k])) for k in fn_idx if factors[k] is not None)
+        flip = self.hflip is not None and bool(torch.rand(1) < self.hflip.p)
+        return AugmentParams(jitter, flip, self.sample_box(_size_only(height, width)))
+
+    def apply_params(self, img: Image.Image, params: AugmentParams):
+        """The views of ``img`` for given draws (deterministic): RGB conversion, the jitter operations in
+        order (torchvision's PIL functions, as ``ColorJitter``), the flip, :meth:`render` of the box."""
+        img = to_rgb(img)
+        adjust = {BRIGHTNESS: F.adjust_brightness, CONTRAST: F.adjust_contrast, SATURATION: F.adjust_saturation,
+                  HUE: F.adjust_hue}
+        for op, factor in params.jitter:
+            img = adjust[op](img, factor)
+        if params.flip:
+            img = F.hflip(img)
+        return self.render(img, params.box)
 
     def render_tokenizer_view(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
         """The tokenizer view of one box of an RGB PIL image (deterministic): ``second_input_size``

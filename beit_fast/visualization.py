@@ -587,14 +587,16 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Pat
     return candidates[0]
 
 
-def _load_run_state(path: Path) -> dict:
-    from .checkpoint import load_checkpoint
+def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
+    from .checkpoint import CheckpointError, load_checkpoint
 
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, trust_pickle=trust_pickle)
     except FileNotFoundError:
         raise
-    except Exception as e:
+    except CheckpointError as e:  # corrupt, or pickled objects refused (the message names --trust-pickle)
+        raise ValueError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - anything else a broken file can raise
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from None
     missing = [k for k in ("model", "model_config", "args") if not isinstance(state, dict) or k not in state]
     if missing:
@@ -712,7 +714,7 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
                   only: str | Sequence[str] | None = None, checkpoint: str | os.PathLike | None = None,
                   tokenizer: str | os.PathLike | None = None, data_path: str | os.PathLike | None = None,
                   log_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  dpi: int = DEFAULT_DPI, palette: bool = False) -> list[Path]:
+                  dpi: int = DEFAULT_DPI, palette: bool = False, trust_pickle: bool = False) -> list[Path]:
     """Write the pictures of a pretraining output folder into ``out_dir``; returns the paths written.
 
     ``run_dir``: a ``python -m beit_fast.pretrain`` output folder. ``checkpoint``: default its newest
@@ -722,6 +724,8 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
     ``run_dir/log.jsonl``. ``only``: a subset of :data:`PARTS` (comma-separated or a list); by default all,
     skipping ``reconstruction`` with a warning when the tokenizer has no decoder (asked for explicitly, that
     is a ``ValueError``). Missing checkpoint / log / tokenizer: ``FileNotFoundError`` naming what is missing.
+    The checkpoint is read safely (:func:`beit_fast.checkpoint.load_checkpoint`); ``trust_pickle=True``
+    also reads one that pickles other objects, which can run code from the file: only for files you trust.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
@@ -741,7 +745,7 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
     if image_parts:
         device = torch.device(device)
         ckpt_path = _find_checkpoint(run_dir, checkpoint)
-        state = _load_run_state(ckpt_path)
+        state = _load_run_state(ckpt_path, trust_pickle)
         args = dict(state["args"])
         log.info("checkpoint %s (step %s)", ckpt_path, state.get("step"))
         images, names = _run_images(args, num_images, seed, data_path)

@@ -42,6 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint to picture (default: RUN_DIR's newest, checkpoint-last.pt)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer weights (default: the path saved in the checkpoint, or RUN_DIR/tokenizer.pt)")
+    p.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="allow a checkpoint that pickles Python objects beyond tensors and plain values (old or "
+                   "foreign files): it is read with Python's full unpickler, which can run arbitrary code stored "
+                   "in the file; only for files you trust")
     p.add_argument("--data_path", default=None,
                    help="image folder to draw the pictured images from (default: the run's; the demo's "
                    "scikit-image photographs for a demo run)")
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         try:
             paths = visualize_run(args.run_dir, out_dir, num_images=args.num_images, seed=args.seed, only=args.only,
                                   checkpoint=args.checkpoint, tokenizer=args.tokenizer, data_path=args.data_path,
-                                  log_path=args.log, device=args.device, dpi=args.dpi, palette=args.palette)
+                                  log_path=args.log, device=args.device, dpi=args.dpi, palette=args.palette,
+                                  trust_pickle=args.trust_pickle)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
     for path in paths:

@@ -4,20 +4,24 @@
     BEIT_FAST_REAL_GPU=1 pytest benchmarks/ --benchmark-only   # CUDA: BEiT-B shapes as well
 
 Cross-entropy head (rows = 256 images x 75 masked tokens, D = 768, V = 8192, bf16 on CUDA):
-  reference_fp32   masked_linear_cross_entropy_reference (fp32 logits, the definition)
-  eager_lowp       F.cross_entropy(F.linear(h, w, b).float(), y): what autocast does
-  torch_lce        torch.nn.functional.linear_cross_entropy, chunked (if this torch has it)
-  liger            Liger-Kernel's fused linear cross entropy (if importable)
-  beit_fast        masked_linear_cross_entropy(backend="triton")
+  reference_fp32      masked_linear_cross_entropy_reference (fp32 logits, the definition)
+  eager_<dtype>       F.cross_entropy(F.linear(h, w, b).float(), y) with h, w in <dtype> (bf16: what
+                      autocast does; fp32 on the CPU shapes)
+  torch_lce           torch.nn.functional.linear_cross_entropy, chunked (if this torch has it)
+  liger               Liger-Kernel's fused linear cross entropy (if importable)
+  beit_fast_triton    masked_linear_cross_entropy(backend="triton")
 Patch embedding + mask (B = 256, 224x224, P = 16, D = 768, 75 of 196 patches masked, bf16 on CUDA):
-  reference        patch_embed_mask_reference (conv2d + flatten + blend, eager)
-  beit_fast        patch_embed_mask(backend="triton")
+  conv2d_reference    patch_embed_mask_reference (conv2d + flatten + blend, eager)
+  beit_fast_triton    patch_embed_mask(backend="triton")
 
 On CUDA, ``benchmark.extra_info`` records the peak memory allocated above the inputs (MiB) of one
-forward+backward. On CPU the Triton variants run under the interpreter at tiny sizes only (they check
-that the harness works; their times mean nothing).
+forward+backward. On CPU the Triton kernels would run in Triton's interpreter, hundreds of times slower
+than compiled code: those rows are left out unless ``BEIT_FAST_BENCH_INTERPRETED=1``, and then they are
+named ``..._INTERPRETED`` (at tiny sizes; they check that the harness works, their times mean nothing).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -34,6 +38,22 @@ from beit_fast.ops.backend import triton_available, triton_interpreting
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 IGN = -100
+RUN_INTERPRETED = os.environ.get("BEIT_FAST_BENCH_INTERPRETED") == "1"
+INTERPRETED_SKIP = ("Triton kernels on CPU run in the interpreter (times mean nothing): set "
+                    "BEIT_FAST_BENCH_INTERPRETED=1 to run them as a harness check")
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _label(variant: str, dtype: torch.dtype) -> str:
+    """The row name: what runs, in which dtype, and whether Triton is interpreted."""
+    if variant == "eager":
+        return f"eager_{_dt(dtype)}"
+    if variant == "beit_fast_triton" and not CUDA:
+        return "beit_fast_triton_INTERPRETED"
+    return variant
 
 
 def _sync():
@@ -70,7 +90,12 @@ CE_SHAPES = {
     "cpu_small": (512, 64, 1024, torch.float32, ("cpu", "cuda")),
     "tiny": (64, 32, 256, torch.float32, ("cpu", "cuda")),
 }
-CE_VARIANTS = ["reference_fp32", "eager_lowp", "torch_lce", "liger", "beit_fast"]
+CE_VARIANTS = ["reference_fp32", "eager", "torch_lce", "liger", "beit_fast_triton"]
+
+
+def _ce_params():
+    return [pytest.param(shape, variant, id=f"{shape}-{_label(variant, CE_SHAPES[shape][3])}")
+            for shape in CE_SHAPES for variant in CE_VARIANTS]
 
 
 def _ce_inputs(rows, D, V, dtype):
@@ -85,7 +110,7 @@ def _ce_inputs(rows, D, V, dtype):
 def _ce_fn(variant, h, w, b, y):
     if variant == "reference_fp32":
         return lambda: masked_linear_cross_entropy_reference(h, w, b, y, ignore_index=IGN)
-    if variant == "eager_lowp":
+    if variant == "eager":
         return lambda: F.cross_entropy(F.linear(h, w, b).float(), y, ignore_index=IGN)
     if variant == "torch_lce":
         if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
@@ -100,20 +125,21 @@ def _ce_fn(variant, h, w, b, y):
         if not CUDA:
             pytest.skip("Liger-Kernel needs CUDA")
         return lambda: liger_fused_linear_cross_entropy(h, w, y, bias=b, ignore_index=IGN)
-    if variant == "beit_fast":
+    if variant == "beit_fast_triton":
         if not triton_available():
             pytest.skip("triton is not available")
         return lambda: masked_linear_cross_entropy(h, w, b, y, ignore_index=IGN, backend="triton")
     raise AssertionError(variant)
 
 
-@pytest.mark.parametrize("variant", CE_VARIANTS)
-@pytest.mark.parametrize("shape", list(CE_SHAPES))
+@pytest.mark.parametrize("shape,variant", _ce_params())
 def test_bench_linear_cross_entropy(benchmark, shape, variant):
     rows, D, V, dtype, devices = CE_SHAPES[shape]
     if DEV not in devices:
         pytest.skip(f"shape {shape} runs on {devices} only")
-    interpreted = variant == "beit_fast" and not CUDA
+    interpreted = variant == "beit_fast_triton" and not CUDA
+    if interpreted and not RUN_INTERPRETED:
+        pytest.skip(INTERPRETED_SKIP)
     if interpreted and shape != "tiny":
         pytest.skip("Triton interpreter: tiny shape only on CPU")
     if shape == "tiny" and CUDA:
@@ -121,8 +147,9 @@ def test_bench_linear_cross_entropy(benchmark, shape, variant):
     h, w, b, y = _ce_inputs(rows, D, V, dtype)
     y[::4] = IGN  # ignored rows on every path
     fn = _ce_fn(variant, h, w, b, y)
-    benchmark.group = f"linear_ce[{shape}: rows={rows} D={D} V={V} {str(dtype).replace('torch.', '')} {DEV}]"
+    benchmark.group = f"linear_ce[{shape}: rows={rows} D={D} V={V} {_dt(dtype)} {DEV}]"
     benchmark.extra_info["interpreter"] = bool(interpreted and triton_interpreting())
+    benchmark.extra_info["runs"] = _label(variant, dtype)
     _bench(benchmark, fn, [h, w, b])
 
 
@@ -149,27 +176,30 @@ def _pe_inputs(B, H, D, P, n_masked, dtype):
     return px, w, b, tok, mask
 
 
-@pytest.mark.parametrize("variant", ["reference", "beit_fast"])
-@pytest.mark.parametrize("shape", list(PE_SHAPES))
+@pytest.mark.parametrize("shape,variant", [pytest.param(shape, v, id=f"{shape}-{_label(v, PE_SHAPES[shape][5])}")
+                                           for shape in PE_SHAPES for v in ("conv2d_reference", "beit_fast_triton")])
 def test_bench_patch_embed_mask(benchmark, shape, variant):
     B, H, D, P, n_masked, dtype, devices = PE_SHAPES[shape]
     if DEV not in devices:
         pytest.skip(f"shape {shape} runs on {devices} only")
-    interpreted = variant == "beit_fast" and not CUDA
+    interpreted = variant == "beit_fast_triton" and not CUDA
+    if interpreted and not RUN_INTERPRETED:
+        pytest.skip(INTERPRETED_SKIP)
     if interpreted and shape != "tiny":
         pytest.skip("Triton interpreter: tiny shape only on CPU")
     if shape == "tiny" and CUDA:
         pytest.skip("tiny shape is for the CPU interpreter")
-    if variant == "beit_fast" and not triton_available():
+    if variant == "beit_fast_triton" and not triton_available():
         pytest.skip("triton is not available")
     px, w, b, tok, mask = _pe_inputs(B, H, D, P, n_masked, dtype)
     grad_out = torch.randn(B, (H // P) ** 2, D, device=DEV).to(dtype)
-    if variant == "reference":
+    if variant == "conv2d_reference":
         def fn():
             return patch_embed_mask_reference(px, w, b, tok, mask)
     else:
         def fn():
             return patch_embed_mask(px, w, b, tok, mask, backend="triton")
-    benchmark.group = f"patch_embed_mask[{shape}: B={B} {H}x{H} P={P} D={D} {str(dtype).replace('torch.', '')} {DEV}]"
+    benchmark.group = f"patch_embed_mask[{shape}: B={B} {H}x{H} P={P} D={D} {_dt(dtype)} {DEV}]"
     benchmark.extra_info["interpreter"] = bool(interpreted and triton_interpreting())
+    benchmark.extra_info["runs"] = _label(variant, dtype)
     _bench(benchmark, fn, [w, b, tok], grad_out=grad_out)

@@ -3,10 +3,11 @@
     pytest benchmarks/bench_train_step.py --benchmark-only            # CPU: tiny model, batch 4
     BEIT_FAST_REAL_GPU=1 pytest benchmarks/bench_train_step.py --benchmark-only   # CUDA: BEiT-B/16
 
-Variants (all from the same weights and batch):
-  reference      the eager reference step (official semantics) under the run's AMP dtype
-  fast           FastPretrainEngine: fused ops, fused attention, static shapes, torch.compile
-  fast_ckpt_all  the same with activation checkpointing on every block
+Variants (all from the same weights and batch; the row names in brackets):
+  reference      [reference_eager] the eager reference step (official semantics) under the run's AMP dtype
+  fast           [beit_fast_compiled] FastPretrainEngine: fused ops (Triton on CUDA, their PyTorch
+                 references on CPU), fused attention, static shapes, torch.compile
+  fast_ckpt_all  [beit_fast_compiled_ckpt_all] the same with activation checkpointing on every block
   hf_sdpa        HuggingFace BeitForMaskedImageModeling (attn_implementation="sdpa"), same sizes, when
                  transformers is installed (it computes the head on all 196 tokens: its own design)
 Each runs with a fixed-token stand-in tokenizer (the model step alone); ``fast_with_tokenizer`` adds the
@@ -117,7 +118,8 @@ def run_benchmark(benchmark, engine, batch, cfg: BeitConfig, batch_size: int) ->
         benchmark.extra_info["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-@pytest.mark.parametrize("variant", ["reference", "fast", "fast_ckpt_all"])
+@pytest.mark.parametrize("variant", ["reference", "fast", "fast_ckpt_all"],
+                         ids=["reference_eager", "beit_fast_compiled", "beit_fast_compiled_ckpt_all"])
 def test_train_step(benchmark, variant):
     if variant == "fast_ckpt_all" and not CUDA:
         pytest.skip("checkpointing trades compute for memory: only meaningful on a GPU")

@@ -1,183 +1,274 @@
-"""One call on a lent GPU: GPU tests, benchmarks, a CLI smoke run, a profile, and a results table.
+"""One call on a lent GPU: every number of issue 11 in one run, written after every stage.
 
-    python benchmarks/gpu_report.py [--out DIR] [--budget 470]
+    python benchmarks/gpu_report.py --out $OUT                  # the whole plan, ~9 minutes on an H200
+    python benchmarks/gpu_report.py --only attention,kernels    # some stages (names below)
+    python benchmarks/gpu_report.py --cpu-smoke --budget 900    # the same stages at tiny sizes on CPU
 
-Installs nothing beyond this repository itself (``pip install --no-deps --no-build-isolation -e .``):
-the device image has torch, triton, transformers, timm, pytest-benchmark. Runs in stages, most valuable
-first, each with its own timeout cut to what is left of ``--budget`` seconds, so a slow stage never loses
-the results of the others; the table is rewritten after every stage. Writes
-``benchmarks/results/<date>-<card>.{md,json,profile.txt,log}`` (+ LATEST.md) and copies them to ``--out``
-(e.g. ``$OUT``; at most 8 files come back from a lent machine, this writes 5).
+Each stage is its own process (``benchmarks/gpu_stages.py``), killed at its time limit (cut to what is
+left of ``--budget``); the rows it wrote before a crash or a kill are kept, and the report
+(``benchmarks/results/<date>-<card>.{md,json,log,profile.txt}`` + LATEST.md, copied to ``--out``) is
+rewritten after every stage. Nothing is installed from a network: wheels the device image lacks are
+carried in ``.whl/`` (``benchmarks/fetch_gpu_wheels.sh``) and installed with ``pip --target`` into a
+folder put on PYTHONPATH; beit_fast runs from this source tree (``beit_fast/kernels`` is linked to
+``kernels/`` when the package is not installed).
+
+Plan (the device image: torch 2.11, triton 3.6; a whole-step compile costs 30-60 s; planned seconds
+assume the warm phase filled inductor's caches):
+
+  stage          planned  limit  what
+  setup               10      -  wheels, source shim, environment (versions, card, clocks)
+  warm               170    170  compile 6 step variants, 3 processes in parallel (fills the caches)
+  fast                60    150  beit_fast step (headline) + sync-free variant + profile + bf16 loss curve
+  eager               45    100  eager reference, HF eager (SDPA), HF patched: one process
+  attention           35     90  math, sdpa, triton, cudnn, xformers @ B256/N197 and B64/N577
+  timm                30    100  timm Beit body + our head, compiled
+  hf_compiled         30    100  HF BeitForMaskedImageModeling under torch.compile
+  ref_compiled        30    100  the eager reference under torch.compile
+  kernels             20     60  fused CE chunk sweep; patch embedding vs permute + cuBLAS GEMM
+  fp8                 40    120  --fp8 step + its loss curve against the bf16 one
+  cudagraphs          25     90  sync-free step with mode="reduce-overhead"
+  attention_flex      60    120  FlexAttention with Hopper-sized tiles (a ladder if they fail)
+                   -----
+                     555  (default --budget 560: the device command limit is 600 s)
+  gpu_tests          120    150  kernel + fast-step tests on CUDA (after the budget unless stages run short)
+  hf_patched_compiled 55    100
+  autotune           150    240  mode="max-autotune-no-cudagraphs"
+
+What did not fit is listed as skipped in the report; run it in a second call right after (the machine
+stays warm for 30 s, and inductor's caches with it): ``--only autotune,gpu_tests --budget 400``
+(cudagraphs, fp8 and autotune run without "fast" get a baseline beit_fast row first, so their ratios
+stay within one call).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_ops_patch_embed.py", "tests/test_ops_cross_entropy.py", "tests/test_ops_attention.py"]
-# one pytest process per whole-step benchmark, most wanted first: a timeout loses one row, not all
-STEP_BENCHES = ["test_train_step[fast]", "test_train_step[reference]", "test_train_step_hf_sdpa",
-                "test_train_step[fast_ckpt_all]", "test_train_step_fast_with_tokenizer"]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from report_lib import (  # noqa: E402
+    Stage,
+    StageResult,
+    attention_backends,
+    propose_auto_priority,
+    read_rows,
+    run_stage,
+    summary_lines,
+    write_report,
+)
+
+WHEEL_DIR = ROOT / ".whl"
 
 
-class Report:
-    def __init__(self, budget: float, log_path: Path) -> None:
-        self.deadline = time.time() + budget
-        self.log = log_path.open("w")
-        self.stages: list[dict] = []
+def build_plan(args) -> tuple[list[Stage], list[Stage]]:
+    """(warm stages, run in parallel first; measuring stages, in order)."""
+    py = [sys.executable, str(HERE / "gpu_stages.py")]
+    common = ["--rows", "{rows}"] + (["--batch", str(args.batch)] if args.batch else []) + \
+        ["--repeats", str(args.repeats)]
 
-    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
-        left = self.deadline - time.time() - 5
-        if left < 15:
-            self.stages.append({"stage": name, "rc": None, "seconds": 0, "note": "skipped: out of budget"})
-            print(f"[{name}] skipped: out of budget", flush=True)
-            return -1, ""
-        timeout = min(timeout, left)
-        t0 = time.time()
-        print(f"[{name}] $ {' '.join(cmd)}  (timeout {timeout:.0f} s)", flush=True)
-        # own process group: a timeout must also end torchrun's workers and compile subprocesses
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            rc, out = 124, (out or "") + f"\n[timed out after {timeout:.0f} s]"
-        secs = time.time() - t0
-        summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)]
-        self.stages.append({"stage": name, "rc": rc, "seconds": round(secs, 1),
-                            "note": summary[-1].strip("= ") if summary else ""})
-        self.log.write(f"\n===== {name} rc={rc} {secs:.0f} s\n$ {' '.join(cmd)}\n{out}\n")
-        self.log.flush()
-        print(out[-2500:], f"[{name}] rc={rc} in {secs:.0f} s", sep="\n", flush=True)
-        return rc, out
+    def step(name, variants, limit, expect, what, extras=""):
+        cmd = py + ["step", "--variants", variants] + common
+        if extras:
+            cmd += ["--extras", extras, "--curve-steps", str(args.curve_steps),
+                    "--profile-out", "{results}/profile.txt"]
+        return Stage(name, cmd, limit, expect, what)
+
+    warm = [Stage(f"warm{i}", py + ["warm", "--variants", v] + common, args.warm_limit, args.warm_limit,
+                  f"compile {v} (parallel warm-up)", min_s=30)
+            for i, v in enumerate(["beit_fast,beit_fast_fp8", "timm_compiled,beit_fast_cudagraphs",
+                                   "hf_compiled,reference_compiled"])]
+    stages = [
+        Stage("env", py + ["env", "--rows", "{rows}"], 60, 8, "versions, card, clocks", min_s=5),
+        step("fast", "beit_fast", 150, 60, "beit_fast step (headline), sync-free, profile, bf16 loss curve",
+             extras="sync_free,profile,curve"),
+        step("eager", "reference_eager,hf_eager,hf_patched", 100, 45, "eager reference, HF eager (SDPA), HF patched"),
+        Stage("attention", py + ["attention", "--candidates", "math,sdpa,triton,cudnn,xformers"] + common, 90, 35,
+              "attention candidates fwd+bwd with bias gradient, B256/N197 and B64/N577"),
+        step("timm", "timm_compiled", 100, 30, "timm Beit body + beit_fast head, compiled"),
+        step("hf_compiled", "hf_compiled", 100, 30, "HF BeitForMaskedImageModeling, compiled"),
+        step("ref_compiled", "reference_compiled", 100, 30, "eager reference under torch.compile"),
+        Stage("kernels", py + ["kernels"] + common, 60, 20, "fused CE chunk sweep; patch embedding vs permute+GEMM"),
+        Stage("fp8", py + ["fp8", "--curve-steps", str(args.curve_steps)] + common, 120, 40,
+              "--fp8 step and its loss curve vs bf16"),
+        step("cudagraphs", "beit_fast_cudagraphs", 90, 25, "sync-free step, compile mode reduce-overhead"),
+        Stage("attention_flex", py + ["attention", "--candidates", "flex,flex_ladder"] + common, 120, 60,
+              "FlexAttention with Hopper-sized kernel_options (ladder if they fail)"),
+        Stage("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                            "tests/test_ops_attention.py", "tests/test_ops_cross_entropy.py",
+                            "tests/test_ops_patch_embed.py", "tests/test_fast_step.py"], 150, 120,
+              "the kernels' and the fast step's tests on the card (BEIT_FAST_REAL_GPU=1)"),
+        step("hf_patched_compiled", "hf_patched_compiled", 100, 55, "HF patched, compiled"),
+        step("autotune", "beit_fast_autotune", 240, 150, "GEMM/epilogue autotuning (max-autotune-no-cudagraphs)"),
+    ]
+    names = [s.name for s in stages]
+    only = [x for x in args.only.split(",") if x]
+    skip = set(x for x in args.skip.split(",") if x)
+    unknown = [x for x in only + sorted(skip) if x not in names and x != "warm"]
+    if unknown:
+        raise SystemExit(f"error: unknown stage(s) {', '.join(unknown)}; stages: warm, {', '.join(names)}")
+    if only:
+        wanted = set(only) | {"env"}
+        # an option stage compares with the beit_fast row of the same call
+        if wanted & {"cudagraphs", "fp8", "autotune"} and "fast" not in wanted:
+            wanted.add("fast")
+        stages = [s for s in stages if s.name in wanted]
+        if "fast" in wanted and "fast" not in only:  # the baseline row alone
+            for s in stages:
+                if s.name == "fast":
+                    s.cmd = py + ["step", "--variants", "beit_fast"] + common
+                    s.what, s.expect_s = "beit_fast step (baseline of the option stages)", 30
+    stages = [s for s in stages if s.name not in skip]
+    if args.no_warm or "warm" in skip or (only and "warm" not in only):
+        warm = []
+    else:  # warm only what will be measured
+        measured = {v for s in stages if "step" in s.cmd for v in s.cmd[s.cmd.index("--variants") + 1].split(",")}
+        measured |= {"beit_fast_fp8"} if any(s.name == "fp8" for s in stages) else set()
+        for s in warm:
+            i = s.cmd.index("--variants") + 1
+            keep = [v for v in s.cmd[i].split(",") if v in measured]
+            s.cmd[i] = ",".join(keep)
+        warm = [s for s in warm if s.cmd[s.cmd.index("--variants") + 1]]
+    return warm, stages
 
 
-def benchmark_rows(bench_json: Path) -> list[dict]:
-    if not bench_json.exists():
-        return []
-    data = json.loads(bench_json.read_text())
-    return [{"group": b.get("group") or "", "name": b["name"], "median_ms": b["stats"]["median"] * 1e3,
-             **b.get("extra_info", {})} for b in data["benchmarks"]]
+def install_wheels(env: dict, log) -> str:
+    """pip-install the carried wheels (``.whl/``) into a folder on PYTHONPATH; returns a note."""
+    wheels = sorted(WHEEL_DIR.glob("*.whl")) if WHEEL_DIR.is_dir() else []
+    if not wheels:
+        return "no .whl/ folder: xformers, torchao and nvidia-cudnn-frontend only if the image has them"
+    target = Path(tempfile.gettempdir()) / "beit_fast_site"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(target), *map(str, wheels)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    log.write(f"\n===== wheels\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}\n")
+    if r.returncode != 0:
+        return f"installing the carried wheels failed (rc {r.returncode}): {(r.stderr or r.stdout)[-300:]}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), env.get("PYTHONPATH")]))
+    return "installed " + ", ".join(w.name.split("-")[0] + " " + w.name.split("-")[1] for w in wheels)
 
 
-def markdown(meta: dict, rows: list[dict], stages: list[dict]) -> str:
-    lines = [f"### GPU results: {meta['card']} ({meta['date']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}", "",
-             "| stage | exit | seconds | summary |", "| --- | ---: | ---: | --- |"]
-    lines += [f"| {s['stage']} | {s['rc']} | {s['seconds']} | {s['note']} |" for s in stages]
-    lines.append("")
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group"], []).append(r)
-    for group, items in groups.items():
-        base = next((r["median_ms"] for key in ("reference", "math", "eager") for r in items if key in r["name"]), None)
-        lines += [f"**{group}**", "", "| variant | median ms | vs reference | images/s | MFU % | peak mem |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for r in sorted(items, key=lambda r: r["median_ms"]):
-            speed = f"{base / r['median_ms']:.2f}x" if base else ""
-            mem = (f"{r['peak_mem_GiB']} GiB" if "peak_mem_GiB" in r
-                   else f"{r['peak_mem_MiB']} MiB" if "peak_mem_MiB" in r else "")
-            lines.append(f"| {r['name']} | {r['median_ms']:.3f} | {speed} | {r.get('images_per_s', '')} | "
-                         f"{r.get('mfu_percent', '')} | {mem} |")
-        lines.append("")
-    return "\n".join(lines)
+def source_shim(env: dict) -> str:
+    """Make ``import beit_fast`` (with ``beit_fast.kernels``) work from this tree in the stage processes and
+    in pytest, without installing: the lent machine has no network for pip's build dependencies. When the
+    package is not installed from this tree, ``beit_fast/kernels`` becomes a link to ``kernels/`` (a path
+    git ignores) and the tree goes on PYTHONPATH."""
+    probe = [sys.executable, "-c", "import beit_fast.kernels.masked_linear_ce, beit_fast; print(beit_fast.__file__)"]
+    # from benchmarks/, as the stage scripts run: only an installed beit_fast (or PYTHONPATH) is found
+    r = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
+    if r.returncode == 0 and str(ROOT) in r.stdout:
+        return f"beit_fast from {r.stdout.strip()}"
+    link = ROOT / "beit_fast" / "kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "kernels", target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return f"beit_fast from this tree on PYTHONPATH ({link} -> kernels/)"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT"), help="also copy the results here (default: $OUT)")
-    p.add_argument("--budget", type=float, default=470, help="seconds for all stages together")
-    p.add_argument("--batch", type=int, default=256, help="batch of the whole-step benchmarks")
-    p.add_argument("--steps", default=",".join(map(str, range(len(STEP_BENCHES)))),
-                   help="indices of STEP_BENCHES to run (default: all)")
-    p.add_argument("--skip", default="", help="comma-separated stages to skip (tests,step,kernels,fast_step_tests,"
-                                              "cli,profile,hf_patch)")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="also copy the report files here (default: $OUT)")
+    p.add_argument("--budget", type=float, default=560, help="seconds for everything (default 560)")
+    p.add_argument("--batch", type=int, default=None, help="batch of the step stages (CUDA default 256)")
+    p.add_argument("--only", default="", help="comma-separated stages to run (see the plan)")
+    p.add_argument("--skip", default="", help="comma-separated stages to leave out")
+    p.add_argument("--no-warm", action="store_true", help="no parallel warm-up compile phase")
+    p.add_argument("--warm-limit", type=float, default=170, help="seconds of the parallel warm-up phase")
+    p.add_argument("--curve-steps", type=int, default=120, help="steps of the bf16/fp8 loss curves")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median, min-max)")
+    p.add_argument("--cpu-smoke", action="store_true", help="run on CPU at tiny sizes (checks the code paths)")
+    p.add_argument("--results-dir", default=str(HERE / "results"), help="where the report files go")
     args = p.parse_args(argv)
-    skip = set(filter(None, args.skip.split(",")))
+    t_start = time.time()
+    deadline = t_start + args.budget
 
     import torch
-    import triton
 
-    if not torch.cuda.is_available():
-        print("no CUDA device: this script is for a lent GPU")
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        print("no CUDA device: this script is for a lent GPU (--cpu-smoke runs it on CPU at tiny sizes)")
         return 2
-    meta = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
-    results = ROOT / "benchmarks" / "results"
+    card = torch.cuda.get_device_name() if cuda else "cpu-smoke"
+    meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "cuda": torch.version.cuda or "none", "batch": args.batch or (256 if cuda else 4),
+            "budget_s": args.budget}
+    results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', meta['card']).strip('-')}"
-    rep = Report(args.budget, results / f"{stem}.log")
-    env = {"BEIT_FAST_REAL_GPU": "1", "TRITON_INTERPRET": "0", "BEIT_FAST_BENCH_BATCH": str(args.batch),
-           "PYTHONUNBUFFERED": "1"}
-    py = sys.executable
-    rows: list[dict] = []
-    bench_dir = results / "_bench"
-    bench_dir.mkdir(exist_ok=True)
+    stem = f"{meta['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}"
+    n = 1
+    while (results / f"{stem}.json").exists():
+        n += 1
+        stem = f"{meta['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}-run{n}"
+    rows_dir = Path(tempfile.mkdtemp(prefix="beit_report_rows_"))
+    log = (results / f"{stem}.log").open("w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BEIT_FAST_REAL_GPU": "1" if cuda else "0",
+           "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "beit_fast_inductor_cache"),
+           "TRITON_CACHE_DIR": str(Path(tempfile.gettempdir()) / "beit_fast_triton_cache")}
+    env["TRITON_INTERPRET"] = "0" if cuda else "1"
+    if args.cpu_smoke:
+        env.setdefault("BEIT_FAST_SMOKE_NO_COMPILE", "1")
+    meta["wheels"] = install_wheels(env, log) if cuda else "not installed (CPU smoke run; the wheels are for the device)"
+    meta["source"] = source_shim(env)
+    print(f"[setup] {meta['wheels']}\n[setup] {meta['source']}", flush=True)
+    warm, plan = build_plan(args)
+    results_done: list[StageResult] = []
+    profile_txt = rows_dir / "profile.txt"
 
     def write() -> None:
-        md = markdown(meta, rows, rep.stages)
-        (results / f"{stem}.md").write_text(md + "\n")
-        (results / f"{stem}.json").write_text(json.dumps({"meta": meta, "stages": rep.stages, "rows": rows}, indent=1))
+        rows = [r for f in sorted(rows_dir.glob("*.jsonl")) for r in read_rows(f)]
+        write_report(results, stem, meta, results_done, rows, warm + plan)
+        if profile_txt.exists():
+            shutil.copy(profile_txt, results / f"{stem}.profile.txt")
         shutil.copy(results / f"{stem}.md", results / "LATEST.md")
+        log.flush()
         if args.out:
-            for f in results.glob(f"{stem}*"):
-                shutil.copy(f, Path(args.out) / f.name)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in list(results.glob(f"{stem}.*")) + [results / "LATEST.md"]:
+                if f.name.startswith(f"{stem}.") and f.name[len(stem) + 1:] in ("md", "json", "log", "profile.txt") \
+                        or f.name == "LATEST.md":
+                    shutil.copy(f, out / f.name)
 
-    def bench(name: str, targets: list[str], timeout: float) -> None:
-        out_json = bench_dir / f"{name}.json"
-        rep.run(name, [py, "-m", "pytest", *targets, "--benchmark-only", "-q", "-p", "no:cacheprovider",
-                       f"--benchmark-json={out_json}"], timeout, env)
-        rows.extend(benchmark_rows(out_json))
+    # the warm phase: compiles in parallel (each stage under a share of the card's memory)
+    if warm:
+        warm_deadline = min(deadline, time.time() + args.warm_limit)
+        logs = {s.name: open(rows_dir / f"{s.name}.log", "w") for s in warm}
+        threads = [threading.Thread(target=lambda s=s: results_done.append(
+            run_stage(s, rows_dir / f"{s.name}.jsonl", warm_deadline, ROOT, env, logs[s.name]))) for s in warm]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for name, f in logs.items():
+            f.close()
+            log.write((rows_dir / f"{name}.log").read_text())
         write()
-
-    rc, _ = rep.run("install", [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                                "--no-index", "-e", "."], 90)
-    if rc != 0:  # no network there: run from the source tree (kernels/ is the beit_fast.kernels package)
-        link = ROOT / "beit_fast" / "kernels"
-        if not link.exists():
-            link.symlink_to(ROOT / "kernels", target_is_directory=True)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    rep.run("nvidia-smi", ["nvidia-smi"], 15)
-    if "tests" not in skip:
-        rep.run("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS], 110, env)
+    for stage in plan:
+        results_done.append(run_stage(stage, rows_dir / f"{stage.name}.jsonl", deadline, ROOT, env, log))
         write()
-    if "step" not in skip:
-        for i in map(int, filter(None, args.steps.split(","))):
-            t = STEP_BENCHES[i]
-            bench(f"step{i}", [f"benchmarks/bench_train_step.py::{t}"], 110)
-    if "kernels" not in skip:
-        bench("kernels", ["benchmarks/bench_kernels.py", "benchmarks/bench_attention.py"], 100)
-    if "fast_step_tests" not in skip:
-        rep.run("fast_step_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fast_step.py"],
-                120, env)
-        write()
-    if "cli" not in skip:  # the CLI end to end on CUDA (fast path, compile) under torchrun with NCCL
-        rep.run("cli_torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                                      "-m", "beit_fast.pretrain", "--tokenizer_steps", "40", "--num_samples", "512",
-                                      "--epochs", "2", "--batch_size", "64", "--output_dir", "/tmp/beit_cli",
-                                      "--no_progress"], 120, env)
-        write()
-    if "profile" not in skip:
-        rep.run("profile", [py, "benchmarks/profile_step.py", "--batch", str(args.batch),
-                            "--out", str(results / f"{stem}.profile.txt")], 90, env)
-        write()
-    if "hf_patch" not in skip:
-        bench("hf_patch", ["benchmarks/bench_hf_patch.py"], 60)
+    rows = [r for f in sorted(rows_dir.glob("*.jsonl")) for r in read_rows(f)]
+    md = write_report(results, stem, meta, results_done, rows, warm + plan)
     write()
-    print(markdown(meta, rows, rep.stages))
+    print("\n" + md)
+    print("\nSUMMARY\n" + "\n".join(summary_lines(rows)))
+    proposal = propose_auto_priority(rows, attention_backends(rows))
+    if any(r.get("table") == "attention" for r in rows):
+        print(f"proposed AUTO_PRIORITY['cuda'] = {proposal['order']!r} (measurements in the report)")
+    for s in results_done:
+        if s.status != "ok":
+            print(f"stage {s.stage}: {s.status} {s.note}")
+    print(f"\nfiles: {results}/{stem}.{{md,json,log,profile.txt}}" + (f", copied to {args.out}" if args.out else "")
+          + f"; {time.time() - t_start:.0f} s in all")
+    log.close()
     return 0
 
 

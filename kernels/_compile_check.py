@@ -8,8 +8,9 @@ For each kernel at the configurations the launchers actually use at BEiT shapes 
 D = 768 / 1024, V = 8192; fp16 and bf16), it builds the launch arguments with the launchers' own
 argument builders (on meta tensors), derives the signature / specialisation exactly like Triton's
 runtime does, compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` and
-reports the shared memory, register-free facts from the PTX (wgmma / mma.sync present, vector width of
-the global->shared copies) and the compile time. tests/test_kernel_compile.py checks these.
+reports the shared memory, facts from the PTX (wgmma / mma.sync present, vector width of the
+global->shared copies), the registers and stack frame (spills) from the cubin and the compile time.
+tests/test_kernel_compile.py checks these.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _build_source(kernel, args, constexprs):
 
     type_of = {
         torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-        torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1",
+        torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.bool: "i1",
     }
     names = kernel.arg_names
     n_pos = len(names) - len(constexprs)
@@ -102,7 +103,82 @@ def specs(capability: int):
         out.append((f"ce_rows_train[V={V}]", dn, ce.rows_launch(lg, lab, f32, f32, None, -100, True, False)))
         out.append((f"ce_rows_nograd[V={V}]", dn, ce.rows_launch(lg, lab, f32, f32, None, -100, False, False)))
         out.append((f"ce_rows_none_bwd[V={V}]", dn, ce.rows_launch(lg, lab, f32, f32, f32, -100, True, False)))
+    return out + attention_specs(capability)
+
+
+def attention_specs(capability: int):
+    """The attention kernels at BEiT-B shapes (H 12, Dh 64, bf16; N 197 at 224 with B 256, N 577 at 384
+    with B 64): every configuration the autotuner may pick on this architecture family and the
+    deterministic ones, with the relative-position table (the model's path) and with a dense [H, N, N]
+    bias (the HF / timm patches' path). (N enters only as a runtime size: both N compile to the same code,
+    the second one comes from Triton's cache.)"""
+    import torch
+
+    from beit_fast.kernels import attention as at
+
+    fam = at.arch_family(capability // 10)
+    num_sms = 132 if capability >= 90 else 108
+    meta = torch.device("meta")
+    dtype, dn = torch.bfloat16, "bfloat16"
+    out = []
+
+    def tag(d):
+        return ",".join(f"{k}={v}" for k, v in d.items())
+
+    def unique(cfgs):
+        return [c for i, c in enumerate(cfgs) if c not in cfgs[:i]]
+
+    fwd = unique(at.configs_for(at.GPU_FWD_CONFIGS, fam) + [at.DETERMINISTIC_FWD])
+    dq = unique(at.configs_for(at.GPU_DQ_CONFIGS, fam) + [at.DETERMINISTIC_DQ])
+    dkdv = unique(at.configs_for(at.GPU_DKDV_CONFIGS, fam) + [at.DETERMINISTIC_DKDV])
+    for N, B, T in ((197, 256, 732), (577, 64, 2212)):
+        H, D = 12, 64
+        q = torch.empty((B, N, 3, H, D), dtype=dtype, device=meta).permute(2, 0, 3, 1, 4)[0]  # the model's views
+        o = torch.empty_strided((B, H, N, D), at.out_strides(B, H, N, D), dtype=dtype, device=meta)
+        g = torch.empty((B, H, N, D), dtype=dtype, device=meta)
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=meta)
+        table_t = torch.empty((H, T), dtype=torch.float32, device=meta)
+        index = torch.empty((N, N), dtype=torch.int16, device=meta)
+        dense = torch.empty((1, H, N, N), dtype=torch.float32, device=meta)
+        groups, per = at.batch_groups(B, H, N, False, num_sms=num_sms)
+        part = torch.empty((groups, H, N, N), dtype=torch.float32, device=meta)
+        for mode, b4, tb, ix in (("table", None, table_t, index), ("dense", dense, None, None)):
+            for c in fwd:
+                out.append((f"attn_fwd[{mode},N={N},{tag(c)}]", dn,
+                            at.fwd_launch(q, q, q, o, lse, b4, tb, ix, 0.125, False, c)))
+            for c in dq:
+                out.append((f"attn_bwd_dq[{mode},N={N},{tag(c)}]", dn,
+                            at.dq_launch(q, q, q, o, g, lse, lse, g, part, b4, tb, ix, 0.125, groups, per, True,
+                                         False, c)))
+            for c in dkdv:
+                out.append((f"attn_bwd_dkdv[{mode},N={N},{tag(c)}]", dn,
+                            at.dkdv_launch(q, q, q, g, lse, lse, g, g, b4, tb, ix, 0.125, False, c)))
+        positions = torch.empty((T, N - 1), dtype=torch.int32, device=meta)
+        dtable = torch.empty((T, H), dtype=torch.float32, device=meta)
+        out.append((f"attn_table_grad[N={N}]", "float32", at.table_grad_launch(part, positions, dtable, False)))
     return out
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the one kernel in ``cubin``, from Triton's bundled cuobjdump. A stack
+    frame is where ptxas puts register spills (these kernels have no local arrays)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def run(capability: int) -> list[dict]:
@@ -118,8 +194,10 @@ def run(capability: int) -> list[dict]:
         src = _build_source(jit_function_of(kernel), args, constexprs)
         compiled = triton.compile(src, target=target, options=dict(opts))
         ptx = compiled.asm["ptx"]
+        regs, stack = _resource_usage(compiled.asm["cubin"])
         results.append(dict(
             name=name, dtype=dtype, capability=capability, kernel=kernel.__name__,
+            registers=regs, stack_bytes=stack,
             shared=int(compiled.metadata.shared),
             num_warps=opts["num_warps"], num_stages=opts["num_stages"],
             ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1],

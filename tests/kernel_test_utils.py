@@ -9,7 +9,7 @@ DEVICE = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and 
 
 
 class PoisonedTorch:
-    """Stands in for ``torch`` inside a kernel module: empty()/empty_like() come back filled with NaN
+    """Stands in for ``torch`` inside a kernel module: empty()/empty_like()/empty_strided() come back filled with NaN
     (floating) or a sentinel (integer), so unwritten output elements are detected."""
 
     def __init__(self, real):
@@ -31,6 +31,9 @@ class PoisonedTorch:
 
     def empty_like(self, *args, **kwargs):
         return self._fill(self._real.empty_like(*args, **kwargs))
+
+    def empty_strided(self, *args, **kwargs):
+        return self._fill(self._real.empty_strided(*args, **kwargs))
 
 
 @pytest.fixture(autouse=True)

@@ -73,6 +73,9 @@ CASES = [
     (("--second_input_size", 64), "token grid"),
     (("--lr", "nan"), "--lr must be a finite number"),
     (("--lr", -1), "--lr must be >= 0"),
+    (("--lr", "1e38"), r"--lr 1e\+38 is too large"),
+    (("--warmup_lr", "1e38"), r"--warmup_lr 1e\+38 is too large"),
+    (("--max_image_pixels", 0), "--max_image_pixels must be positive"),
     (("--min_lr", "inf"), "--min_lr must be a finite number"),
     (("--opt_betas", 1, 0.9), r"--opt_betas must both be in \[0, 1\)"),
     (("--opt_eps", 0), "--opt_eps must be positive"),
@@ -182,48 +185,168 @@ def test_odd_image_formats_train_and_unreadable_files_are_skipped(toy, tmp_path)
     assert log[-1]["skipped_images"] == 4
 
 
+def test_hostile_data_folder_trains_and_counts_what_it_skips(toy, tmp_path):
+    """Symlink loops, a FIFO named like an image and a pixel bomb in the image folder: the run neither hangs
+    nor multiplies samples; the bomb is skipped and counted (forked, so that a hang fails instead of blocking)."""
+    from test_pretrain import run_forked
+
+    folder = tmp_path / "hostile"
+    make_toy_images(folder, n=8, size=40)
+    os.symlink(".", folder / "loop")
+    os.symlink(".", folder / "loop2")
+    os.mkfifo(folder / "x.png")
+    Image.new("1", (9000, 9000)).save(folder / "bomb.png")
+    out = tmp_path / "out"
+    run_forked(args(toy, "--batch_size", 3, "--log_freq", 1, "--output_dir", out, images=folder), timeout=120)
+    log = read_log(out)
+    assert len(log) == 3  # 9 files (8 images + the bomb), batch 3
+    assert log[-1]["skipped_images"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Property-based: random flag combinations and random image files
+# Property-based: random flag sets (valid ones must be accepted, invalid ones refused naming the flag), and
+# random image files under valid flag sets
 # ---------------------------------------------------------------------------------------------------------
-FLAG_VALUES = {
-    "--batch_size": st.integers(-1, 6),
-    "--epochs": st.integers(-1, 2),
-    "--update_freq": st.integers(-1, 3),
-    "--input_size": st.sampled_from([8, 12, 16, 24, 30, 32]),
-    "--patch_size": st.sampled_from([-8, 0, 4, 8, 16]),
-    "--num_mask_patches": st.integers(-1, 20),
-    "--min_mask_patches_per_block": st.integers(-1, 10),
-    "--max_mask_patches_per_block": st.integers(-1, 10),
-    "--second_input_size": st.sampled_from([8, 16, 32, 33, 64]),
-    "--lr": st.sampled_from(["-1", "0", "1e-3", "5e-2", "nan", "inf", "1e30", "abc"]),
-    "--min_lr": st.sampled_from(["0", "1e-5", "-1e-5"]),
-    "--warmup_epochs": st.integers(-1, 2),
-    "--warmup_steps": st.integers(-3, 4),
-    "--weight_decay": st.sampled_from(["0", "0.05", "-0.1", "nan"]),
-    "--clip_grad": st.sampled_from(["0", "3", "-1"]),
-    "--drop_path": st.sampled_from(["0", "0.1", "0.99", "1", "-0.1"]),
-    "--layer_scale_init_value": st.sampled_from(["0", "0.1", "-1"]),
-    "--color_jitter": st.sampled_from(["0", "0.4", "-1"]),
-    "--opt_betas": st.sampled_from([("0.9", "0.999"), ("1", "0.5"), ("-0.1", "0.9")]),
-    "--opt_eps": st.sampled_from(["1e-8", "0", "-1"]),
-    "--seed": st.integers(-1, 3),
-    "--keep_last": st.integers(-1, 2),
-    "--log_freq": st.integers(-1, 3),
-    "--save_ckpt_freq": st.integers(-1, 2),
-    "--save_ckpt_steps": st.integers(-1, 2),
-    "--stop_after_steps": st.integers(-1, 3),
-    "--max_bad_steps": st.integers(-1, 2),
-    "--vocab_size": st.sampled_from([64, 100, 0]),
-    "--model": st.sampled_from(["tiny", "huge"]),
-    "--amp": st.sampled_from(["none", "bf16", "fp16", "auto"]),
-    "--train_interpolation": st.sampled_from(["bicubic", "nearest", "spline"]),
-    "--num_workers": st.sampled_from([0, -1]),
-    "--activation_checkpointing": st.sampled_from(["none", "all", "2", "0", "x"]),
+#: Values every flag may take together (any combination of them is a valid run of the toy data).
+VALID = {
+    "--batch_size": st.integers(1, 4),
+    "--epochs": st.integers(1, 2),
+    "--update_freq": st.integers(1, 2),
+    "--lr": st.sampled_from(["0", "1e-4", "1e-3", "1e30"]),
+    "--min_lr": st.sampled_from(["0", "1e-5"]),
+    "--warmup_lr": st.sampled_from(["0", "1e-6"]),
+    "--warmup_epochs": st.integers(0, 3),
+    "--warmup_steps": st.integers(-1, 4),
+    "--weight_decay": st.sampled_from(["0", "0.05"]),
+    "--weight_decay_end": st.sampled_from(["0", "0.1"]),
+    "--clip_grad": st.sampled_from(["0", "3"]),
+    "--drop_path": st.sampled_from(["0", "0.1", "0.99"]),
+    "--layer_scale_init_value": st.sampled_from(["0", "0.1"]),
+    "--color_jitter": st.sampled_from(["0", "0.4"]),
+    "--opt_betas": st.sampled_from([("0.9", "0.999"), ("0", "0.5")]),
+    "--opt_eps": st.sampled_from(["1e-8", "1e-3"]),
+    "--seed": st.integers(0, 3),
+    "--keep_last": st.integers(0, 2),
+    "--log_freq": st.integers(1, 3),
+    "--save_ckpt_freq": st.integers(1, 2),
+    "--save_ckpt_steps": st.integers(0, 2),
+    "--stop_after_steps": st.integers(0, 3),
+    "--max_bad_steps": st.integers(1, 3),
+    "--max_image_pixels": st.sampled_from(["1000000", "64000000"]),
+    "--model": st.just("tiny"),
+    "--amp": st.sampled_from(["none", "auto"]),
+    "--train_interpolation": st.sampled_from(["bicubic", "nearest"]),
+    "--activation_checkpointing": st.sampled_from(["none", "all", "2"]),
     "--fixed_mask_count": st.just(None),
     "--no-rel_pos_bias": st.just(None),
     "--abs_pos_emb": st.just(None),
     "--fast": st.sampled_from([("on", "--no-compile", "--kernel_backend", "reference"), ("off",)]),
 }
+#: Values that are wrong on their own, and the flags the error must name.
+INVALID = {
+    "--batch_size": (st.sampled_from(["0", "-1"]), "--batch_size"),
+    "--epochs": (st.sampled_from(["0", "-2"]), "--epochs"),
+    "--update_freq": (st.just("0"), "--update_freq"),
+    "--patch_size": (st.sampled_from(["0", "-8"]), "--patch_size"),
+    "--input_size": (st.sampled_from(["30", "36"]), "--input_size"),
+    "--second_input_size": (st.sampled_from(["8", "33", "64"]), "--second_input_size"),
+    "--num_mask_patches": (st.sampled_from(["0", "17", "-1"]), "--num_mask_patches"),
+    "--min_mask_patches_per_block": (st.sampled_from(["0", "-1"]), "--min_mask_patches_per_block"),
+    "--max_mask_patches_per_block": (st.just("0"), "--max_mask_patches_per_block"),
+    "--lr": (st.sampled_from(["-1", "nan", "inf", "1e39"]), "--lr"),
+    "--min_lr": (st.sampled_from(["-1e-5", "nan"]), "--min_lr"),
+    "--warmup_lr": (st.sampled_from(["-1", "1e39"]), "--warmup_lr"),
+    "--warmup_epochs": (st.just("-1"), "--warmup_epochs"),
+    "--warmup_steps": (st.sampled_from(["-2", "-3"]), "--warmup_steps"),
+    "--weight_decay": (st.sampled_from(["-0.1", "nan"]), "--weight_decay"),
+    "--weight_decay_end": (st.just("-1"), "--weight_decay_end"),
+    "--clip_grad": (st.just("-1"), "--clip_grad"),
+    "--drop_path": (st.sampled_from(["1", "-0.1", "inf"]), "--drop_path"),
+    "--layer_scale_init_value": (st.just("-1"), "--layer_scale_init_value"),
+    "--color_jitter": (st.just("-1"), "--color_jitter"),
+    "--opt_betas": (st.sampled_from([("1", "0.5"), ("-0.1", "0.9"), ("0.9", "nan")]), "--opt_betas"),
+    "--opt_eps": (st.sampled_from(["0", "-1"]), "--opt_eps"),
+    "--seed": (st.just("-1"), "--seed"),
+    "--keep_last": (st.just("-1"), "--keep_last"),
+    "--log_freq": (st.sampled_from(["0", "-1"]), "--log_freq"),
+    "--save_ckpt_freq": (st.just("0"), "--save_ckpt_freq"),
+    "--save_ckpt_steps": (st.just("-1"), "--save_ckpt_steps"),
+    "--stop_after_steps": (st.just("-1"), "--stop_after_steps"),
+    "--max_bad_steps": (st.just("0"), "--max_bad_steps"),
+    "--max_image_pixels": (st.sampled_from(["0", "-5"]), "--max_image_pixels"),
+    "--num_workers": (st.just("-1"), "--num_workers"),
+    "--activation_checkpointing": (st.sampled_from(["0", "x"]), "--activation_checkpointing"),
+    "--vocab_size": (st.just("0"), "--vocab_size"),
+}
+#: Values argparse itself refuses (exit status 2, one usage error naming the flag).
+UNPARSABLE = {
+    "--batch_size": st.sampled_from(["four", "1.5"]),
+    "--lr": st.just("abc"),
+    "--model": st.just("huge"),
+    "--train_interpolation": st.just("spline"),
+    "--amp": st.just("fp8"),
+}
+N_FAST = int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 300))
+
+
+def _argv(base, flags):
+    argv = list(base)
+    for flag, value in flags.items():
+        if value is None:
+            argv.append(flag)
+        elif isinstance(value, tuple):
+            argv += [flag, *value]
+        elif str(value).startswith("-"):  # "-1e-5" would be read as an option: write it as --flag=-1e-5
+            argv.append(f"{flag}={value}")
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _flag_error(argv) -> tuple[int, str] | None:
+    """None if the flags pass validation (``resolve_defaults``), else (exit status, message)."""
+    err = io.StringIO()
+    with redirect_stderr(err):
+        try:
+            pretrain.resolve_defaults(pretrain.get_args_parser().parse_args([str(a) for a in argv]))
+        except SystemExit as e:
+            return (2, err.getvalue()) if e.code == 2 else (1, e.code)
+    return None
+
+
+@settings(max_examples=N_FAST, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(valid=st.dictionaries(st.sampled_from(sorted(VALID)), st.none(), max_size=8).flatmap(
+           lambda keys: st.fixed_dictionaries({k: VALID[k] for k in keys})),
+       invalid=st.dictionaries(st.sampled_from(sorted(INVALID)), st.none(), max_size=3).flatmap(
+           lambda keys: st.fixed_dictionaries({k: INVALID[k][0] for k in keys})),
+       unparsable=st.dictionaries(st.sampled_from(sorted(UNPARSABLE)), st.none(), max_size=1).flatmap(
+           lambda keys: st.fixed_dictionaries({k: UNPARSABLE[k] for k in keys})))
+def test_flag_validation_accepts_valid_sets_and_names_every_invalid_flag(toy, valid, invalid, unparsable):
+    """Random flag sets: each flag valid, invalid on its own, or not even parsable. Valid sets must pass
+    validation; otherwise the error must name every invalid flag (argparse: the unparsable one)."""
+    flags = {**valid, **invalid, **unparsable}
+    result = _flag_error(_argv(args(toy), flags))
+    if unparsable:
+        assert result is not None and result[0] == 2, result
+        (flag,) = unparsable
+        assert f"argument {flag}" in result[1], result
+        return
+    if not invalid:
+        assert result is None, f"a valid flag set was refused: {flags}: {result}"
+        return
+    assert result is not None and result[0] == 1, f"an invalid flag set was accepted: {flags}"
+    message = result[1]
+    assert message.startswith("error: ") and "Traceback" not in message
+    # Flags that are wrong relative to the patch grid: not checked against a grid that is itself invalid.
+    relative_to = {"--input_size": {"--patch_size"}, "--second_input_size": {"--patch_size", "--input_size"},
+                   "--num_mask_patches": {"--patch_size", "--input_size"}}
+    for flag in invalid:
+        if relative_to.get(flag, set()) & set(invalid):
+            continue
+        assert flag in message, f"{flag} {flags[flag]} not named in {message!r}"
+
+
 MODES = ["RGB", "L", "1", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F"]
 
 
@@ -257,40 +380,38 @@ def image_file(draw):
     return ext, data
 
 
-@settings(max_examples=int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 20)), deadline=None, database=None,
+@settings(max_examples=max(2, N_FAST // 40), deadline=None, database=None,
           derandomize=os.environ.get("BEIT_FAST_FUZZ_EXAMPLES") is None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
-@given(flags=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.none(), max_size=5).flatmap(
-           lambda keys: st.fixed_dictionaries({k: FLAG_VALUES[k] for k in keys})),
+@given(flags=st.dictionaries(st.sampled_from(sorted(set(VALID) - {"--lr"})), st.none(), max_size=6).flatmap(
+           lambda keys: st.fixed_dictionaries({k: VALID[k] for k in keys})),
        files=st.lists(image_file(), min_size=0, max_size=6),
-       good_images=st.integers(0, 6))
-def test_random_flags_and_image_bytes_give_clear_error_or_correct_run(toy, flags, files, good_images):
+       good_images=st.integers(1, 6))
+def test_valid_flags_and_random_image_bytes_give_a_correct_run(toy, flags, files, good_images):
+    """Valid flags on a folder of good images plus random files (valid, truncated or garbage bytes): the run
+    completes with the expected number of steps and only finite losses, or (too few files for one step) it
+    says so."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = tmp / "images"
         folder.mkdir()
-        if good_images:
-            make_toy_images(folder, n=good_images, size=36)
+        make_toy_images(folder, n=good_images, size=36)
         for i, (ext, data) in enumerate(files):
             (folder / f"f{i}{ext}").write_bytes(data)
-        argv = args(toy, "--batch_size", 2, "--log_freq", 1, "--output_dir", tmp / "out", images=folder)
-        for flag, value in flags.items():
-            argv += [flag] if value is None else [flag, *(value if isinstance(value, tuple) else (str(value),))]
-        err = io.StringIO()
-        with warnings.catch_warnings(), redirect_stderr(err):
+        flags = {"--batch_size": 2, "--epochs": 1, **flags}
+        argv = _argv(args(toy, "--log_freq", 1, "--output_dir", tmp / "out", images=folder), flags)
+        per_step = int(flags["--batch_size"]) * int(flags.get("--update_freq", 1))
+        steps_per_epoch = (good_images + len(files)) // per_step
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                summary = pretrain.main(argv)
-            except SystemExit as e:
-                code = e.code
-                if code == 2:
-                    assert ": error: " in err.getvalue(), err.getvalue()
-                else:
-                    assert isinstance(code, str) and code.startswith("error: ") and "Traceback" not in code, code
+            if steps_per_epoch == 0:
+                assert_match(run_expecting_error(argv), "fewer than one step")
                 return
-        # A run that completes logged only finite losses, one record per step.
+            summary = pretrain.main([str(a) for a in argv])
+        total = steps_per_epoch * int(flags["--epochs"])
+        stop = int(flags.get("--stop_after_steps", 0))
+        assert summary["steps"] == (min(stop, total) if stop else total)
         log = read_log(tmp / "out")
-        assert summary["steps"] >= 1
-        assert all(math.isfinite(r["loss"]) and math.isfinite(r["mlm_acc"]) for r in log), log
-        assert len(log) <= summary["steps"]
+        assert log and all(math.isfinite(r["loss"]) and math.isfinite(r["mlm_acc"]) for r in log), log
+        assert [r["step"] for r in log] == sorted({r["step"] for r in log}) and log[-1]["step"] <= summary["steps"]

@@ -259,7 +259,73 @@ def test_pickled_objects_need_trust(tmp_path):
     torch.save({"model": sd, "args": argparse.Namespace(lr=1.0)}, tmp_path / "official.pth")
     with pytest.raises(ValueError, match="trust_pickle"):
         load_state_dict(tmp_path / "official.pth")
-    assert sorted(load_state_dict(tmp_path / "official.pth", trust_pickle=True)) == sorted(sd)
+    with pytest.warns(UserWarning, match="arbitrary code"):
+        assert sorted(load_state_dict(tmp_path / "official.pth", trust_pickle=True)) == sorted(sd)
+
+
+def _corrupt_safetensors(tmp_path):
+    """Broken .safetensors files a download or a disk can produce, and crafted ones."""
+    import json
+    import struct
+
+    good = save_state_dict(ours().state_dict(), tmp_path / "good.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    files = {
+        "truncated": good[: len(good) // 2],
+        "header_only": good[: 8 + n],
+        "tiny": good[:5],
+        "empty": b"",
+        "random": os.urandom(4096),
+        "huge_header_length": struct.pack("<Q", 2**62) + good[8:],
+        "bad_json": struct.pack("<Q", 16) + b"{not json at all" + good[24:],
+    }
+    shifted = dict(header)
+    shifted[name] = {**header[name], "data_offsets": [0, 2**40]}
+    text = json.dumps(shifted).encode()
+    files["offsets_past_the_end"] = struct.pack("<Q", len(text)) + text + good[8 + n:]
+    wrong = dict(header)
+    wrong[name] = {**header[name], "dtype": "NOPE"}
+    text = json.dumps(wrong).encode()
+    files["unknown_dtype"] = struct.pack("<Q", len(text)) + text + good[8 + n:]
+    paths = {}
+    for key, data in files.items():
+        paths[key] = tmp_path / f"{key}.safetensors"
+        paths[key].write_bytes(data)
+    return paths
+
+
+def test_corrupt_safetensors_give_clear_errors(tmp_path, capsys):
+    for key, path in _corrupt_safetensors(tmp_path).items():
+        with pytest.raises(ValueError, match=f"{path.name}.*not a valid safetensors file"):
+            load_state_dict(path)
+        assert convert_main([str(path), str(tmp_path / f"{key}.pt")]) == 1, key
+        err = capsys.readouterr().err
+        assert "error:" in err and path.name in err and "Traceback" not in err, (key, err)
+        assert not (tmp_path / f"{key}.pt").exists()
+
+
+def test_hf_index_shards_stay_inside_their_folder(tmp_path):
+    import json
+
+    sd = official_to_hf(ours().state_dict(), naming="hf_legacy")
+    save_state_dict(sd, tmp_path / "outside.safetensors")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "sub/../../outside.safetensors"):
+        (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: shard for k in sd}}))
+        with pytest.raises(ValueError, match="outside"):
+            load_state_dict(hf)
+        assert convert_main([str(hf), str(tmp_path / "o.pt")]) == 1
+    # a shard inside the folder (also in a subfolder) loads
+    save_state_dict(sd, hf / "sub" / "model-00001-of-00001.safetensors")
+    (hf / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "sub/model-00001-of-00001.safetensors" for k in sd}}))
+    assert sorted(load_state_dict(hf)) == sorted(sd)
+    (hf / "model.safetensors.index.json").write_text("{broken")
+    with pytest.raises(ValueError, match="index"):
+        load_state_dict(hf)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -198,6 +198,98 @@ def test_folder_of_only_bad_files_raises(tmp_path):
         ds[0]
 
 
+def _in_child(fn, *args, timeout=60):
+    """``fn(*args)`` in a forked process, its result sent back through a queue; a hang (e.g. in ``open`` of a
+    FIFO) fails the test after ``timeout`` seconds instead of blocking the suite."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def target():
+        try:
+            q.put(("ok", fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            q.put(("error", f"{type(e).__name__}: {e}"))
+
+    p = ctx.Process(target=target, daemon=True)
+    p.start()
+    try:
+        status, value = q.get(timeout=timeout)
+    except queue.Empty:
+        p.kill()
+        p.join()
+        pytest.fail(f"{fn.__name__} did not finish within {timeout} s (hung)")
+    p.join(10)
+    assert status == "ok", value
+    return value
+
+
+def _scan(root, **kwargs):
+    ds = ImageFolderDataset(root, **kwargs)
+    return [ds.relpath(i) for i in range(len(ds))]
+
+
+def test_symlink_loops_and_linked_folders_are_visited_once(tmp_path):
+    root = tmp_path / "images"
+    for i in range(8):
+        save_png(str(root / "sub" / f"{i}.png"))
+    os.symlink(".", root / "loop")  # root/loop -> root
+    os.symlink("..", root / "sub" / "up")  # root/sub/up -> root
+    os.symlink(root / "sub", root / "again")  # a second name for root/sub
+    assert _in_child(_scan, root) == [f"sub/{i}.png" for i in range(8)]
+    # Two loop links under each other: the scan ends (it used to hang), each real folder read once.
+    os.symlink("../..", root / "sub" / "upup")
+    outside = tmp_path / "outside"
+    save_png(str(outside / "x.png"))
+    os.symlink(outside, root / "linked")  # a linked folder outside root is read (once)
+    assert _in_child(_scan, root) == ["linked/x.png"] + [f"sub/{i}.png" for i in range(8)]
+
+
+def _fifo_dataset(root):
+    ds = ImageFolderDataset(root)
+    names = [ds.relpath(i) for i in range(len(ds))]
+    # a FIFO that appears after the scan (renamed over an image) is skipped when read, not waited on
+    os.unlink(os.path.join(root, "b.png"))
+    os.mkfifo(os.path.join(root, "b.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img, skipped = ds.get_with_skips(names.index("b.png"))
+    return names, img.size, [(os.path.basename(p), r) for p, r in skipped]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_named_like_an_image_never_blocks(tmp_path):
+    save_png(str(tmp_path / "a.png"))
+    save_png(str(tmp_path / "b.png"))
+    save_png(str(tmp_path / "c.png"), size=(20, 10))
+    os.mkfifo(tmp_path / "x.png")  # only regular files are images
+    names, size, skipped = _in_child(_fifo_dataset, str(tmp_path))
+    assert names == ["a.png", "b.png", "c.png"]
+    assert size == (20, 10) and [name for name, _ in skipped] == ["b.png"] and "regular file" in skipped[0][1]
+
+
+def _huge_png(path, side):
+    """A valid, fully decodable 1-bit PNG of side x side pixels (tiny on disk: all zeros compress well)."""
+    Image.new("1", (side, side)).save(path, optimize=False)
+
+
+def test_pixel_bomb_is_refused_and_counted(tmp_path):
+    save_png(str(tmp_path / "a.png"))
+    _huge_png(tmp_path / "bomb.png", 9000)  # 81 Mpx: under Pillow's own 89 Mpx warning limit
+    ds = ImageFolderDataset(tmp_path)
+    with pytest.warns(SkippedImageWarning, match=r"bomb\.png.*81000000 pixels.*max_image_pixels"):
+        img, skipped = ds.get_with_skips(1)
+    assert img.size == (40, 30) and ds.num_skipped == 1
+    # the limit is a parameter (the CLI flag --max_image_pixels): a small limit skips the small image as well
+    tight = ImageFolderDataset(tmp_path, max_image_pixels=1000)
+    with pytest.warns(SkippedImageWarning), pytest.raises(RuntimeError, match="could not be read"):
+        tight[0]
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        ImageFolderDataset(tmp_path, max_image_pixels=0)
+
+
 # --------------------------------------------------------------------------------------------------------
 # PretrainDataset determinism
 # --------------------------------------------------------------------------------------------------------

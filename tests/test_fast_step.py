@@ -79,6 +79,22 @@ def test_fast_eager_matches_reference(fixed, attention, checkpointing):
     assert_same(loss_and_grads(ref, batch), loss_and_grads(fast, batch))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and DEV.type != "cuda",
+                    reason="the Triton attention needs CUDA or the interpreter")
+def test_fast_triton_attention_matches_reference():
+    """attention="triton" (interpreted on CPU): the blocks get the shared table + index, the kernel gathers
+    the bias; loss and every gradient (the shared table's included) match the reference. Two blocks of two
+    heads keep the interpreter's program count low."""
+    torch.manual_seed(0)
+    model = build_model("tiny", **dict(CFG, depth=2, num_heads=2))
+    with torch.no_grad():
+        model.rel_pos_bias.relative_position_bias_table.normal_(0, 0.5)
+    ref, fast = engines(model, dict(compile=False))
+    fast.model.configure_fast_path(attention="triton", fused_embed="reference", activation_checkpointing=2)
+    batch = make_batch(1, fixed=False)
+    assert_same(loss_and_grads(ref, batch), loss_and_grads(fast, batch))
+
+
 def test_fast_triton_kernels_match_reference():
     """The Triton kernels (interpreted on CPU) inside the fast step give the reference's loss and grads."""
     torch.manual_seed(0)

@@ -193,3 +193,47 @@ def test_cli_bad_inputs(tmp_path):
               "--output_dir", str(tmp_path / "o2")])
     with pytest.raises(SystemExit, match="aa"):
         main(["--aa", "v0"])
+
+
+def _hold_lock(folder, ready, release):
+    from beit_fast.checkpoint import OutputDirLock
+
+    with OutputDirLock(folder):
+        ready.set()
+        release.wait(60)
+
+
+def test_output_folder_is_locked_and_a_fresh_run_does_not_overwrite_another(tmp_path, caplog):
+    import logging
+    import multiprocessing as mp
+
+    from beit_fast.checkpoint import CheckpointError, OutputDirInUseError
+
+    out = tmp_path / "ft"
+    train, val = Prototypes(32), Prototypes(16, seed=1)
+    finetune(build_classifier("tiny", 4, **SMALL), train, val, _quiet(epochs=1), output_dir=out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pt")}
+    with pytest.raises(CheckpointError, match=r"resume='auto'.*overwrite_output_dir"):
+        finetune(build_classifier("tiny", 4, **SMALL), train, val, _quiet(epochs=1), output_dir=out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pt")} == before
+    caplog.set_level(logging.INFO, logger="beit_fast")
+    res = finetune(build_classifier("tiny", 4, **SMALL), train, val, _quiet(epochs=1, resume="auto"), output_dir=out,
+                   progress=False)
+    assert "the run is complete" in caplog.text and [h["epoch"] for h in res["history"]] == [1]
+    # another process holding the folder: refused, naming it
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(out, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(OutputDirInUseError, match=f"pid {holder.pid}"):
+            finetune(build_classifier("tiny", 4, **SMALL), train, val, _quiet(epochs=2, resume="auto"),
+                     output_dir=out, progress=False)
+    finally:
+        release.set()
+        holder.join(30)
+    # the explicit overwrite starts over
+    finetune(build_classifier("tiny", 4, **SMALL), train, val, _quiet(epochs=1), output_dir=out, progress=False,
+             overwrite_output_dir=True)
+    assert [json.loads(s)["epoch"] for s in (out / "log.jsonl").read_text().splitlines()] == [1]

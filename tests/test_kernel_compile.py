@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every Triton kernel for A100 (sm_80) and H100 (sm_90a), on a machine
 without a GPU, at the configurations the launchers use at BEiT shapes (fp16 and bf16; D = 768 / 1024,
-P = 16, V = 8192).
+P = 16, V = 8192; attention: every autotuner configuration of the card's family and the deterministic
+ones, bf16, H 12, Dh 64, N 197 and 577, relative-position table and dense bias).
 
 The root conftest runs this process under TRITON_INTERPRET=1, where ``@triton.jit`` objects are
 interpreter wrappers that cannot be compiled; so each target is compiled in a fresh subprocess with
@@ -19,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block: A100, H100
 GEMM_KERNELS = ("_pe_fwd_kernel", "_pe_bwd_params_kernel", "_pe_bwd_pixels_kernel")
 ALL_KERNELS = GEMM_KERNELS + ("_ce_rows_kernel",)
+ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def compiled(tmp_path_factory):
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = {}
     for cap, (path, p) in procs.items():
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=900)  # minutes on a loaded 2-core machine
         assert p.returncode == 0, f"compile for capability {cap} failed:\n{err[-4000:]}"
         results[cap] = json.loads(path.read_text())
     return results
@@ -76,3 +78,30 @@ def test_gemm_operand_copies_are_16_byte_vectors(compiled, cap):
     for r in compiled[cap]:
         if r["kernel"] in GEMM_KERNELS:
             assert r["cp_async_widths"] == [16], r
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_attention_kernels_compile_at_beit_shapes(compiled, cap):
+    from beit_fast.kernels import attention as at
+
+    res = [r for r in compiled[cap] if r["kernel"] in ATTENTION_KERNELS + ("_table_grad_kernel",)]
+    names = {r["name"] for r in res}
+    fam = at.arch_family(cap // 10)
+    for n in (197, 577):
+        for mode in ("table", "dense"):
+            for prefix, configs in (("attn_fwd", at.GPU_FWD_CONFIGS), ("attn_bwd_dq", at.GPU_DQ_CONFIGS),
+                                    ("attn_bwd_dkdv", at.GPU_DKDV_CONFIGS)):
+                for c in at.configs_for(configs, fam):
+                    tag = ",".join(f"{k}={v}" for k, v in c.items())
+                    assert f"{prefix}[{mode},N={n},{tag}]" in names, (prefix, mode, n, tag)
+        assert f"attn_table_grad[N={n}]" in names
+    for r in res:
+        if r["kernel"] in ATTENTION_KERNELS:
+            assert r["has_wgmma"] if cap == 90 else r["has_mma_sync"], f"{r['name']}: no tensor-core instructions"
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_no_register_spills(compiled, cap):
+    """ptxas puts spilled registers in a stack frame: every kernel must have none (cuobjdump's STACK)."""
+    for r in compiled[cap]:
+        assert r["stack_bytes"] == 0, f"{r['name']} {r['dtype']}: {r['stack_bytes']} bytes of stack (register spills)"

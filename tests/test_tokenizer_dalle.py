@@ -391,3 +391,49 @@ def test_random_init_tokenizer():
     tok = build_tokenizer("dalle", random_init=True, n_hid=8, vocab_size=1024)
     assert isinstance(tok, DalleEncoder) and tok.vocab_size == 1024
     assert not tok.training and not any(p.requires_grad for p in tok.parameters())
+
+
+class _OpensMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+
+class _Latin1Bytes:
+    """Unpickles to ``bytearray(payload)`` through ``bytearray(str, "latin-1")``: no ``_codecs`` global."""
+
+    def __init__(self, payload):
+        self.text = bytes(payload).decode("latin-1")
+
+    def __reduce__(self):
+        return (bytearray, (self.text, "latin-1"))
+
+
+class _ViaLoadFromBytes:
+    """``torch.storage._load_from_bytes(b)`` is ``torch.load(BytesIO(b), weights_only=False)``: allowing it
+    hands the rest of the file to Python's normal unpickler."""
+
+    def __init__(self, marker):
+        import io
+
+        buf = io.BytesIO()
+        torch.save(_OpensMarker(marker), buf)
+        self.payload = buf.getvalue()
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (_Latin1Bytes(self.payload),))
+
+
+@pytest.mark.parametrize("zipfile_format", [True, False], ids=["zip", "legacy"])
+def test_load_from_bytes_bypass_is_refused(tmp_path, zipfile_format):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "encoder.pkl"
+    torch.save({"blocks.input.w": _ViaLoadFromBytes(marker)}, path, _use_new_zipfile_serialization=zipfile_format)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        dalle_state_dict_from_file(path)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        build_tokenizer("dalle", str(path))
+    assert not marker.exists()

@@ -690,18 +690,47 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
 
 
 def _torch_load(path: Path, map_location, trust_pickle: bool):
-    import pickle
+    """The package's one checkpoint reader; every failure as a ValueError naming the file (an unsafe
+    pickle's message names the opt-in, ``trust_pickle=True`` / ``--trust-pickle``)."""
+    from ..checkpoint import CheckpointError, load_checkpoint
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        if trust_pickle:
+        return load_checkpoint(path, map_location, trust_pickle=trust_pickle)
+    except CheckpointError as e:
+        if isinstance(e, ValueError):
             raise
-        raise ValueError(
-            f"{path} holds pickled Python objects besides tensors (e.g. training arguments), which "
-            "torch.load(weights_only=True) refuses. If you trust the file, load it with trust_pickle=True "
-            f"(CLI: --trust-pickle). ({str(e).splitlines()[0]})"
-        ) from None
+        raise ValueError(str(e)) from None
+
+
+def _load_safetensors(path: Path, map_location) -> StateDict:
+    """A ``.safetensors`` file; a truncated, corrupt or crafted one is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    device = str(map_location) if not isinstance(map_location, str) else map_location
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, RuntimeError, IndexError, OverflowError, ...
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {detail})") from None
+
+
+def _shards(folder: Path, index_file: Path) -> list[Path]:
+    """The shard files of an HF ``*.index.json``: relative paths inside ``folder`` only (a crafted index must
+    not make us read ``../outside.safetensors`` or an absolute path)."""
+    try:
+        index = json.loads(index_file.read_text())
+        names = sorted(set(index["weight_map"].values()))
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("shard names must be strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index_file} is not a valid shard index ({type(e).__name__}: {e})") from None
+    shards = []
+    for name in names:
+        parts = Path(name).parts
+        if not name or os.path.isabs(name) or ".." in parts:
+            raise ValueError(f"{index_file} names the shard {name!r}, outside {folder}: refusing to read it")
+        shards.append(folder / name)
+    return shards
 
 
 def load_state_dict(
@@ -711,9 +740,11 @@ def load_state_dict(
     HF model directory (``model.safetensors`` / ``pytorch_model.bin``, sharded or not).
 
     Official checkpoints keep the weights under ``"model"`` (also accepted: ``module``, ``state_dict``,
-    ``model_state``); a ``module.`` prefix (DDP) is stripped. Torch files are read with
-    ``weights_only=True`` unless ``trust_pickle=True`` (needed for files that pickle other objects, such
-    as official training checkpoints with their ``args``; only for files you trust).
+    ``model_state``); a ``module.`` prefix (DDP) is stripped. Torch files are read by
+    :func:`beit_fast.checkpoint.load_checkpoint` (checksums, ``weights_only=True``) unless
+    ``trust_pickle=True`` (needed for files that pickle other objects, such as official training
+    checkpoints with their ``args``; it can run code from the file: only for files you trust). Shards of
+    an index must lie inside its folder. A file that cannot be read is a ValueError naming it.
     """
     path = Path(path)
     if not path.exists():
@@ -724,17 +755,13 @@ def load_state_dict(
                 return load_state_dict(path / name, map_location, trust_pickle)
         for name in _HF_INDEX:
             if (path / name).is_file():
-                index = json.loads((path / name).read_text())
                 sd: StateDict = {}
-                for shard in sorted(set(index["weight_map"].values())):
-                    sd.update(load_state_dict(path / shard, map_location, trust_pickle))
+                for shard in _shards(path, path / name):
+                    sd.update(load_state_dict(shard, map_location, trust_pickle))
                 return sd
         raise FileNotFoundError(f"{path} is a directory without {' or '.join(_HF_FILES + _HF_INDEX)}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        device = str(map_location) if not isinstance(map_location, str) else map_location
-        return _unwrap(load_file(str(path), device=device), path)
+        return _unwrap(_load_safetensors(path, map_location), path)
     return _unwrap(_torch_load(path, map_location, trust_pickle), path)
 
 

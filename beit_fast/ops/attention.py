@@ -27,35 +27,59 @@ Backends
 ``"flex"``      ``torch.nn.attention.flex_attention`` with ``score + bias[h, q_idx, kv_idx]`` as the
                 score_mod, compiled once per process (``torch.compile(flex_attention)``); CUDA only
                 (FlexAttention's backward does not run on CPU) and head dims >= 16. The bias gradient
-                is accumulated with atomics (scatter-add): not bitwise deterministic.
+                is accumulated with atomics (scatter-add): not bitwise deterministic. On cards listed
+                in ``FLEX_KERNEL_OPTIONS`` (Hopper) it passes those tiles as ``kernel_options``: the
+                defaults of torch 2.11 overflow Hopper's shared memory (see ``flex_kernel_options``).
 ``"xformers"``  ``xformers.ops.memory_efficient_attention`` (inputs as ``[B, N, H, Dh]``, the bias as an
                 aligned ``[B, H, Nq, Nk]`` tensor); CUDA only, when xformers imports.
+``"triton"``    our fused kernel (``beit_fast/kernels/attention.py``, KERNELS.md section 3): flash-style
+                forward and backward, fp16/bf16/fp32 with fp32 accumulation, head dims <= 128, any bias
+                broadcastable to [B, H, Nq, Nk] read with its own strides, and with
+                ``attention_with_rel_pos_bias`` BEiT's table + index gathered inside the kernel. The bias
+                gradient is summed over the batch without a [B, H, N, N] tensor and without atomics
+                (bitwise repeatable; under ``torch.use_deterministic_algorithms(True)`` with fixed launch
+                configurations instead of the autotuner's choice).
+                CUDA; on CPU only under Triton's interpreter (TRITON_INTERPRET=1, the test suite).
+                Registered as ``torch.library`` custom ops (``beit_fast::attention_forward`` /
+                ``_backward``), so ``torch.compile(fullgraph=True)`` traces through it.
 ``"auto"``      The first backend of ``AUTO_PRIORITY[device type]`` that supports the inputs.
 
 An unknown name raises ValueError; a known backend that cannot run on the given tensors raises
 RuntimeError saying why.
+
+``attention_with_rel_pos_bias(q, k, v, table, index, scale=None, backend="auto")`` is the same op with the
+bias given as BEiT's relative position bias table ``[T, H]`` and index ``int[Nq, Nk]``
+(bias[h, i, j] = table[index[i, j], h]): the "triton" backend gathers it inside the kernel and returns the
+table's gradient directly; every other backend gathers it with ``gather_relative_position_bias`` and calls
+``attention_with_bias``.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._util import autocast_off
+from ..model import gather_relative_position_bias
+from ._util import autocast_off, is_compiling
+from .backend import triton_available, triton_interpreting
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "AUTO_PRIORITY",
+    "FLEX_KERNEL_OPTIONS",
     "AUTO_PRIORITY_MEASUREMENTS",
     "attention_with_bias",
+    "attention_with_rel_pos_bias",
     "attention_reference",
     "available_attention_backends",
+    "flex_kernel_options",
     "resolve_attention_backend",
 ]
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("math", "sdpa", "flex", "xformers")
+ATTENTION_BACKENDS: tuple[str, ...] = ("math", "sdpa", "flex", "xformers", "triton")
 _VALID_NAMES: tuple[str, ...] = ("auto",) + ATTENTION_BACKENDS
 
 # The order in which backend="auto" tries the backends, per device type (other device types: "math").
@@ -63,9 +87,11 @@ _VALID_NAMES: tuple[str, ...] = ("auto",) + ATTENTION_BACKENDS
 # backward incl. the bias gradient; benchmarks/results/LATEST.md): SDPA's efficient kernel beats the
 # math path; xformers was not installed there (kept second: it is the same cutlass kernel); FlexAttention
 # failed to compile with torch 2.11's default tiles ("out of resource: shared memory, Required 245760,
-# limit 232448"), so it comes after math and is only used when asked for by name.
+# limit 232448"), so it comes after math and is only used when asked for by name. "triton" (our kernel)
+# has not been measured on a GPU yet: it sits after sdpa and xformers until benchmarks/bench_attention.py
+# says otherwise (move it first only with those numbers recorded below).
 AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa", "xformers", "math", "flex"),
+    "cuda": ("sdpa", "xformers", "triton", "math", "flex"),
     "cpu": ("sdpa", "math"),
 }
 AUTO_PRIORITY_MEASUREMENTS: dict[str, object] = {
@@ -83,7 +109,8 @@ BIAS_ALIGNMENT = 8
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # efficient / xformers / flex
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # efficient / xformers / flex / triton
+_MAX_TRITON_HEAD_DIM = 128  # = beit_fast.kernels.attention.MAX_HEAD_DIM (not imported: Triton is optional)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +213,21 @@ def _unavailable_reason(name: str, q: torch.Tensor, v: torch.Tensor) -> str | No
         if q.dtype not in _KERNEL_DTYPES:
             return f"xformers' memory-efficient attention supports float16/bfloat16/float32, got {q.dtype}"
         return None
+    if name == "triton":
+        if dev == "cuda":
+            if not triton_available():
+                return "Triton (or the beit_fast kernels) cannot be imported"
+        elif not (dev == "cpu" and triton_interpreting()):
+            return (
+                f"the 'triton' backend needs CUDA tensors (got {dev}); on CPU it runs only under Triton's "
+                "interpreter (TRITON_INTERPRET=1 set before importing beit_fast)"
+            )
+        if q.dtype not in _KERNEL_DTYPES:
+            return f"the 'triton' backend supports float16/bfloat16/float32, got {q.dtype}"
+        if max(q.shape[-1], v.shape[-1]) > _MAX_TRITON_HEAD_DIM:
+            return (f"the 'triton' backend supports head dims up to {_MAX_TRITON_HEAD_DIM}, "
+                    f"got Dqk={q.shape[-1]}, Dv={v.shape[-1]}")
+        return None
     raise AssertionError(name)  # pragma: no cover - names are validated before
 
 
@@ -194,7 +236,8 @@ def available_attention_backends(device) -> list[str]:
 
     Device-level only: a backend listed here may still reject a particular dtype or head dim (e.g.
     float64 on the CUDA kernels); ``resolve_attention_backend`` checks that. For a CUDA device on a
-    machine without CUDA the list is empty.
+    machine without CUDA the list is empty. "triton" is listed for CUDA only (on CPU it runs under
+    Triton's interpreter, a testing tool, when asked for by name).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -203,6 +246,8 @@ def available_attention_backends(device) -> list[str]:
         names = ["math", "sdpa", "flex"]
         if _xformers_ops()[0] is not None:
             names.append("xformers")
+        if triton_available():
+            names.append("triton")
         return names
     return ["math", "sdpa"]
 
@@ -288,6 +333,33 @@ def _sdpa_attention(q, k, v, bias, scale):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+# FlexAttention tiles per CUDA compute capability (``kernel_options``; prefixes fwd_/bwd_ select the pass).
+# Hopper (sm_90): torch 2.11's default tiles for head dim 64 (bwd 64x128x128x64, 3 stages, 8 warps) need
+# 245,760 bytes of shared memory, over the 232,448 (227 KiB) a block may have, and failed to compile on the
+# H200 (2026-11-27). These are smaller: the forward tile torch uses on A100 for head dim 64, and the
+# backward tile it uses on sm_100 for head dims <= 64, 2-3x under the limit (K/V tiles of 64 rows and
+# Q/dO tiles of 32 rows, 3 pipeline stages). benchmarks/gpu_report.py (stage attention_flex) measures
+# them against a ladder of smaller tiles; commit what it reports here. Other capabilities: torch's
+# defaults (None).
+_FLEX_HOPPER_TILES: dict[str, int] = {
+    "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+    "bwd_num_stages": 3, "bwd_num_warps": 4,
+}
+FLEX_KERNEL_OPTIONS: dict[tuple[int, int], dict[str, int]] = {(9, 0): _FLEX_HOPPER_TILES}
+
+
+def flex_kernel_options(q: torch.Tensor) -> dict[str, int] | None:
+    """The ``kernel_options`` the "flex" backend passes for queries ``q`` (None: torch's defaults).
+
+    Only CUDA tensors with head dim <= 64 on a card listed in ``FLEX_KERNEL_OPTIONS`` get explicit tiles
+    (BEiT's head dim is 64; larger head dims keep torch's heuristics)."""
+    if q.device.type != "cuda" or q.shape[-1] > 64:
+        return None
+    opts = FLEX_KERNEL_OPTIONS.get(tuple(torch.cuda.get_device_capability(q.device)))
+    return dict(opts) if opts else None
+
+
 _FLEX_COMPILED: Callable | None = None
 
 
@@ -333,7 +405,10 @@ def _flex_attention(q, k, v, bias, scale, *, compiled: bool = True):
     else:
         fn = flex_attention  # inside an outer torch.compile region flex_attention is captured directly
     score_mod = None if bias is None else _bias_score_mod(bias)
-    return fn(q, k, v, score_mod=score_mod, scale=scale)
+    options = flex_kernel_options(q)
+    if options is None:
+        return fn(q, k, v, score_mod=score_mod, scale=scale)
+    return fn(q, k, v, score_mod=score_mod, scale=scale, kernel_options=options)
 
 
 def _xformers_attention(q, k, v, bias, scale):
@@ -347,11 +422,133 @@ def _xformers_attention(q, k, v, bias, scale):
     return out.transpose(1, 2)
 
 
+# --------------------------------------------------------------------------------------------------
+# The Triton backend: two custom ops (forward, backward) around beit_fast/kernels/attention.py
+# --------------------------------------------------------------------------------------------------
+def _table_plan(table: Tensor, index: Tensor):
+    """(table^T [H, T] fp32 contiguous, compact index, compact index^T, position list) for the kernels."""
+    from beit_fast.kernels.attention import index_plan
+
+    compact, compact_t, positions = index_plan(index, table.shape[0])
+    return table.t().to(torch.float32).contiguous(), compact, compact_t, positions
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("beit_fast::attention_forward", mutates_args=())
+def _triton_forward_op(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], table: Optional[Tensor], index: Optional[Tensor],
+    scale: float, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """(out [B, H, Nq, Dv] stored [B, Nq, H, Dv]-major, lse [B, H, Nq] fp32): the bias is ``bias``
+    (broadcastable to [B, H, Nq, Nk]), or ``table[index]`` (table [T, H], index [Nq, Nk]), or none."""
+    from beit_fast.kernels import attention as kernels
+
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    table_t = compact = None
+    if table is not None:
+        table_t, compact, _, _ = _table_plan(table, index)
+    with autocast_off(q.device):
+        return kernels.attention_forward(q, k, v, None if bias is None else _as_4d(bias), table_t, compact,
+                                         scale, deterministic)
+
+
+@_triton_forward_op.register_fake
+def _(q, k, v, bias, table, index, scale, deterministic):
+    from beit_fast.kernels.attention import out_strides
+
+    b, h, nq, _ = q.shape
+    dv = v.shape[-1]
+    out = q.new_empty_strided((b, h, nq, dv), out_strides(b, h, nq, dv))
+    return out, q.new_empty((b, h, nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("beit_fast::attention_backward", mutates_args=())
+def _triton_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
+    table: Optional[Tensor], index: Optional[Tensor], scale: float, bias_grad: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dbias): dbias is the table's gradient [T, H] (table given), the dense bias's gradient in
+    its shape and dtype (bias given), or an empty tensor (no bias, or ``bias_grad`` False)."""
+    from beit_fast.kernels import attention as kernels
+
+    dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
+    table_t = compact = compact_t = positions = bias4 = None
+    if table is not None:
+        table_t, compact, compact_t, positions = _table_plan(table, index)
+    if bias is not None:
+        bias4 = _as_4d(bias)
+    with autocast_off(q.device):
+        dq, dk, dv, db = kernels.attention_backward(
+            dout, q, k, v, out, lse, bias4, table_t, compact, compact_t, positions, scale, bias_grad,
+            bias_batched=bias4 is not None and bias4.shape[0] > 1, deterministic=deterministic,
+        )
+        if db is None:
+            db = q.new_empty((0,))
+        elif table is not None:
+            db = db.to(table.dtype)
+        else:  # per-group partial sums [G, H, Nq, Nk] -> the bias's own (broadcast) shape
+            if bias4.shape[0] == 1:
+                db = db.sum(0, keepdim=True)
+            db = db.sum_to_size(bias4.shape).reshape(bias.shape).to(bias.dtype).contiguous()
+    return dq, dk, dv, db
+
+
+@_triton_backward_op.register_fake
+def _(dout, q, k, v, out, lse, bias, table, index, scale, bias_grad, deterministic):
+    if bias_grad and table is not None:
+        db = table.new_empty(table.shape)
+    elif bias_grad and bias is not None:
+        db = bias.new_empty(bias.shape)
+    else:
+        db = q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+def _triton_setup_context(ctx, inputs, output):
+    q, k, v, bias, table, index, scale, deterministic = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.deterministic = deterministic
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, bias, table, index)
+
+
+def _triton_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, bias, table, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    bias_grad = (bias is not None and need[3]) or (table is not None and need[4])
+    dq, dk, dv, db = torch.ops.beit_fast.attention_backward(
+        dout, q, k, v, out, lse, bias, table, index, ctx.scale, bias_grad, ctx.deterministic
+    )
+    return (
+        dq if need[0] else None,
+        dk if need[1] else None,
+        dv if need[2] else None,
+        db if bias is not None and need[3] else None,
+        db if table is not None and need[4] else None,
+        None, None, None,
+    )
+
+
+_triton_forward_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _triton_attention(q, k, v, bias, scale, table=None, index=None):
+    out, _ = torch.ops.beit_fast.attention_forward(
+        q, k, v, bias, table, index, float(scale), torch.are_deterministic_algorithms_enabled()
+    )
+    return out
+
+
 _IMPLS: dict[str, Callable] = {
     "math": _math_attention,
     "sdpa": _sdpa_attention,
     "flex": _flex_attention,
     "xformers": _xformers_attention,
+    "triton": _triton_attention,
 }
 
 
@@ -370,7 +567,7 @@ def attention_with_bias(
 
     q ``[B, H, Nq, Dh]``, k ``[B, H, Nk, Dh]``, v ``[B, H, Nk, Dv]`` (one floating dtype); bias
     broadcastable to ``[B, H, Nq, Nk]`` (BEiT: ``[H, N, N]``) or None; scale defaults to ``Dh ** -0.5``;
-    backend one of "auto", "math", "sdpa", "flex", "xformers".
+    backend one of "auto", "math", "sdpa", "flex", "xformers", "triton".
     """
     _check_inputs(q, k, v, bias)
     name = resolve_attention_backend(backend, q, v)
@@ -378,6 +575,68 @@ def attention_with_bias(
         scale = q.shape[-1] ** -0.5
     with autocast_off(q.device):
         return _IMPLS[name](q, k, v, bias, scale)
+
+
+def _check_table_index(q: Tensor, k: Tensor, table, index) -> None:
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    if table.dim() != 2 or table.shape[1] != h:
+        raise ValueError(
+            f"table must be [T, H] with H = {h} heads (q {tuple(q.shape)}), got shape {tuple(table.shape)}"
+        )
+    if not table.is_floating_point():
+        raise TypeError(f"table must be a floating-point tensor, got dtype {table.dtype}")
+    if index.dtype not in (torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"index must be an int16/int32/int64 tensor, got dtype {index.dtype}")
+    if tuple(index.shape) != (nq, nk):
+        raise ValueError(f"index must be [Nq, Nk] = [{nq}, {nk}] to match q and k, got shape {tuple(index.shape)}")
+    devices = {t.device for t in (q, table, index)}
+    if len(devices) > 1:
+        raise ValueError(f"q, table and index must be on one device, got {sorted(map(str, devices))}")
+    if index.device.type == "cpu" and index.numel() and not is_compiling():  # no device sync on CPU
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= table.shape[0]:
+            raise ValueError(
+                f"index values must be in [0, {table.shape[0]}) (the table has {table.shape[0]} rows); "
+                f"found values in [{lo}, {hi}]"
+            )
+
+
+def attention_with_rel_pos_bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    index: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``softmax(q @ k^T * scale + bias) @ v`` with BEiT's relative position bias
+    ``bias[h, i, j] = table[index[i, j], h]`` -> ``[B, H, Nq, Dv]``.
+
+    q, k, v as for ``attention_with_bias``; table ``[T, H]`` floating (e.g. the fp32
+    ``relative_position_bias_table``; for the official "own + shared" sum pass ``own + shared``, the
+    gradient reaches both through autograd); index ``int16/int32/int64 [Nq, Nk]`` with values in [0, T)
+    (``relative_position_index``). Gradients flow to q, k, v and the table.
+
+    "triton" gathers the bias inside its kernels (no [H, Nq, Nk] tensor, the table gradient formed
+    without atomics); every other backend gathers it with ``gather_relative_position_bias`` and calls
+    ``attention_with_bias``. Index values are checked on CPU (ValueError); on CUDA the "triton" path checks
+    each new index tensor once (one synchronisation), the others index the table as PyTorch does.
+    """
+    _check_inputs(q, k, v, None)
+    _check_table_index(q, k, table, index)
+    name = resolve_attention_backend(backend, q, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if name == "triton":
+        with autocast_off(q.device):
+            return _triton_attention(q, k, v, None, scale, table, index)
+    bias = gather_relative_position_bias(table, index if index.dtype == torch.int64 else index.long())
+    return attention_with_bias(q, k, v, bias, scale, backend=name)
 
 
 def attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:

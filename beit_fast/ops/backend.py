@@ -84,6 +84,7 @@ def _triton_status() -> tuple[bool, bool]:
         try:
             import triton  # noqa: F401
 
+            import beit_fast.kernels.attention  # noqa: F401
             import beit_fast.kernels.masked_linear_ce as _ce
             import beit_fast.kernels.patch_embed_mask  # noqa: F401
             from beit_fast.kernels._common import is_interpreted

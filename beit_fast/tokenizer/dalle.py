@@ -22,21 +22,29 @@ Facts taken from the original source:
   after groups 1-3; output ReLU + 1x1 conv to ``vocab_size``. Tokens are the argmax of those logits.
 
 Loading the released ``encoder.pkl`` (a whole ``dall_e.encoder.Encoder`` object saved with
-``torch.save``) does not need the ``dall_e`` package (nor ``attrs``): :func:`load_dalle_encoder` uses a
-*restricted* unpickler that maps ``dall_e.encoder.Encoder``, ``dall_e.encoder.EncoderBlock`` and
-``dall_e.utils.Conv2d`` to stand-in classes defined here, allows only the torch / collections globals a
-pickled module needs, and refuses everything else. Because the file is a pickled *object*, ``torch.load``
-has to run with ``weights_only=False`` for it (explicitly, only for this legacy file): the allow-list
-above is what keeps that from executing arbitrary globals. A plain state dict (``.pt``/``.pth``) of the
-same layout is loaded with ``weights_only=True``.
+``torch.save``) does not need the ``dall_e`` package (nor ``attrs``), and never reaches Python's normal
+unpickler. Only an allow-list of exactly what the file holds is accepted: stand-in classes defined here for
+``dall_e.encoder.Encoder`` / ``EncoderBlock`` and ``dall_e.utils.Conv2d`` (and, so that a decoder file is
+named in the error, the decoder's classes), the ``torch.nn`` modules they contain (``Sequential``,
+``ReLU``, ``MaxPool2d``, ``Identity``, ``Upsample``), tensors and plain containers. Anything else - e.g.
+``torch.storage._load_from_bytes``, which would hand the rest of the file to a normal unpickler - is
+refused.
+
+* A zip-format file (``torch.save`` since torch 1.6) is read by the package's one safe reader,
+  :func:`beit_fast.checkpoint.load_checkpoint` (``torch.load(weights_only=True)``), with that allow-list.
+* The released ``encoder.pkl`` is in torch's older (legacy) format, in which pickled modules reference
+  their classes through a kind of record that ``weights_only`` cannot read. :func:`_read_legacy_file` reads
+  that format itself with :class:`_RestrictedUnpickler` (``find_class`` admits the allow-list only; tensors
+  are rebuilt by the functions here, without torch's rebuild functions or backward hooks), and fills the
+  tensors from the raw storage records that follow the pickle.
+
+The weights are then read off the unpickled objects' ``_parameters`` / ``_modules`` dicts (no method of
+an unpickled object is called). A plain state dict (``.pt``/``.pth``) of the same layout loads the same way.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
-import types
-import warnings
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -44,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import CheckpointError, UnsafeCheckpointError, is_zip_format, load_checkpoint
 from .base import VisualTokenizer
 
 __all__ = ["DalleEncoder", "DalleTokenizer", "load_dalle_encoder", "dalle_state_dict_from_file"]
@@ -228,85 +237,198 @@ class _PickledEncoder(_PickledDalleModule):
         return self.blocks(x.float())
 
 
-_DALLE_STANDINS: dict[tuple[str, str], type] = {
-    ("dall_e.encoder", "Encoder"): _PickledEncoder,
-    ("dall_e.encoder", "EncoderBlock"): _PickledEncoderBlock,
-    ("dall_e.utils", "Conv2d"): _PickledConv2d,
+class _PickledDecoder(_PickledDalleModule):
+    _dall_e_name = "dall_e.decoder.Decoder"
+
+
+class _PickledDecoderBlock(_PickledDalleModule):
+    _dall_e_name = "dall_e.decoder.DecoderBlock"
+
+
+#: The safe loader's allow-list for ``encoder.pkl``: (class, name in the file). The decoder's classes are
+#: there only so that a decoder.pkl passed by mistake is named in the error instead of "unsupported global".
+_DALLE_ALLOWED: list[tuple[type, str]] = [
+    (_PickledEncoder, "dall_e.encoder.Encoder"),
+    (_PickledEncoderBlock, "dall_e.encoder.EncoderBlock"),
+    (_PickledConv2d, "dall_e.utils.Conv2d"),
+    (_PickledDecoder, "dall_e.decoder.Decoder"),
+    (_PickledDecoderBlock, "dall_e.decoder.DecoderBlock"),
+] + [(cls, f"{cls.__module__}.{cls.__qualname__}")
+     for cls in (nn.Sequential, nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Upsample)]
+
+
+# --- the legacy (pre-zip) torch file format, read with a restricted unpickler --------------------------
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
-_other_standins: dict[tuple[str, str], type] = {}
 
 
-def _standin_for(module: str, name: str) -> type:
-    """Stand-in for any ``dall_e.*`` class. Classes other than the encoder's (e.g. the Decoder) get an
-    inert stand-in so that the layout check can say what the file actually holds."""
-    key = (module, name)
-    if key in _DALLE_STANDINS:
-        return _DALLE_STANDINS[key]
-    if key not in _other_standins:
-        _other_standins[key] = type(f"_Pickled_{name}", (_PickledDalleModule,), {"_dall_e_name": f"{module}.{name}"})
-    return _other_standins[key]
+class _StorageType:
+    """What a storage class name in the file resolves to: only its dtype (never called)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
 
 
-_TORCH_TOP_ALLOWED = {
-    "device", "Size", "Tensor", "dtype", "layout", "memory_format",
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "strided", "contiguous_format", "channels_last", "preserve_format",
-}
-_BUILTINS_ALLOWED = {"set", "frozenset", "dict", "list", "tuple", "object", "slice", "complex", "bytearray"}
+def _rebuild_tensor(storage: Tensor, storage_offset: int, size, stride, *_ignored) -> Tensor:
+    """``torch._utils._rebuild_tensor(_v2)`` for our flat storages: a view (filled after the pickle);
+    ``requires_grad``, backward hooks and metadata are ignored."""
+    if not isinstance(storage, Tensor) or storage.dim() != 1:
+        raise pickle.UnpicklingError("a tensor record does not refer to a storage")
+    size, stride = tuple(int(v) for v in size), tuple(int(v) for v in stride)
+    needed = int(storage_offset) + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if all(size) else 0
+    if storage_offset < 0 or any(st < 0 for st in stride) or needed > storage.numel():
+        raise pickle.UnpicklingError("a tensor record reaches past its storage")
+    return storage.as_strided(size, stride, storage.storage_offset() + int(storage_offset))
 
 
-class _RestrictedDalleUnpickler(pickle.Unpickler):
-    """Unpickler for the legacy ``encoder.pkl``: ``dall_e.*`` -> stand-ins; only the globals that a
-    ``torch.save``'d module needs (torch tensor/parameter rebuilders, torch.nn module classes,
-    ``collections.OrderedDict``, ``torch.device`` ...) are allowed, anything else is refused."""
+def _rebuild_parameter(data: Tensor, *_ignored) -> Tensor:
+    """``torch._utils._rebuild_parameter``: a frozen Parameter, backward hooks ignored."""
+    if not isinstance(data, Tensor):
+        raise pickle.UnpicklingError("a parameter record does not hold a tensor")
+    return nn.Parameter(data, requires_grad=False)
+
+
+def _legacy_allowed() -> dict[str, Any]:
+    allowed: dict[str, Any] = {name: cls for cls, name in _DALLE_ALLOWED}
+    allowed.update({
+        "collections.OrderedDict": OrderedDict, "builtins.set": set, "__builtin__.set": set,
+        "torch.device": torch.device, "torch.Size": torch.Size,
+        "torch._utils._rebuild_tensor": _rebuild_tensor, "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+        "torch._utils._rebuild_parameter": _rebuild_parameter,
+    })
+    allowed.update({f"torch.{name}": _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()})
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Python's unpickler restricted to :func:`_legacy_allowed`: ``find_class`` refuses every other global,
+    and the persistent records (module classes, storages) are resolved here. Storages are allocated empty,
+    within ``max_bytes`` in all (the file size: a record cannot make us allocate more than the file holds)."""
+
+    def __init__(self, file, max_bytes: int) -> None:
+        super().__init__(file)
+        self.allowed = _legacy_allowed()
+        self.storages: dict[str, Tensor] = {}
+        self.budget = max_bytes
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "dall_e" or module.startswith("dall_e."):
-            return _standin_for(module, name)
-        if module in ("builtins", "__builtin__") and name in _BUILTINS_ALLOWED:
-            return super().find_class("builtins", name)
-        if module == "collections" and name in ("OrderedDict", "defaultdict"):
-            return super().find_class(module, name)
-        if module == "copyreg" and name == "_reconstructor":
-            return super().find_class(module, name)
-        if module == "torch._utils" and name.startswith("_rebuild"):
-            return super().find_class(module, name)
-        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return super().find_class(module, name)
-        if module == "torch.nn.parameter" and name in ("Parameter", "UninitializedParameter", "Buffer"):
-            return super().find_class(module, name)
-        if module == "torch.storage" and name in ("_load_from_bytes", "UntypedStorage", "TypedStorage"):
-            return super().find_class(module, name)
-        if module == "torch" and (name in _TORCH_TOP_ALLOWED or name.endswith("Storage")):
-            return super().find_class(module, name)
-        if module.startswith("torch.nn.modules."):
-            obj = getattr(importlib.import_module(module), name, None)
-            if isinstance(obj, type) and issubclass(obj, nn.Module):
-                return obj
+        key = f"{module}.{name}"
+        if key in self.allowed:
+            return self.allowed[key]
+        raise pickle.UnpicklingError(f"refusing to unpickle global '{key}': it is not part of a pickled DALL-E "
+                                     "encoder")
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind = pid[0].decode("ascii") if isinstance(pid, tuple) and pid and isinstance(pid[0], bytes) else \
+            (pid[0] if isinstance(pid, tuple) and pid else None)
+        if kind == "module" and len(pid) >= 2 and pid[1] in [cls for cls, _ in _DALLE_ALLOWED]:
+            return pid[1]
+        if kind == "storage" and len(pid) == 6 and isinstance(pid[1], _StorageType):
+            _, storage_type, key, _location, numel, view = pid
+            if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+                raise pickle.UnpicklingError(f"malformed storage record {pid!r:.200}")
+            if key not in self.storages:
+                nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
+                if nbytes > self.budget:
+                    raise pickle.UnpicklingError("storage records claim more bytes than the file holds")
+                self.budget -= nbytes
+                self.storages[key] = torch.zeros(numel, dtype=storage_type.dtype)
+            flat = self.storages[key]
+            if view is None:
+                return flat
+            _view_key, offset, size = view
+            return flat[int(offset): int(offset) + int(size)]
+        raise pickle.UnpicklingError(f"refusing the persistent record {pid!r:.200}")
+
+
+class _NoGlobals(pickle.Unpickler):
+    """For the plain values around the main pickle (magic number, protocol, system info, storage keys)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to unpickle global '{module}.{name}'")
+
+
+def _read_legacy_file(path: str) -> Any:
+    """Read a legacy-format torch file (magic number, protocol, system info, the pickle, the storage keys,
+    then each storage's raw bytes) with :class:`_RestrictedUnpickler`."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if _NoGlobals(f).load() != _LEGACY_MAGIC or _NoGlobals(f).load() != _LEGACY_PROTOCOL:
+            raise ValueError(f"{path} is not a torch file (bad magic number or protocol)")
+        sys_info = _NoGlobals(f).load()
+        if not isinstance(sys_info, dict) or not sys_info.get("little_endian", False):
+            raise ValueError(f"{path}: only little-endian torch files are supported")
+        unpickler = _RestrictedUnpickler(f, max_bytes=size)
+        obj = unpickler.load()
+        keys = _NoGlobals(f).load()
+        if not isinstance(keys, list) or sorted(keys) != sorted(unpickler.storages):
+            raise ValueError(f"{path} is corrupt: its storage list does not match its tensors")
+        for key in keys:
+            flat = unpickler.storages[key]
+            numel = int.from_bytes(f.read(8), "little")
+            data = f.read(numel * flat.element_size())
+            if numel != flat.numel() or len(data) != numel * flat.element_size():
+                raise ValueError(f"{path} is truncated or corrupt (storage {key!r})")
+            if numel:
+                flat.copy_(torch.frombuffer(bytearray(data), dtype=flat.dtype))
+    return obj
+
+
+def _read_dalle_file(path: str) -> Any:
+    """The objects of ``path`` (zip format: the safe reader; legacy format: :func:`_read_legacy_file`)."""
+    try:
+        if is_zip_format(path):
+            return load_checkpoint(path, "cpu", allow=_DALLE_ALLOWED)
+        return _read_legacy_file(path)
+    except UnsafeCheckpointError as e:
+        detail = str(e).split("refuses (", 1)[-1].split("): unpickling", 1)[0]
         raise pickle.UnpicklingError(
-            f"refusing to unpickle global '{module}.{name}': it is not part of a pickled DALL-E encoder "
-            "(only dall_e.*, torch.nn modules, torch tensor rebuilders and basic containers are allowed)"
-        )
+            f"refusing to load {path}: it holds objects that are not part of a pickled DALL-E encoder ({detail}); "
+            "only the dall_e encoder classes, the torch.nn modules it uses, tensors and plain containers are "
+            "allowed") from None
+    except pickle.UnpicklingError as e:
+        if "refusing" in str(e):
+            raise pickle.UnpicklingError(f"refusing to load {path}: {e}") from None
+        raise ValueError(f"{path} cannot be loaded (not a torch file, or corrupt: {e})") from None
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    except (EOFError, OverflowError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path} cannot be loaded (not a torch file, or corrupt: {type(e).__name__}: {e})") from None
 
 
-def _restricted_load(file, **kwargs):
-    return _RestrictedDalleUnpickler(file, **kwargs).load()
-
-
-#: A ``pickle_module`` for ``torch.load`` (it needs ``Unpickler`` and ``load``).
-_dalle_pickle_module = types.ModuleType("beit_fast_dalle_pickle")
-_dalle_pickle_module.Unpickler = _RestrictedDalleUnpickler  # type: ignore[attr-defined]
-_dalle_pickle_module.load = _restricted_load  # type: ignore[attr-defined]
-_dalle_pickle_module.__version__ = "1"  # type: ignore[attr-defined]
+def _module_tensors(module: nn.Module, prefix: str = "") -> "OrderedDict[str, Tensor]":
+    """The parameters and buffers of an unpickled module tree, read off its ``_parameters`` /
+    ``_buffers`` / ``_modules`` dicts (no method of the unpickled objects is called: no hooks run)."""
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    state = vars(module)
+    for attr in ("_parameters", "_buffers"):
+        entries = state.get(attr) or {}
+        if not isinstance(entries, Mapping):
+            raise ValueError(f"malformed pickled module ({attr} is a {type(entries).__name__})")
+        for name, t in entries.items():
+            if isinstance(t, Tensor):
+                out[prefix + str(name)] = t.detach()
+    children = state.get("_modules") or {}
+    if not isinstance(children, Mapping):
+        raise ValueError(f"malformed pickled module (_modules is a {type(children).__name__})")
+    for name, child in children.items():
+        if isinstance(child, nn.Module):
+            out.update(_module_tensors(child, f"{prefix}{name}."))
+    return out
 
 
 def _unwrap_state_dict(obj: Any, path: str) -> "OrderedDict[str, Tensor]":
     if isinstance(obj, _PickledEncoder):
-        return obj.state_dict()
+        return _module_tensors(obj)
     if isinstance(obj, _PickledDalleModule):
         raise ValueError(f"{path} holds a pickled {obj._dall_e_name}, not the DALL-E encoder (dall_e.encoder.Encoder)")
     if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+        obj = _module_tensors(obj)
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model", "encoder"):
             if wrapper in obj and isinstance(obj[wrapper], Mapping) and "blocks.input.w" not in obj:
@@ -331,15 +453,7 @@ def dalle_state_dict_from_file(path: str | os.PathLike) -> "OrderedDict[str, Ten
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DALL-E encoder weights not found: {path!r} (expected OpenAI's encoder.pkl "
                                 "or a state dict file with the same keys)")
-    try:  # a plain state dict: the safe loader suffices
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A whole pickled dall_e.encoder.Encoder (the released encoder.pkl). weights_only=False is needed
-        # for this explicitly requested legacy format; the restricted unpickler allow-lists its globals.
-        with warnings.catch_warnings():  # legacy-format files compare class sources: ours differ by design
-            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_dalle_pickle_module)
-    return _unwrap_state_dict(obj, path)
+    return _unwrap_state_dict(_read_dalle_file(path), path)
 
 
 def load_dalle_encoder(path: str | os.PathLike, device: str | torch.device | None = None,

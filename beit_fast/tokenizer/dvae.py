@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_save
+from ..checkpoint import CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint
 from ..options import DVAE_RECOMMENDED_LR
 from .base import LOGIT_LAPLACE_EPS, VisualTokenizer
 
@@ -304,15 +303,18 @@ class DiscreteVAE(VisualTokenizer):
 
 
 def load_dvae_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a dVAE checkpoint (``weights_only=True``); clear errors for a missing file or wrong layout."""
+    """Read a dVAE checkpoint (:func:`beit_fast.checkpoint.load_checkpoint`: checksums, ``weights_only=True``);
+    clear errors for a missing file, a corrupt one or a wrong layout."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dVAE checkpoint not found: {path!r}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+        ckpt = load_checkpoint(path, map_location)
+    except UnsafeCheckpointError as e:
         raise ValueError(f"{path} is not a beit_fast dVAE checkpoint (it holds pickled objects beyond tensors "
-                         f"and plain containers; a DALL-E encoder.pkl? use kind='dalle'): {str(e)[:200]}") from e
+                         f"and plain containers; a DALL-E encoder.pkl? use kind='dalle'): {str(e)[:300]}") from None
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
     if not isinstance(ckpt, Mapping) or "config" not in ckpt or "model" not in ckpt:
         keys = list(ckpt.keys())[:6] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ValueError(f"{path} is not a beit_fast dVAE checkpoint (expected keys 'config' and 'model', found {keys})")

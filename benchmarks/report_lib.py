@@ -1,0 +1,460 @@
+"""The machinery of ``gpu_report.py``: stages in their own processes, rows as JSON lines, tables, ratios.
+
+Plain Python (no torch): the CPU tests exercise all of it. A stage is a command that appends result rows,
+one JSON object per line, to the file named by ``{rows}`` in its command (see :class:`RowWriter`); a row
+written before the stage crashed or was killed at its time limit is kept. The report is rebuilt from all
+rows after every stage (:func:`write_report`), so a machine taken back mid-run still leaves results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------------
+# rows
+# --------------------------------------------------------------------------------------------------
+
+
+class RowWriter:
+    """Appends rows to a JSON-lines file, flushed and fsynced one by one (a killed stage keeps them)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path else None
+        self.rows: list[dict] = []
+
+    def emit(self, table: str, **fields) -> dict:
+        row = {"table": table, **fields}
+        self.rows.append(row)
+        print("ROW " + json.dumps(row, default=str), flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return row
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines file; a line cut short by a kill is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def spread(samples: list[float]) -> dict:
+    """Median, min, max, interquartile range and count of ``samples`` (one value per repeat)."""
+    xs = sorted(float(x) for x in samples)
+    if not xs:
+        return {"median": None, "min": None, "max": None, "iqr": None, "n": 0}
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0], xs[0], xs[0]]
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "iqr": q[2] - q[0], "n": len(xs)}
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One process of the report. ``cmd`` may hold ``{rows}`` (its rows file) and ``{results}`` (the
+    results folder). ``limit_s``: killed after this long (cut to what is left of the budget); ``expect_s``:
+    the planned time (the budget in gpu_report's docstring); ``min_s``: skipped when less is left."""
+
+    name: str
+    cmd: list[str]
+    limit_s: float
+    expect_s: float
+    what: str
+    min_s: float = 20.0
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # ok | failed | timed out | skipped
+    rc: int | None
+    seconds: float
+    limit_s: float
+    rows: int
+    note: str = ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_stage(stage: Stage, rows_path: Path, deadline: float, cwd: Path, env: dict, log) -> StageResult:
+    """Run ``stage`` in its own process group, killed at its limit or at ``deadline`` (time.time());
+    its output goes to ``log`` (an open text file) and the tail of it to stdout."""
+    left = deadline - time.time()
+    if left < stage.min_s:
+        note = f"skipped: {left:.0f} s of the budget left, the stage needs at least {stage.min_s:.0f} s"
+        print(f"[{stage.name}] {note}", flush=True)
+        return StageResult(stage.name, "skipped", None, 0.0, 0.0, 0, note)
+    limit = min(stage.limit_s, left)
+    cmd = [c.replace("{rows}", str(rows_path)).replace("{results}", str(rows_path.parent)) for c in stage.cmd]
+    print(f"[{stage.name}] {stage.what} (limit {limit:.0f} s, planned {stage.expect_s:.0f} s)", flush=True)
+    log.write(f"\n===== {stage.name}: {stage.what}\n$ {' '.join(cmd)}\n")
+    log.flush()
+    t0 = time.time()
+    # own session: a kill also ends the stage's children (inductor's compile workers)
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, **stage.env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=limit)
+        rc = proc.returncode
+        status = "ok" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        rc, status = 124, "timed out"
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    secs = time.time() - t0
+    out = out or ""
+    log.write(out + f"\n[{stage.name}] {status} rc={rc} after {secs:.1f} s\n")
+    log.flush()
+    tail = [ln for ln in out.splitlines() if not ln.startswith("ROW ")]
+    note = ""
+    if status != "ok":
+        errs = [ln.strip() for ln in tail if "Error" in ln or "error:" in ln]
+        note = (errs[-1] if errs else (tail[-1].strip() if tail else ""))[:300]
+        if status == "timed out":
+            note = f"killed at its limit of {limit:.0f} s" + (f"; last line: {note}" if note else "")
+    print("\n".join(tail[-25:]), flush=True)
+    n_rows = len(read_rows(rows_path))
+    print(f"[{stage.name}] {status} in {secs:.0f} s, {n_rows} rows", flush=True)
+    return StageResult(stage.name, status, rc, round(secs, 1), round(limit, 1), n_rows, note)
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        if abs(v) >= 1e-3 or v == 0:
+            return f"{v:.{digits}f}" if abs(v) >= 1 else f"{v:.3f}"
+        return f"{v:.1e}"
+    return str(v).replace("|", "/").replace("\n", " ")
+
+
+def _range(r: dict, lo: str = "ms_min", hi: str = "ms_max") -> str:
+    return f"{_fmt(r.get(lo))}-{_fmt(r.get(hi))}" if r.get(lo) is not None else ""
+
+
+# Columns per table: (header, function of the row).
+TABLES: dict[str, dict] = {
+    "step": {
+        "title": "Whole pretraining step, one optimizer update (same model size, batch, mask and data in every row)",
+        "cols": [
+            ("row", lambda r: r.get("name")), ("what it runs", lambda r: r.get("runs")),
+            ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
+            ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
+            ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
+            ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
+            ("note", lambda r: r.get("error") or r.get("note", "")),
+        ],
+    },
+    "attention": {
+        "title": "Attention with the relative position bias, forward + backward incl. the bias gradient",
+        "cols": [
+            ("shape", lambda r: r.get("shape")), ("candidate", lambda r: r.get("candidate")),
+            ("ms fwd+bwd (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
+            ("ms fwd", lambda r: _fmt(r.get("fwd_ms"), 3)),
+            ("TFLOP/s", lambda r: _fmt(r.get("tflops"), 1)),
+            ("max rel. error vs fp32", lambda r: _fmt(r.get("max_rel_err"))),
+            ("within tolerance", lambda r: _fmt(r.get("ok"))),
+            ("note", lambda r: r.get("error") or r.get("skip") or r.get("note", "")),
+        ],
+    },
+    "profile": {
+        "title": "Where the compiled fast step's GPU time goes (torch.profiler, kernels classified by name and caller)",
+        "cols": [
+            ("component", lambda r: r.get("component")), ("ms/step", lambda r: _fmt(r.get("ms_per_step"), 2)),
+            ("% of step", lambda r: _fmt(r.get("percent"), 1)), ("kernels/step", lambda r: _fmt(r.get("kernels_per_step"), 0)),
+            ("largest kernel", lambda r: (r.get("top_kernel") or "")[:90]),
+        ],
+    },
+    "profile_top": {
+        "title": "Top kernels of the compiled fast step",
+        "cols": [
+            ("kernel", lambda r: (r.get("kernel") or "")[:110]), ("component", lambda r: r.get("component")),
+            ("ms/step", lambda r: _fmt(r.get("ms_per_step"), 3)), ("calls/step", lambda r: _fmt(r.get("calls_per_step"), 0)),
+        ],
+    },
+    "ce_chunk": {
+        "title": "Fused linear + cross-entropy: chunk size swept (MAX_CHUNK_BYTES of kernels/masked_linear_ce.py)",
+        "cols": [
+            ("chunk MiB", lambda r: _fmt(r.get("chunk_mib"), 0)), ("rows/chunk", lambda r: _fmt(r.get("rows"), 0)),
+            ("ms fwd+bwd (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
+            ("peak MiB", lambda r: _fmt(r.get("peak_mib"), 0)), ("loss", lambda r: _fmt(r.get("loss"), 5)),
+            ("note", lambda r: r.get("error") or r.get("skip") or r.get("note", "")),
+        ],
+    },
+    "patch_embed": {
+        "title": "Patch embedding + mask token, forward + backward",
+        "cols": [
+            ("variant", lambda r: r.get("variant")), ("what it runs", lambda r: r.get("runs")),
+            ("ms (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
+            ("peak MiB", lambda r: _fmt(r.get("peak_mib"), 0)),
+            ("rel. error vs fp32 Conv2d", lambda r: _fmt(r.get("rel_err_vs_fp32"))),
+            ("note", lambda r: r.get("error") or r.get("skip") or r.get("note", "")),
+        ],
+    },
+    "fp8_parity": {
+        "title": "Loss curves, bf16 vs FP8 (same init, same batches, same schedule)",
+        "cols": [
+            ("step", lambda r: r.get("step")), ("loss bf16", lambda r: _fmt(r.get("bf16"), 4)),
+            ("loss fp8", lambda r: _fmt(r.get("fp8"), 4)), ("difference", lambda r: _fmt(r.get("diff"), 4)),
+        ],
+    },
+    "env": {
+        "title": "Environment",
+        "cols": [("what", lambda r: r.get("key")), ("value", lambda r: r.get("value"))],
+    },
+}
+
+
+def markdown_table(table: str, rows: list[dict]) -> list[str]:
+    spec = TABLES.get(table)
+    if spec is None:  # an unknown table: every key
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "table"]
+        spec = {"title": table, "cols": [(k, (lambda r, k=k: _fmt(r.get(k)))) for k in keys]}
+    cols = spec["cols"]
+    out = [f"**{spec['title']}**", "", "| " + " | ".join(h for h, _ in cols) + " |",
+           "| " + " | ".join("---" for _ in cols) + " |"]
+    for r in rows:
+        cells = []
+        for _, f in cols:
+            v = f(r)
+            cells.append(v.replace("|", "/").replace("\n", " ") if isinstance(v, str) else _fmt(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+# --------------------------------------------------------------------------------------------------
+# what the numbers say
+# --------------------------------------------------------------------------------------------------
+
+HEADLINE = "beit_fast"  # the step row the ratios are about
+EAGER_REFERENCE = "reference_eager"
+COMPILED_PEERS = ("hf_compiled", "timm_compiled")
+TARGETS = {"images_per_s": 4500.0, "vs_eager_reference": 2.5, "vs_best_compiled_peer": 1.3,
+           "attention_ms_b256_n197": 1.0, "hf_patched_vs_hf": 1.3}
+
+
+def _ok_steps(rows: list[dict]) -> dict[str, dict]:
+    return {r["name"]: r for r in rows if r.get("table") == "step" and r.get("ms")}
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return (a.get("ms_min") is not None and b.get("ms_min") is not None
+            and a["ms_min"] <= b["ms_max"] and b["ms_min"] <= a["ms_max"])
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Speed ratios between step rows of this run (``a`` over ``b`` = b's ms / a's ms), with a flag when
+    the two rows' min-max ranges overlap (then the order is not established by this run)."""
+    steps = _ok_steps(rows)
+    pairs = [(HEADLINE, EAGER_REFERENCE), (HEADLINE, "reference_compiled"), (HEADLINE, "hf_eager"),
+             (HEADLINE, "hf_compiled"), (HEADLINE, "timm_compiled"), ("hf_patched", "hf_eager"),
+             ("hf_patched_compiled", "hf_compiled"), ("reference_compiled", EAGER_REFERENCE),
+             ("hf_compiled", "hf_eager"), ("beit_fast_sync_free", HEADLINE), ("beit_fast_cudagraphs", HEADLINE),
+             ("beit_fast_autotune", HEADLINE), ("beit_fast_fp8", HEADLINE)]
+    out = []
+    for a, b in pairs:
+        if a in steps and b in steps:
+            out.append({"a": a, "b": b, "speedup": steps[b]["ms"] / steps[a]["ms"],
+                        "ranges_overlap": _overlap(steps[a], steps[b])})
+    return out
+
+
+def best_compiled_peer(rows: list[dict]) -> dict | None:
+    steps = _ok_steps(rows)
+    peers = [steps[n] for n in COMPILED_PEERS if n in steps]
+    return min(peers, key=lambda r: r["ms"]) if peers else None
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The few numbers that matter, each from this run, against the targets of issue 11."""
+    steps = _ok_steps(rows)
+    lines = []
+    fast = steps.get(HEADLINE)
+    if fast:
+        s = (f"beit_fast step: {fast['ms']:.1f} ms [{_range(fast)}], {fast.get('images_per_s', 0):,.0f} images/s"
+             f" (target {TARGETS['images_per_s']:,.0f})")
+        if fast.get("mfu_percent") is not None:
+            s += f", {fast['mfu_percent']:.1f}% of the bf16 peak"
+        lines.append(s)
+        ref = steps.get(EAGER_REFERENCE)
+        if ref:
+            lines.append(f"vs eager reference: {ref['ms'] / fast['ms']:.2f}x (target {TARGETS['vs_eager_reference']}x)"
+                         + (" [ranges overlap]" if _overlap(ref, fast) else ""))
+        peer = best_compiled_peer(rows)
+        if peer:
+            lines.append(f"vs best compiled peer ({peer['name']}): {peer['ms'] / fast['ms']:.2f}x "
+                         f"(target {TARGETS['vs_best_compiled_peer']}x)" + (" [ranges overlap]" if _overlap(peer, fast) else ""))
+    hp, he = steps.get("hf_patched"), steps.get("hf_eager")
+    if hp and he:
+        lines.append(f"HF patched vs HF (eager, SDPA): {he['ms'] / hp['ms']:.2f}x (target {TARGETS['hf_patched_vs_hf']}x)")
+    att = [r for r in rows if r.get("table") == "attention" and r.get("ms") and r.get("ok") is not False
+           and str(r.get("shape", "")).startswith("B256") and "N197" in str(r.get("shape", ""))]
+    if att:
+        best = min(att, key=lambda r: r["ms"])
+        lines.append(f"attention B256 N197 fwd+bwd: best {best['candidate']} {best['ms']:.3f} ms "
+                     f"(target <= {TARGETS['attention_ms_b256_n197']} ms)")
+    for r in ratios(rows):
+        if r["a"].startswith("beit_fast_"):
+            lines.append(f"option {r['a']}: {r['speedup']:.3f}x the default step"
+                         + (" [ranges overlap: not a measured difference]" if r["ranges_overlap"] else ""))
+    fp8 = [r for r in rows if r.get("table") == "fp8_summary"]
+    if fp8:
+        r = fp8[-1]
+        lines.append(f"fp8 loss curve: mean |fp8 - bf16| over the last {r.get('last_n')} steps "
+                     f"{_fmt(r.get('mean_abs_diff_last'), 4)} (final bf16 {_fmt(r.get('final_bf16'), 3)}, "
+                     f"fp8 {_fmt(r.get('final_fp8'), 3)})")
+    return lines
+
+
+def derived_rows(rows: list[dict], every: int = 10, last_n: int = 50) -> list[dict]:
+    """Rows computed from other rows of the run: the bf16 vs FP8 loss curves side by side."""
+    curves = {r.get("variant"): r for r in rows if r.get("table") == "loss_curve"}
+    if "bf16" not in curves or "fp8" not in curves:
+        return []
+    a, b = curves["bf16"]["losses"], curves["fp8"]["losses"]
+    n = min(len(a), len(b))
+    out = [{"table": "fp8_parity", "step": i, "bf16": a[i], "fp8": b[i], "diff": b[i] - a[i]}
+           for i in range(n) if i % every == 0 or i == n - 1]
+    tail = range(max(0, n - last_n), n)
+    if n:
+        out.append({"table": "fp8_summary", "steps": n, "last_n": len(tail), "final_bf16": a[n - 1],
+                    "final_fp8": b[n - 1], "mean_abs_diff_last": sum(abs(b[i] - a[i]) for i in tail) / len(tail),
+                    "mean_rel_diff_last": sum(abs(b[i] - a[i]) / abs(a[i]) for i in tail) / len(tail)})
+    return out
+
+
+def attention_backends(rows: list[dict]) -> tuple[str, ...]:
+    """beit_fast's attention backends as the env stage found them (empty when it did not run)."""
+    for r in rows:
+        if r.get("table") == "attention_backends":
+            return tuple(r.get("backends", ()))
+    return ()
+
+
+# backends of beit_fast.ops.attention_with_bias that auto may pick (benchmark-only candidates excluded)
+def propose_auto_priority(rows: list[dict], backends: tuple[str, ...], shape_prefix: str = "B256") -> dict:
+    """An ``AUTO_PRIORITY["cuda"]`` order from this run's attention rows: the candidates that are real
+    backends, ran and stayed within tolerance, fastest first at the primary shape (then the other shapes'
+    mean rank as a tie-break), followed by the backends that did not run or failed, "math" before those
+    that failed. Returns ``{"order": (...), "measurements": {shape: {candidate: ms or reason}}}``."""
+    att = [r for r in rows if r.get("table") == "attention"]
+    measurements: dict[str, dict] = {}
+    for r in att:
+        if r.get("ms") is not None:
+            val = round(r["ms"], 3) if r.get("ok") is not False else f"{r['ms']:.3f} ms, outside tolerance"
+        else:
+            val = (r.get("error") or r.get("skip") or "no result")[:120]
+        measurements.setdefault(r.get("shape", "?"), {})[r.get("candidate")] = val
+    good = {}
+    for r in att:
+        if r.get("ms") is not None and r.get("ok") is not False and r.get("candidate") in backends:
+            good.setdefault(r["candidate"], {})[r.get("shape")] = r["ms"]
+    primary = [s for s in measurements if str(s).startswith(shape_prefix)]
+
+    def key(name: str):
+        times = good[name]
+        prim = [times[s] for s in primary if s in times]
+        return (0 if prim else 1, prim[0] if prim else float("inf"), sum(times.values()) / len(times))
+
+    order = sorted(good, key=key)
+    failed = [b for b in backends if b not in order and any(
+        r.get("candidate") == b and (r.get("error") or r.get("ok") is False) for r in att)]
+    rest = [b for b in backends if b not in order and b not in failed]
+    if "math" in failed:  # math is the always-works fallback
+        failed.remove("math")
+        rest.insert(0, "math")
+    return {"order": tuple(order + rest + failed), "measurements": measurements}
+
+
+def write_report(out_dir: Path, stem: str, meta: dict, stages: list[StageResult], rows: list[dict],
+                 plan: list[Stage], backends: tuple[str, ...] = ()) -> str:
+    """Write ``<stem>.md`` and ``<stem>.json`` (and LATEST.md) into ``out_dir``; returns the markdown."""
+    rows = [r for r in rows if r.get("table") not in ("fp8_parity", "fp8_summary")] + derived_rows(rows)
+    backends = backends or attention_backends(rows)
+    lines = [f"### GPU report: {meta.get('card', '?')} ({meta.get('date', '?')})", ""]
+    lines.append("; ".join(f"{k}: {' '.join(str(v).split())}" for k, v in meta.items() if k not in ("card", "date")))
+    lines.append("")
+    summ = summary_lines(rows)
+    if summ:
+        lines += ["**Summary (every ratio from this run)**", ""] + [f"- {s}" for s in summ] + [""]
+    proposal = propose_auto_priority(rows, backends) if backends else None
+    if proposal and any(r.get("table") == "attention" for r in rows):
+        lines += ["**Proposed `AUTO_PRIORITY[\"cuda\"]`** (from the attention rows below; commit it with the "
+                  "measurements to beit_fast/ops/attention.py)", "", "```python",
+                  f"AUTO_PRIORITY[\"cuda\"] = {proposal['order']!r}",
+                  f"AUTO_PRIORITY_MEASUREMENTS[\"ms_fwd_bwd\"] = {json.dumps(proposal['measurements'])}", "```", ""]
+    lines += ["**Stages** (each its own process, killed at its limit)", "",
+              "| stage | what | status | seconds | limit | planned | rows | note |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    planned = {s.name: s for s in plan}
+    done = {s.stage for s in stages}
+    for s in stages:
+        p = planned.get(s.stage)
+        lines.append(f"| {s.stage} | {p.what if p else ''} | {s.status} | {s.seconds} | {s.limit_s} | "
+                     f"{p.expect_s if p else ''} | {s.rows} | {s.note.replace('|', '/')} |")
+    for p in plan:
+        if p.name not in done:
+            lines.append(f"| {p.name} | {p.what} | not run yet | | {p.limit_s} | {p.expect_s} | | |")
+    lines.append("")
+    order = [t for t in TABLES if t != "env"] + ["env"]
+    hidden = {"loss_curve", "attention_backends"}  # in the json only
+    seen = [t for t in dict.fromkeys(r.get("table") for r in rows) if t not in hidden]
+    for table in order + [t for t in seen if t not in order]:
+        trs = [r for r in rows if r.get("table") == table]
+        if table == "step":
+            trs = sorted(trs, key=lambda r: (r.get("ms") is None, r.get("ms") or 0))
+        if table == "attention":
+            trs = sorted(trs, key=lambda r: (str(r.get("shape")), r.get("ms") is None, r.get("ms") or 0))
+        if trs:
+            lines += markdown_table(table, trs)
+    md = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, "summary": summ, "ratios": ratios(rows), "auto_priority": proposal,
+         "stages": [asdict(s) for s in stages], "plan": [asdict(p) for p in plan], "rows": rows},
+        indent=1, default=str))
+    return md

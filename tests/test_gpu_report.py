@@ -1,0 +1,336 @@
+"""The GPU report's machinery on CPU: stage runner (a stage that times out keeps its rows), tables and
+json, ratios, the proposed attention order, the profile classifier, the attention candidates' skip paths,
+and the benchmark summary lines of ``pytest benchmarks/ --benchmark-only`` (labels, never timings)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import report_lib as R  # noqa: E402
+from profile_step import classify, component_rows, kernel_records, profile_steps  # noqa: E402
+
+PY = sys.executable
+
+
+def _emit_cmd(rows: int, then: str = "") -> list[str]:
+    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); from report_lib import RowWriter; "
+            f"w = RowWriter(sys.argv[1]); [w.emit('step', name=f'v{{i}}', ms=10.0 + i, ms_min=9.0 + i, "
+            f"ms_max=11.0 + i) for i in range({rows})]; {then}")
+    return [PY, "-c", code, "{rows}"]
+
+
+# --------------------------------------------------------------------------------------------------
+# runner
+# --------------------------------------------------------------------------------------------------
+def test_stage_that_times_out_is_killed_and_keeps_its_rows(tmp_path):
+    stage = R.Stage("sleepy", _emit_cmd(2, "import time; time.sleep(60)"), limit_s=3, expect_s=1, what="x", min_s=1)
+    t0 = time.time()
+    with open(tmp_path / "log", "w") as log:
+        res = R.run_stage(stage, tmp_path / "sleepy.jsonl", time.time() + 100, tmp_path, {}, log)
+    assert time.time() - t0 < 30
+    assert res.status == "timed out" and res.rc == 124 and "killed at its limit" in res.note
+    assert res.rows == 2 and [r["name"] for r in R.read_rows(tmp_path / "sleepy.jsonl")] == ["v0", "v1"]
+
+
+def test_failing_stage_and_budget(tmp_path):
+    log = open(tmp_path / "log", "w")
+    bad = R.Stage("bad", _emit_cmd(1, "raise ValueError('boom here')"), 30, 1, "x", min_s=1)
+    res = R.run_stage(bad, tmp_path / "bad.jsonl", time.time() + 100, tmp_path, {}, log)
+    assert res.status == "failed" and res.rc == 1 and "ValueError: boom here" in res.note and res.rows == 1
+    late = R.Stage("late", _emit_cmd(1), 30, 1, "x", min_s=20)
+    res = R.run_stage(late, tmp_path / "late.jsonl", time.time() + 5, tmp_path, {}, log)
+    assert res.status == "skipped" and "left" in res.note and not (tmp_path / "late.jsonl").exists()
+    # the limit is cut to what is left of the budget
+    res = R.run_stage(R.Stage("cut", _emit_cmd(0, "import time; time.sleep(60)"), 600, 1, "x", min_s=1),
+                      tmp_path / "cut.jsonl", time.time() + 3, tmp_path, {}, log)
+    assert res.status == "timed out" and res.limit_s <= 3
+
+
+def test_read_rows_skips_a_line_cut_short(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"table": "step", "name": "a"}\n{"table": "step", "na')
+    assert R.read_rows(f) == [{"table": "step", "name": "a"}]
+    assert R.read_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_spread():
+    s = R.spread([3.0, 1.0, 2.0, 10.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["n"] == 4 and s["iqr"] > 0
+    assert R.spread([5.0])["iqr"] == 0.0 and R.spread([])["n"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+def _rows() -> list[dict]:
+    step = lambda name, ms, lo, hi, **kw: {"table": "step", "name": name, "runs": f"runs {name}", "ms": ms,  # noqa
+                                           "ms_min": lo, "ms_max": hi, "images_per_s": 256 / ms * 1e3, **kw}
+    att = lambda cand, ms, ok=True, **kw: {"table": "attention", "shape": "B256 H12 N197 Dh64", "candidate": cand,  # noqa
+                                           "ms": ms, "ms_min": ms, "ms_max": ms, "ok": ok, **kw}
+    return [
+        step("beit_fast", 60.0, 59.0, 61.0, mfu_percent=45.0), step("reference_eager", 180.0, 178.0, 182.0),
+        step("hf_compiled", 100.0, 98.0, 101.0), step("timm_compiled", 90.0, 89.0, 92.0),
+        step("hf_eager", 145.0, 144.0, 146.0), step("hf_patched", 100.0, 99.0, 101.0),
+        step("beit_fast_sync_free", 59.5, 58.5, 60.5), {"table": "step", "name": "hf_patched_compiled", "error": "Boom"},
+        att("math", 3.6), att("sdpa", 2.8), att("triton", 0.9), att("cudnn", 0.7),
+        att("flex", None, ok=None, error="InductorError: out of resource"), att("bad", 0.1, ok=False),
+        {"table": "attention", "shape": "B256 H12 N197 Dh64", "candidate": "xformers", "skip": "not installed"},
+        {"table": "attention", "shape": "B64 H12 N577 Dh64", "candidate": "sdpa", "ms": 1.5, "ok": True},
+        {"table": "attention_backends", "backends": ["math", "sdpa", "flex", "xformers", "triton"]},
+        {"table": "profile", "component": "gemm", "ms_per_step": 30.0, "percent": 50.0, "kernels_per_step": 100,
+         "top_kernel": "nvjet_tst_128x256"},
+        {"table": "loss_curve", "variant": "bf16", "losses": [9.0, 8.0, 7.0]},
+        {"table": "loss_curve", "variant": "fp8", "losses": [9.0, 8.1, 7.05]},
+        {"table": "env", "key": "torch", "value": "2.11.0"},
+    ]
+
+
+def test_ratios_summary_and_overlap():
+    rows = _rows()
+    rat = {(r["a"], r["b"]): r for r in R.ratios(rows)}
+    assert rat[("beit_fast", "reference_eager")]["speedup"] == pytest.approx(3.0)
+    assert not rat[("beit_fast", "reference_eager")]["ranges_overlap"]
+    assert rat[("beit_fast_sync_free", "beit_fast")]["ranges_overlap"]
+    assert R.best_compiled_peer(rows)["name"] == "timm_compiled"
+    text = "\n".join(R.summary_lines(rows))
+    assert "vs eager reference: 3.00x" in text and "vs best compiled peer (timm_compiled): 1.50x" in text
+    assert "HF patched vs HF (eager, SDPA): 1.45x" in text
+    assert "best cudnn 0.700 ms" in text  # cudnn is the fastest candidate within tolerance ("bad" is not)
+    assert "beit_fast_sync_free" in text and "ranges overlap" in text
+    assert "fp8 loss curve" in "\n".join(R.summary_lines(rows + R.derived_rows(rows)))
+
+
+def test_proposed_auto_priority_keeps_only_backends_and_ranks_failures_last():
+    rows = _rows()
+    prop = R.propose_auto_priority(rows, R.attention_backends(rows))
+    assert prop["order"] == ("triton", "sdpa", "math", "xformers", "flex")  # cudnn: not a backend
+    m = prop["measurements"]["B256 H12 N197 Dh64"]
+    assert m["triton"] == 0.9 and "out of resource" in m["flex"] and "outside tolerance" in m["bad"]
+
+
+def test_write_report_md_and_json(tmp_path):
+    rows = _rows()
+    stages = [R.StageResult("fast", "ok", 0, 50.0, 150.0, 3), R.StageResult("slow", "timed out", 124, 90.0, 90.0, 1,
+                                                                             "killed at its limit of 90 s")]
+    plan = [R.Stage("fast", ["x"], 150, 60, "the headline"), R.Stage("slow", ["x"], 90, 30, "slow one"),
+            R.Stage("later", ["x"], 60, 20, "not reached")]
+    md = R.write_report(tmp_path, "stem", {"card": "Fake GPU", "date": "2026-12-01", "torch": "2.11"}, stages,
+                        rows, plan)
+    assert (tmp_path / "stem.md").read_text().strip() == md.strip()
+    for text in ("### GPU report: Fake GPU", "Summary (every ratio from this run)", "AUTO_PRIORITY[\"cuda\"] = ",
+                 "| slow | slow one | timed out |", "| later | not reached | not run yet |",
+                 "Whole pretraining step", "| beit_fast | runs beit_fast | 60.00 | 59.00-61.00 |", "Boom",
+                 "Where the compiled fast step's GPU time goes", "Loss curves, bf16 vs FP8", "Environment"):
+        assert text in md, text
+    data = json.loads((tmp_path / "stem.json").read_text())
+    assert data["auto_priority"]["order"][0] == "triton"
+    assert {s["stage"] for s in data["stages"]} == {"fast", "slow"}
+    assert any(r["table"] == "fp8_summary" for r in data["rows"])
+
+
+def test_gpu_report_main_runs_stages_and_writes_after_each(tmp_path, monkeypatch):
+    """The orchestrator end to end with fake stages: one writes rows, one times out, one is skipped for
+    lack of budget; the report files exist and say so."""
+    import gpu_report
+
+    fake = [R.Stage("env", _emit_cmd(1), 30, 1, "first", min_s=1),
+            R.Stage("hang", _emit_cmd(1, "import time; time.sleep(60)"), 4, 1, "hangs", min_s=1),
+            R.Stage("never", _emit_cmd(1), 30, 1, "needs more budget", min_s=500)]
+    monkeypatch.setattr(gpu_report, "build_plan", lambda args: ([], fake))
+    monkeypatch.setattr(gpu_report, "WHEEL_DIR", tmp_path / "no-wheels")
+    monkeypatch.setattr(gpu_report, "source_shim", lambda env: "this tree")
+    out = tmp_path / "out"
+    rc = gpu_report.main(["--cpu-smoke", "--budget", "60", "--results-dir", str(tmp_path / "res"), "--out", str(out)])
+    assert rc == 0
+    md = (out / "LATEST.md").read_text()
+    assert "| env | first | ok |" in md and "| hang | hangs | timed out |" in md and "| never | needs more budget | skipped |" in md
+    data = json.loads(next(out.glob("*-cpu-smoke.json")).read_text())
+    assert len([r for r in data["rows"] if r["table"] == "step"]) == 2
+
+
+def test_default_plan_order_and_only():
+    import argparse
+
+    import gpu_report
+
+    args = argparse.Namespace(batch=None, repeats=5, curve_steps=120, warm_limit=170, only="", skip="", no_warm=False)
+    warm, plan = gpu_report.build_plan(args)
+    names = [s.name for s in plan]
+    assert names[:3] == ["env", "fast", "eager"] and names[-1] == "autotune"
+    assert {"attention", "timm", "hf_compiled", "ref_compiled", "kernels", "fp8", "cudagraphs", "attention_flex"} <= set(names)
+    assert sum(s.expect_s for s in plan if s.name not in ("gpu_tests", "hf_patched_compiled", "autotune")) \
+        + 10 + args.warm_limit <= 600
+    warmed = ",".join(s.cmd[s.cmd.index("--variants") + 1] for s in warm)
+    assert "beit_fast_fp8" in warmed and "timm_compiled" in warmed and "autotune" not in warmed
+    args.only, args.no_warm = "cudagraphs", False
+    warm, plan = gpu_report.build_plan(args)
+    assert [s.name for s in plan] == ["env", "fast", "cudagraphs"] and warm == []
+    assert "--extras" not in plan[1].cmd  # the baseline row alone
+    args.only = "nonsense"
+    with pytest.raises(SystemExit, match="unknown stage"):
+        gpu_report.build_plan(args)
+
+
+# --------------------------------------------------------------------------------------------------
+# profile classifier
+# --------------------------------------------------------------------------------------------------
+# kernel names as cuBLAS/cuDNN/CUTLASS/inductor/our kernels name them on Hopper (torch 2.11, CUDA 13)
+RECORDED = [
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", (), "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__"
+     "5x_cublas", (), "gemm"),
+    ("triton_tem_fused_addmm_gelu_3", (), "gemm"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>::Params)",
+     (), "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", ("aten::_efficient_attention_backward",), "attention"),
+    ("triton_tem_fused_flex_attention_0", (), "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", (), "attention"),
+    ("triton_poi_fused__to_copy_add_constant_pad_nd_expand_5", ("aten::_scaled_dot_product_efficient_attention",),
+     "attention"),
+    ("triton_per_fused__to_copy_add_mul_native_layer_norm_12", (), "norm/elementwise"),
+    ("triton_red_fused__to_copy_gelu_gelu_backward_sum_17", (), "norm/elementwise"),
+    ("_ce_rows_kernel", ("beit_fast::masked_linear_cross_entropy",), "loss"),
+    ("nvjet_tst_128x128_64x6_1x2_h_bz_TNN", ("beit_fast::masked_linear_cross_entropy", "CompiledFunction"), "loss"),
+    ("_pe_fwd_kernel", ("beit_fast::patch_embed_mask",), "embedding"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", (), "embedding"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<1>, at::native::(anonymous namespace)::LpNormFunctor<float, 2, float, float>>", (), "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+     ("Optimizer.step#AdamW.step",), "optimizer"),
+    ("Memcpy DtoH (Device -> Pinned)", ("aten::item", "aten::_local_scalar_dense"), "memcpy/memset"),
+    ("Memset (Device)", ("Optimizer.step#AdamW.step",), "memcpy/memset"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", (), "norm/elementwise"),
+    ("some_unknown_kernel", (), "other"),
+]
+
+
+@pytest.mark.parametrize("name,callers,component", RECORDED)
+def test_classify_recorded_kernel_names(name, callers, component):
+    assert classify(name, callers) == component
+
+
+def test_component_rows_from_records_add_up_and_show_idle():
+    records = [(n, 1000.0, c) for n, c, _ in RECORDED] * 2  # 2 steps
+    comp, top = component_rows(records, steps=2, step_ms=30.0)
+    by = {r["component"]: r for r in comp}
+    assert by["gemm"]["ms_per_step"] == pytest.approx(3.0) and by["attention"]["ms_per_step"] == pytest.approx(5.0)
+    busy = sum(r["ms_per_step"] for r in comp if not r["component"].startswith("idle"))
+    assert busy == pytest.approx(len(RECORDED))
+    assert by[next(k for k in by if k.startswith("idle"))]["ms_per_step"] == pytest.approx(30.0 - busy)
+    assert sum(r["percent"] for r in comp) == pytest.approx(100.0)
+    assert top[0]["calls_per_step"] == 1.0
+
+
+def test_profile_of_a_tiny_cpu_step_is_classified(one_thread):
+    """torch.profiler on a real (eager, CPU) BEiT step: the operators land in the expected components."""
+    from beit_fast.engine import MIMLoss
+    from beit_fast.model import build_model, get_config
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", vocab_size=64, img_size=32, patch_size=8, depth=1)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :5] = True
+    tokens = torch.randint(0, 64, (2, 16))
+
+    def step(i):
+        opt.zero_grad()
+        loss, _ = MIMLoss(model)(images, mask, tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+
+    prof = profile_steps(step, steps=2)
+    comp, top = component_rows(kernel_records(prof.events()), steps=2)
+    found = {r["component"] for r in comp}
+    assert {"gemm", "attention", "loss", "embedding", "norm/elementwise", "optimizer"} <= found, found
+    assert all(r["ms_per_step"] >= 0 for r in comp) and top
+
+
+# --------------------------------------------------------------------------------------------------
+# attention candidates on CPU: the skip paths say why
+# --------------------------------------------------------------------------------------------------
+def test_attention_candidates_skip_paths_on_cpu():
+    from attention_candidates import FLEX_LADDER, candidates
+
+    from beit_fast.ops.attention import ATTENTION_BACKENDS
+
+    q = torch.randn(1, 2, 5, 16)
+    cands = {c.name: c for c in candidates(["math", "sdpa", "triton", "cudnn", "xformers", "flex"]
+                                           + [f"flex_tiles:{t}" for t in FLEX_LADDER])}
+    assert cands["math"].unavailable(q) is None and cands["sdpa"].unavailable(q) is None
+    assert "CUDA" in cands["cudnn"].unavailable(q)
+    assert "CUDA" in cands["xformers"].unavailable(q) and "CUDA" in cands["flex"].unavailable(q)
+    assert all("CUDA" in cands[f"flex_tiles:{t}"].unavailable(q) for t in FLEX_LADDER)
+    if "triton" not in ATTENTION_BACKENDS:
+        assert "no 'triton' backend" in cands["triton"].unavailable(q)
+    out = cands["math"].fn(q, q, q, torch.zeros(2, 5, 5), 0.25)
+    assert out.shape == q.shape
+
+
+def test_flex_ladder_tiles_are_valid():
+    from attention_candidates import FLEX_LADDER
+
+    for opts in FLEX_LADDER.values():
+        assert opts["bwd_BLOCK_N1"] % opts["bwd_BLOCK_M1"] == 0 and opts["bwd_BLOCK_M2"] % opts["bwd_BLOCK_N2"] == 0
+        assert all(128 % opts[k] == 0 for k in opts if "BLOCK" in k)
+
+
+# --------------------------------------------------------------------------------------------------
+# pytest benchmarks/ --benchmark-only: rows named by what they run, a summary line per group
+# --------------------------------------------------------------------------------------------------
+def test_benchmark_summary_lines_label_interpreted_rows_and_overlap():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", BENCH / "conftest.py")
+    bench_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conftest)
+    rows = [
+        {"group": "g", "name": "test_x[tiny-reference_fp32]", "median": 1.0, "min": 0.9, "max": 1.1, "extra_info": {}},
+        {"group": "g", "name": "test_x[tiny-beit_fast_triton_INTERPRETED]", "median": 100.0, "min": 90.0, "max": 110.0,
+         "extra_info": {"interpreter": True}},
+        {"group": "g", "name": "test_x[tiny-eager_fp32]", "median": 1.05, "min": 0.95, "max": 1.2, "extra_info": {}},
+    ]
+    (line,) = bench_conftest.summary_lines(rows)
+    assert line.startswith("summary g: tiny-reference_fp32 1000 ms [900-1100]; tiny-eager_fp32 1050 ms")
+    assert "beit_fast_triton_INTERPRETED" in line and "times of interpreted rows mean nothing" in line
+    assert "0.95x tiny-reference_fp32 (ranges overlap: order not established)" in line
+    assert "lowp" not in line
+
+
+def test_cpu_benchmark_rows_are_named_by_what_they_run():
+    """On CPU: no "eager_lowp" in fp32 groups, interpreted Triton rows named as such (and skipped unless
+    asked for), the step rows named by what they run."""
+    import bench_kernels
+    import bench_train_step
+
+    ce_ids = [p.id for p in bench_kernels._ce_params()]
+    assert not any("lowp" in i for i in ce_ids)
+    assert "cpu_small-eager_fp32" in ce_ids and "beit_b-eager_bf16" in ce_ids
+    if not torch.cuda.is_available():
+        assert "tiny-beit_fast_triton_INTERPRETED" in ce_ids and not bench_kernels.RUN_INTERPRETED
+    (mark,) = [m for m in bench_train_step.test_train_step.pytestmark if m.name == "parametrize"]
+    assert mark.kwargs["ids"] == ["reference_eager", "beit_fast_compiled", "beit_fast_compiled_ckpt_all"]
+
+
+def test_benchmark_run_prints_the_summary_line():
+    r = subprocess.run([PY, "-m", "pytest", str(BENCH / "bench_attention.py"), "--benchmark-only", "-q",
+                        "-p", "no:cacheprovider", "-k", "cpu"], capture_output=True, text=True,
+                       cwd=BENCH.parent, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "benchmark summary" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("summary attention fwd+bwd cpu B=8"))
+    assert "cpu-B8-N197-float32-math-dense" in line and "cpu-B8-N197-float32-sdpa-table" in line
+    assert "x cpu-B8-N197-float32-math-dense" in line
+    assert "triton" not in r.stdout.split("benchmark summary")[1] or "INTERPRETED" in r.stdout  # never unlabelled
