@@ -314,17 +314,17 @@ def test_bad_options_are_refused():
 # --------------------------------------------------------------------------------------------------
 # HF's contract, point by point (found by running transformers' own BEiT model tests on patched models)
 # --------------------------------------------------------------------------------------------------
-def _all_task_models(**kw):
-    """One instance of every supported HF BEiT class (4 layers so the segmentation head's out_indices fit)."""
+TASK_CLASSES = {cls.__name__: cls for cls in (BeitModel, BeitForMaskedImageModeling, BeitForImageClassification,
+                                               BeitForSemanticSegmentation, BeitBackbone)}
+
+
+def _task_model(name: str, **kw):
+    """A perturbed instance of HF BEiT class ``name`` (4 layers so the segmentation head's out_indices fit)."""
     cfg = dict(num_hidden_layers=4, num_labels=3, use_mask_token=True, use_relative_position_bias=True,
                out_indices=[1, 2, 3, 4])
     cfg.update(kw)
-    models = {}
-    for cls in (BeitModel, BeitForMaskedImageModeling, BeitForImageClassification, BeitForSemanticSegmentation,
-                BeitBackbone):
-        torch.manual_seed(0)
-        models[cls.__name__] = perturb_(cls(hf_config(**cfg))).eval()
-    return models
+    torch.manual_seed(0)
+    return perturb_(TASK_CLASSES[name](hf_config(**cfg))).eval()
 
 
 def _count_fused_attention_calls(monkeypatch) -> list:
@@ -337,7 +337,8 @@ def _count_fused_attention_calls(monkeypatch) -> list:
 def test_signatures_are_hfs():
     """HF (and its test suite) reads forward's parameters and the **kwargs annotation (e.g. to decide
     whether a model can return attentions): every replaced method shows the replaced method's signature."""
-    for name, ref in _all_task_models().items():
+    for name in TASK_CLASSES:
+        ref = _task_model(name)
         model = apply_beit_fast_to_hf(copy.deepcopy(ref), fused_loss=True)
         pairs = [(model, ref), (model.get_submodule("beit.embeddings" if name != "BeitModel" else "embeddings"),
                                 ref.get_submodule("beit.embeddings" if name != "BeitModel" else "embeddings"))]
@@ -440,7 +441,7 @@ def test_segmentation_and_backbone_patched(cls, rel_pos, monkeypatch):
     calls = _count_fused_attention_calls(monkeypatch)
     kw = dict(use_relative_position_bias=True) if rel_pos == "per_layer" else dict(
         use_relative_position_bias=False, use_shared_relative_position_bias=True)
-    ref_model = _all_task_models(**kw)[cls].train()
+    ref_model = _task_model(cls, **kw).train()
     model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
     info = beit_fast_patch_info(model)["replaced"]
     assert len(info["BeitAttention.forward -> attention_with_bias"]) == 4
@@ -502,7 +503,7 @@ def test_each_part_switches_on_its_own():
 
 @pytest.mark.parametrize("cls", ["BeitForSemanticSegmentation", "BeitBackbone"])
 def test_revert_restores_segmentation_and_backbone_exactly(cls):
-    ref_model = _all_task_models()[cls]
+    ref_model = _task_model(cls)
     model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
     revert_beit_fast(model)
     for mod in model.modules():
