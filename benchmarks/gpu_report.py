@@ -19,7 +19,7 @@ assume the warm phase filled inductor's caches):
   setup               10      -  wheels, source shim, environment (versions, card, clocks)
   warm               170    170  compile 6 step variants, 3 processes in parallel (fills the caches)
   fast                60    150  beit_fast step (headline) + sync-free variant + profile + bf16 loss curve
-  eager               45    100  eager reference, HF eager (SDPA), HF patched: one process
+  eager               50    110  eager reference, HF eager (SDPA), HF patched: one process
   attention           35     90  math, sdpa, triton, cudnn, xformers @ B256/N197 and B64/N577
   timm                30    100  timm Beit body + our head, compiled
   hf_compiled         30    100  HF BeitForMaskedImageModeling under torch.compile
@@ -91,7 +91,8 @@ def build_plan(args) -> tuple[list[Stage], list[Stage]]:
         Stage("env", py + ["env", "--rows", "{rows}"], 60, 8, "versions, card, clocks", min_s=5),
         step("fast", "beit_fast", 150, 60, "beit_fast step (headline), sync-free, profile, bf16 loss curve",
              extras="sync_free,profile,curve"),
-        step("eager", "reference_eager,hf_eager,hf_patched", 100, 45, "eager reference, HF eager (SDPA), HF patched"),
+        step("eager", "reference_eager,hf_eager,hf_patched,hf_patched_fused", 110, 50,
+             "eager reference, HF eager (SDPA), HF patched (default, and with the opt-in fused loss)"),
         Stage("attention", py + ["attention", "--candidates", "math,sdpa,triton,cudnn,xformers"] + common, 90, 35,
               "attention candidates fwd+bwd with bias gradient, B256/N197 and B64/N577"),
         step("timm", "timm_compiled", 100, 30, "timm Beit body + beit_fast head, compiled"),

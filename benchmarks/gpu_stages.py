@@ -32,6 +32,7 @@ masks and tokens, AdamW with clipping at 3.0, one optimizer update per step):
   hf_compiled          the same under torch.compile
   hf_patched           HF's model after beit_fast.interop.apply_beit_fast_to_hf (eager)
   hf_patched_compiled  the same under torch.compile
+  hf_patched_fused     hf_patched with the opt-in fused_loss=True (masked rows only, no [B, N, V] logits)
   timm_compiled        timm's Beit body (beit_base_patch16_224 layout, shared relative position bias, its
                        fused SDPA attention) + a mask token + our masked-only fused head, compiled
 """
@@ -256,7 +257,7 @@ class TimmMIM(nn.Module):
                                            self.lm_head.bias.to(dtype), labels, ignore_index=-100)
 
 
-def _hf_model(cfg, patched: bool):
+def _hf_model(cfg, patched: bool, fused_loss: bool = False):
     import transformers
 
     from beit_fast.interop import apply_beit_fast_to_hf
@@ -272,7 +273,7 @@ def _hf_model(cfg, patched: bool):
     model = transformers.BeitForMaskedImageModeling._from_config(hf_cfg, attn_implementation="sdpa")
     model = model.to(DEVICE).train()
     if patched:
-        apply_beit_fast_to_hf(model)
+        apply_beit_fast_to_hf(model, fused_loss=fused_loss)
     return model
 
 
@@ -322,7 +323,8 @@ def build_variant(name: str, cfg, data) -> tuple:
         return (lambda i: eng.train_step(batch, i).loss), desc, eng
     if name.startswith("hf_"):
         patched = name.startswith("hf_patched")
-        model = _hf_model(cfg, patched)
+        fused = name == "hf_patched_fused"
+        model = _hf_model(cfg, patched, fused_loss=fused)
         fwd = compile_(model) if name.endswith("_compiled") else model
         labels = data["tokens"][data["masks"]]
 
@@ -330,6 +332,7 @@ def build_variant(name: str, cfg, data) -> tuple:
             return fwd(pixel_values=data["images"], bool_masked_pos=data["masks"], labels=labels).loss
 
         desc = ("HF BeitForMaskedImageModeling (sdpa)" + (" + apply_beit_fast_to_hf" if patched else "")
+                + (" (fused_loss=True)" if fused else "")
                 + (", torch.compile" if name.endswith("_compiled") else ", eager") + ", HF's loss with labels")
         return _plain_step(model, list(model.parameters()), forward), desc, model
     if name == "timm_compiled":

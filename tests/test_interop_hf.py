@@ -1,8 +1,10 @@
-"""apply_beit_fast_to_hf: the patched transformers BEiT models give the unpatched models' results.
+"""apply_beit_fast_to_hf: the patched transformers BEiT models give the unpatched models' results and keep
+HF's contract (signatures, attention maps, attention implementation, outputs and tuples, NaN loss).
 
 Tiny configs (hidden 32, 2 layers, 32x32 images, 8x8 patches, vocab 50), random weights, fp32 on CPU.
 """
 import copy
+import inspect
 import math
 
 import pytest
@@ -10,8 +12,16 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from transformers import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel  # noqa: E402
+from transformers import (  # noqa: E402
+    BeitBackbone,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitForMaskedImageModeling,
+    BeitForSemanticSegmentation,
+    BeitModel,
+)
 
+import beit_fast.interop.hf as hf_patch  # noqa: E402
 from beit_fast.interop import apply_beit_fast_to_hf, beit_fast_patch_info, revert_beit_fast  # noqa: E402
 
 B, N, V = 3, 16, 50
@@ -64,18 +74,22 @@ def assert_grads_close(got: dict, ref: dict) -> None:
         torch.testing.assert_close(got[name], ref[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
+@pytest.mark.parametrize("fused_loss", [False, True])
 @pytest.mark.parametrize("attention", ["math", "sdpa"])
 @pytest.mark.parametrize("variant", ["shared", "per_layer_abs_pos"])
-def test_mim_loss_and_gradients_match_unpatched(attention, variant):
+def test_mim_loss_and_gradients_match_unpatched(attention, variant, fused_loss):
     kw = {} if variant == "shared" else dict(use_relative_position_bias=True, use_absolute_position_embeddings=True)
     ref_model = mim_model(**kw)
-    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model), attention=attention)
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model), attention=attention, fused_loss=fused_loss)
     x, mask, tokens = batch()
     labels = tokens[mask]
     ref, ref_grads = loss_and_grads(ref_model, pixel_values=x, bool_masked_pos=mask, labels=labels)
     out, grads = loss_and_grads(model, pixel_values=x, bool_masked_pos=mask, labels=labels)
     torch.testing.assert_close(out.loss, ref.loss, rtol=RTOL, atol=ATOL)
-    assert out.logits is None
+    if fused_loss:  # the opt-in: no [B, N, vocab] logits
+        assert out.logits is None
+    else:  # HF's contract: loss and logits
+        torch.testing.assert_close(out.logits, ref.logits, rtol=RTOL, atol=ATOL)
     assert_grads_close(grads, ref_grads)
     # the mask token, the bias tables and the head all get their gradients through the fused ops
     for name in ("beit.embeddings.mask_token", "lm_head.weight"):
@@ -92,7 +106,7 @@ def test_mim_masked_only_loss_is_hf_formula_and_no_full_logits():
         ref_logits = model(pixel_values=x, bool_masked_pos=mask).logits  # unpatched: [B, N, V]
     expected = F.cross_entropy(ref_logits[mask], labels)  # HF's own loss formula, ignore_index -100
 
-    apply_beit_fast_to_hf(model)
+    apply_beit_fast_to_hf(model, fused_loss=True)
     head_calls = []
     model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
     shapes = []
@@ -115,8 +129,8 @@ def test_mim_masked_only_loss_is_hf_formula_and_no_full_logits():
     assert len(head_calls) == 1
 
 
-def test_mim_return_conventions():
-    model = apply_beit_fast_to_hf(mim_model().eval(), return_logits=False)
+def test_fused_loss_return_conventions():
+    model = apply_beit_fast_to_hf(mim_model().eval(), fused_loss=True, return_logits=False)
     x, mask, tokens = batch(2)
     labels = tokens[mask]
     with torch.no_grad():
@@ -133,8 +147,8 @@ def test_mim_return_conventions():
         model(pixel_values=x, bool_masked_pos=mask, labels=labels[:-1])
 
 
-def test_all_labels_ignored_gives_zero_not_nan():
-    model = apply_beit_fast_to_hf(mim_model())
+def test_fused_loss_all_labels_ignored_gives_zero_not_nan():
+    model = apply_beit_fast_to_hf(mim_model(), fused_loss=True)
     x, mask, _ = batch()
     labels = torch.full((int(mask.sum()),), -100)
     out = model(pixel_values=x, bool_masked_pos=mask, labels=labels)
@@ -150,7 +164,7 @@ def test_classification_logits_loss_and_gradients_match(mean_pooling):
     ref_model = perturb_(BeitForImageClassification(cfg)).train()
     model = apply_beit_fast_to_hf(copy.deepcopy(ref_model), attention="math")
     info = beit_fast_patch_info(model)
-    assert info["options"]["fused_loss"] is None  # nothing to fuse in a 5-way classifier
+    assert info["options"]["fused_loss"] is None  # nothing to fuse in a 5-way classifier (default: off anyway)
     assert len(info["replaced"]["BeitRelativePositionBias.forward -> cached-index gather"]) == 2
     x, _, _ = batch()
     y = torch.tensor([0, 3, 4])
@@ -192,7 +206,7 @@ def test_revert_restores_original_behaviour_exactly():
     ref, ref_grads = loss_and_grads(ref_model, pixel_values=x, bool_masked_pos=mask, labels=labels)
 
     apply_beit_fast_to_hf(model, attention="math")
-    apply_beit_fast_to_hf(model, attention="sdpa")  # re-applying replaces, it does not stack
+    apply_beit_fast_to_hf(model, attention="sdpa", fused_loss=True)  # re-applying replaces, it does not stack
     assert list(model.state_dict()) == keys_before  # no parameter or buffer added
     assert "forward" in model.__dict__ and "forward" not in ref_model.__dict__  # this instance only
     assert "forward" in model.beit.layers[0].attention.__dict__
@@ -209,11 +223,10 @@ def test_revert_restores_original_behaviour_exactly():
 
 
 def test_patched_model_copies_and_pickles():
-    import inspect
     import io
 
-    model = apply_beit_fast_to_hf(mim_model().eval())
-    assert "return_logits" in inspect.signature(model.forward).parameters  # e.g. for HF's Trainer
+    model = apply_beit_fast_to_hf(mim_model().eval(), fused_loss=True)
+    assert inspect.signature(model.forward) == inspect.signature(BeitForMaskedImageModeling.forward.__get__(model))
     x, mask, tokens = batch()
     with torch.no_grad():
         expected = model(pixel_values=x, bool_masked_pos=mask, labels=tokens[mask]).loss
@@ -244,7 +257,7 @@ def test_dropout_in_training_falls_back_to_hf_attention():
 
 def test_autocast_bf16_keeps_hf_dtypes():
     ref_model = mim_model().eval()
-    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model), fused_loss=True)
     x, mask, tokens = batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         e_ref = ref_model.beit.embeddings(x, bool_masked_pos=mask)
@@ -296,3 +309,221 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="fused_loss"):
         apply_beit_fast_to_hf(model, fused_loss="cuda")
     assert beit_fast_patch_info(model) is None  # nothing half-applied
+
+
+# --------------------------------------------------------------------------------------------------
+# HF's contract, point by point (found by running transformers' own BEiT model tests on patched models)
+# --------------------------------------------------------------------------------------------------
+TASK_CLASSES = {cls.__name__: cls for cls in (BeitModel, BeitForMaskedImageModeling, BeitForImageClassification,
+                                               BeitForSemanticSegmentation, BeitBackbone)}
+
+
+def _task_model(name: str, **kw):
+    """A perturbed instance of HF BEiT class ``name`` (4 layers so the segmentation head's out_indices fit)."""
+    cfg = dict(num_hidden_layers=4, num_labels=3, use_mask_token=True, use_relative_position_bias=True,
+               out_indices=[1, 2, 3, 4])
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return perturb_(TASK_CLASSES[name](hf_config(**cfg))).eval()
+
+
+def _count_fused_attention_calls(monkeypatch) -> list:
+    calls = []
+    real = hf_patch.attention_with_bias
+    monkeypatch.setattr(hf_patch, "attention_with_bias", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_signatures_are_hfs():
+    """HF (and its test suite) reads forward's parameters and the **kwargs annotation (e.g. to decide
+    whether a model can return attentions): every replaced method shows the replaced method's signature."""
+    for name in TASK_CLASSES:
+        ref = _task_model(name)
+        model = apply_beit_fast_to_hf(copy.deepcopy(ref), fused_loss=True)
+        pairs = [(model, ref), (model.get_submodule("beit.embeddings" if name != "BeitModel" else "embeddings"),
+                                ref.get_submodule("beit.embeddings" if name != "BeitModel" else "embeddings"))]
+        beit, ref_beit = (model, ref) if name == "BeitModel" else (model.beit, ref.beit)
+        pairs += [(beit.layers[0].attention, ref_beit.layers[0].attention),
+                  (beit.layers[0].relative_position_bias, ref_beit.layers[0].relative_position_bias)]
+        for patched, orig in pairs:
+            assert inspect.signature(patched.forward) == inspect.signature(orig.forward), type(orig).__name__
+            assert patched.forward.__name__ == "forward" and patched.forward.__doc__ == orig.forward.__doc__
+        assert "forward" in beit.layers[0].attention.__dict__  # really patched
+
+
+@pytest.mark.parametrize("how", ["keyword", "config"])
+def test_output_attentions_returns_hfs_attention_maps(how, monkeypatch):
+    """output_attentions=True: HF's attention runs and its maps come back (the fused attention has none)."""
+    calls = _count_fused_attention_calls(monkeypatch)
+    for impl in ("eager", "sdpa") if how == "keyword" else ("eager",):  # HF's config refuses it with SDPA
+        ref = mim_model(use_relative_position_bias=True).eval()
+        ref.set_attn_implementation(impl)
+        model = apply_beit_fast_to_hf(copy.deepcopy(ref))
+        x, mask, _ = batch()
+        kw = {"output_attentions": True} if how == "keyword" else {}
+        if how == "config":
+            ref.config.output_attentions = model.config.output_attentions = True
+        with torch.no_grad():
+            out = model(pixel_values=x, bool_masked_pos=mask, **kw)
+            expected = ref(pixel_values=x, bool_masked_pos=mask, **kw)
+        assert len(out.attentions) == len(expected.attentions)
+        if impl == "eager":  # HF's SDPA returns no maps; eager returns one per layer
+            assert len(out.attentions) == 2 and out.attentions[0].shape == (B, 2, N + 1, N + 1)
+        for a, e in zip(out.attentions, expected.attentions):
+            torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(out.logits, expected.logits, rtol=RTOL, atol=ATOL)
+    assert not calls  # HF's attention ran every time
+
+
+def test_attn_implementation_is_respected(monkeypatch):
+    """The fused attention stands in for HF's SDPA attention only; "eager" (at build time or switched
+    later with set_attn_implementation) runs HF's eager attention, bit for bit."""
+    calls = _count_fused_attention_calls(monkeypatch)
+    ref = mim_model(use_relative_position_bias=True).eval()
+    ref.set_attn_implementation("eager")
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref))
+    x, mask, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x, bool_masked_pos=mask).logits,
+                                   ref(pixel_values=x, bool_masked_pos=mask).logits, rtol=RTOL, atol=ATOL)
+        out = model.beit.layers[0].attention(torch.randn(B, N + 1, 32), attention_mask=None)
+    assert not calls
+    assert out[1] is not None and out[1].shape == (B, 2, N + 1, N + 1)  # eager's probabilities
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        model(pixel_values=x, bool_masked_pos=mask)
+    assert len(calls) == 2  # one per layer
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        model(pixel_values=x, bool_masked_pos=mask)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_default_patch_keeps_hfs_mim_outputs(return_dict):
+    """Without the fused_loss opt-in, labels give HF's loss AND logits, HF's tuple layout, HF's gradients."""
+    ref_model = mim_model()
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
+    assert "forward" not in model.__dict__  # the MIM forward is HF's own
+    x, mask, tokens = batch()
+    outs = []
+    for m in (ref_model, model):
+        m.zero_grad(set_to_none=True)
+        out = m(pixel_values=x, bool_masked_pos=mask, labels=tokens[mask], return_dict=return_dict,
+                output_hidden_states=True)
+        (out[0] if not return_dict else out.loss).backward()
+        outs.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (out, grads) = outs
+    assert type(out) is type(ref) and len(out) == len(ref)
+    if not return_dict:  # (loss, logits, hidden_states)
+        assert len(out) == 3 and out[1].shape == (B, N, V)
+    for a, e in zip(out if not return_dict else out.to_tuple(), ref if not return_dict else ref.to_tuple()):
+        for t, r in zip(a if isinstance(a, tuple) else (a,), e if isinstance(e, tuple) else (e,)):
+            torch.testing.assert_close(t, r, rtol=RTOL, atol=ATOL)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_default_patch_all_labels_ignored_gives_nan_like_hf():
+    ref_model = mim_model()
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
+    x, mask, _ = batch()
+    labels = torch.full((int(mask.sum()),), -100)
+    with torch.no_grad():
+        ref = ref_model(pixel_values=x, bool_masked_pos=mask, labels=labels)
+        out = model(pixel_values=x, bool_masked_pos=mask, labels=labels)
+    assert torch.isnan(ref.loss) and torch.isnan(out.loss)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("cls", ["BeitForSemanticSegmentation", "BeitBackbone"])
+@pytest.mark.parametrize("rel_pos", ["per_layer", "shared"])
+def test_segmentation_and_backbone_patched(cls, rel_pos, monkeypatch):
+    calls = _count_fused_attention_calls(monkeypatch)
+    kw = dict(use_relative_position_bias=True) if rel_pos == "per_layer" else dict(
+        use_relative_position_bias=False, use_shared_relative_position_bias=True)
+    ref_model = _task_model(cls, **kw).train()
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
+    info = beit_fast_patch_info(model)["replaced"]
+    assert len(info["BeitAttention.forward -> attention_with_bias"]) == 4
+    assert info["BeitEmbeddings.forward -> patch_embed_mask"] == ["beit.embeddings"]
+    x, _, _ = batch()
+    results = []
+    for m in (ref_model, model):
+        m.zero_grad(set_to_none=True)
+        if cls == "BeitForSemanticSegmentation":
+            g = torch.Generator().manual_seed(3)
+            out = m(pixel_values=x, labels=torch.randint(0, 3, (B, 32, 32), generator=g))
+            out.loss.backward()
+            maps = (out.logits,)
+        else:
+            out = m(pixel_values=x)
+            maps = out.feature_maps
+            sum(f.square().sum() for f in maps).backward()
+        results.append((out, maps, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (ref, ref_maps, ref_grads), (out, maps, grads) = results
+    assert len(calls) == 4
+    assert len(maps) == len(ref_maps)
+    for a, e in zip(maps, ref_maps):
+        torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL)
+    if cls == "BeitForSemanticSegmentation":
+        torch.testing.assert_close(out.loss, ref.loss, rtol=RTOL, atol=ATOL)
+    assert_grads_close(grads, ref_grads)
+    assert any("relative_position_bias_table" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+PARTS = {  # apply_beit_fast_to_hf keyword -> (the value that switches the part off, the replaced summary key)
+    "attention": (None, "BeitAttention.forward -> attention_with_bias"),
+    "fast_rel_pos_bias": (False, "BeitRelativePositionBias.forward -> cached-index gather"),
+    "fused_embed": (False, "BeitEmbeddings.forward -> patch_embed_mask"),
+    "fused_loss": (False, "BeitForMaskedImageModeling.forward -> masked-only masked_linear_cross_entropy"),
+}
+
+
+def test_each_part_switches_on_its_own():
+    ref_model = mim_model(use_relative_position_bias=True)
+    x, mask, tokens = batch()
+    ref = ref_model(pixel_values=x, bool_masked_pos=mask, labels=tokens[mask]).loss
+    # the defaults: everything but the output-changing fused loss
+    default = beit_fast_patch_info(apply_beit_fast_to_hf(copy.deepcopy(ref_model)))
+    assert set(default["replaced"]) == {PARTS[p][1] for p in ("attention", "fast_rel_pos_bias", "fused_embed")}
+    assert default["options"]["fused_loss"] is None and default["options"]["attention"] == "auto"
+    for on in PARTS:
+        kw = {part: (True if part != "attention" else "auto") if part == on else off
+              for part, (off, _) in PARTS.items()}
+        model = apply_beit_fast_to_hf(copy.deepcopy(ref_model), **kw)
+        assert set(beit_fast_patch_info(model)["replaced"]) == {PARTS[on][1]}, on
+        patched_modules = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+        assert patched_modules, on
+        torch.testing.assert_close(model(pixel_values=x, bool_masked_pos=mask, labels=tokens[mask]).loss, ref,
+                                   rtol=RTOL, atol=ATOL)
+    none = apply_beit_fast_to_hf(copy.deepcopy(ref_model), **{p: off for p, (off, _) in PARTS.items()})
+    assert beit_fast_patch_info(none)["replaced"] == {}
+    assert not [name for name, m in none.named_modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("cls", ["BeitForSemanticSegmentation", "BeitBackbone"])
+def test_revert_restores_segmentation_and_backbone_exactly(cls):
+    ref_model = _task_model(cls)
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
+    revert_beit_fast(model)
+    for mod in model.modules():
+        assert not any(k.startswith("_beit_fast") or k == "forward" for k in mod.__dict__), type(mod).__name__
+    x, _, _ = batch()
+    with torch.no_grad():
+        a, b = model(pixel_values=x), ref_model(pixel_values=x)
+    for t, r in zip(a.to_tuple(), b.to_tuple()):
+        for tt, rr in zip(t if isinstance(t, tuple) else (t,), r if isinstance(r, tuple) else (r,)):
+            assert torch.equal(tt, rr)
+
+
+def test_patched_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the replaced methods (dynamo only: backend="eager")."""
+    ref_model = mim_model(use_relative_position_bias=True).eval()
+    model = apply_beit_fast_to_hf(copy.deepcopy(ref_model))
+    x, mask, _ = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values=x, bool_masked_pos=mask).logits,
+                                   ref_model(pixel_values=x, bool_masked_pos=mask).logits, rtol=RTOL, atol=ATOL)
+    torch._dynamo.reset()

@@ -1,5 +1,7 @@
-"""apply_beit_fast_to_timm: the patched timm Beit gives the unpatched model's results."""
+"""apply_beit_fast_to_timm: the patched timm Beit gives the unpatched model's results and keeps timm's
+contract (the fused_attn flag, attention-map extraction, signatures)."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 timm_beit = pytest.importorskip("timm.models.beit")
 
+import beit_fast.interop.timm as timm_patch  # noqa: E402
 from beit_fast.interop import apply_beit_fast_to_timm, beit_fast_patch_info, revert_beit_fast  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32; only the attention kernel differs
@@ -57,11 +60,11 @@ def test_logits_and_gradients_match_unpatched(attention, rel_pos):
 
 
 def test_timm_eager_attention_also_matches():
-    """timm's non-fused path (q * scale @ k^T + biases) against the patched one."""
+    """timm's non-fused path (q * scale @ k^T + biases) against the patched fused one."""
     ref_model = timm_model()
+    model = apply_beit_fast_to_timm(copy.deepcopy(ref_model), attention="math")
     for blk in ref_model.blocks:
         blk.attn.fused_attn = False
-    model = apply_beit_fast_to_timm(copy.deepcopy(ref_model), attention="math")
     x, y = batch()
     ref_logits, ref_grads = loss_and_grads(ref_model, x, y)
     logits, grads = loss_and_grads(model, x, y)
@@ -127,3 +130,43 @@ def test_unknown_types_are_refused():
         assert "timm.models.beit.Beit" in str(info.value)
     with pytest.raises(ValueError, match="attention"):
         apply_beit_fast_to_timm(timm_model(), attention="flash")
+
+
+def _count_fused_attention_calls(monkeypatch) -> list:
+    calls = []
+    real = timm_patch.attention_with_bias
+    monkeypatch.setattr(timm_patch, "attention_with_bias", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_fused_attn_flag_keeps_its_meaning(monkeypatch):
+    """The patch replaces timm's fused path only: a block with fused_attn=False runs timm's eager attention,
+    bit for bit, and timm's attention-map extraction (hooks on attn_drop) sees the maps."""
+    from timm.utils import AttentionExtract
+
+    calls = _count_fused_attention_calls(monkeypatch)
+    ref_model = timm_model().eval()
+    for blk in ref_model.blocks:
+        blk.attn.fused_attn = False
+    model = apply_beit_fast_to_timm(copy.deepcopy(ref_model))
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x), ref_model(x))
+        maps = AttentionExtract(model, method="hook")(x)
+        ref_maps = AttentionExtract(ref_model, method="hook")(x)
+    assert not calls
+    assert list(maps) == ["blocks.0.attn.attn_drop", "blocks.1.attn.attn_drop"] == list(ref_maps)
+    for name in maps:
+        assert maps[name].shape == (3, 2, 17, 17) and torch.equal(maps[name], ref_maps[name])
+    model.blocks[0].attn.fused_attn = True  # per block, at any time
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref_model(x), rtol=RTOL, atol=ATOL)
+    assert len(calls) == 1
+
+
+def test_signature_is_timms():
+    model = apply_beit_fast_to_timm(timm_model())
+    attn = model.blocks[0].attn
+    assert "forward" in attn.__dict__
+    assert inspect.signature(attn.forward) == inspect.signature(timm_beit.Attention.forward.__get__(attn))
+    assert attn.forward.__name__ == "forward" and attn.forward.__doc__ == timm_beit.Attention.forward.__doc__

@@ -1,7 +1,7 @@
 """Interoperability with HuggingFace transformers and timm: patch their BEiT models with beit_fast's
 fused ops, and convert checkpoints between the official, HuggingFace and timm layouts.
 
-    apply_beit_fast_to_hf(model, attention="auto", fused_loss=True, fused_embed=True)
+    apply_beit_fast_to_hf(model, attention="auto", fused_loss=False, fused_embed=True)
     apply_beit_fast_to_timm(model, attention="auto", activation_checkpointing=False)
     revert_beit_fast(model)
     detect_format(state_dict); convert_state_dict(state_dict, to="hf"); official_to_hf / hf_to_official /
@@ -11,6 +11,8 @@ Neither transformers nor timm is imported by this package until a function needs
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch.nn as nn
@@ -56,6 +58,10 @@ class _PatchState:
         if what is not None:
             self.replaced.setdefault(what, []).append(path or type(obj).__name__)
 
+    def set_method(self, module: nn.Module, func, what: str, path: str, name: str = "forward") -> None:
+        """Shadow ``module.<name>`` with ``func(module, ...)`` (a :class:`_PatchedMethod`)."""
+        self.set(module, name, _PatchedMethod.bind(func, module, name), what, path)
+
     def undo(self) -> None:
         for obj, name, previous in reversed(self.records):
             if previous is _ABSENT:
@@ -63,6 +69,39 @@ class _PatchState:
             else:
                 object.__setattr__(obj, name, previous)
         self.records.clear()
+
+
+class _PatchedMethod(functools.partial):
+    # ``functools.partial(func, module)`` standing in for ``module.<name>`` as an instance attribute that
+    # shadows the class's method. To introspection it is the method it replaces (what functools.wraps would
+    # give, computed on access so that nothing extra is pickled): ``inspect.signature`` returns the class
+    # method's signature, parameters and annotations included (HF reads ``forward``'s parameters and the
+    # ``**kwargs`` annotation to decide what a model supports), ``__wrapped__`` / ``__name__`` / ``__doc__``
+    # are the class's bound method's. It pickles and deep-copies as a partial (the copy is bound to the copied
+    # module), and torch.compile traces it as a partial.
+
+    @classmethod
+    def bind(cls, func, module: nn.Module, name: str = "forward") -> "_PatchedMethod":
+        method = cls(func, module)
+        method.__dict__["_method_name"] = name
+        return method
+
+    @property
+    def __wrapped__(self):
+        module = self.args[0]
+        return getattr(type(module), self.__dict__.get("_method_name", "forward")).__get__(module, type(module))
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.__wrapped__)
+
+    @property
+    def __name__(self) -> str:
+        return self.__dict__.get("_method_name", "forward")
+
+    @property
+    def __doc__(self):  # noqa: D401 - the replaced method's docstring
+        return self.__wrapped__.__doc__
 
 
 def _begin_patch(model: nn.Module, library: str, options: dict[str, Any]) -> _PatchState:

@@ -1,34 +1,37 @@
 """Patch HuggingFace transformers' BEiT models (one instance at a time) with beit_fast's fused ops.
 
-``apply_beit_fast_to_hf(model, attention="auto", fused_loss=True, fused_embed=True, *, return_logits=False)``
-replaces methods *on the given instance* (instance attributes shadowing the class's methods; the class
-and every other instance are untouched; no parameter, buffer or config value changes, so state dicts and
-``save_pretrained`` are unaffected). ``revert_beit_fast(model)`` removes them again.
+``apply_beit_fast_to_hf(model, attention="auto", fused_loss=False, fused_embed=True, *, return_logits=False,
+fast_rel_pos_bias=True)`` replaces methods *on the given instance* (instance attributes shadowing the
+class's methods; the class and every other instance are untouched; no parameter, buffer or config value
+changes, so state dicts and ``save_pretrained`` are unaffected). ``revert_beit_fast(model)`` removes them.
+Every replacement keeps the replaced method's signature (``inspect.signature`` shows HF's) and, by default,
+HF's output contract: the same outputs, the same gradients, the same ``return_dict=False`` tuples.
 
-What is replaced (transformers >= 5 module layout: ``model.beit.layers[i].attention.q_proj`` ...):
+The parts (transformers >= 5 module layout: ``model.beit.layers[i].attention.q_proj`` ...), each switchable:
 
-* ``BeitAttention.forward`` (every layer) -> q/k/v projections as HF computes them, then
+* ``attention``: ``BeitAttention.forward`` (every layer) -> q/k/v projections as HF computes them, then
   ``beit_fast.ops.attention_with_bias(q, k, v, attention_mask, scale=module.scaling)``. The additive
   ``attention_mask`` HF hands to the attention already holds the relative position bias (shared and/or
-  per layer, computed by HF's ``BeitRelativePositionBias``) plus any user mask, so the bias and its
-  gradient go through the fused attention. Falls back to HF's own forward for a boolean mask and in
-  training with ``attention_probs_dropout_prob > 0`` (the fused op has no dropout). Attention
-  probabilities are not returned (``None``, as with HF's SDPA attention).
-* ``BeitRelativePositionBias.forward`` (shared and per layer) -> when the window is the model's own and
-  ``interpolate_pos_encoding`` is off, a direct gather from the table with an index cached on the table's
-  device (HF re-runs a same-size bilinear interpolation, an identity, and indexes with a CPU index tensor
-  on every call). Other windows: HF's own forward.
-* ``BeitEmbeddings.forward`` -> ``beit_fast.ops.patch_embed_mask`` (patch projection, flatten and the
-  mask-token blend in one op; Triton on CUDA), then [CLS], position embeddings and dropout as HF does.
-  Only for boolean ``bool_masked_pos`` (or none); other mask dtypes use HF's forward.
-* ``BeitForMaskedImageModeling.forward`` (``fused_loss``) -> with ``labels``, the loss is
-  ``masked_linear_cross_entropy`` over the masked positions only: ``layernorm(last_hidden_state)[:, 1:]
-  [bool_masked_pos]`` goes straight into the fused head + cross-entropy, no ``[B, N, vocab]`` logits.
-  See :func:`apply_beit_fast_to_hf` for exactly what it returns. Without ``labels``: HF's forward.
+  per layer) plus any user mask, so the bias and its gradient go through the fused attention. It stands in
+  for HF's SDPA attention only: HF's own forward runs whenever ``config._attn_implementation`` is not
+  ``"sdpa"`` ("eager", "flex_attention", a registered kernel), whenever attention maps are requested
+  (``output_attentions`` as a forward keyword or in the config: HF then records them from its own code),
+  for a boolean mask, and in training with ``attention_probs_dropout_prob > 0`` (the fused op has no
+  dropout).
+* ``fast_rel_pos_bias``: ``BeitRelativePositionBias.forward`` (shared and per layer) -> when the window is
+  the model's own and ``interpolate_pos_encoding`` is off, a direct gather from the table with an index
+  cached on the table's device (HF re-runs a same-size bilinear interpolation, an identity, and indexes
+  with a CPU index tensor on every call). Other windows: HF's own forward. Identical values.
+* ``fused_embed``: ``BeitEmbeddings.forward`` -> ``beit_fast.ops.patch_embed_mask`` (patch projection,
+  flatten and the mask-token blend in one op; Triton on CUDA), then [CLS], position embeddings and dropout
+  as HF does. Only for boolean ``bool_masked_pos`` (or none); other mask dtypes use HF's forward.
+* ``fused_loss`` (explicit opt-in, ``BeitForMaskedImageModeling`` only): ``forward`` with ``labels`` ->
+  the loss is ``masked_linear_cross_entropy`` over the masked positions only, and no ``[B, N, vocab]``
+  logits are built. This changes the output contract (no logits unless ``return_logits``; 0.0 instead of
+  NaN when every label is ignored): see :func:`apply_beit_fast_to_hf`. Off by default.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -43,7 +46,8 @@ from . import _begin_patch
 
 __all__ = ["apply_beit_fast_to_hf", "SUPPORTED_HF_MODELS"]
 
-SUPPORTED_HF_MODELS = ("BeitForMaskedImageModeling", "BeitForImageClassification", "BeitModel")
+SUPPORTED_HF_MODELS = ("BeitForMaskedImageModeling", "BeitForImageClassification", "BeitForSemanticSegmentation",
+                       "BeitBackbone", "BeitModel")
 IGNORE_INDEX = -100  # HF's nn.CrossEntropyLoss() default, the index HF's MIM loss ignores
 
 
@@ -106,8 +110,9 @@ def _check_structure(model: nn.Module, beit: nn.Module) -> None:
     else:
         for layer in layers:
             attn = getattr(layer, "attention", None)
-            if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
-                problems.append("layers[i].attention.{q,k,v,o}_proj, scaling, head_dim")
+            if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim",
+                                                  "config")):
+                problems.append("layers[i].attention.{q,k,v,o}_proj, scaling, head_dim, config")
                 break
     if problems:
         import transformers
@@ -119,14 +124,30 @@ def _check_structure(model: nn.Module, beit: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Replacement methods, bound to one instance with functools.partial (picklable, deep-copyable, and
-# inspect.signature shows the real parameters)
+# Replacement methods, bound to one instance (interop._PatchedMethod: a functools.partial that is
+# picklable, deep-copyable and shows the replaced method's signature)
 # --------------------------------------------------------------------------------------------------
+# The one HF attention implementation the fused attention stands in for (it computes what HF's SDPA path
+# computes and, like it, returns no attention probabilities). Any other choice runs HF's own code.
+FUSED_ATTN_REPLACES = "sdpa"
+
+
+def _wants_hf_attention(self, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """True when HF's own BeitAttention.forward must run instead of the fused one."""
+    if getattr(self.config, "_attn_implementation", None) != FUSED_ATTN_REPLACES:
+        return True  # "eager", "flex_attention", a registered kernel, or None (HF's eager default)
+    # attention maps requested: HF records the probabilities its own attention returns (same rule as HF's
+    # capture_outputs: the forward keyword, else the config)
+    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+        return True
+    if attention_mask is not None and not attention_mask.is_floating_point():
+        return True  # boolean mask: no additive bias to hand over
+    return self.training and self.attention_dropout > 0  # the fused op has no dropout
+
+
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """BeitAttention.forward through attention_with_bias; returns (output, None)."""
-    if (attention_mask is not None and not attention_mask.is_floating_point()) or (
-        self.training and self.attention_dropout > 0
-    ):
+    """BeitAttention.forward through attention_with_bias; returns (output, None) as HF's SDPA path does."""
+    if _wants_hf_attention(self, attention_mask, kwargs):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -191,16 +212,17 @@ def _mim_forward(
     labels: torch.Tensor | None = None,
     interpolate_pos_encoding: bool = False,
     attention_mask: torch.Tensor | None = None,
-    return_logits: bool | None = None,
     **kwargs,
 ):
-    """BeitForMaskedImageModeling.forward with the masked-only fused loss (see apply_beit_fast_to_hf)."""
+    """BeitForMaskedImageModeling.forward with the masked-only fused loss (``fused_loss``, opt-in; see
+    apply_beit_fast_to_hf). HF's parameters; ``return_logits`` (bool) is an extra keyword."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     return_dict = self.config.return_dict
     passed = kwargs.pop("return_dict", None)
     if passed is not None:
         return_dict = passed
+    return_logits = kwargs.pop("return_logits", None)
     if return_logits is None:
         return_logits = self._beit_fast_return_logits
     cls_forward = type(self).forward
@@ -239,41 +261,50 @@ def _mim_forward(
 def apply_beit_fast_to_hf(
     model: nn.Module,
     attention: str | None = "auto",
-    fused_loss: bool | str = True,
+    fused_loss: bool | str = False,
     fused_embed: bool | str = True,
     *,
     return_logits: bool = False,
     fast_rel_pos_bias: bool = True,
 ) -> nn.Module:
-    """Patch a transformers ``BeitForMaskedImageModeling``, ``BeitForImageClassification`` or ``BeitModel``
-    instance in place with beit_fast's fused ops; returns the same model. Undo with ``revert_beit_fast``.
+    """Patch a transformers ``BeitForMaskedImageModeling``, ``BeitForImageClassification``,
+    ``BeitForSemanticSegmentation``, ``BeitBackbone`` or ``BeitModel`` instance in place with beit_fast's
+    fused ops; returns the same model. Undo with ``revert_beit_fast``.
+
+    Each part is switched on its own (the module docstring says what each replaces and when HF's own code
+    still runs); the defaults are the parts that keep HF's output contract exactly:
 
     Args:
-        attention: an ``attention_with_bias`` backend ("auto", "math", "sdpa", "flex", "xformers"), or None
-            to keep HF's attention.
-        fused_loss: (masked image modeling only; ignored for the other models) True/"auto", "reference",
-            "triton": the ``masked_linear_cross_entropy`` backend; False keeps HF's loss.
-        fused_embed: True/"auto", "reference", "triton": the ``patch_embed_mask`` backend; False keeps HF's.
-        return_logits: default for the MIM forward's ``return_logits`` keyword (see below).
+        attention: an ``attention_with_bias`` backend ("auto", "math", "sdpa", ...), or None/False to keep
+            HF's attention. Default "auto". Replaces HF's SDPA attention only (``config._attn_implementation
+            == "sdpa"``, HF's default); with attention maps requested HF's attention runs.
+        fused_loss: (masked image modeling only; ignored for the other models) False (default) keeps HF's
+            forward and loss. True/"auto", "reference", "triton": the masked-only fused loss (the
+            ``masked_linear_cross_entropy`` backend), an explicit opt-in that changes the output (below).
+        fused_embed: True/"auto" (default), "reference", "triton": the ``patch_embed_mask`` backend; False
+            keeps HF's embedding.
+        return_logits: with ``fused_loss``: default for the forward's ``return_logits`` keyword (below).
         fast_rel_pos_bias: replace ``BeitRelativePositionBias.forward`` by the cached-index gather at the
-            model's own window size (identical values).
+            model's own window size (identical values). Default True.
 
-    The patched ``BeitForMaskedImageModeling.forward(pixel_values, bool_masked_pos, labels=None, ...,
-    return_logits=None)`` returns, when ``labels`` are given and ``bool_masked_pos`` is a bool tensor:
-    ``MaskedLMOutput(loss, logits, hidden_states, attentions)`` where
+    With ``fused_loss`` the patched ``BeitForMaskedImageModeling.forward(pixel_values, bool_masked_pos,
+    labels=None, ..., return_logits=None)`` returns, when ``labels`` are given and ``bool_masked_pos`` is a
+    bool tensor: ``MaskedLMOutput(loss, logits, hidden_states, attentions)`` where
 
     * ``loss``: fp32 mean cross-entropy of ``lm_head(layernorm(h)[:, 1:][bool_masked_pos])`` against
       ``labels``, the masked patches' tokens in row-major order (shape [M], as HF expects; a [B, N] token
       grid of ``bool_masked_pos``'s shape is also accepted); labels of -100 are ignored. Equal to HF's
       ``CrossEntropyLoss()(logits[bool_masked_pos], labels)`` except that with no counted label it is 0.0
-      (HF: NaN). Under autocast the head GEMM runs in the autocast dtype and the loss in fp32, as HF's.
+      with zero gradients (HF: NaN). Under autocast the head GEMM runs in the autocast dtype and the loss
+      in fp32, as HF's.
     * ``logits``: ``None`` unless ``return_logits`` (keyword, else the ``apply`` default) is true; then HF's
       ``[B, N, vocab]`` logits, computed in addition (they are not used for the loss).
-    * ``hidden_states`` / ``attentions``: as HF (attentions are None with the fused attention).
+    * ``hidden_states`` / ``attentions``: as HF.
 
     With ``return_dict=False`` (keyword or config) the tuple is ``output.to_tuple()``, which skips Nones:
     ``(loss,)`` without logits. Without ``labels`` (or with a non-bool mask) HF's own forward runs, with the
-    fused attention/embedding underneath: full logits, no loss.
+    fused attention/embedding underneath: full logits, no loss. Without ``fused_loss`` (the default) the
+    model returns exactly what HF returns: loss and logits, HF's tuples, NaN when every label is ignored.
 
     Raises:
         TypeError: ``model`` is not one of the supported classes (the message names its type), or has a
@@ -302,8 +333,8 @@ def apply_beit_fast_to_hf(
         for i, layer in enumerate(beit.layers):
             attn = layer.attention
             state.set(attn, "_beit_fast_attention", attn_backend)
-            state.set(attn, "forward", functools.partial(_attention_forward, attn),
-                      "BeitAttention.forward -> attention_with_bias", f"{prefix}layers.{i}.attention")
+            state.set_method(attn, _attention_forward, "BeitAttention.forward -> attention_with_bias",
+                             f"{prefix}layers.{i}.attention")
     if fast_rel_pos_bias:
         biases = []
         if beit.shared_position_bias is not None:
@@ -313,16 +344,16 @@ def apply_beit_fast_to_hf(
                 biases.append((f"{prefix}layers.{i}.relative_position_bias", layer.relative_position_bias))
         for path, module in biases:
             state.set(module, "_beit_fast_index_cache", {})
-            state.set(module, "forward", functools.partial(_rel_pos_bias_forward, module),
-                      "BeitRelativePositionBias.forward -> cached-index gather", path)
+            state.set_method(module, _rel_pos_bias_forward,
+                             "BeitRelativePositionBias.forward -> cached-index gather", path)
     if embed_backend is not None:
         emb = beit.embeddings
         state.set(emb, "_beit_fast_embed", embed_backend)
-        state.set(emb, "forward", functools.partial(_embeddings_forward, emb),
-                  "BeitEmbeddings.forward -> patch_embed_mask", f"{prefix}embeddings")
+        state.set_method(emb, _embeddings_forward, "BeitEmbeddings.forward -> patch_embed_mask",
+                         f"{prefix}embeddings")
     if is_mim and loss_backend is not None:
         state.set(model, "_beit_fast_loss", loss_backend)
         state.set(model, "_beit_fast_return_logits", bool(return_logits))
-        state.set(model, "forward", functools.partial(_mim_forward, model),
-                  "BeitForMaskedImageModeling.forward -> masked-only masked_linear_cross_entropy", "")
+        state.set_method(model, _mim_forward,
+                         "BeitForMaskedImageModeling.forward -> masked-only masked_linear_cross_entropy", "")
     return model

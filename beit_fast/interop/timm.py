@@ -6,15 +6,18 @@ timm computes it (``F.linear`` with ``cat(q_bias, k_bias, v_bias)``, or timm's `
 form), then ``beit_fast.ops.attention_with_bias(q, k, v, bias, scale=attn.scale)`` where ``bias`` is the
 block's own relative position bias table gathered by timm's ``_get_rel_pos_bias()`` plus the shared bias
 the model passes in. timm itself hands the bias to ``F.scaled_dot_product_attention`` as ``attn_mask``
-(or runs the eager math when its fused attention is off). Falls back to timm's forward in training with
-``attn_drop_rate > 0`` (the fused op has no dropout).
+when its ``fused_attn`` flag is on (timm's default), and runs its eager math otherwise. The patch stands in
+for timm's fused path only, so timm's flag keeps its meaning: with ``attn.fused_attn = False`` (e.g. set
+by ``timm.layers.set_fused_attn(False)`` before building the model, or per block) timm's own eager
+attention runs, and with it everything that reads attention maps from it (``timm.utils.AttentionExtract``
+hooks ``attn_drop`` or traces ``attn.softmax``, which exist only on that path). timm's forward also runs in
+training with ``attn_drop_rate > 0`` (the fused op has no dropout). The replacement keeps timm's
+signature (``inspect.signature(attn.forward)``).
 
 ``activation_checkpointing=True`` calls timm's own ``model.set_grad_checkpointing(True)`` (every block
 recomputed in the backward); ``revert_beit_fast`` restores the previous setting.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
@@ -38,8 +41,8 @@ def _timm_beit_class() -> type | None:
 
 
 def _attention_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """timm beit.Attention.forward through attention_with_bias."""
-    if self.training and self.attn_drop.p > 0:
+    """timm beit.Attention.forward through attention_with_bias (timm's fused path; see the module docstring)."""
+    if not self.fused_attn or (self.training and self.attn_drop.p > 0):
         return type(self).forward(self, x, shared_rel_pos_bias=shared_rel_pos_bias)
     B, N, _ = x.shape
     if self.q_bias is None:
@@ -70,8 +73,9 @@ def apply_beit_fast_to_timm(
     """Patch a ``timm.models.beit.Beit`` instance in place; returns the same model.
 
     Args:
-        attention: an ``attention_with_bias`` backend ("auto", "math", "sdpa", "flex", "xformers") for every
-            block's attention, or None to keep timm's.
+        attention: an ``attention_with_bias`` backend ("auto", "math", "sdpa", ...) for every block's fused
+            attention path (blocks whose ``fused_attn`` flag is off run timm's eager attention), or None
+            to keep timm's. Default "auto".
         activation_checkpointing: True turns timm's gradient checkpointing on (``set_grad_checkpointing``);
             False leaves the model's current setting as it is.
 
@@ -100,8 +104,8 @@ def apply_beit_fast_to_timm(
         for i, blk in enumerate(model.blocks):
             attn = blk.attn
             state.set(attn, "_beit_fast_attention", attention)
-            state.set(attn, "forward", functools.partial(_attention_forward, attn),
-                      "beit.Attention.forward -> attention_with_bias", f"blocks.{i}.attn")
+            state.set_method(attn, _attention_forward, "beit.Attention.forward -> attention_with_bias",
+                             f"blocks.{i}.attn")
     if activation_checkpointing:
         # grad_checkpointing is a plain instance attribute of Beit: record it, then let timm set it
         state.set(model, "grad_checkpointing", model.grad_checkpointing)
