@@ -27,9 +27,12 @@ setup(
         "matplotlib",  # beit_fast.visualize
     ],
     extras_require={
-        # Tests exercise the HuggingFace/timm interop and the property-based input checks.
-        # simplejpeg: the decoder comparison of benchmarks/bench_input_pipeline.py and the decoder-tolerance test
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors", "simplejpeg"],
+        # Tests exercise the HuggingFace/timm interop, the property-based input checks and the TensorBoard
+        # scalars of --log_dir. simplejpeg: the decoder comparison of benchmarks/bench_input_pipeline.py and
+        # the decoder-tolerance test.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors", "simplejpeg",
+                "tensorboard"],
+        "tensorboard": ["tensorboard"],  # pretrain --log_dir
         "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],

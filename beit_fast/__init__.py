@@ -2,68 +2,75 @@
 
 Public API: the model and its configs, the masking generator, the fused ops (each with its reference)
 and their backend switch. Everything not re-exported here is private.
+
+The names are imported on first use (PEP 562 module ``__getattr__``), so ``import beit_fast`` and the
+command-line programs' ``--help`` do not import torch; ``from beit_fast import X`` works as usual.
 """
-from .masking import MaskingConfig, MaskingGenerator
-from .model import (
-    MODEL_CONFIGS,
-    BeitConfig,
-    VisionTransformerForMaskedImageModeling,
-    build_model,
-    get_config,
-    VisionTransformerForClassification,
-    build_classifier,
-)
-from .optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
-from .pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table
-from .interop import (
-    apply_beit_fast_to_hf,
-    apply_beit_fast_to_timm,
-    convert_state_dict,
-    detect_format,
-    revert_beit_fast,
-)
-from .modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
-from .ops import (
-    attention_with_bias,
-    attention_with_rel_pos_bias,
-    get_backend,
-    masked_linear_cross_entropy,
-    patch_embed_mask,
-    set_backend,
-    use_backend,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BeitConfig",
-    "MODEL_CONFIGS",
-    "get_config",
-    "build_model",
-    "VisionTransformerForMaskedImageModeling",
-    "MaskingConfig",
-    "MaskingGenerator",
-    "patch_embed_mask",
-    "masked_linear_cross_entropy",
-    "attention_with_bias",
-    "attention_with_rel_pos_bias",
-    "set_backend",
-    "get_backend",
-    "use_backend",
-    "FusedLinearCrossEntropyLoss",
-    "PatchEmbedMask",
-    "RelPosBiasAttention",
-    "apply_beit_fast_to_hf",
-    "apply_beit_fast_to_timm",
-    "revert_beit_fast",
-    "convert_state_dict",
-    "detect_format",
-    "VisionTransformerForClassification",
-    "build_classifier",
-    "load_pretrained",
-    "resize_rel_pos_bias_table",
-    "PretrainedLoadError",
-    "param_groups_layer_decay",
-    "layer_id_for_vit",
-    "apply_schedule",
-]
+#: public name -> submodule that defines it
+_EXPORTS = {
+    "BeitConfig": "model",
+    "MODEL_CONFIGS": "model",
+    "get_config": "model",
+    "build_model": "model",
+    "VisionTransformerForMaskedImageModeling": "model",
+    "MaskingConfig": "masking",
+    "MaskingGenerator": "masking",
+    "patch_embed_mask": "ops",
+    "masked_linear_cross_entropy": "ops",
+    "attention_with_bias": "ops",
+    "attention_with_rel_pos_bias": "ops",
+    "set_backend": "ops",
+    "get_backend": "ops",
+    "use_backend": "ops",
+    "FusedLinearCrossEntropyLoss": "modules",
+    "PatchEmbedMask": "modules",
+    "RelPosBiasAttention": "modules",
+    "apply_beit_fast_to_hf": "interop",
+    "apply_beit_fast_to_timm": "interop",
+    "revert_beit_fast": "interop",
+    "convert_state_dict": "interop",
+    "detect_format": "interop",
+    "VisionTransformerForClassification": "model",
+    "build_classifier": "model",
+    "load_pretrained": "pretrained",
+    "resize_rel_pos_bias_table": "pretrained",
+    "PretrainedLoadError": "pretrained",
+    "param_groups_layer_decay": "optim",
+    "layer_id_for_vit": "optim",
+    "apply_schedule": "optim",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'beit_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .interop import (apply_beit_fast_to_hf, apply_beit_fast_to_timm, convert_state_dict, detect_format,
+                          revert_beit_fast)
+    from .masking import MaskingConfig, MaskingGenerator
+    from .model import (MODEL_CONFIGS, BeitConfig, VisionTransformerForClassification,
+                        VisionTransformerForMaskedImageModeling, build_classifier, build_model, get_config)
+    from .modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
+    from .ops import (attention_with_bias, attention_with_rel_pos_bias, get_backend, masked_linear_cross_entropy,
+                      patch_embed_mask, set_backend, use_backend)
+    from .optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
+    from .pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table

@@ -7,6 +7,12 @@ The source format is detected from the key names (``beit_fast.interop.detect_for
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file (python beit_fast/convert.py): as with -m
+    import os, sys  # noqa: E401
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import beit_fast.convert as _cli
+    sys.exit(_cli.main())
+
 import argparse
 import json
 import sys

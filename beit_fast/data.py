@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
+from .options import DEFAULT_MAX_IMAGE_PIXELS
 from .transforms import TwoViewTransform, to_rgb
 
 __all__ = [
@@ -65,10 +66,6 @@ __all__ = [
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-#: Images with more pixels than this are skipped (read off the header, before decoding): 64 Mpx, 8192 x 8192,
-#: far above photographs of ImageNet-like data sets, below what exhausts a data worker's memory once decoded
-#: to RGB (a 12000 x 12000 PNG of a few KB would take 432 MB). Pillow's own limit only warns up to 179 Mpx.
-DEFAULT_MAX_IMAGE_PIXELS = 2**26
 
 
 class SkippedImageWarning(UserWarning):

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "resolve_amp_dtype", "mim_loss_reference", "StepResult", "MIMLoss", "PretrainEngine", "FastPretrainEngine",
+    "resolve_amp_dtype", "autocast_or_null", "mim_loss_reference", "StepResult", "MIMLoss", "PretrainEngine", "FastPretrainEngine",
     "tokenize", "token_agreement",
 ]
 
@@ -47,6 +47,17 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or none")
 
 
+def autocast_or_null(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast(device_type, dtype)`` for a low-precision ``dtype``; float32: autocast off (fp32
+    compute, which ``torch.autocast(dtype=float32)`` also falls back to, but only after a warning that it
+    does not support that dtype); None: no context at all (whatever the caller set up applies)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype == torch.float32:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
 def mim_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over masked positions (fp32) and MIM accuracy: ``logits [M, V]``, ``labels [M]``."""
     loss = F.cross_entropy(logits.float(), labels)
@@ -65,7 +76,7 @@ def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | No
     was_training = tokenizer.training
     tokenizer.eval()
     try:
-        with torch.autocast(x.device.type, dtype=dtype):
+        with autocast_or_null(x.device.type, dtype):
             logits = tokenizer.encode_logits(x)
     finally:
         tokenizer.train(was_training)
@@ -113,9 +124,7 @@ class MIMLoss(nn.Module):
         self.ops_backend = ops_backend
 
     def _autocast(self, device_type: str):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.amp_dtype)
+        return autocast_or_null(device_type, self.amp_dtype)
 
     def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
                 tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +192,11 @@ class PretrainEngine:
             raise ValueError("fp16 with a loss scaler is not supported with FSDP; use bf16")
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.tokenizer_dtype: torch.dtype | None = None  # None: fp32 tokenizer (see choose_tokenizer_precision)
+        # How often each visual token was a masked (predicted) target so far, int64 [vocab] on the device: the
+        # unigram baseline (see unigram_entropy). None when the tokenizer does not say its vocabulary size.
+        vocab = getattr(tokenizer, "vocab_size", None)
+        self.token_counts: torch.Tensor | None = (
+            torch.zeros(int(vocab), dtype=torch.int64, device=device) if vocab else None)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self.parallel = parallel
         self.dist_info = dist_info
@@ -205,9 +219,7 @@ class PretrainEngine:
         self.loss_module.amp_dtype = value
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_or_null(self.device.type, self.amp_dtype)
 
     def set_schedule(self, step: int) -> None:
         step = min(step, len(self.lr_schedule) - 1)
@@ -236,6 +248,34 @@ class PretrainEngine:
                 "patches): the tokenizer view must be input_size / patch_size * 8 pixels wide"
             )
         return tokens
+
+    @torch.no_grad()
+    def count_targets(self, tokens: torch.Tensor, bool_masked_pos: torch.Tensor) -> None:
+        """Add the masked positions' tokens (``int64 [B, N]``, mask ``bool [B, N]``) to :attr:`token_counts`;
+        on the device, without a host sync."""
+        if self.token_counts is not None:
+            self.token_counts.scatter_add_(0, tokens.reshape(-1), bool_masked_pos.reshape(-1).to(torch.int64))
+
+    def unigram_baseline(self) -> tuple[float, float] | None:
+        """``(entropy in nats, largest frequency)`` of the masked targets seen so far (this process's): the
+        MIM loss and the MIM accuracy of a model that ignores the image and predicts every masked token by
+        the tokens' frequencies alone (the cross-entropy of the marginal distribution is its entropy; the
+        best constant guess is the most frequent token). A loss below the entropy, an accuracy above the
+        frequency, is learning from the image. None before the first step (or without a vocabulary size).
+        Reads the counts back to the host."""
+        if self.token_counts is None:
+            return None
+        counts = self.token_counts.double().cpu()
+        total = counts.sum()
+        if total <= 0:
+            return None
+        p = counts[counts > 0] / total
+        return float(-(p * p.log()).sum()), float(p.max())
+
+    def unigram_entropy(self) -> float | None:
+        """The entropy part of :meth:`unigram_baseline` (nats), or None."""
+        baseline = self.unigram_baseline()
+        return None if baseline is None else baseline[0]
 
     def _loss_call(self):
         """What computes (loss, acc): the (DDP-wrapped) loss module, or its compiled form."""
@@ -286,6 +326,7 @@ class PretrainEngine:
             elif tokens.shape != bool_masked_pos.shape:
                 raise ValueError(f"the batch's tokens {tuple(tokens.shape)} do not match its mask "
                                  f"{tuple(bool_masked_pos.shape)}")
+            self.count_targets(tokens, bool_masked_pos)
             with no_grad_sync(self.train_module, skip=i < n - 1):
                 loss, acc = self.compute_loss(images, bool_masked_pos, tokens)
                 stats = self._reduce(torch.stack([loss.detach().float(), acc.detach().float()]))
@@ -334,14 +375,15 @@ class PretrainEngine:
 
     def state_dict(self) -> dict:
         """Optimizer and loss-scaler state, in ``optimizer.state_dict()`` layout whatever the parallelism
-        (collective under FSDP, full on rank 0)."""
+        (collective under FSDP, full on rank 0), and :attr:`token_counts`."""
         if self.parallel == "fsdp":
             from .distributed import full_optimizer_state_dict
 
             optimizer = full_optimizer_state_dict(self.loss_module, self.optimizer)
         else:
             optimizer = self.optimizer.state_dict()
-        return {"optimizer": optimizer, "scaler": self.scaler.state_dict()}
+        return {"optimizer": optimizer, "scaler": self.scaler.state_dict(),
+                "token_counts": None if self.token_counts is None else self.token_counts.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.parallel == "fsdp":
@@ -352,6 +394,9 @@ class PretrainEngine:
             self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        counts = state.get("token_counts")
+        if self.token_counts is not None and counts is not None and counts.shape == self.token_counts.shape:
+            self.token_counts.copy_(counts)
 
 
 class FastPretrainEngine(PretrainEngine):

@@ -23,342 +23,28 @@ raw pixels (a linear head regressing the masked patches' normalised pixels with 
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file (python beit_fast/evidence.py): as with -m
+    import os, sys  # noqa: E401
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import beit_fast.evidence as _cli
+    _cli.main()
+    raise SystemExit(0)
+
 import argparse
-import json
-import logging
-import statistics
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from .logs import cli_logging
+from .options import EVIDENCE_VARIANTS, EvidenceConfig, HelpFormatter
 
-from .data import PretrainDataset, collate_pretrain
-from .digits import DigitsDataset
-from .engine import MIMLoss, PretrainEngine
-from .masking import MaskingGenerator
-from .model import build_model
-from .optim import build_optimizer, cosine_scheduler
-from .transforms import TokenizerViewTransform, TwoViewConfig, TwoViewTransform
-
-log = logging.getLogger("beit_fast.evidence")
-
-__all__ = ["EvidenceConfig", "RandomMaskingGenerator", "PixelRegressionLoss", "run_evidence", "main"]
+__all__ = ["build_parser", "main"]
 
 
-@dataclass
-class EvidenceConfig:
-    """Sizes and schedules of the evidence run; the defaults fit in under 30 minutes on 2 CPU cores."""
-
-    seeds: int = 3
-    image_size: int = 32
-    patch_size: int = 4
-    embed_dim: int = 96
-    depth: int = 4
-    num_heads: int = 4
-    mask_ratio: float = 0.4
-    min_mask_block: int = 4
-    # tokenizer (trained once per run, on the training images only)
-    vocab_size: int = 256
-    tokenizer_steps: int = 300
-    tokenizer_batch: int = 64
-    # pretraining
-    pretrain_epochs: int = 20
-    pretrain_batch: int = 64
-    pretrain_lr: float = 1.5e-3
-    pretrain_warmup_epochs: int = 3
-    crop_scale_min: float = 0.5
-    # downstream
-    labels_per_class: int = 10
-    finetune_epochs: int = 100
-    finetune_batch: int = 32
-    finetune_lr: float = 2e-3
-    layer_decay: float = 0.75
-    probe_epochs: int = 100
-    probe_lr: float = 1e-2
-    # variants: any of VARIANTS; --ablations adds the two ablations
-    variants: str = "scratch,beit"
-    ablations: bool = False
-    threads: int | None = None
-    output_dir: str = "runs/evidence"
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_masked(self) -> int:
-        return max(1, round(self.mask_ratio * self.grid**2))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Ablation pieces
-# --------------------------------------------------------------------------------------------------------
-class RandomMaskingGenerator:
-    """Masks exactly ``num_masking_patches`` patches drawn uniformly at random (the ablation of blockwise
-    masking); same call convention as :class:`beit_fast.masking.MaskingGenerator`."""
-
-    def __init__(self, input_size: int | tuple[int, int], num_masking_patches: int) -> None:
-        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
-        if not 0 <= num_masking_patches <= h * w:
-            raise ValueError(f"num_masking_patches must be in [0, {h * w}], got {num_masking_patches}")
-        self.shape, self.count = (int(h), int(w)), int(num_masking_patches)
-
-    def __call__(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        rng = rng if rng is not None else np.random.default_rng()
-        mask = np.zeros(self.shape[0] * self.shape[1], dtype=bool)
-        mask[rng.choice(mask.size, self.count, replace=False)] = True
-        return mask.reshape(self.shape)
-
-
-class PixelRegressionLoss(MIMLoss):
-    """Masked patches' pixels instead of visual tokens: a linear head ``D -> P*P*3`` on the final hidden
-    state of each masked patch, MSE against that patch's pixels normalised per patch (mean 0, std 1).
-    The head lives on the model as ``model.pixel_head`` so the optimizer sees it. Returns ``(loss, 0)``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        p = model.patch_embed.patch_size[0]
-        if not hasattr(model, "pixel_head"):
-            model.pixel_head = nn.Linear(model.embed_dim, p * p * model.cfg.in_chans)
-            nn.init.trunc_normal_(model.pixel_head.weight, std=0.02)
-            nn.init.zeros_(model.pixel_head.bias)
-        self.patch = p
-
-    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor, tokens: torch.Tensor):
-        feats = self.model.forward_features(images, bool_masked_pos)[:, 1:]
-        pred = self.model.pixel_head(feats[bool_masked_pos])
-        p = self.patch
-        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)[bool_masked_pos]  # [M, 3*P*P]
-        target = (patches - patches.mean(-1, keepdim=True)) / (patches.std(-1, keepdim=True) + 1e-6)
-        return F.mse_loss(pred, target), torch.zeros((), device=images.device)
-
-
-class _NoTokens(nn.Module):
-    """Tokenizer stand-in for the pixel target: an all-zero token grid of the right shape."""
-
-    def __init__(self, grid: int) -> None:
-        super().__init__()
-        self.grid = grid
-
-    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(images.shape[0], self.grid * self.grid, dtype=torch.long, device=images.device)
-
-
-class _ImagesOnly(Dataset):
-    def __init__(self, ds: DigitsDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.ds.image(i)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The chain
-# --------------------------------------------------------------------------------------------------------
-def two_view_config(cfg: EvidenceConfig) -> TwoViewConfig:
-    # digits are grey and not mirror-symmetric: no colour jitter, no flips; crops keep most of the digit
-    return TwoViewConfig(input_size=cfg.image_size, second_input_size=cfg.grid * 8, scale=(cfg.crop_scale_min, 1.0),
-                         color_jitter=0.0, hflip_prob=0.0)
-
-
-def train_tokenizer(cfg: EvidenceConfig, seed: int = 0):
-    """A dVAE (tiny preset, ``cfg.vocab_size`` codes) on tokenizer views of the training digits."""
-    from .tokenizer.dvae import RECOMMENDED_LR, DiscreteVAE, DVAEConfig
-    from .tokenizer.train import train_dvae
-    from .train_tokenizer import TokenizerViewDataset
-
-    train = DigitsDataset("train", cfg.image_size)
-    view = TokenizerViewTransform(two_view_config(cfg))
-    data = TokenizerViewDataset(_ImagesOnly(train), view, length=len(train) * 8, seed=seed)
-    val = DigitsDataset("val", cfg.image_size)
-    eval_data = TokenizerViewDataset(_ImagesOnly(val), view, seed=seed + 1)
-    dcfg = DVAEConfig.preset("tiny", vocab_size=cfg.vocab_size, input_size=cfg.grid * 8)
-    torch.manual_seed(seed)
-    model = DiscreteVAE(dcfg)
-    metrics = train_dvae(dcfg, data, steps=cfg.tokenizer_steps, batch_size=cfg.tokenizer_batch,
-                         lr=RECOMMENDED_LR["tiny"], seed=seed, progress=False, eval_data=eval_data,
-                         save_every=None, log_every=10**9, model=model)
-    return model, metrics
-
-
-def pretrain(cfg: EvidenceConfig, tokenizer: nn.Module | None, seed: int, *, masking: str = "block",
-             target: str = "tokens") -> tuple[nn.Module, dict]:
-    """BEiT pretraining on the training digits (labels unused). Returns the model and its last stats."""
-    torch.manual_seed(seed)
-    model = build_model("tiny", img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size,
-                        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=0.0)
-    if masking == "block":
-        gen = MaskingGenerator((cfg.grid, cfg.grid), cfg.num_masked, min_num_patches=cfg.min_mask_block)
-    elif masking == "random":
-        gen = RandomMaskingGenerator(cfg.grid, cfg.num_masked)
-    else:
-        raise ValueError(f"masking must be 'block' or 'random', got {masking!r}")
-    loss_module = None
-    if target == "pixels":
-        loss_module = PixelRegressionLoss(model)
-        tokenizer = _NoTokens(cfg.grid)
-    elif target != "tokens":
-        raise ValueError(f"target must be 'tokens' or 'pixels', got {target!r}")
-    data = PretrainDataset(_ImagesOnly(DigitsDataset("train", cfg.image_size)), TwoViewTransform(two_view_config(cfg)),
-                           gen, seed=seed)
-    steps_per_epoch = len(data) // cfg.pretrain_batch
-    lr = cosine_scheduler(cfg.pretrain_lr, cfg.pretrain_lr * 0.01, cfg.pretrain_epochs, steps_per_epoch,
-                          cfg.pretrain_warmup_epochs)
-    wd = np.full(len(lr), 0.05)
-    opt = build_optimizer(model, cfg.pretrain_lr, 0.05)
-    engine = PretrainEngine(model, tokenizer, opt, torch.device("cpu"), lr, wd, amp_dtype=None, clip_grad=3.0,
-                            loss_module=loss_module)
-    g = torch.Generator().manual_seed(seed)
-    step, losses, accs = 0, [], []
-    for epoch in range(cfg.pretrain_epochs):
-        data.set_epoch(epoch)
-        loader = DataLoader(data, batch_size=cfg.pretrain_batch, shuffle=True, drop_last=True,
-                            collate_fn=collate_pretrain, generator=g)
-        for batch in loader:
-            r = engine.train_step(tuple(batch), step)
-            losses.append(r.loss)
-            accs.append(r.mlm_acc)
-            step += 1
-    k = max(1, steps_per_epoch)
-    stats = {"steps": step, "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
-             "acc_first": float(np.mean(accs[:k])), "acc_last": float(np.mean(accs[-k:]))}
-    return model, stats
-
-
-def downstream(cfg: EvidenceConfig, pretrained: nn.Module | None, seed: int) -> dict:
-    """Fine-tune and linear-probe one backbone (None: random initialisation) with few labels."""
-    from .finetune import FinetuneConfig, build_transforms, finetune
-    from .linear_probe import sweep_layers
-    from .model import build_classifier
-    from .pretrained import load_pretrained
-
-    def classifier():
-        torch.manual_seed(seed)
-        m = build_classifier("tiny", 10, img_size=cfg.image_size, patch_size=cfg.patch_size,
-                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=0.1)
-        if pretrained is not None:
-            load_pretrained(m, pretrained.state_dict())
-        return m
-
-    train_tf = build_transforms(cfg.image_size, train=True, scale=(cfg.crop_scale_min, 1.0), hflip=0.0,
-                                randaug=False, reprob=0.0, mean=(0.5,) * 3, std=(0.5,) * 3)
-    eval_tf = build_transforms(cfg.image_size, train=False, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
-    train = DigitsDataset("train", cfg.image_size, train_tf, labels_per_class=cfg.labels_per_class, seed=seed)
-    val = DigitsDataset("val", cfg.image_size, eval_tf)
-    ft_cfg = FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch, lr=cfg.finetune_lr,
-                            warmup_epochs=max(1, cfg.finetune_epochs // 10), layer_decay=cfg.layer_decay,
-                            label_smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.1, seed=seed,
-                            num_workers=0, eval_freq=cfg.finetune_epochs, save_ckpt=False)
-    ft = finetune(classifier(), train, val, ft_cfg, device="cpu", progress=False, num_classes=10)
-    probe_train = DigitsDataset("train", cfg.image_size, eval_tf, labels_per_class=cfg.labels_per_class, seed=seed)
-    probe = sweep_layers(classifier(), probe_train, val, epochs=cfg.probe_epochs, lr=cfg.probe_lr, seed=seed,
-                         progress=False)
-    # the held-out set is only scored after the last epoch: no selection on test accuracy
-    return {"finetune_top1": ft["final_top1"], "finetune_top5": ft["final_top5"],
-            "probe_top1": probe["best_top1"], "probe_layer": probe["best_layer"],
-            "probe_per_layer": {int(k): v["top1"] for k, v in probe["per_layer"].items()}}
-
-
-VARIANTS = {
-    "scratch": None,
-    "beit": {"masking": "block", "target": "tokens"},
-    "beit_random_mask": {"masking": "random", "target": "tokens"},
-    "beit_pixels": {"masking": "block", "target": "pixels"},
-}
-
-
-def run_evidence(cfg: EvidenceConfig, *, progress: bool = True) -> dict:
-    """Run every variant over ``cfg.seeds`` seeds; returns per-seed results and the summary table."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    variants = [v for v in cfg.variants.split(",") if v]
-    if cfg.ablations:
-        variants += [v for v in ("beit_random_mask", "beit_pixels") if v not in variants]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    t0 = time.time()
-    tok_model, tok_metrics = train_tokenizer(cfg)
-    log.info("tokenizer: recon MSE %.4f, %d/%d codes used, %.0f s", tok_metrics["final"]["recon_mse"],
-             tok_metrics["final"]["codes_used"], cfg.vocab_size, time.time() - t0)
-    tok_model.eval().requires_grad_(False)
-    torch.save({"config": tok_metrics["config"], "model": tok_model.state_dict()}, out / "tokenizer.pt")
-    runs: list[dict] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.seeds * len(variants), desc="evidence", disable=not progress)
-    for seed in range(cfg.seeds):
-        for name in variants:
-            t = time.time()
-            pre_stats = None
-            backbone = None
-            if VARIANTS[name] is not None:
-                backbone, pre_stats = pretrain(cfg, tok_model, seed, **VARIANTS[name])
-                torch.save({"model": backbone.state_dict(), "model_config": backbone.cfg.to_dict(), "variant": name,
-                            "seed": seed}, out / f"pretrain-{name}-seed{seed}.pt")
-            res = downstream(cfg, backbone, seed)
-            res.update(variant=name, seed=seed, pretrain=pre_stats, seconds=round(time.time() - t, 1))
-            runs.append(res)
-            with open(out / "runs.jsonl", "a") as f:
-                f.write(json.dumps(res) + "\n")
-            log.info("seed %d %-16s fine-tune %.1f%%  probe %.1f%% (layer %s)  %s  %.0f s", seed, name,
-                     100 * res["finetune_top1"], 100 * res["probe_top1"], res["probe_layer"],
-                     "" if pre_stats is None else f"pretrain loss {pre_stats['loss_first']:.2f}->{pre_stats['loss_last']:.2f}",
-                     res["seconds"])
-            bar.update()
-    bar.close()
-    summary = summarize(runs, variants)
-    result = {"config": asdict(cfg), "tokenizer": {k: tok_metrics[k] for k in ("initial", "final") if k in tok_metrics},
-              "runs": runs, "summary": summary, "minutes": round((time.time() - t0) / 60, 1)}
-    (out / "evidence.json").write_text(json.dumps(result, indent=1))
-    (out / "evidence.md").write_text(table(result) + "\n")
-    return result
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(runs: list[dict], variants: Sequence[str]) -> dict:
-    summary = {}
-    for name in variants:
-        rs = [r for r in runs if r["variant"] == name]
-        ft, pr = _mean_std([r["finetune_top1"] for r in rs]), _mean_std([r["probe_top1"] for r in rs])
-        summary[name] = {"finetune_mean": ft[0], "finetune_std": ft[1], "probe_mean": pr[0], "probe_std": pr[1],
-                         "n": len(rs)}
-    return summary
-
-
-LABELS = {"scratch": "random init (no pretraining)", "beit": "BEiT: blockwise masking + visual tokens",
-          "beit_random_mask": "ablation: random masking + visual tokens",
-          "beit_pixels": "ablation: blockwise masking + pixel regression"}
-
-
-def table(result: dict) -> str:
-    cfg, s = result["config"], result["summary"]
-    n = max(v["n"] for v in s.values())
-    lines = [f"Digits (scikit-learn), {cfg['labels_per_class']} labelled images per class, 450 held-out test "
-             f"images; ViT D{cfg['embed_dim']}xL{cfg['depth']} at {cfg['image_size']}px/patch {cfg['patch_size']}; "
-             f"{n} seeds; top-1 %, mean +- std. Total {result['minutes']} min.", "",
-             "| backbone | fine-tune top-1 | linear probe top-1 (best layer) |", "| --- | ---: | ---: |"]
-    for name, v in s.items():
-        lines.append(f"| {LABELS[name]} | {100 * v['finetune_mean']:.1f} +- {100 * v['finetune_std']:.1f} | "
-                     f"{100 * v['probe_mean']:.1f} +- {100 * v['probe_std']:.1f} |")
-    return "\n".join(lines)
+class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The module docstring as written, and each flag's default once."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m beit_fast.evidence", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m beit_fast.evidence", description=__doc__, formatter_class=_Formatter)
     d = EvidenceConfig()
     helps = {
         "seeds": "seeds per variant (each seed pretrains, fine-tunes and probes anew)",
@@ -373,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune_epochs": "fine-tuning epochs", "finetune_batch": "fine-tuning batch size",
         "finetune_lr": "fine-tuning peak learning rate", "layer_decay": "layer-wise lr decay in fine-tuning",
         "probe_epochs": "linear-probe epochs (on cached features)", "probe_lr": "linear-probe learning rate",
-        "variants": f"comma-separated variants to run, of {', '.join(VARIANTS)}",
+        "variants": f"comma-separated variants to run, of {', '.join(EVIDENCE_VARIANTS)}",
         "threads": "torch CPU threads (default: torch's choice)", "output_dir": "where results are written",
     }
     for f in d.__dataclass_fields__.values():
@@ -381,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         default = getattr(d, f.name)
         kind = type(default) if default is not None else int
-        p.add_argument(f"--{f.name}", type=kind, default=default, help=f"{helps[f.name]} (default: %(default)s)")
+        p.add_argument(f"--{f.name}", type=kind, default=default, help=helps[f.name])
     p.add_argument("--ablations", action="store_true",
                    help="also run random masking and pixel regression (Table 4 in miniature)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -390,13 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = EvidenceConfig(**{k: v for k, v in vars(args).items() if k != "no_progress"})
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.image_size % cfg.patch_size:
         raise SystemExit(f"error: --image_size {cfg.image_size} is not a multiple of --patch_size {cfg.patch_size}")
-    result = run_evidence(cfg, progress=not args.no_progress)
+    import torch
+
+    from .evidence_run import run_evidence, table
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with cli_logging():
+        result = run_evidence(cfg, progress=not args.no_progress)
     print(table(result))
     return result
 

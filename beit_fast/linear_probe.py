@@ -1,181 +1,39 @@
 """Linear probing of a frozen BEiT backbone (the paper's Table 9 protocol): ``python -m beit_fast.linear_probe``.
 
-The backbone stays frozen; each image is represented by the average of the patch tokens (not [CLS]) at
-the output of one block, and a linear classifier is trained on those features. The paper reports the
-best intermediate layer (block 9 of 12 for BEiT-B, 56.7% top-1 on ImageNet-1k): ``--sweep`` probes every
-block from one feature-extraction pass and reports the best.
-
-Features are extracted once (eval transforms, no augmentation) and cached, so the classifier trains in
-seconds: ``BatchNorm1d(D, affine=False)`` then ``Linear(D, C)`` (MAE's linear-probe head; the BN
-without affine parameters is a fixed normalisation of the features, a linear map), AdamW, cosine lr.
-Differences from the official ``run_linear_eval.py``: it re-extracts features of RandomResizedCrop /
-flip-augmented images every epoch, uses [CLS] concatenated with the mean (``--include_cls`` here) and no
-BatchNorm; 100 epochs at base lr 1e-3 per 256 images, weight decay 1e-4 (our defaults: lr 1e-3, wd 1e-4,
-50 epochs, the paper's count).
+Average-pooled patch tokens of one block (``--layer``) or of every block (``--sweep``), a BatchNorm without
+affine parameters and a linear classifier on cached features (the library: :mod:`beit_fast.linear_probing`).
+Without ``--data_path``: scikit-learn's handwritten digits. This module parses the flags, then imports
+torch and the library, so ``--help`` is instant.
 """
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a file (python beit_fast/linear_probe.py): as with -m
+    import os, sys  # noqa: E401
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import beit_fast.linear_probe as _cli
+    _cli.main()
+    raise SystemExit(0)
 
 import argparse
 import json
 import logging
-import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .logs import cli_logging
+from .options import MODEL_NAMES, HelpFormatter, add_classification_data_args
 
-__all__ = ["extract_features", "train_linear_probe", "sweep_layers", "LinearProbe", "get_args_parser", "main"]
+__all__ = ["get_args_parser", "main"]
 
 log = logging.getLogger("beit_fast.linear_probe")
 
 
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, dataset, layers: Sequence[int], *, batch_size: int = 256, device: str | torch.device = "cpu",
-    include_cls: bool = False, num_workers: int = 0, progress: bool = False,
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """``({layer: float32 [N, D]}, labels int64 [N])``: average-pooled patch tokens of each requested block
-    (1-based) for every image of ``dataset``, in dataset order, from one forward pass per batch through
-    ``model.forward_layer_features``. The model is put in eval mode (restored after) and not modified."""
-    layers = [int(layer) for layer in layers]
-    device = torch.device(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = model.training
-    model.eval()
-    feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    labels: list[torch.Tensor] = []
-    try:
-        for images, y in tqdm(loader, desc="features", disable=not progress, leave=False, dynamic_ncols=True):
-            outs = model.forward_layer_features(images.to(device), layers, include_cls=include_cls)
-            for layer, f in zip(layers, outs):
-                feats[layer].append(f.float().cpu())
-            labels.append(torch.as_tensor(y, dtype=torch.long))
-    finally:
-        model.train(was_training)
-    if not labels:
-        raise ValueError("the data set is empty")
-    return {layer: torch.cat(v) for layer, v in feats.items()}, torch.cat(labels)
-
-
-class LinearProbe(nn.Module):
-    """``BatchNorm1d(dim, affine=False)`` (optional) then ``Linear(dim, num_classes)`` (weights N(0, 0.01),
-    bias 0, as the official linear eval)."""
-
-    def __init__(self, dim: int, num_classes: int, batchnorm: bool = True) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
-        self.linear = nn.Linear(dim, num_classes)
-        nn.init.normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.bn(x))
-
-
-def _topk_rate(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
-    k = min(k, logits.shape[-1])
-    return (logits.topk(k, dim=-1).indices == y[:, None]).any(-1).float().mean().item()
-
-
-def train_linear_probe(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *, num_classes: int,
-    epochs: int = 50, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
-    batchnorm: bool = True, device: str | torch.device = "cpu",
-) -> dict:
-    """Train a linear classifier (:class:`LinearProbe`) on cached features; returns ``{"top1", "top5",
-    "train_top1", "train_loss"}`` (accuracies as fractions in [0, 1], top-5 capped at the class count; val metrics of
-    the final classifier). AdamW, lr cosine-annealed per step from ``lr`` to 0, no warmup."""
-    if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
-        raise ValueError(f"features must be [N, D] with one D, got {tuple(train_x.shape)} and {tuple(val_x.shape)}")
-    if len(train_x) != len(train_y) or len(val_x) != len(val_y):
-        raise ValueError("features and labels differ in length")
-    if epochs <= 0 or batch_size <= 0:
-        raise ValueError("epochs and batch_size must be positive")
-    if int(max(train_y.max(), val_y.max())) >= num_classes or int(min(train_y.min(), val_y.min())) < 0:
-        raise ValueError(f"labels must be in [0, {num_classes})")
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probe = LinearProbe(train_x.shape[1], num_classes, batchnorm).to(device)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    x, y = train_x.float().to(device), train_y.long().to(device)
-    n = len(x)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = steps_per_epoch * epochs
-    step = 0
-    loss_sum = 0.0
-    probe.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            if len(idx) < 2 and batchnorm:  # BatchNorm needs two samples
-                continue
-            for g in opt.param_groups:
-                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(probe(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item()
-            step += 1
-    probe.eval()
-    with torch.no_grad():
-        train_logits = probe(x)
-        val_logits = probe(val_x.float().to(device))
-    vy = val_y.long().to(device)
-    return {
-        "top1": _topk_rate(val_logits, vy, 1),
-        "top5": _topk_rate(val_logits, vy, 5),
-        "train_top1": _topk_rate(train_logits, y, 1),
-        "train_loss": loss_sum / max(steps_per_epoch, 1),
-    }
-
-
-def sweep_layers(
-    model: nn.Module, train_set, val_set, layers: Sequence[int] | None = None, *, device: str | torch.device = "cpu",
-    extract_batch_size: int = 256, include_cls: bool = False, num_classes: int | None = None, progress: bool = False,
-    **probe_kwargs,
-) -> dict:
-    """Linear probes on several blocks (default: all, 1..depth) from one feature-extraction pass per data
-    set; returns ``{"per_layer": {layer: train_linear_probe result}, "best_layer", "best_top1"}``.
-    ``probe_kwargs`` go to :func:`train_linear_probe` (epochs, lr, weight_decay, batch_size, seed, ...)."""
-    if layers is None:
-        layers = list(range(1, model.get_num_layers() + 1))
-    layers = list(dict.fromkeys(int(layer) for layer in layers))
-    kw = dict(batch_size=extract_batch_size, device=device, include_cls=include_cls, progress=progress)
-    train_f, train_y = extract_features(model, train_set, layers, **kw)
-    val_f, val_y = extract_features(model, val_set, layers, **kw)
-    if num_classes is None:
-        num_classes = int(max(train_y.max(), val_y.max())) + 1
-    per_layer = {}
-    for layer in layers:
-        per_layer[layer] = train_linear_probe(train_f[layer], train_y, val_f[layer], val_y, num_classes=num_classes,
-                                              device=device, **probe_kwargs)
-        log.info("block %d: top-1 %.2f%% top-5 %.2f%% (train %.2f%%)", layer, 100 * per_layer[layer]["top1"],
-                 100 * per_layer[layer]["top5"], 100 * per_layer[layer]["train_top1"])
-    best = max(layers, key=lambda layer: (per_layer[layer]["top1"], layer))
-    return {"per_layer": per_layer, "best_layer": best, "best_top1": per_layer[best]["top1"]}
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    from .finetune import add_data_args
-    from .model import MODEL_CONFIGS
-
     p = argparse.ArgumentParser(
         "python -m beit_fast.linear_probe",
         description="Linear probe of a frozen BEiT backbone on average-pooled patch tokens of one block (--layer) "
         "or of every block (--sweep). Without --data_path: scikit-learn's handwritten digits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--finetune", default=None,
@@ -185,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="allow a --finetune checkpoint that pickles Python objects beyond tensors and plain values "
                    "(e.g. an official one with its argparse args): it is read with Python's full unpickler, which "
                    "can run arbitrary code stored in the file; only for files you trust")
-    g.add_argument("--model", default=None, choices=sorted(MODEL_CONFIGS),
+    g.add_argument("--model", default=None, choices=MODEL_NAMES,
                    help="model size (default: the checkpoint's architecture, else demo tiny / real base)")
     g.add_argument("--patch_size", type=int, default=None, help="patch size (default: the checkpoint's)")
     which = g.add_mutually_exclusive_group()
@@ -194,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     which.add_argument("--sweep", action="store_true", help="probe every block and report the best")
     g.add_argument("--include_cls", action="store_true",
                    help="concatenate the [CLS] token to the average (the official run_linear_eval.py features)")
-    add_data_args(p)
+    add_classification_data_args(p)
     g = p.add_argument_group("probe")
     g.add_argument("--epochs", type=int, default=50, help="epochs of the linear classifier")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (cosine to 0)")
@@ -211,14 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the linear probe with command-line flags ``argv``; returns the sweep result dict."""
-    from .finetune import (
-        DEMO_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, build_model_for_args,
-        build_transforms, load_datasets,
-    )
-    from .pretrained import PretrainedLoadError, load_pretrained
-
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     errors = []
     for name in ("epochs", "batch_size"):
         if getattr(args, name) <= 0:
@@ -229,6 +80,18 @@ def main(argv: list[str] | None = None) -> dict:
         errors.append(f"--data_path {args.data_path} is not a folder")
     if errors:
         raise SystemExit("error: " + "\n       ".join(errors))
+    with cli_logging():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .finetuning import (DEMO_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
+                             build_model_for_args, build_transforms, load_datasets)
+    from .linear_probing import sweep_layers
+    from .pretrained import PretrainedLoadError, load_pretrained
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     # build_model_for_args reads these fine-tuning flags: a frozen backbone has no drop path.

@@ -11,6 +11,15 @@ and the lr is not rescaled. SIGTERM / SIGINT stop at the next step boundary with
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file (python beit_fast/pretrain.py): as with -m
+    import os, sys  # noqa: E401
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import beit_fast.pretrain as _cli
+    _cli.main()
+    raise SystemExit(0)
+
+# Only the standard library and plain-Python modules at import time: the flags are parsed (and --help
+# answered) before torch and the rest of the library are imported, inside the functions that use them.
 import argparse
 import json
 import logging
@@ -19,44 +28,42 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
+from .logs import cli_logging
+from .options import DEFAULT_MAX_IMAGE_PIXELS, MODEL_NAMES, HelpFormatter
 
-from .checkpoint import (
-    LAST_NAME, CheckpointError, CheckpointSaveError, Checkpointer, OutputDirLock, existing_checkpoints,
-    find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_run_outputs, remove_stale_temp_files,
-    trim_jsonl, validate_checkpoint,
-)
-from .data import (
-    DEFAULT_MAX_IMAGE_PIXELS, PretrainDataset, ImageFolderDataset, ResumableSampler,
-)
-from .distributed import (
-    DistInfo, GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
-    cleanup_distributed, init_distributed, isolate_worker_from_signals,
-)
-from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
-from .masking import MaskingGenerator
-from .model import MODEL_CONFIGS, build_model, get_config
-from .rng import rng_state, seed_everything, set_rng_state  # noqa: F401 (re-exported)
-from .optim import adamw_first_step, build_optimizer, cosine_scheduler
-from .pipeline import build_loader_for, device_pipeline_problems
-from .sample_data import SampleImages
-from .transforms import TwoViewConfig, TwoViewTransform
+if TYPE_CHECKING:
+    import torch
+
+    from .checkpoint import OutputDirLock
+    from .distributed import DistInfo, GracefulStop
 
 log = logging.getLogger("beit_fast.pretrain")
+
+#: Numbered checkpoints kept by default (--keep_last): the newest two, besides checkpoint-last.pt and
+#: checkpoint-best.pt.
+DEFAULT_KEEP_LAST = 2
+#: The demo's photographs are capped at this many times the patch view's side (2: 448 px for 224 px views).
+DEMO_PHOTO_SIDE_PER_VIEW = 2
+#: Where DALL-E's released tokenizer weights come from (OpenAI's DALL-E release).
+DALLE_ENCODER_URL = "https://cdn.openai.com/dall-e/encoder.pkl"
 
 INTERPOLATIONS = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest")
 
 # Values that differ between the embedded CPU demo (no --data_path) and a real run (official recipe).
+# The demo trades image size for steps: 128 px views (an 8x8 patch grid, 26 of 64 patches masked: 40%, as
+# in the paper) and 800 steps fit the CPU budget that 256 steps at 224 px took, and learn well past the
+# token frequencies (see the unigram baseline in its log).
 DEMO_DEFAULTS = dict(
-    model="tiny", epochs=8, batch_size=32, lr=1.5e-3, warmup_epochs=1, num_samples=1024,
-    tokenizer="dvae", tokenizer_steps=300, output_dir="runs/beit_pretrain_demo", save_ckpt_freq=1,
+    model="tiny", input_size=128, num_mask_patches=26, min_mask_patches_per_block=4, epochs=25, batch_size=32,
+    lr=1.5e-3, warmup_epochs=2, num_samples=1024, tokenizer="dvae", tokenizer_steps=300,
+    output_dir="runs/beit_pretrain_demo", save_ckpt_freq=1,
 )
 OFFICIAL_DEFAULTS = dict(
-    model="base", epochs=800, batch_size=128, lr=1.5e-3, warmup_epochs=10, num_samples=None,
-    tokenizer="dalle", tokenizer_steps=None, output_dir="runs/beit_pretrain", save_ckpt_freq=20,
+    model="base", input_size=224, num_mask_patches=75, min_mask_patches_per_block=16, epochs=800, batch_size=128,
+    lr=1.5e-3, warmup_epochs=10, num_samples=None, tokenizer="dalle", tokenizer_steps=None,
+    output_dir="runs/beit_pretrain", save_ckpt_freq=20,
 )
 
 
@@ -66,15 +73,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
         "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "
         "differ between the demo and a run with --data_path (the official BEiT-B recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="image folder (searched recursively); omit for the embedded demo")
     g.add_argument("--num_samples", type=int, default=None,
                    help="demo only: samples per epoch drawn from the sample photographs (demo 1024)")
-    g.add_argument("--input_size", type=int, default=224, help="image size of the patch view")
+    g.add_argument("--input_size", type=int, default=None, help="image size of the patch view (demo 128 / real 224)")
     g.add_argument("--second_input_size", type=int, default=None,
-                   help="image size of the tokenizer view (default: input_size / patch_size * 8, i.e. 112)")
+                   help="image size of the tokenizer view (default: input_size / patch_size * 8: demo 64 / real 112)")
     g.add_argument("--train_interpolation", default="bicubic", choices=INTERPOLATIONS,
                    help="resize filter of the patch view")
     g.add_argument("--second_interpolation", default="lanczos", choices=INTERPOLATIONS,
@@ -97,8 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "are skipped and counted, like unreadable ones: a guard against decompression bombs")
 
     g = p.add_argument_group("masking")
-    g.add_argument("--num_mask_patches", type=int, default=75, help="patches to mask per image (about 40%%)")
-    g.add_argument("--min_mask_patches_per_block", type=int, default=16, help="smallest masked block")
+    g.add_argument("--num_mask_patches", type=int, default=None,
+                   help="patches to mask per image, about 40%% (demo 26 of 64 / real 75 of 196)")
+    g.add_argument("--min_mask_patches_per_block", type=int, default=None, help="smallest masked block (demo 4 / real 16)")
     g.add_argument("--max_mask_patches_per_block", type=int, default=None, help="largest block (default: num_mask_patches)")
     g.add_argument("--fixed_mask_count", action=argparse.BooleanOptionalAction, default=False,
                    help="top every mask up to exactly num_mask_patches (static shapes); off = official algorithm")
@@ -107,13 +115,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", choices=["dalle", "dvae"], default=None,
                    help="visual tokenizer: DALL-E's released encoder or our discrete VAE (demo dvae / real dalle)")
     g.add_argument("--discrete_vae_weight_path", default=None,
-                   help="tokenizer weights: DALL-E encoder.pkl (or a state dict of its layout), or a dVAE "
-                   "checkpoint from beit_fast.train_tokenizer; demo: trained first if missing")
+                   help=f"tokenizer weights: DALL-E's encoder.pkl ({DALLE_ENCODER_URL}, or a state dict of its "
+                   "layout), or a dVAE checkpoint from python -m beit_fast.train_tokenizer; demo: trained first "
+                   "if missing")
     g.add_argument("--tokenizer_steps", type=int, default=None,
                    help="demo only: steps to train the demo dVAE when no checkpoint is given (demo 300)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=sorted(MODEL_CONFIGS), help="model size (demo tiny / real base)")
+    g.add_argument("--model", default=None, choices=MODEL_NAMES, help="model size (demo tiny / real base)")
     g.add_argument("--vocab_size", type=int, default=None, help="visual vocabulary (default: the tokenizer's)")
     g.add_argument("--patch_size", type=int, default=16, help="patch size in pixels")
     g.add_argument("--rel_pos_bias", action=argparse.BooleanOptionalAction, default=True,
@@ -125,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate (default: the model's)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (demo 8 / real 800)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (demo 25 / real 800)")
     g.add_argument("--batch_size", type=int, default=None,
                    help="batch size per process and micro-batch (demo 32 / real 128); the global batch is "
                    "batch_size x processes x update_freq")
@@ -134,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="peak learning rate, not scaled by batch size (1.5e-3)")
     g.add_argument("--min_lr", type=float, default=1e-5, help="final learning rate of the cosine schedule")
     g.add_argument("--warmup_lr", type=float, default=0.0, help="learning rate at the start of the warmup")
-    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup epochs (demo 1 / real 10)")
+    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup epochs (demo 2 / real 10)")
     g.add_argument("--warmup_steps", type=int, default=-1, help="warmup steps; overrides --warmup_epochs if > 0")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--weight_decay_end", type=float, default=None,
@@ -196,21 +205,44 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(old or foreign files): they are read with Python's full unpickler, which can run arbitrary "
                    "code stored in the file; only for files you trust")
     g.add_argument("--save_ckpt_freq", type=int, default=None, help="save a numbered checkpoint every N epochs")
-    g.add_argument("--keep_last", type=int, default=0,
-                   help="keep only the K newest numbered checkpoints (0: keep all); checkpoint-last.pt and "
-                   "checkpoint-best.pt (lowest epoch-average loss) are always kept")
+    g.add_argument("--keep_last", type=int, default=DEFAULT_KEEP_LAST,
+                   help="keep only the K newest numbered checkpoints (default: %(default)s; 0: keep all); "
+                   "checkpoint-last.pt and checkpoint-best.pt (lowest epoch-average loss) are always kept")
     g.add_argument("--save_ckpt_steps", type=int, default=0,
                    help="also refresh checkpoint-last.pt every N steps (0: only at epoch ends)")
     g.add_argument("--log_freq", type=int, default=10, help="write a log line every N steps")
+    g.add_argument("--log_dir", default=None,
+                   help="also write the logged scalars (loss, MIM accuracy, unigram baseline, lr, ...) as TensorBoard "
+                   "events to this folder (needs the tensorboard package); the JSON lines go to output_dir/log.jsonl "
+                   "either way")
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="stop after this many global steps with a checkpoint, as if interrupted (for testing resume)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
-def _errors_of(args: argparse.Namespace) -> list[str]:
-    """Every problem with the flags that can be seen without touching files or devices."""
+def _path_errors(args: argparse.Namespace) -> list[str]:
+    """Problems with the paths the user typed: reported first, before anything that depends on them."""
     errors = []
+    if args.data_path is not None:
+        if not os.path.exists(args.data_path):
+            errors.append(f"--data_path {args.data_path}: image folder not found")
+        elif not os.path.isdir(args.data_path):
+            errors.append(f"--data_path {args.data_path} is not a folder")
+    if args.discrete_vae_weight_path and not os.path.isfile(args.discrete_vae_weight_path):
+        errors.append(f"--discrete_vae_weight_path {args.discrete_vae_weight_path}: tokenizer weights not found")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        errors.append(f"--resume checkpoint not found: {args.resume}")
+    if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
+    if args.log_dir is not None and os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
+        errors.append(f"--log_dir {args.log_dir} exists and is not a folder")
+    return errors
+
+
+def _errors_of(args: argparse.Namespace) -> list[str]:
+    """Every problem with the flags that can be seen without touching devices: the paths first."""
+    errors = _path_errors(args)
     for name in ("epochs", "batch_size", "input_size", "patch_size", "save_ckpt_freq", "log_freq",
                  "min_mask_patches_per_block", "max_bad_steps", "update_freq"):
         if getattr(args, name) <= 0:
@@ -256,13 +288,13 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
                           f"{args.second_input_size // 8} token grid, but the patch grid is {grid}x{grid}: use "
                           f"{grid * 8}")
     if args.tokenizer == "dalle" and not args.discrete_vae_weight_path:
-        errors.append("--tokenizer dalle needs --discrete_vae_weight_path pointing at DALL-E's encoder.pkl "
-                      "(this machine cannot download it); or use --tokenizer dvae")
-    if args.discrete_vae_weight_path and not os.path.isfile(args.discrete_vae_weight_path):
-        errors.append(f"tokenizer weights not found: {args.discrete_vae_weight_path}")
+        errors.append(f"--tokenizer dalle needs --discrete_vae_weight_path pointing at DALL-E's encoder.pkl, the "
+                      f"tokenizer of OpenAI's DALL-E release ({DALLE_ENCODER_URL}; download it once). No download "
+                      "needed: train our dVAE on your images, python -m beit_fast.train_tokenizer --data_path DIR "
+                      "--output dvae.pt, then pass --tokenizer dvae --discrete_vae_weight_path dvae.pt")
     if args.tokenizer == "dvae" and args.data_path is not None and not args.discrete_vae_weight_path:
-        errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path (train one with "
-                      "python -m beit_fast.train_tokenizer --data_path ...)")
+        errors.append("--tokenizer dvae with --data_path needs --discrete_vae_weight_path: train one on your images "
+                      "with python -m beit_fast.train_tokenizer --data_path DIR --output dvae.pt")
     if args.data_path is not None and args.num_samples is not None:
         errors.append("--num_samples only applies to the embedded demo (no --data_path)")
     if args.activation_checkpointing not in ("none", "all"):
@@ -272,11 +304,9 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
         except ValueError:
             errors.append(f"--activation_checkpointing must be none, all or a positive integer, "
                           f"got {args.activation_checkpointing!r}")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        errors.append(f"--resume checkpoint not found: {args.resume}")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        errors.append(f"--output_dir {args.output_dir} exists and is not a folder")
     if args.data_pipeline == "gpu":
+        from .pipeline import device_pipeline_problems
+
         errors += device_pipeline_problems(args.train_interpolation, args.second_interpolation)
     if args.tokenize_in_loader and args.data_pipeline != "gpu":
         errors.append("--tokenize_in_loader needs --data_pipeline gpu")
@@ -297,6 +327,10 @@ def _errors_of(args: argparse.Namespace) -> list[str]:
 def _overflow_errors(args: argparse.Namespace) -> list[str]:
     """Learning rates whose first AdamW step, ``lr / (1 - beta1)``, does not fit in float32 (torch then
     fails deep in the optimizer: "value cannot be converted to type float without overflow")."""
+    import torch
+
+    from .optim import adamw_first_step
+
     f32_max = float(torch.finfo(torch.float32).max)
     beta1 = args.opt_betas[0]
     betas_ok = all(math.isfinite(b) and 0 <= b < 1 for b in args.opt_betas)
@@ -334,12 +368,15 @@ def build_tokenizer_for_run(args: argparse.Namespace, device: torch.device):
     if path is None:  # demo: train a small dVAE once, reuse it afterwards
         path = str(Path(args.output_dir) / "tokenizer.pt")
         if not os.path.isfile(path):
-            from .train_tokenizer import main as train_tokenizer
+            from .tokenizer_training import train_tokenizer
 
             log.info("training the demo dVAE tokenizer (%d steps) -> %s", args.tokenizer_steps, path)
-            train_tokenizer(["--output", path, "--preset", "tiny", "--steps", str(args.tokenizer_steps),
-                             "--input_size", str(args.second_input_size), "--seed", str(args.seed),
-                             "--device", str(device)] + (["--no_progress"] if args.no_progress else []))
+            metrics = train_tokenizer(path, preset="tiny", steps=args.tokenizer_steps,
+                                      input_size=args.second_input_size, seed=args.seed, device=str(device),
+                                      progress=not args.no_progress)
+            log.info("demo tokenizer: held-out reconstruction MSE %.4f (untrained %.4f, each crop's mean colour "
+                     "%.4f), %d of %d codes used", metrics["recon_mse"], metrics["initial"]["recon_mse"],
+                     metrics["mean_color_mse"], metrics["codes_used"], metrics["vocab_size"])
         else:
             log.info("reusing the demo dVAE tokenizer %s", path)
         args.discrete_vae_weight_path = path
@@ -415,15 +452,18 @@ def _check_fast_backends(args: argparse.Namespace, device: torch.device) -> None
 def main(argv: list[str] | None = None) -> dict:
     """Run pretraining with command-line flags ``argv`` (default ``sys.argv[1:]``); returns a summary."""
     args = resolve_defaults(get_args_parser().parse_args(argv))
-    dist_info, device = init_distributed(args.device)
-    lock = None
-    try:
-        lock = _claim_output_dir(args, dist_info)
-        return _train(args, dist_info, device)
-    finally:
-        if lock is not None:
-            lock.release()
-        cleanup_distributed(dist_info)
+    from .distributed import cleanup_distributed, init_distributed
+
+    with cli_logging():
+        dist_info, device = init_distributed(args.device)
+        lock = None
+        try:
+            lock = _claim_output_dir(args, dist_info)
+            return _train(args, dist_info, device)
+        finally:
+            if lock is not None:
+                lock.release()
+            cleanup_distributed(dist_info)
 
 
 def _claim_output_dir(args: argparse.Namespace, dist_info: DistInfo) -> OutputDirLock | None:
@@ -431,7 +471,9 @@ def _claim_output_dir(args: argparse.Namespace, dist_info: DistInfo) -> OutputDi
     left by a killed run is taken over), clears temporary files of interrupted saves, and refuses a fresh
     run into a folder holding another run's checkpoints (unless --overwrite_output_dir, which deletes them).
     Every rank raises the same SystemExit on failure. Returns the held lock (rank 0) or None."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError, OutputDirLock, remove_stale_temp_files
+    from .distributed import broadcast_object
+
     out = Path(args.output_dir)
     lock, error = None, None
     if dist_info.is_main:
@@ -467,6 +509,8 @@ def _claim_output_dir(args: argparse.Namespace, dist_info: DistInfo) -> OutputDi
 def _fresh_run_error(args: argparse.Namespace, out: Path) -> str | None:
     """A fresh run (no --resume) into a folder that holds another run's checkpoints is refused: it would
     overwrite that run's checkpoint-best.pt and log and mix numbered checkpoints of both runs."""
+    from .checkpoint import existing_checkpoints, list_checkpoints, load_checkpoint, remove_run_outputs
+
     found = existing_checkpoints(out)
     if args.resume or not found:
         return None
@@ -492,8 +536,24 @@ def _fresh_run_error(args: argparse.Namespace, out: Path) -> str | None:
 
 
 def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> dict:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .checkpoint import CheckpointSaveError, Checkpointer, trim_jsonl
+    from .data import ImageFolderDataset, PretrainDataset, ResumableSampler
+    from .distributed import (GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
+                              isolate_worker_from_signals)
+    from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
+    from .masking import MaskingGenerator
+    from .model import build_model, get_config
+    from .optim import build_optimizer, cosine_scheduler
+    from .pipeline import build_loader_for
+    from .rng import rng_state, seed_everything, set_rng_state
+    from .sample_data import SampleImages
+    from .transforms import TwoViewConfig, TwoViewTransform
+
     is_main, rank, world = dist_info.is_main, dist_info.rank, dist_info.world_size
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_main:  # one rank speaks
         logging.getLogger("beit_fast").setLevel(logging.WARNING)
     if args.fsdp and not dist_info.active:
@@ -517,7 +577,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     seed_everything(args.seed)
     grid = args.input_size // args.patch_size
     if args.data_path is None:
-        images = SampleImages(num_samples=args.num_samples)
+        # Photographs capped at twice the patch view's side: the colour jitter runs on the whole photograph
+        # (official order), and on the 1411 px retina it would cost more than the model's step.
+        images = SampleImages(num_samples=args.num_samples, max_side=DEMO_PHOTO_SIDE_PER_VIEW * args.input_size)
     else:
         try:
             images = ImageFolderDataset(args.data_path, max_image_pixels=args.max_image_pixels)
@@ -652,8 +714,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             if restore_error:
                 raise SystemExit(restore_error)
             if state.get("model_config") != cfg.to_dict():
-                raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config:\n"
-                                 f"  checkpoint: {state.get('model_config')}\n  this run:   {cfg.to_dict()}")
+                raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config: "
+                                 f"{_config_difference(state.get('model_config'), cfg.to_dict())}")
             _warn_if_trajectory_changes(state, args)
             try:
                 engine.load_model_state_dict(state["model"])
@@ -723,6 +785,15 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             raise SystemExit(error)
 
     log_file = open(out / "log.jsonl", "a") if is_main else None
+    tensorboard = None
+    if is_main and args.log_dir:
+        from .logs import TensorBoardMissing, TensorBoardWriter
+
+        try:
+            tensorboard = TensorBoardWriter(args.log_dir, purge_step=step + 1 if step else None)
+        except TensorBoardMissing as e:
+            log_file.close()
+            raise SystemExit(f"error: {e}") from None
     bad_steps = 0
     history: list[dict] = []
     epoch_losses: list[float] = []
@@ -781,11 +852,14 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                                   "skipped_images": loader.skipped.num_skipped}
                         record["loss"] = float(np.mean([r.loss for r in window]))
                         record["mlm_acc"] = float(np.mean([r.mlm_acc for r in window]))
+                        record["unigram_entropy"], record["unigram_acc"] = engine.unigram_baseline() or (None, None)
                         rss = _rss_mb()
                         if rss is not None:
                             record["rss_mb"] = rss
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                        if tensorboard is not None:
+                            tensorboard.add_scalars(record, step)
                         history.append(record)
                         window, t0, steps_since_log = [], time.time(), 0
                 # Every rank must stop at the same step: a signal seen by any rank stops all of them.
@@ -815,7 +889,10 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
             epoch_loss_sum, epoch_loss_count = 0.0, 0
             numbered = str(epoch_done) if (epoch_done % args.save_ckpt_freq == 0 or step == total_steps) else None
             save(numbered, best=is_best)
-            log.info("epoch %d/%d: mean loss %.4f%s%s", epoch_done, args.epochs, epoch_loss,
+            if tensorboard is not None:
+                tensorboard.flush()
+            log.info("epoch %d/%d: mean loss %.4f nats (unigram baseline %s)%s%s", epoch_done, args.epochs,
+                     epoch_loss, _nats(engine.unigram_entropy()),
                      " (best so far)" if is_best else "",
                      f", last {history[-1]['images_per_s']:.1f} img/s" if history else "")
             if stop_reason is not None:  # at an epoch end: the epoch's checkpoints are written, stop here
@@ -824,6 +901,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
         stopper.restore()
         if log_file is not None:
             log_file.close()
+        if tensorboard is not None:
+            tensorboard.close()
         _shutdown_workers(loader)
     minutes = (time.time() - start_time) / 60
     if loader.skipped.num_skipped:
@@ -831,16 +910,28 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
                     ", ".join(list(loader.skipped.files)[:5]))
     summary = {"steps": step, "minutes": minutes, "checkpoint": str(ckpt.last), "history": history,
                "interrupted": stop_reason, "best_loss": best_loss if math.isfinite(best_loss) else None,
-               "best_epoch": best_epoch, "epoch_losses": epoch_losses, "world_size": world}
+               "best_epoch": best_epoch, "epoch_losses": epoch_losses, "world_size": world,
+               "unigram_entropy": None, "unigram_acc": None}
+    summary["unigram_entropy"], summary["unigram_acc"] = engine.unigram_baseline() or (None, None)
     if history:
-        log.info("done: %d steps in %.1f min; loss %.4f -> %.4f, mlm_acc %.4f -> %.4f; checkpoint %s", step, minutes,
-                 history[0]["loss"], history[-1]["loss"], history[0]["mlm_acc"], history[-1]["mlm_acc"], ckpt.last)
+        log.info("done: %d steps in %.1f min; MIM loss %.4f -> %.4f nats, mlm_acc %.4f -> %.4f; unigram baseline "
+                 "(masked tokens predicted by their frequency alone): loss %s, accuracy %s; checkpoint %s", step,
+                 minutes, history[0]["loss"], history[-1]["loss"], history[0]["mlm_acc"], history[-1]["mlm_acc"],
+                 _nats(summary["unigram_entropy"]),
+                 "n/a" if summary["unigram_acc"] is None else f"{summary['unigram_acc']:.4f}", ckpt.last)
     return summary
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f} nats"
 
 
 def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     """The checkpoint every rank resumes from: rank 0 picks it (``auto``: the newest valid one), all
     ranks load that same file. None: nothing to resume (``auto`` on a fresh output folder)."""
+    from .checkpoint import LAST_NAME, CheckpointError, find_resume_checkpoint, list_checkpoints, validate_checkpoint
+    from .distributed import broadcast_object
+
     choice: tuple[str | None, str | None] = (None, None)
     state = None
     if dist_info.is_main:
@@ -878,6 +969,13 @@ def _resume_state(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     state["_restore_copies"] = args.resume == "auto" or \
         Path(path).resolve() == (Path(args.output_dir) / LAST_NAME).resolve()
     return state
+
+
+def _config_difference(old: dict | None, new: dict) -> str:
+    """``key: checkpoint X, this run Y`` for each key whose value differs (a key missing on one side: -)."""
+    old = old if isinstance(old, dict) else {}
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "-") != new.get(k, "-")]
+    return "; ".join(f"{k}: checkpoint {old.get(k, '-')!r}, this run {new.get(k, '-')!r}" for k in keys)
 
 
 def _warn_if_trajectory_changes(state: dict, args: argparse.Namespace) -> None:

@@ -153,6 +153,7 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     (module docstring). ``input_size`` / ``patch_size``: 224 / 16 for BEiT-B (the CPU smoke default is
     32 / 8, tokenizer view 32)."""
     from beit_fast import engine as engine_mod
+    from beit_fast import pipeline as pipeline_mod
     from beit_fast import pretrain
 
     out_dir = Path(out_dir)
@@ -177,8 +178,9 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     argv += list(extra_args or [])
 
     probe = _Probe(warmup)
+    # pretrain imports build_loader_for from beit_fast.pipeline when the run starts (after parsing its flags)
     real_next, real_step, real_build = pretrain._next_batch, engine_mod.PretrainEngine.train_accumulated, \
-        pretrain.build_loader_for
+        pipeline_mod.build_loader_for
 
     def next_batch(*a, **k):
         t0 = probe.fetch_started()
@@ -199,12 +201,12 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
         return probe.loader
 
     pretrain._next_batch, engine_mod.PretrainEngine.train_accumulated = next_batch, train_accumulated
-    pretrain.build_loader_for = build_loader_for
+    pipeline_mod.build_loader_for = build_loader_for
     try:
         pretrain.main(argv)
     finally:
         pretrain._next_batch, engine_mod.PretrainEngine.train_accumulated = real_next, real_step
-        pretrain.build_loader_for = real_build
+        pipeline_mod.build_loader_for = real_build
     if len(probe.steps_done) < total or probe.window_start is None:
         raise RuntimeError(f"the run made {len(probe.steps_done)} steps, expected {total}")
     wall = probe.steps_done[total - 1] - probe.window_start

@@ -36,12 +36,13 @@ def toy(tmp_path_factory):
 
 
 def crash_args(toy, out, *extra):
-    """18 steps (3 epochs of 6), a checkpoint after every step (so that kills often land in a save)."""
+    """18 steps (3 epochs of 6), a checkpoint after every step (so that kills often land in a save); every
+    numbered checkpoint is kept (--keep_last 0, not the default 2), so the tests see that none is lost."""
     images, tok = toy
     return ["--data_path", images, "--tokenizer", "dvae", "--discrete_vae_weight_path", tok, "--model", "tiny",
             "--input_size", "32", "--patch_size", "8", "--num_mask_patches", "6", "--min_mask_patches_per_block", "2",
             "--batch_size", "4", "--amp", "none", "--epochs", "3", "--warmup_epochs", "1", "--drop_path", "0.2",
-            "--save_ckpt_steps", "1", "--save_ckpt_freq", "1", "--log_freq", "1", "--no_progress",
+            "--save_ckpt_steps", "1", "--save_ckpt_freq", "1", "--keep_last", "0", "--log_freq", "1", "--no_progress",
             "--output_dir", out, *map(str, extra)]
 
 

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from beit_fast.evidence import (
-    EvidenceConfig, PixelRegressionLoss, RandomMaskingGenerator, build_parser, main, summarize, table,
-)
+from beit_fast.evidence import build_parser, main
+from beit_fast.evidence_run import EvidenceConfig, PixelRegressionLoss, RandomMaskingGenerator, summarize, table
 from beit_fast.digits import DigitsDataset
 from beit_fast.model import build_model
 

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from beit_fast.checkpoint import atomic_save, load_checkpoint
-from beit_fast.finetune import (
-    FinetuneConfig, accuracy, build_mixup, build_transforms, default_layer_decay, evaluate, finetune, main,
-    parse_randaug, soft_target_cross_entropy,
+from beit_fast.finetune import main
+from beit_fast.finetuning import (
+    FinetuneConfig, accuracy, build_mixup, build_transforms, default_layer_decay, evaluate, finetune, parse_randaug,
+    soft_target_cross_entropy,
 )
 from beit_fast.model import build_classifier, build_model
 

@@ -416,9 +416,12 @@ def test_pretrain_with_the_gpu_pipeline_on_cpu_equals_the_pil_run(tmp_path):
                         ("gpu_tokens", ["--data_pipeline", "gpu", "--tokenize_in_loader", "--num_workers", "2"])):
         out = tmp_path / name
         pretrain.main(common + ["--output_dir", str(out), *flags])
-        runs[name] = [r["loss"] for r in map(__import__("json").loads, open(out / "log.jsonl"))]
-    # the same losses: same pixels, same tokens (also when the loader's thread computes them)
+        runs[name] = [(r["loss"], r["unigram_entropy"], r["unigram_acc"])
+                      for r in map(__import__("json").loads, open(out / "log.jsonl"))]
+    # the same losses: same pixels, same tokens (also when the loader's thread computes them); the unigram
+    # baseline counts the targets whichever side computed them
     assert len(runs["pil"]) == 8 and runs["gpu"] == runs["pil"] and runs["gpu_tokens"] == runs["pil"]
+    assert all(entropy is not None and entropy > 0 for _, entropy, _ in runs["pil"])
     with pytest.raises(SystemExit, match="--tokenize_in_loader needs --data_pipeline gpu"):
         pretrain.main(common + ["--output_dir", str(tmp_path / "bad"), "--tokenize_in_loader"])
     with pytest.raises(SystemExit, match="--data_pipeline gpu supports --train_interpolation"):

@@ -160,6 +160,7 @@ def test_resume_reproduces_uninterrupted_run(toy_setup, tmp_path):
         assert a["step"] == b["step"]
         assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
         assert a["lr"] == b["lr"]
+        assert a["unigram_entropy"] == b["unigram_entropy"]  # the target counts are checkpointed too
     final_full = load_checkpoint(full / "checkpoint-last.pt")["model"]
     final_part = load_checkpoint(part / "checkpoint-last.pt")["model"]
     for k in final_full:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from beit_fast import pretrain, visualize
+from beit_fast import pretrain, visualization, visualize
 from beit_fast.model import build_model
 from beit_fast.tokenizer import build_tokenizer
 from test_pretrain import make_toy_images, make_toy_tokenizer, toy_args
 
 DPI = 40
-PANEL = int(visualize.PANEL_INCHES * DPI)  # 80 px
-CURVES = (int(3 * visualize.CURVE_PANEL_INCHES[0] * DPI), int(visualize.CURVE_PANEL_INCHES[1] * DPI))
+PANEL = int(visualization.PANEL_INCHES * DPI)  # 80 px
+CURVES = (int(3 * visualization.CURVE_PANEL_INCHES[0] * DPI), int(visualization.CURVE_PANEL_INCHES[1] * DPI))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,14 +44,14 @@ def _png(path, size, mode="RGB"):
 
 
 def test_visualize_run_writes_the_four_pictures(toy_run, tmp_path):
-    paths = visualize.visualize_run(toy_run, tmp_path / "pics", num_images=3, seed=1, dpi=DPI)
-    assert [p.name for p in paths] == [visualize.FILENAMES[p] for p in visualize.PARTS]
+    paths = visualization.visualize_run(toy_run, tmp_path / "pics", num_images=3, seed=1, dpi=DPI)
+    assert [p.name for p in paths] == [visualization.FILENAMES[p] for p in visualization.PARTS]
     _png(paths[0], (3 * PANEL, 2 * PANEL))  # mask: one column per image, 2 rows
     _png(paths[1], (3 * PANEL, 2 * PANEL))  # reconstruction
     _png(paths[2], (5 * PANEL, 3 * PANEL))  # predictions: one row per image, 5 columns
     _png(paths[3], CURVES)
     # deterministic: the same call draws the same pictures
-    again = visualize.visualize_run(toy_run, tmp_path / "again", num_images=3, seed=1, dpi=DPI, only="mask,predictions")
+    again = visualization.visualize_run(toy_run, tmp_path / "again", num_images=3, seed=1, dpi=DPI, only="mask,predictions")
     for p in again:
         assert p.read_bytes() == (tmp_path / "pics" / p.name).read_bytes()
 
@@ -95,15 +95,15 @@ def test_curves_from_a_hand_written_log(tmp_path):
     lines.insert(2, "{not json")  # e.g. a line cut off by a kill
     lines.append(json.dumps({"epoch": 5, "train_loss": 0.3}))  # keys missing from some records
     log.write_text("\n".join(lines) + "\n")
-    _png(visualize.plot_curves(log, tmp_path / "c.png", dpi=DPI), CURVES)
+    _png(visualization.plot_curves(log, tmp_path / "c.png", dpi=DPI), CURVES)
     only_loss = tmp_path / "loss.jsonl"
     only_loss.write_text('{"loss": 3.0}\n{"loss": 2.5}\n')  # no x key, no accuracy, no lr: still a picture
-    _png(visualize.plot_curves(only_loss, tmp_path / "l.png", dpi=DPI), CURVES)
+    _png(visualization.plot_curves(only_loss, tmp_path / "l.png", dpi=DPI), CURVES)
     (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match="no numeric metrics|no loss"):
-        visualize.plot_curves(tmp_path / "empty.jsonl", tmp_path / "e.png")
+        visualization.plot_curves(tmp_path / "empty.jsonl", tmp_path / "e.png")
     with pytest.raises(FileNotFoundError, match="log not found"):
-        visualize.plot_curves(tmp_path / "missing.jsonl", tmp_path / "m.png")
+        visualization.plot_curves(tmp_path / "missing.jsonl", tmp_path / "m.png")
 
 
 def test_library_functions_and_an_encoder_only_tokenizer(tmp_path):
@@ -112,37 +112,42 @@ def test_library_functions_and_an_encoder_only_tokenizer(tmp_path):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     mask = np.zeros((4, 4), dtype=bool)
     mask[1:3, 1:3] = True
-    _png(visualize.plot_mask(img, mask, tmp_path / "m.png", patch_size=8, title="x", dpi=DPI), (PANEL, 2 * PANEL))
+    _png(visualization.plot_mask(img, mask, tmp_path / "m.png", patch_size=8, title="x", dpi=DPI), (PANEL, 2 * PANEL))
     with pytest.raises(ValueError, match="does not cover"):
-        visualize.plot_mask(img, mask, tmp_path / "m.png", patch_size=16)
+        visualization.plot_mask(img, mask, tmp_path / "m.png", patch_size=16)
 
     dalle = build_tokenizer("dalle", random_init=True, n_hid=4, vocab_size=64, input_size=32)
     views = torch.rand(2, 3, 32, 32) * 0.8 + 0.1
     with pytest.raises(ValueError, match="no decoder"):
-        visualize.plot_reconstruction(dalle, views, tmp_path / "r.png")
+        visualization.plot_reconstruction(dalle, views, tmp_path / "r.png")
 
     model = build_model("tiny", img_size=32, patch_size=8, vocab_size=64, depth=1)
     patch = torch.randn(2, 3, 32, 32)
     masks = torch.zeros(2, 16, dtype=torch.bool)
     masks[0, :5] = True
     masks[1, 3:12] = True
-    res = visualize.mim_predictions(model, dalle, patch, views, masks)
+    res = visualization.mim_predictions(model, dalle, patch, views, masks)
     assert torch.equal(res["predicted"][~masks], res["tokens"][~masks])  # visible tokens are kept
     assert not res["correct"][~masks].any()
     assert torch.allclose(res["accuracy"], res["correct"].sum(1).float() / masks.sum(1).float())
     # without a decoder: input, mask, right/wrong
-    _png(visualize.plot_predictions(model, dalle, patch, views, masks, tmp_path / "p.png", dpi=DPI),
+    _png(visualization.plot_predictions(model, dalle, patch, views, masks, tmp_path / "p.png", dpi=DPI),
          (3 * PANEL, 2 * PANEL))
     dvae = build_tokenizer("dvae", random_init=True, preset="tiny", vocab_size=64, input_size=32)
-    _png(visualize.plot_predictions(model, dvae, patch, views, masks, tmp_path / "p5.png", dpi=DPI),
+    _png(visualization.plot_predictions(model, dvae, patch, views, masks, tmp_path / "p5.png", dpi=DPI),
          (5 * PANEL, 2 * PANEL))
-    _png(visualize.plot_reconstruction(dvae, views, tmp_path / "r.png", dpi=DPI), (2 * PANEL, 2 * PANEL))
+    _png(visualization.plot_reconstruction(dvae, views, tmp_path / "r.png", dpi=DPI), (2 * PANEL, 2 * PANEL))
     with pytest.raises(ValueError, match="predicts 64 tokens"):
-        visualize.mim_predictions(model, build_tokenizer("dvae", random_init=True, preset="tiny", input_size=32),
+        visualization.mim_predictions(model, build_tokenizer("dvae", random_init=True, preset="tiny", input_size=32),
                                   patch, views, masks)
 
 
 def test_demo_run_pictures_the_sample_photographs():
-    images, names = visualize._run_images({"data_path": None}, 2, seed=0)
+    images, names = visualization._run_images({"data_path": None}, 2, seed=0)
     assert names == ["astronaut", "chelsea"]
     assert all(im.mode == "RGB" and max(im.size) <= 512 for im in images)
+
+
+def test_curves_put_the_unigram_baseline_beside_loss_and_accuracy():
+    assert visualization._kind("unigram_entropy") == visualization._kind("loss") == "loss"
+    assert visualization._kind("unigram_acc") == visualization._kind("mlm_acc") == "accuracy"

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint
+from ..options import DVAE_RECOMMENDED_LR
 from .base import LOGIT_LAPLACE_EPS, VisualTokenizer
 
 __all__ = [
@@ -118,9 +119,8 @@ PRESETS: dict[str, DVAEConfig] = {
                        kl_weight=3e-4),
 }
 
-#: Peak AdamW learning rates used by the CLI when ``--lr`` is not given. tiny: tuned (1e-2 collapsed to
-#: 4 codes for one of three seeds, 2e-2 to one code); default: a conservative untuned value.
-RECOMMENDED_LR: dict[str, float] = {"default": 1e-3, "tiny": 5e-3}
+#: Peak AdamW learning rates used by the CLI when ``--lr`` is not given (defined in :mod:`beit_fast.options`).
+RECOMMENDED_LR: dict[str, float] = DVAE_RECOMMENDED_LR
 
 
 # --------------------------------------------------------------------------------------------------------

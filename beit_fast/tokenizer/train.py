@@ -14,7 +14,7 @@ Data: tensors are tokenizer views ``[3, S, S]`` already passed through ``map_pix
 [0.1, 0.9]). :func:`train_dvae` accepts a map-style ``torch.utils.data.Dataset`` (items: a tensor or a
 tuple whose first element is one), a tensor ``[N, 3, S, S]``, or any other iterable of ``[3, S, S]`` or
 ``[b, 3, S, S]`` tensors (re-iterated when exhausted). Photographs become such views through the data
-pipeline of BEiT itself: :class:`beit_fast.train_tokenizer.TokenizerViewDataset` runs
+pipeline of BEiT itself: :class:`beit_fast.tokenizer_training.TokenizerViewDataset` runs
 :class:`beit_fast.transforms.TokenizerViewTransform` (BEiT's tokenizer view) over ``SampleImages`` or an
 ``ImageFolderDataset`` (``python -m beit_fast.train_tokenizer``).
 """

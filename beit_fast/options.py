@@ -1,0 +1,120 @@
+"""Names, defaults and argparse pieces shared by the command-line programs and the library.
+
+Plain Python only (no torch, numpy or PIL): a CLI builds its parser from these and answers ``--help``
+without importing torch; the library modules take the same values from here, so each is defined once.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+__all__ = [
+    "HelpFormatter", "MODEL_NAMES", "DVAE_PRESET_NAMES", "DVAE_RECOMMENDED_LR", "RESIZE_FILTERS",
+    "PICTURE_PARTS", "PANEL_INCHES", "DEFAULT_DPI", "EvidenceConfig", "EVIDENCE_VARIANTS",
+    "add_classification_data_args", "DEFAULT_MAX_IMAGE_PIXELS",
+]
+
+#: Named model sizes: the keys of :data:`beit_fast.model.MODEL_CONFIGS` (a test checks they agree).
+MODEL_NAMES: tuple[str, ...] = ("base", "large", "small", "tiny")
+
+#: Images with more pixels than this are skipped (read off the header, before decoding): 64 Mpx, 8192 x 8192,
+#: far above photographs of ImageNet-like data sets, below what exhausts a data worker's memory once decoded
+#: to RGB (a 12000 x 12000 PNG of a few KB would take 432 MB). Pillow's own limit only warns up to 179 Mpx.
+#: (beit_fast.data re-exports it; pretrain's --max_image_pixels default.)
+DEFAULT_MAX_IMAGE_PIXELS = 2**26
+
+#: Named dVAE presets: the keys of :data:`beit_fast.tokenizer.dvae.PRESETS` (a test checks they agree).
+DVAE_PRESET_NAMES: tuple[str, ...] = ("default", "tiny")
+#: Peak AdamW learning rates used when ``--lr`` is not given. tiny: tuned (1e-2 collapsed to 4 codes for
+#: one of three seeds, 2e-2 to one code); default: a conservative untuned value.
+DVAE_RECOMMENDED_LR: dict[str, float] = {"default": 1e-3, "tiny": 5e-3}
+
+#: Resize filters of the fine-tuning transforms: flag value -> torchvision ``InterpolationMode`` name.
+RESIZE_FILTERS: dict[str, str] = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST",
+                                  "lanczos": "LANCZOS", "box": "BOX", "hamming": "HAMMING"}
+
+#: The pictures ``beit_fast.visualization.visualize_run`` can make, in order.
+PICTURE_PARTS: tuple[str, ...] = ("mask", "reconstruction", "predictions", "curves")
+#: Side of one image panel of those pictures, inches (x dpi = pixels).
+PANEL_INCHES = 2.0
+DEFAULT_DPI = 100
+
+#: Variants of the evidence run (``beit_fast.evidence_run.VARIANTS`` says what each one pretrains).
+EVIDENCE_VARIANTS: tuple[str, ...] = ("scratch", "beit", "beit_random_mask", "beit_pixels")
+
+
+@dataclass
+class EvidenceConfig:
+    """Sizes and schedules of the evidence run; the defaults fit in under 30 minutes on 2 CPU cores."""
+
+    seeds: int = 3
+    image_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 4
+    mask_ratio: float = 0.4
+    min_mask_block: int = 4
+    # tokenizer (trained once per run, on the training images only)
+    vocab_size: int = 256
+    tokenizer_steps: int = 300
+    tokenizer_batch: int = 64
+    # pretraining
+    pretrain_epochs: int = 20
+    pretrain_batch: int = 64
+    pretrain_lr: float = 1.5e-3
+    pretrain_warmup_epochs: int = 3
+    crop_scale_min: float = 0.5
+    # downstream
+    labels_per_class: int = 10
+    finetune_epochs: int = 100
+    finetune_batch: int = 32
+    finetune_lr: float = 2e-3
+    layer_decay: float = 0.75
+    probe_epochs: int = 100
+    probe_lr: float = 1e-2
+    # variants: any of EVIDENCE_VARIANTS; --ablations adds the two ablations
+    variants: str = "scratch,beit"
+    ablations: bool = False
+    threads: int | None = None
+    output_dir: str = "runs/evidence"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_masked(self) -> int:
+        return max(1, round(self.mask_ratio * self.grid**2))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, minus its repetitions: it appends ``(default: X)`` only to flags
+    whose help does not already say what the default is, and not for a default of ``None`` or ``False``
+    (an unset value the help explains, or a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_classification_data_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The data flags of ``beit_fast.finetune`` and ``beit_fast.linear_probe``."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None,
+                   help="folder with train/<class>/* and val/<class>/* images (torchvision ImageFolder); omit for "
+                   "the embedded default, scikit-learn's handwritten digits")
+    g.add_argument("--nb_classes", type=int, default=None,
+                   help="number of classes (default: from the data); must match the data's")
+    g.add_argument("--input_size", type=int, default=None, help="image size fed to the model (demo 32 / real 224)")
+    g.add_argument("--crop_pct", type=float, default=None,
+                   help="eval: resize to input_size / crop_pct, then center-crop input_size (demo 1.0 / real "
+                   "224/256 below 384 px, 1.0 from 384 px)")
+    g.add_argument("--imagenet_default_mean_and_std", action="store_true",
+                   help="normalise with ImageNet mean/std instead of the official 0.5/0.5")
+    g.add_argument("--labels_per_class", type=int, default=None,
+                   help="digits only: keep this many labelled training images per class (few-label setting)")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    return g
