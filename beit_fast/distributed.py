@@ -11,7 +11,7 @@ Launch with ``torchrun`` (no launcher of our own)::
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL on CUDA, gloo on CPU.
 Without ``WORLD_SIZE`` everything here degrades to single-process no-ops.
 
-The model is always called through one module, :class:`beit_fast.engine.MIMLoss`
+The model is always called through one module, :class:`beit_fast.train.mim.MIMLoss`
 (``forward(images, bool_masked_pos, tokens) -> (loss, acc)``), for the eager reference step and for the
 fast static-shape step alike. That module is what DDP wraps (so DDP's reducer sees every forward, including
 the fast path's ``model.forward_masked_hidden``) and what FSDP2 shards as its root (each Transformer block
@@ -328,6 +328,10 @@ def load_full_optimizer_state_dict(root: nn.Module, optimizer: torch.optim.Optim
         g["params"] = names[offset: offset + len(group["params"])]
         offset += len(group["params"])
         groups.append(g)
+    for current, saved in zip(optimizer.param_groups, groups):  # keys the schedule adds (beit_fast.optim's
+        for key, value in saved.items():                          # "_decays"): DCP wants the same keys here
+            if key != "params":
+                current.setdefault(key, value)
     fqn = {"state": {by_id[i]: v for i, v in state["state"].items()}, "param_groups": groups}
     dcp_sd.set_optimizer_state_dict(root, optimizer, fqn, options=dcp_sd.StateDictOptions(full_state_dict=True))
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import PretrainDataset, collate_pretrain
 from .digits import DigitsDataset
-from .engine import MIMLoss, PretrainEngine
+from .train.mim import MIMLoss, PretrainEngine
 from .masking import MaskingGenerator
 from .model import build_model
 from .optim import build_optimizer, cosine_scheduler

@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> dict:
     import torch
 
     from .checkpoint import CheckpointError
-    from .engine import resolve_amp_dtype
+    from .train.engine import resolve_amp_dtype
     from .finetuning import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, FinetuneConfig,
                              build_model_for_args, build_transforms, default_layer_decay, evaluate, finetune,
                              load_datasets)

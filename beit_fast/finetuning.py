@@ -45,7 +45,7 @@ from .checkpoint import (
     LAST_NAME, CheckpointError, Checkpointer, OutputDirLock, existing_checkpoints, find_resume_checkpoint,
     list_checkpoints, remove_run_outputs, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
-from .engine import autocast_or_null, resolve_amp_dtype
+from .train.engine import autocast_or_null, resolve_amp_dtype
 from .model import build_classifier, get_config
 from .optim import adamw_first_step, apply_schedule, cosine_scheduler, param_groups_layer_decay
 from .options import RESIZE_FILTERS

@@ -544,7 +544,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) 
     from .data import ImageFolderDataset, PretrainDataset, ResumableSampler
     from .distributed import (GracefulStop, all_gather_object, any_rank, apply_fsdp, barrier, broadcast_object,
                               isolate_worker_from_signals)
-    from .engine import FastPretrainEngine, MIMLoss, PretrainEngine, resolve_amp_dtype
+    from .train.engine import resolve_amp_dtype
+    from .train.mim import FastPretrainEngine, MIMLoss, PretrainEngine
     from .masking import MaskingGenerator
     from .model import build_model, get_config
     from .optim import build_optimizer, cosine_scheduler

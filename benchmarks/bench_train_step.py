@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from beit_fast.engine import FastPretrainEngine, PretrainEngine
+from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
 from beit_fast.masking import MaskingGenerator
 from beit_fast.model import BeitConfig, build_model, get_config
 from beit_fast.optim import build_optimizer

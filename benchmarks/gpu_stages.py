@@ -167,7 +167,7 @@ def _schedule(lr: float = 1e-4, n: int = 10**6) -> np.ndarray:
 
 
 def _our_engine(cfg, data, *, fast: bool, **fast_kw):
-    from beit_fast.engine import FastPretrainEngine, PretrainEngine
+    from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
     from beit_fast.model import build_model
     from beit_fast.optim import build_optimizer
 
@@ -204,7 +204,7 @@ def fast_description(engine) -> str:
 def sync_free_step(engine, batch, i: int):
     """engine.train_step without its two host syncs: the gradient norm stays on the device, and fused
     AdamW skips the update itself when it is not finite (``found_inf``, as under a GradScaler)."""
-    engine.set_schedule(i)
+    engine.apply_schedule(i)
     engine.model.train()
     engine.optimizer.zero_grad(set_to_none=True)
     images, tok_images, masks = batch

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from beit_fast.engine import FastPretrainEngine, PretrainEngine
+from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
 from beit_fast.masking import MaskingGenerator
 from beit_fast.model import build_model, masked_index
 from beit_fast.optim import build_optimizer
@@ -144,7 +144,7 @@ def test_fast_step_bf16_close_to_fp32_reference():
 
 
 def test_tokenizer_low_precision_agreement_and_choice():
-    from beit_fast.engine import token_agreement, tokenize
+    from beit_fast.train.mim import token_agreement, tokenize
     from beit_fast.tokenizer import build_tokenizer
 
     torch.manual_seed(0)

@@ -232,7 +232,7 @@ def test_component_rows_from_records_add_up_and_show_idle():
 
 def test_profile_of_a_tiny_cpu_step_is_classified(one_thread):
     """torch.profiler on a real (eager, CPU) BEiT step: the operators land in the expected components."""
-    from beit_fast.engine import MIMLoss
+    from beit_fast.train.mim import MIMLoss
     from beit_fast.model import build_model, get_config
 
     torch.manual_seed(0)

@@ -453,7 +453,7 @@ def test_nvjpeg_views_within_tolerance_and_tokens(photo_folder, demo_tokenizer):
 def test_loader_side_tokens_equal_the_engines(photo_folder, demo_tokenizer):
     """``set_tokenizer``: each batch carries the tokens the engine would compute (here on CPU tensors; on
     CUDA the same code runs in the prefetch thread on the side stream)."""
-    from beit_fast.engine import tokenize
+    from beit_fast.train.mim import tokenize
 
     ds = make_dataset(photo_folder)
     loader = build_device_pretrain_loader(ds, 5, "cpu", sampler=ResumableSampler(len(ds), seed=ds.seed))

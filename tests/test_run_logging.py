@@ -68,7 +68,7 @@ def test_nothing_goes_to_the_root_logger(tmp_path, caplog):
 
 
 def test_no_autocast_warning_for_fp32_on_cpu():
-    from beit_fast.engine import MIMLoss, token_agreement
+    from beit_fast.train.mim import MIMLoss, token_agreement
     from beit_fast.model import build_model
     from beit_fast.tokenizer import build_tokenizer
 
@@ -87,7 +87,7 @@ def test_no_autocast_warning_for_fp32_on_cpu():
 
 
 def test_unigram_entropy_of_the_masked_targets():
-    from beit_fast.engine import PretrainEngine
+    from beit_fast.train.mim import PretrainEngine
     from beit_fast.model import build_model
     from beit_fast.optim import build_optimizer
     from beit_fast.tokenizer import build_tokenizer

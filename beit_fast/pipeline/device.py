@@ -318,7 +318,7 @@ class DevicePretrainLoader(PretrainLoader):
 
     def set_tokenizer(self, tokenizer: torch.nn.Module | None, dtype: torch.dtype | None = None) -> None:
         """Also compute each batch's visual tokens here (``batch.tokens``, int64 ``[B, N]``, with
-        :func:`beit_fast.engine.tokenize` in ``dtype``): in the prefetch thread, on the side CUDA stream, so
+        :func:`beit_fast.train.mim.tokenize` in ``dtype``): in the prefetch thread, on the side CUDA stream, so
         the tokenizer's forward of batch t+1 overlaps the step of batch t; the engine then uses them instead
         of tokenizing. The training thread must not use ``tokenizer`` while iterating. None: off."""
         self.tokenizer, self.tokenizer_dtype = tokenizer, dtype
@@ -355,7 +355,7 @@ class DevicePretrainLoader(PretrainLoader):
         masks = batch.masks.to(self.transform.device, non_blocking=True)
         out = PretrainBatch(patch, tok, masks, skipped)
         if self.tokenizer is not None:
-            from ..engine import tokenize
+            from ..train.mim import tokenize
 
             out.tokens = tokenize(self.tokenizer, tok, self.tokenizer_dtype)
         return out
