@@ -34,7 +34,8 @@ import argparse
 from typing import Sequence
 
 from .logs import cli_logging
-from .options import EVIDENCE_VARIANTS, EvidenceConfig, HelpFormatter
+from .config import EVIDENCE_VARIANTS, EvidenceConfig
+from .options import HelpFormatter
 
 __all__ = ["build_parser", "main"]
 

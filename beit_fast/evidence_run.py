@@ -26,7 +26,7 @@ from .train.mim import MIMLoss, PretrainEngine
 from .masking import MaskingGenerator
 from .model import build_model
 from .optim import build_optimizer, cosine_scheduler
-from .options import EvidenceConfig
+from .config import EvidenceConfig
 from .transforms import TokenizerViewTransform, TwoViewConfig, TwoViewTransform
 
 log = logging.getLogger("beit_fast.evidence_run")

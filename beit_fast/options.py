@@ -6,11 +6,10 @@ without importing torch; the library modules take the same values from here, so 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 __all__ = [
     "HelpFormatter", "MODEL_NAMES", "DVAE_PRESET_NAMES", "DVAE_RECOMMENDED_LR", "RESIZE_FILTERS",
-    "PICTURE_PARTS", "PANEL_INCHES", "DEFAULT_DPI", "EvidenceConfig", "EVIDENCE_VARIANTS",
+    "PICTURE_PARTS", "PANEL_INCHES", "DEFAULT_DPI",
     "add_classification_data_args", "DEFAULT_MAX_IMAGE_PIXELS",
 ]
 
@@ -38,55 +37,6 @@ PICTURE_PARTS: tuple[str, ...] = ("mask", "reconstruction", "predictions", "curv
 #: Side of one image panel of those pictures, inches (x dpi = pixels).
 PANEL_INCHES = 2.0
 DEFAULT_DPI = 100
-
-#: Variants of the evidence run (``beit_fast.evidence_run.VARIANTS`` says what each one pretrains).
-EVIDENCE_VARIANTS: tuple[str, ...] = ("scratch", "beit", "beit_random_mask", "beit_pixels")
-
-
-@dataclass
-class EvidenceConfig:
-    """Sizes and schedules of the evidence run; the defaults fit in under 30 minutes on 2 CPU cores."""
-
-    seeds: int = 3
-    image_size: int = 32
-    patch_size: int = 4
-    embed_dim: int = 96
-    depth: int = 4
-    num_heads: int = 4
-    mask_ratio: float = 0.4
-    min_mask_block: int = 4
-    # tokenizer (trained once per run, on the training images only)
-    vocab_size: int = 256
-    tokenizer_steps: int = 300
-    tokenizer_batch: int = 64
-    # pretraining
-    pretrain_epochs: int = 20
-    pretrain_batch: int = 64
-    pretrain_lr: float = 1.5e-3
-    pretrain_warmup_epochs: int = 3
-    crop_scale_min: float = 0.5
-    # downstream
-    labels_per_class: int = 10
-    finetune_epochs: int = 100
-    finetune_batch: int = 32
-    finetune_lr: float = 2e-3
-    layer_decay: float = 0.75
-    probe_epochs: int = 100
-    probe_lr: float = 1e-2
-    # variants: any of EVIDENCE_VARIANTS; --ablations adds the two ablations
-    variants: str = "scratch,beit"
-    ablations: bool = False
-    threads: int | None = None
-    output_dir: str = "runs/evidence"
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_masked(self) -> int:
-        return max(1, round(self.mask_ratio * self.grid**2))
-
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults formatter, minus its repetitions: it appends ``(default: X)`` only to flags

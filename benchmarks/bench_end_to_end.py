@@ -12,13 +12,13 @@ weights). Measured over the steps after ``--warmup`` (compilation, autotuning, w
 
 * ``images_per_s``: global batch x measured steps / wall time of those steps;
 * ``data_wait_share``: the share of that time the training loop waited for the next batch (host time in
-  the loop's ``_next_batch``; with ``--data_pipeline gpu`` plus the time the compute stream waited on the
+  the loop's ``next_batch``; with ``--data_pipeline gpu`` plus the time the compute stream waited on the
   GPU for the batch's event). The engine synchronises every step (it reads the loss), so host waiting is
   time the GPU had nothing to do;
 * ``step_images_per_s``: the same steps without the waiting (the model step's own speed in this run);
 * ``cpu_cores_used``: CPU seconds of the process and its DataLoader workers / wall seconds.
 
-Nothing is timed by hand inside ``pretrain``: the loop's own ``_next_batch`` and the engine's
+Nothing is timed by hand inside ``pretrain``: the loop's own ``next_batch`` and the engine's
 ``train_accumulated`` are wrapped (timestamps only), and the loader ``build_loader_for`` returns is kept to
 read the GPU pipeline's stream waits. :func:`run_end_to_end` is the function to call from another script.
 """
@@ -152,9 +152,10 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     """One ``beit_fast.pretrain`` run with ``--data_pipeline pipeline``; returns the measured fields
     (module docstring). ``input_size`` / ``patch_size``: 224 / 16 for BEiT-B (the CPU smoke default is
     32 / 8, tokenizer view 32)."""
-    from beit_fast import engine as engine_mod
     from beit_fast import pipeline as pipeline_mod
     from beit_fast import pretrain
+    from beit_fast.train import loop as loop_mod
+    from beit_fast.train import mim as engine_mod
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,8 +179,8 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     argv += list(extra_args or [])
 
     probe = _Probe(warmup)
-    # pretrain imports build_loader_for from beit_fast.pipeline when the run starts (after parsing its flags)
-    real_next, real_step, real_build = pretrain._next_batch, engine_mod.PretrainEngine.train_accumulated, \
+    # the run imports build_loader_for from beit_fast.pipeline when it starts (after parsing its flags)
+    real_next, real_step, real_build = loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated, \
         pipeline_mod.build_loader_for
 
     def next_batch(*a, **k):
@@ -200,12 +201,12 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
         probe.loader = real_build(*a, **k)
         return probe.loader
 
-    pretrain._next_batch, engine_mod.PretrainEngine.train_accumulated = next_batch, train_accumulated
+    loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated = next_batch, train_accumulated
     pipeline_mod.build_loader_for = build_loader_for
     try:
         pretrain.main(argv)
     finally:
-        pretrain._next_batch, engine_mod.PretrainEngine.train_accumulated = real_next, real_step
+        loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated = real_next, real_step
         pipeline_mod.build_loader_for = real_build
     if len(probe.steps_done) < total or probe.window_start is None:
         raise RuntimeError(f"the run made {len(probe.steps_done)} steps, expected {total}")

@@ -1,0 +1,88 @@
+"""What every run configuration shares: built from argparse, defaults given once, problems as messages."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, Iterable, TypeVar
+
+__all__ = ["from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
+           "positive_problems", "finite_problems"]
+
+T = TypeVar("T")
+
+#: Largest finite float32 (``torch.finfo(torch.float32).max``), without importing torch.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """``{field: default}`` of a dataclass (for ``parser.set_defaults``: the flags' defaults are the config's)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The config ``cls`` from parsed flags: each field from the flag with its name (dest)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def exit_on_problems(problems: Iterable[str]) -> None:
+    """``SystemExit("error: ...")`` listing every problem, one per line; nothing when there is none."""
+    problems = list(problems)
+    if problems:
+        raise SystemExit("error: " + "\n       ".join(problems))
+
+
+def adamw_first_step(lr: float, beta1: float) -> float:
+    """The largest step AdamW takes at a learning rate ``lr``: its first, ``lr / (1 - beta1)`` (the bias
+    correction divides by ``1 - beta1**t``). torch passes it to float32 kernels, so it must stay below
+    float32's maximum (else: "value cannot be converted to type float without overflow")."""
+    return lr / (1 - beta1)
+
+
+def lr_overflow_problems(rates: dict[str, float | None], betas: tuple[float, float], prefix: str = "--") -> list[str]:
+    """Learning rates whose first AdamW step does not fit in float32 (torch then fails deep in the optimizer)."""
+    beta1 = betas[0]
+    betas_ok = all(math.isfinite(b) and 0 <= b < 1 for b in betas)
+    problems = []
+    for name, value in rates.items():
+        if value is None or not math.isfinite(value) or value < 0:
+            continue  # reported elsewhere
+        step = adamw_first_step(value, beta1) if betas_ok else value
+        if step > FLOAT32_MAX:
+            problems.append(f"{prefix}{name} {value:g} is too large: AdamW's first step size {name} / (1 - beta1) = "
+                            f"{step:.3g} overflows float32 (max {FLOAT32_MAX:.3g})")
+    return problems
+
+
+def positive_problems(cfg: Any, names: Iterable[str], prefix: str = "--", strict: bool = True) -> list[str]:
+    """``--name must be positive`` (``strict``) or ``must be >= 0`` for each of ``names`` that is not; None
+    values pass (unset)."""
+    problems = []
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and (value <= 0 if strict else value < 0):
+            problems.append(f"{prefix}{name} must be {'positive' if strict else '>= 0'}, got {value}")
+    return problems
+
+
+def finite_problems(cfg: Any, names: Iterable[str], prefix: str = "--", nonnegative: Iterable[str] = ()) -> list[str]:
+    """``--name must be a finite number`` for each of ``names`` that is not (None passes), and ``must be >= 0``
+    for those in ``nonnegative`` that are negative."""
+    nonnegative = set(nonnegative)
+    problems = []
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{prefix}{name} must be a finite number, got {value}")
+        elif name in nonnegative and value < 0:
+            problems.append(f"{prefix}{name} must be >= 0, got {value}")
+    return problems

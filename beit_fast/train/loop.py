@@ -1,0 +1,481 @@
+"""The one training loop: epochs of engine steps, with everything a run needs around them.
+
+:class:`TrainLoop` drives an :class:`~beit_fast.train.engine.Engine` over a loader whose sampler can start
+mid-epoch (:class:`beit_fast.data.ResumableSampler`) and owns, for every kind of training:
+
+* progress (a tqdm bar per epoch), a JSON-lines log ``log.jsonl`` (step records every ``log_freq`` steps
+  and/or one record per epoch) and the same scalars as TensorBoard events (``log_dir``);
+* checkpoints through :class:`~beit_fast.checkpoint.Checkpointer` (``checkpoint-last.pt`` at every epoch end,
+  every ``save_ckpt_steps`` steps and at a stop; numbered ones every ``save_ckpt_freq`` epochs and at the end,
+  pruned to ``keep_last``; ``checkpoint-best.pt`` at each new best epoch score) and exact resume
+  (:meth:`TrainLoop.restore`: weights, optimizer, scaler, RNG states of every rank, the epoch's running sums);
+* the non-finite policy: a skipped step (see the engine) is never logged as a loss; after ``max_bad_steps``
+  consecutive ones the run saves a checkpoint and stops with :class:`NonFiniteLossError` (engines that check
+  on the host are checked every step, those that check on the device when their results are read: every
+  ``log_freq`` steps and at epoch ends);
+* a graceful stop on SIGTERM / SIGINT (the step in progress is finished, a checkpoint written), and the same
+  stop on every rank of a distributed run.
+
+What differs between tasks - what goes into a checkpoint besides the training state, what a step record adds,
+what happens at an epoch end (pretraining: the epoch's mean loss is the score; fine-tuning: an evaluation,
+top-1 the score) - comes from a :class:`LoopHooks` object.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointSaveError, Checkpointer, trim_jsonl
+from ..distributed import GracefulStop, all_gather_object, any_rank, broadcast_object
+from ..rng import rng_state, seed_everything, set_rng_state
+from .meters import BadStepRun, Meter
+
+__all__ = ["LoopConfig", "LoopHooks", "EpochEnd", "TrainLoop", "NonFiniteLossError", "next_batch", "data_error",
+           "shutdown_workers", "WORKERS_GONE"]
+
+log = logging.getLogger("beit_fast.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """``max_bad_steps`` consecutive steps had a non-finite loss (or gradient norm); a checkpoint was saved."""
+
+
+@dataclass
+class LoopConfig:
+    """``steps_per_epoch`` optimizer steps of ``update_freq`` micro-batches of ``batch_size`` (per process)
+    per epoch; ``images_per_step``: the global batch (for images/s). ``log_freq``: read the step results every N steps (a step record in the
+    log when ``step_records``); ``score``: the name of the epoch score that picks checkpoint-best.pt
+    (``higher_is_better`` or lower). ``save``: write checkpoints at all (needs an output folder)."""
+
+    epochs: int
+    steps_per_epoch: int
+    update_freq: int = 1
+    batch_size: int = 1
+    images_per_step: int = 0
+    log_freq: int = 10
+    step_records: bool = True
+    save: bool = True
+    save_ckpt_freq: int = 1
+    save_ckpt_steps: int = 0
+    keep_last: int = 0
+    max_bad_steps: int = 3
+    stop_after_steps: int = 0
+    progress: bool = True
+    seed: int = 0
+    metric_name: str = "mlm_acc"
+    score: str = "loss"
+    higher_is_better: bool = False
+    nonfinite_hint: str = "Lower the lr, or use amp bf16/none."
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass
+class EpochEnd:
+    """What a task says at an epoch end: its ``score`` (None: none this epoch), a ``record`` for the log
+    (None: none) and the ``message`` to log (``{best}`` is replaced by " (best so far)" or "")."""
+
+    score: float | None = None
+    record: dict | None = None
+    message: str = ""
+
+
+class LoopHooks:
+    """The task-specific parts of a run (the defaults do nothing)."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's loader iterator is made (e.g. the data set's epoch for its augmentation seeds)."""
+
+    def checkpoint_extras(self) -> dict:
+        """Added to every checkpoint (model config, the run's flags, ...)."""
+        return {}
+
+    def step_record_extras(self) -> dict:
+        """Added to every step record."""
+        return {}
+
+    def end_epoch(self, epoch: int, train_loss: float) -> EpochEnd:
+        """After epoch ``epoch`` (1-based), whose good steps' mean loss was ``train_loss``."""
+        return EpochEnd(score=train_loss)
+
+
+@dataclass
+class _Progress:
+    """The running values that a checkpoint carries (besides weights, optimizer and RNG)."""
+
+    step: int = 0
+    best: float = math.nan
+    best_epoch: int | None = None
+    epoch_meter: Meter = field(default_factory=Meter)
+    history: list = field(default_factory=list)
+
+
+class TrainLoop:
+    """Epochs of ``engine`` steps over ``loader`` (whose ``sampler`` is resumable); see the module docstring.
+
+    ``output_dir``: where ``log.jsonl`` and (``checkpointer``, rank 0) the checkpoints go; None: neither.
+    ``log_dir``: TensorBoard events (rank 0). ``dist_info``/``device``: a distributed run.
+    """
+
+    def __init__(self, engine, loader, sampler, cfg: LoopConfig, hooks: LoopHooks | None = None, *,
+                 output_dir: str | Path | None = None, checkpointer: Checkpointer | None = None,
+                 log_dir: str | Path | None = None, dist_info=None, device: torch.device | None = None) -> None:
+        self.engine, self.loader, self.sampler, self.cfg = engine, loader, sampler, cfg
+        self.hooks = hooks or LoopHooks()
+        self.out = Path(output_dir) if output_dir is not None else None
+        self.ckpt = checkpointer
+        self.log_dir = log_dir
+        self.dist_info = dist_info
+        self.device = device if device is not None else engine.device
+        self.is_main = dist_info is None or dist_info.is_main
+        self.world = 1 if dist_info is None else dist_info.world_size
+        self.progress = _Progress(best=-math.inf if cfg.higher_is_better else math.inf)
+        self.step_records: list[dict] = []
+        self.epoch_losses: list[float] = []
+        self.stop_reason: str | None = None
+        self._bad = BadStepRun()
+        self._log_file = None
+        self._tensorboard = None
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict | None:
+        """Collective (every rank calls it at the same point); the state on rank 0, None elsewhere."""
+        model_state = self.engine.model_state_dict()
+        engine_state = self.engine.state_dict()
+        rngs = all_gather_object(rng_state(), self.dist_info) if self.dist_info is not None else [rng_state()]
+        if not self.is_main:
+            return None
+        p, sums = self.progress, self.progress.epoch_meter.totals()
+        return {"model": model_state, **engine_state, "step": p.step, "epoch": p.step // self.cfg.steps_per_epoch,
+                "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.world, f"best_{self.cfg.score}": p.best,
+                "best_epoch": p.best_epoch, "epoch_loss_sum": sums[0], "epoch_loss_count": sums[2],
+                "history": list(p.history), **self.hooks.checkpoint_extras()}
+
+    def save(self, numbered: str | None = None, best: bool = False) -> None:
+        """Write checkpoint-last.pt (+ numbered / best copies) on rank 0; a failed write (disk full,
+        permissions) stops every rank with :class:`CheckpointSaveError`, the last good file intact."""
+        if not (self.cfg.save and (self.ckpt is not None or not self.is_main)):
+            return
+        state = self.checkpoint_state()
+        error = None
+        if self.is_main:
+            try:
+                self.ckpt.save(state, numbered, best)
+            except CheckpointSaveError as e:  # disk full, permissions: stop cleanly, the last good file stays
+                error = (f"{e}. The run stopped at step {self.step}; make room (or fix the permissions) and "
+                         "continue with --resume auto")
+        error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
+        if error:
+            raise CheckpointSaveError(error)
+
+    def restore(self, state: dict | None) -> None:
+        """Continue from a checkpoint (:func:`beit_fast.train.run_dir.choose_resume_state`'s): its missing
+        copies first, then weights, optimizer, scaler, RNG states and running sums. :class:`CheckpointError`
+        if it does not fit this run. None (nothing to resume yet): the log keeps no record of a run that left
+        no checkpoint."""
+        from ..checkpoint import CheckpointError
+
+        if state is None:
+            self._trim_log()
+            return
+        path = state.get("_path", "the checkpoint")
+        error = None
+        if self.is_main and self.ckpt is not None and state.get("_restore_copies"):
+            try:
+                self.ckpt.restore_copies(state, path)
+            except CheckpointSaveError as e:
+                error = str(e)
+        error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
+        if error:
+            raise CheckpointSaveError(error)
+        try:
+            self.engine.load_model_state_dict(state["model"])
+            self.engine.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None
+        p = self.progress
+        p.step = int(state["step"])
+        self._restore_rng(state)
+        p.best = float(state.get(f"best_{self.cfg.score}", p.best))
+        p.best_epoch = state.get("best_epoch")
+        p.epoch_meter = Meter.from_totals(float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_loss_count", 0)))
+        p.history = list(state.get("history") or [])
+        log.info("resumed from %s at step %d (epoch %d)", path, p.step, p.step // self.cfg.steps_per_epoch)
+        if p.step >= self.cfg.total_steps:
+            log.info("the run is complete (step %d of %d, %d epochs) in %s: nothing to train. Give more epochs to "
+                     "continue it, or overwrite the output folder to start over", p.step, self.cfg.total_steps,
+                     self.cfg.epochs, self.out)
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        if self.is_main and self.out is not None:
+            trim_jsonl(self.out / "log.jsonl", "step", self.step)
+
+    def _restore_rng(self, state: dict) -> None:
+        rank = 0 if self.dist_info is None else self.dist_info.rank
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.world:
+            set_rng_state(per_rank[rank])
+        elif self.world == 1 and state.get("rng") is not None:
+            set_rng_state(state["rng"])
+        else:
+            log.warning("the checkpoint holds RNG states of another number of processes: reseeding "
+                        "(drop path will not follow the original run)")
+            seed_everything(self.cfg.seed + rank + 7919 * self.progress.step)
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to the end (or a stop); returns the summary (see :meth:`summary`)."""
+        self._open_logs()
+        start = time.time()
+        stopper = GracefulStop().install()
+        try:
+            while self.step < self.cfg.total_steps and self.stop_reason is None:
+                if not self._run_epoch(stopper):
+                    break
+        finally:
+            stopper.restore()
+            self._close_logs()
+            shutdown_workers(self.loader)
+        return self.summary(time.time() - start)
+
+    def summary(self, seconds: float = 0.0) -> dict:
+        p = self.progress
+        return {"steps": self.step, "minutes": seconds / 60, "checkpoint": str(self.ckpt.last) if self.ckpt else None,
+                "step_records": self.step_records, "history": p.history, "interrupted": self.stop_reason,
+                "best": p.best if math.isfinite(p.best) else None, "best_epoch": p.best_epoch,
+                "epoch_losses": self.epoch_losses, "world_size": self.world}
+
+    def _open_logs(self) -> None:
+        if not self.is_main:
+            return
+        if self.log_dir is not None:
+            from ..logs import TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(self.log_dir, purge_step=self.step + 1 if self.step else None)
+        if self.out is not None:
+            self._log_file = open(self.out / "log.jsonl", "a")
+
+    def _close_logs(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    def _write(self, record: dict) -> None:
+        if self._log_file is not None:
+            self._log_file.write(json.dumps(record) + "\n")
+            self._log_file.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.add_scalars(record, record["step"])
+
+    def _run_epoch(self, stopper: GracefulStop) -> bool:
+        """One (remaining part of an) epoch; False when the run stops mid-epoch."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        epoch, start_in_epoch = divmod(self.step, cfg.steps_per_epoch)
+        self.hooks.start_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start_in_epoch * cfg.update_freq * cfg.batch_size)
+        bar = tqdm(total=cfg.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or not self.is_main, dynamic_ncols=True, leave=False)
+        window = _Window()
+        it = iter(self.loader)
+        try:
+            while self._one_step(it, stopper, window, bar):
+                pass
+        finally:
+            bar.close()
+            del it
+        if not (self.step > epoch * cfg.steps_per_epoch and self.step % cfg.steps_per_epoch == 0):  # mid-epoch
+            if self.stop_reason is None:
+                raise RuntimeError(f"the data loader ended epoch {epoch} early, at step {self.step}")
+            self.save()
+            log.info("stopped after step %d (%s); continue with --resume auto%s", self.step, self.stop_reason,
+                     f" (or --resume {self.ckpt.last})" if self.ckpt is not None else "")
+            return False
+        self._end_epoch(window)
+        return True
+
+    def _one_step(self, it, stopper: GracefulStop, window: "_Window", bar) -> bool:
+        """Fetch a step's micro-batches, run it, account for it; False at the end of the epoch or a stop."""
+        cfg = self.cfg
+        micro = []
+        for _ in range(cfg.update_freq):
+            batch = next_batch(it, stopper, self.world)
+            if batch is None or batch is WORKERS_GONE:
+                break
+            micro.append(batch)
+        if batch is WORKERS_GONE:
+            self.stop_reason = f"{stopper.signal_name}, data workers gone"
+            return False
+        if len(micro) < cfg.update_freq:  # cannot happen with steps_per_epoch as computed
+            return False
+        result = self.engine.train_accumulated(micro, self.step)
+        self.progress.step += 1
+        window.add(result)
+        self.progress.epoch_meter.add(result)
+        self._bad.add(result)
+        bar.update(1)
+        if window.host or self.step % max(cfg.log_freq, 1) == 0 or self.step % cfg.steps_per_epoch == 0:
+            self._read(window, bar)
+        # Every rank must stop at the same step: a signal seen by any rank stops all of them.
+        signalled = stopper.requested is not None
+        if self.dist_info is not None:
+            signalled = any_rank(signalled, self.dist_info, self.device)
+        if signalled:
+            self.stop_reason = stopper.signal_name or "a signal on another rank"
+        elif cfg.stop_after_steps and self.step >= cfg.stop_after_steps:
+            self.stop_reason = f"--stop_after_steps {cfg.stop_after_steps}"
+        if self.stop_reason is not None or self.step % cfg.steps_per_epoch == 0:
+            return False
+        if cfg.save_ckpt_steps and self.step % cfg.save_ckpt_steps == 0:
+            self.save()
+        return True
+
+    def _read(self, window: "_Window", bar) -> None:
+        """Read the window's results (a host sync for device engines): the non-finite policy, the progress
+        bar, and a step record at log boundaries when the last step was good."""
+        cfg = self.cfg
+        last = window.last_values()
+        worst, bad_in_window = self._bad.read()
+        if bad_in_window:
+            if window.host:
+                log.warning("step %d: non-finite loss %s or gradient norm %s, update skipped (%d in a row)",
+                            self.step, last["loss"], last["grad_norm"], worst)
+            else:
+                log.warning("steps up to %d: %d non-finite losses or gradient norms, updates skipped (%d in a row "
+                            "at most)", self.step, bad_in_window, worst)
+        if worst >= cfg.max_bad_steps:
+            self.save()
+            where = f"state saved to {self.ckpt.last}" if self.ckpt is not None and cfg.save else "nothing saved"
+            raise NonFiniteLossError(f"{worst} consecutive non-finite losses at step {self.step}; {where}. "
+                                     f"{cfg.nonfinite_hint}")
+        if last["bad"]:
+            return
+        loss, metric, good = window.means()
+        if not good:
+            return
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metric:.3f}", lr=f"{last['lr']:.2e}")
+        if self.is_main and cfg.step_records and cfg.log_freq and (
+                self.step % cfg.log_freq == 0 or self.step == cfg.total_steps):
+            elapsed, steps = window.elapsed()
+            record = {"step": self.step, "epoch": (self.step - 1) // cfg.steps_per_epoch,
+                      **{k: v for k, v in last.items() if k not in ("bad", "metric")}, "loss": loss,
+                      cfg.metric_name: metric,
+                      "images_per_s": steps * cfg.images_per_step / max(elapsed, 1e-9), "step_time_s": elapsed / steps,
+                      **self.hooks.step_record_extras()}
+            self._write(record)
+            self.step_records.append(record)
+            window.reset()
+
+    def _end_epoch(self, window: "_Window") -> None:
+        p, cfg = self.progress, self.cfg
+        epoch_done = self.step // cfg.steps_per_epoch
+        loss, _, good = p.epoch_meter.means()
+        epoch_loss = loss if good else math.nan
+        self.epoch_losses.append(epoch_loss)
+        end = self.hooks.end_epoch(epoch_done, epoch_loss)
+        is_best = end.score is not None and math.isfinite(end.score) and (
+            end.score > p.best if cfg.higher_is_better else end.score < p.best)
+        if is_best:
+            p.best, p.best_epoch = end.score, epoch_done
+        p.epoch_meter = Meter()
+        if end.record is not None:
+            p.history.append(end.record)
+        last_epoch = self.step == cfg.total_steps
+        numbered = str(epoch_done) if cfg.save_ckpt_freq and (epoch_done % cfg.save_ckpt_freq == 0 or last_epoch) \
+            else None
+        self.save(numbered, best=is_best)
+        if self.is_main and end.record is not None:
+            self._write(end.record)
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        if end.message:
+            log.info(end.message.replace("{best}", " (best so far)" if is_best else ""))
+        if self.stop_reason is not None:  # at an epoch end: the epoch's checkpoints are written, stop here
+            log.info("stopped after step %d (%s); continue with --resume auto", self.step, self.stop_reason)
+
+
+class _Window(Meter):
+    """The results since the last step record: sums over good steps, the last step's values, wall time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        Meter.__init__(self)
+        self.t0 = time.time()
+        self.steps = 0
+
+    def add(self, result) -> None:
+        super().add(result)
+        self.steps += 1
+        self.last = result
+
+    @property
+    def host(self) -> bool:
+        return not isinstance(self.last.loss, torch.Tensor)
+
+    def last_values(self) -> dict:
+        r = self.last
+        values = [r.loss, r.metric, r.grad_norm, r.loss_scale, r.bad]
+        if not self.host:
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
+                                  for v in values]).tolist()
+        return {"loss": values[0], "metric": values[1], "grad_norm": values[2], "loss_scale": values[3],
+                "lr": r.lr, "min_lr": r.min_lr, "weight_decay": r.weight_decay, "bad": bool(values[4])}
+
+    def elapsed(self) -> tuple[float, int]:
+        return time.time() - self.t0, self.steps
+
+
+WORKERS_GONE = object()
+
+
+def data_error(e: BaseException) -> SystemExit | None:
+    """A clear SystemExit for a data set that yields no readable image (raised in a worker or here)."""
+    for line in str(e).splitlines()[::-1]:
+        if "could not be read" in line:
+            return SystemExit("error: " + line.strip().removeprefix("RuntimeError: "))
+    return None
+
+
+def next_batch(it, stopper: GracefulStop, world_size: int = 1):
+    """The next micro-batch; None at the end of the epoch; :data:`WORKERS_GONE` when a stop was requested
+    and the data workers were killed as well (signalled one by one), so the run stops at the last step."""
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+    except RuntimeError as e:
+        err = data_error(e)
+        if err is not None:
+            raise err from None
+        if stopper.requested is not None and world_size == 1:  # (several ranks must stop together: no)
+            log.warning("the data workers are gone (%s); stopping at the last finished step", str(e).splitlines()[0])
+            return WORKERS_GONE
+        raise
+
+
+def shutdown_workers(loader) -> None:
+    """Stop the loader's persistent workers now, not whenever the loader is collected (after an error its
+    traceback keeps it alive, and the workers would linger in an in-process caller)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
