@@ -45,6 +45,7 @@ from .checkpoint import (
     list_checkpoints, remove_run_outputs, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
 from .engine import resolve_amp_dtype
+from .loss import soft_target_cross_entropy
 from .model import MODEL_CONFIGS, build_classifier, get_config
 from .optim import adamw_first_step, apply_schedule, cosine_scheduler, param_groups_layer_decay
 from .rng import rng_state, seed_everything, set_rng_state
@@ -264,11 +265,6 @@ def build_mixup(
         return images, targets
 
     return apply
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``sum(-targets * log_softmax(logits))`` (timm ``SoftTargetCrossEntropy``)."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> list[int]:
@@ -712,9 +708,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=None, help="gradient norm clip (default: off, as officially)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="mixed precision: auto = bf16 on CUDA when supported, else fp16; none on CPU")
-    g.add_argument("--attn_backend", default="reference",
+    g.add_argument("--attn_backend", default="math",
                    choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
-                   help="attention implementation (reference: the eager math; auto: the fastest available)")
+                   help="attention implementation (math: the eager reference; auto: the fastest available; "
+                   "'reference' is a deprecated alias of math)")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=None, help="checkpoints and log.jsonl (demo runs/beit_finetune_demo)")
