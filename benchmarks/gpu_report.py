@@ -162,7 +162,7 @@ def source_shim(env: dict) -> str:
     in pytest, without installing: the lent machine has no network for pip's build dependencies. When the
     package is not installed from this tree, ``beit_fast/kernels`` becomes a link to ``kernels/`` (a path
     git ignores) and the tree goes on PYTHONPATH."""
-    probe = [sys.executable, "-c", "import beit_fast.kernels.masked_linear_ce, beit_fast; print(beit_fast.__file__)"]
+    probe = [sys.executable, "-c", "import beit_fast.kernels.cross_entropy, beit_fast; print(beit_fast.__file__)"]
     # from benchmarks/, as the stage scripts run: only an installed beit_fast (or PYTHONPATH) is found
     r = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
     if r.returncode == 0 and str(ROOT) in r.stdout:

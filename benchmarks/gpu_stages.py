@@ -608,7 +608,7 @@ def stage_attention(args, w: RowWriter) -> int:
 def stage_kernels(args, w: RowWriter) -> int:
     import torch.nn.functional as F
 
-    import beit_fast.kernels.masked_linear_ce as ce_kernels
+    import beit_fast.kernels.cross_entropy as ce_kernels
     from beit_fast.ops import masked_linear_cross_entropy, patch_embed_mask, patch_embed_mask_reference
     from beit_fast.ops.backend import triton_available, triton_interpreting
 

@@ -216,7 +216,7 @@ TABLES: dict[str, dict] = {
         ],
     },
     "ce_chunk": {
-        "title": "Fused linear + cross-entropy: chunk size swept (MAX_CHUNK_BYTES of kernels/masked_linear_ce.py)",
+        "title": "Fused linear + cross-entropy: chunk size swept (MAX_CHUNK_BYTES of kernels/cross_entropy.py)",
         "cols": [
             ("chunk MiB", lambda r: _fmt(r.get("chunk_mib"), 0)), ("rows/chunk", lambda r: _fmt(r.get("rows"), 0)),
             ("ms fwd+bwd (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
