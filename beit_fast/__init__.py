@@ -1,7 +1,7 @@
 """beit_fast: fast, faithful BEiT pretraining (masked image modeling with visual tokens) for PyTorch.
 
-Public API: the model and its configs, the masking generator, the fused ops (each with its reference)
-and their backend switch. Everything not re-exported here is private.
+Public API: the model and its configs, the masking generator, the loss modules (model + loss as one
+module, for pretraining and fine-tuning), the fused ops (each with its reference) and their backend switch. Everything not re-exported here is private.
 """
 from .masking import MaskingConfig, MaskingGenerator
 from .model import (
@@ -13,6 +13,7 @@ from .model import (
     VisionTransformerForClassification,
     build_classifier,
 )
+from .loss import ClassificationLoss, MIMLoss, build_finetune_loss
 from .optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
 from .pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table
 from .interop import (
@@ -63,6 +64,9 @@ __all__ = [
     "load_pretrained",
     "resize_rel_pos_bias_table",
     "PretrainedLoadError",
+    "MIMLoss",
+    "ClassificationLoss",
+    "build_finetune_loss",
     "param_groups_layer_decay",
     "layer_id_for_vit",
     "apply_schedule",

@@ -20,12 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .ops.attention import attention_with_bias, attention_with_rel_pos_bias, canonical_attention_backend
-from .rel_pos import (  # noqa: F401 (re-exported: the model's public names since the start)
-    gather_relative_position_bias,
-    relative_position_index,
-    relative_position_table_size,
-    square_grid_for_table_size,
-)
+from .rel_pos import gather_relative_position_bias, relative_position_index, relative_position_table_size
 
 __all__ = [
     "BeitConfig",
@@ -435,6 +430,8 @@ class BeitEncoder(nn.Module):
         if tuple(x.shape[-2:]) != self.patch_embed.img_size:
             raise ValueError(f"input image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
                              f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")
+        if bool_masked_pos is not None and self.mask_token is None:
+            raise ValueError("bool_masked_pos was given to a model without a mask_token (the classifier)")
         if bool_masked_pos is not None and bool_masked_pos.shape != (b, n):
             raise ValueError(f"bool_masked_pos must have shape {(b, n)}, got {tuple(bool_masked_pos.shape)}")
         if self.fused_embed_backend is not None:
@@ -457,15 +454,11 @@ class BeitEncoder(nn.Module):
             x = x + self.pos_embed
         return x
 
-    def forward_blocks(self, x: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
-        """The first ``num_blocks`` blocks (all by default) on tokens ``[B, N+1, D]``, with the shared
-        relative position bias (gathered once for all blocks) and activation checkpointing of the blocks in
-        ``checkpoint_blocks`` when gradients are on."""
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block on tokens ``[B, N+1, D]``, with the shared relative position bias (gathered once for
+        all blocks) and activation checkpointing of the blocks in ``checkpoint_blocks`` when gradients are on."""
         rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
-        stop = len(self.blocks) if num_blocks is None else num_blocks
         for i, blk in enumerate(self.blocks):
-            if i >= stop:
-                break
             x = self._run_block(i, blk, x, rel_pos_bias)
         return x
 

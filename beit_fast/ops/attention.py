@@ -669,5 +669,6 @@ def attention_with_rel_pos_bias(
 
 
 def attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:
-    """The "math" backend: the eager reference, in the input dtype."""
+    """The "math" backend: the eager reference (scores in the input dtype, the bias added with type
+    promotion, see the module docstring)."""
     return attention_with_bias(q, k, v, bias, scale, backend="math")
