@@ -4,8 +4,8 @@ This is the eager reference step (the official ``engine_for_pretraining.py`` sem
 masked positions only, mean cross-entropy over all masked positions of the batch, MIM accuracy,
 AdamW under per-step lr/wd schedules, gradient clipping, autocast with a loss scaler for fp16.
 
-The model and its loss are one module, :class:`MIMLoss` (``forward(images, bool_masked_pos, tokens) ->
-(loss, acc)``), in both the reference and the fast static-shape form. The engine calls the model only
+The model and its loss are one module, :class:`beit_fast.loss.MIMLoss` (``forward(images, bool_masked_pos,
+tokens) -> (loss, acc)``), in both the reference and the fast static-shape form. The engine calls the model only
 through it, so a DDP or FSDP2 wrapper around it sees every forward (see :mod:`beit_fast.distributed`),
 and torch.compile compiles it (or the wrapper) as one graph. Gradient accumulation: :meth:`train_step`
 takes a list of micro-batches (``--update_freq``).
@@ -19,14 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .loss import IGNORE_INDEX, MIMLoss, autocast_or_null, mim_loss_reference  # noqa: F401 (the loss stage: beit_fast/loss.py)
 
 __all__ = [
     "resolve_amp_dtype", "autocast_or_null", "mim_loss_reference", "StepResult", "MIMLoss", "PretrainEngine", "FastPretrainEngine",
     "tokenize", "token_agreement",
 ]
-
-IGNORE_INDEX = -100
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -45,25 +44,6 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None
     raise ValueError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or none")
-
-
-def autocast_or_null(device_type: str, dtype: torch.dtype | None):
-    """``torch.autocast(device_type, dtype)`` for a low-precision ``dtype``; float32: autocast off (fp32
-    compute, which ``torch.autocast(dtype=float32)`` also falls back to, but only after a warning that it
-    does not support that dtype); None: no context at all (whatever the caller set up applies)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    if dtype == torch.float32:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=dtype)
-
-
-def mim_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over masked positions (fp32) and MIM accuracy: ``logits [M, V]``, ``labels [M]``."""
-    loss = F.cross_entropy(logits.float(), labels)
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == labels).float().mean()
-    return loss, acc
 
 
 @torch.no_grad()
@@ -102,49 +82,6 @@ class StepResult:
     min_lr: float
     weight_decay: float
     skipped: bool = False
-
-
-class MIMLoss(nn.Module):
-    """The model and the masked-image-modeling loss as one module: ``forward(images [B,3,H,W],
-    bool_masked_pos [B,N] bool, tokens [B,N] int64) -> (loss, mlm_acc)`` (0-dim tensors).
-
-    ``num_masked=None``: the eager reference, ``F.cross_entropy(model(x, mask), tokens[mask])``.
-    ``num_masked=K``: the fast static-shape form, ``model.forward_masked_hidden`` (K rows per image,
-    padded rows ignored) into the fused linear + cross-entropy op; the same loss.
-    ``amp_dtype``: autocast dtype of the model's forward (None: fp32). This is the module DDP wraps and
-    FSDP2 shards as its root, so that their hooks run for either form.
-    """
-
-    def __init__(self, model: nn.Module, num_masked: int | None = None, amp_dtype: torch.dtype | None = None,
-                 ops_backend: str | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.num_masked = None if num_masked is None else int(num_masked)
-        self.amp_dtype = amp_dtype
-        self.ops_backend = ops_backend
-
-    def _autocast(self, device_type: str):
-        return autocast_or_null(device_type, self.amp_dtype)
-
-    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
-                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.num_masked is None:
-            with self._autocast(images.device.type):
-                logits = self.model(images, bool_masked_pos)
-            return mim_loss_reference(logits, tokens[bool_masked_pos])
-        from .ops.cross_entropy import masked_linear_cross_entropy
-
-        with self._autocast(images.device.type):
-            hidden, index = self.model.forward_masked_hidden(images, bool_masked_pos, self.num_masked)
-        real = bool_masked_pos.gather(1, index)
-        labels = tokens.gather(1, index).masked_fill(~real, IGNORE_INDEX).reshape(-1)
-        head = self.model.lm_head
-        dtype = self.amp_dtype or hidden.dtype
-        bias = head.bias.to(dtype) if head.bias is not None else None
-        return masked_linear_cross_entropy(
-            hidden.to(dtype), head.weight.to(dtype), bias, labels, ignore_index=IGNORE_INDEX,
-            return_accuracy=True, backend=self.ops_backend,
-        )
 
 
 class PretrainEngine:

@@ -161,7 +161,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "auto = on with CUDA, off (the eager reference step) on CPU")
     g.add_argument("--attn_backend", default="auto",
                    choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
-                   help="attention with the relative position bias in the fast step")
+                   help="attention with the relative position bias in the fast step (math: the eager reference; "
+                   "'reference' is a deprecated alias of math)")
     g.add_argument("--kernel_backend", default="auto", choices=["auto", "triton", "reference"],
                    help="fused patch-embedding and linear-cross-entropy ops in the fast step")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -440,7 +441,7 @@ def _check_fast_backends(args: argparse.Namespace, device: torch.device) -> None
 
     if args.attn_backend not in ("auto", "reference") and args.attn_backend not in available_attention_backends(device):
         raise SystemExit(f"error: --attn_backend {args.attn_backend} cannot run on {device.type}; available there: "
-                         f"{', '.join(['auto', 'reference'] + available_attention_backends(device))}")
+                         f"{', '.join(['auto'] + available_attention_backends(device))}")
     if args.kernel_backend == "triton":
         if not triton_available():
             raise SystemExit("error: --kernel_backend triton but Triton (or the beit_fast kernels) cannot be imported")
