@@ -25,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_variants import (  # noqa: E402
     build_finetune_variant,
     finetune_config,
-    finetune_flops_per_image,
     make_finetune_data,
 )
+from step_common import finetune_flops_per_image, mfu_percent  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-PEAK_TFLOPS = float(os.environ.get("BEIT_FAST_PEAK_TFLOPS", "989"))
 
 
 def _compile(module):
@@ -67,5 +66,5 @@ def test_finetune_step(benchmark, variant):
                                  "device": torch.cuda.get_device_name() if CUDA else "cpu"})
     if CUDA:
         benchmark.extra_info["mfu_percent"] = round(
-            100 * finetune_flops_per_image(cfg, classes) * images_per_s / (PEAK_TFLOPS * 1e12), 1)
+            mfu_percent(finetune_flops_per_image(cfg, classes), images_per_s), 1)
         benchmark.extra_info["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -38,15 +38,6 @@ def finetune_config(cuda: bool, batch: int | None = None):
     return get_config("tiny", drop_path_rate=DROP_PATH), batch or 4, 10
 
 
-def finetune_flops_per_image(cfg, num_classes: int) -> float:
-    """3x the forward FLOPs (multiply-adds count 2): patch embedding, blocks, the classification head."""
-    n, d, p = cfg.num_patches + 1, cfg.embed_dim, cfg.patch_size
-    hidden = int(d * cfg.mlp_ratio)
-    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
-    forward = 2 * cfg.num_patches * 3 * p * p * d + cfg.depth * block + 2 * d * num_classes
-    return 3.0 * forward
-
-
 def make_finetune_data(cfg, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> dict:
     """Images and mixup/cutmix soft targets (label smoothing folded in), as the fine-tuning loop makes them."""
     from beit_fast.finetuning import build_mixup

@@ -62,13 +62,13 @@ import torch.nn as nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from report_lib import RowWriter, spread  # noqa: E402
+from step_common import PEAK_TFLOPS, FixedTokens, finetune_flops_per_image, mfu_percent, train_flops_per_image  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 if not CUDA:  # tiny CPU runs: one thread (two contending threads on a shared 2-core machine are 10x slower)
     torch.set_num_threads(1)
 SMOKE_NO_COMPILE = os.environ.get("BEIT_FAST_SMOKE_NO_COMPILE") == "1"
-PEAK_TFLOPS = float(os.environ.get("BEIT_FAST_PEAK_TFLOPS", "989"))
 NUM_MASKED = 75
 SEED = 0
 
@@ -144,30 +144,9 @@ def make_data(cfg, batch: int, seed: int = 0) -> dict:
     }
 
 
-def train_flops_per_image(cfg, num_masked: int) -> float:
-    """3x the forward FLOPs (multiply-adds count 2): patch embedding, blocks, masked-only head."""
-    n, d, p = cfg.num_patches + 1, cfg.embed_dim, cfg.patch_size
-    hidden = int(d * cfg.mlp_ratio)
-    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
-    forward = 2 * cfg.num_patches * 3 * p * p * d + cfg.depth * block + 2 * num_masked * d * cfg.vocab_size
-    return 3.0 * forward
-
-
 # --------------------------------------------------------------------------------------------------
 # step variants
 # --------------------------------------------------------------------------------------------------
-class FixedTokens(nn.Module):
-    """A stand-in tokenizer returning ``self.tokens``: times the model step alone."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        super().__init__()
-        self.tokens = tokens
-        self.vocab_size = int(tokens.max()) + 1
-
-    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokens
-
-
 def _schedule(lr: float = 1e-4, n: int = 10**6) -> np.ndarray:
     return np.full(n, lr)
 
@@ -390,7 +369,7 @@ def step_row(w: RowWriter, name: str, runs: str, per: list[float], cfg, batch: i
                repeats=s["n"], images_per_s=ips, setup_s=round(setup_s, 1), first_loss=first_loss,
                peak_mem_gib=peak_gib(), device=torch.cuda.get_device_name() if CUDA else "cpu", **extra)
     if CUDA:
-        row["mfu_percent"] = 100 * train_flops_per_image(cfg, k) * ips / (PEAK_TFLOPS * 1e12)
+        row["mfu_percent"] = mfu_percent(train_flops_per_image(cfg, k), ips)
     return w.emit("step", **row)
 
 
@@ -770,7 +749,7 @@ def stage_fp8(args, w: RowWriter) -> int:
 # --------------------------------------------------------------------------------------------------
 def stage_finetune(args, w: RowWriter) -> int:
     """The fine-tuning step variants (``finetune_variants.py``), each timed like the pretraining steps."""
-    from finetune_variants import build_finetune_variant, finetune_config, finetune_flops_per_image, make_finetune_data
+    from finetune_variants import build_finetune_variant, finetune_config, make_finetune_data
 
     cfg, batch, classes = finetune_config(CUDA, args.batch)
     data = make_finetune_data(cfg, batch, classes, DEVICE)
@@ -796,7 +775,7 @@ def stage_finetune(args, w: RowWriter) -> int:
             if "compiled" in name or "beit_fast" in name:
                 row["graph_breaks"] = graph_breaks() - breaks0
             if CUDA:
-                row["mfu_percent"] = 100 * finetune_flops_per_image(cfg, classes) * ips / (PEAK_TFLOPS * 1e12)
+                row["mfu_percent"] = mfu_percent(finetune_flops_per_image(cfg, classes), ips)
             w.emit("finetune_step", **row)
             del step, keep
         except Exception as e:  # one variant failing must not cost the others
