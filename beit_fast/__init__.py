@@ -1,7 +1,7 @@
 """beit_fast: fast, faithful BEiT pretraining (masked image modeling with visual tokens) for PyTorch.
 
-Public API: the model and its configs, the masking generator, the fused ops (each with its reference)
-and their backend switch. Everything not re-exported here is private.
+Public API: the model and its configs, the masking generator, the loss modules (model + loss as one
+module, for pretraining and fine-tuning), the fused ops (each with its reference) and their backend switch. Everything not re-exported here is private.
 
 The names are imported on first use (PEP 562 module ``__getattr__``), so ``import beit_fast`` and the
 command-line programs' ``--help`` do not import torch; ``from beit_fast import X`` works as usual.
@@ -42,6 +42,9 @@ _EXPORTS = {
     "load_pretrained": "pretrained",
     "resize_rel_pos_bias_table": "pretrained",
     "PretrainedLoadError": "pretrained",
+    "MIMLoss": "loss",
+    "ClassificationLoss": "loss",
+    "build_finetune_loss": "loss",
     "param_groups_layer_decay": "optim",
     "layer_id_for_vit": "optim",
     "apply_schedule": "optim",
@@ -66,6 +69,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .interop import (apply_beit_fast_to_hf, apply_beit_fast_to_timm, convert_state_dict, detect_format,
                           revert_beit_fast)
+    from .loss import ClassificationLoss, MIMLoss, build_finetune_loss
     from .masking import MaskingConfig, MaskingGenerator
     from .model import (MODEL_CONFIGS, BeitConfig, VisionTransformerForClassification,
                         VisionTransformerForMaskedImageModeling, build_classifier, build_model, get_config)

@@ -11,7 +11,7 @@ Launch with ``torchrun`` (no launcher of our own)::
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL on CUDA, gloo on CPU.
 Without ``WORLD_SIZE`` everything here degrades to single-process no-ops.
 
-The model is always called through one module, :class:`beit_fast.train.mim.MIMLoss`
+The model is always called through one module, :class:`beit_fast.loss.MIMLoss`
 (``forward(images, bool_masked_pos, tokens) -> (loss, acc)``), for the eager reference step and for the
 fast static-shape step alike. That module is what DDP wraps (so DDP's reducer sees every forward, including
 the fast path's ``model.forward_masked_hidden``) and what FSDP2 shards as its root (each Transformer block

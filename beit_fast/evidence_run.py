@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import PretrainDataset, collate_pretrain
 from .digits import DigitsDataset
-from .train.mim import MIMLoss, PretrainEngine
+from .loss import MIMLoss
+from .train.mim import PretrainEngine
 from .masking import MaskingGenerator
 from .model import build_model
 from .optim import build_optimizer, cosine_scheduler

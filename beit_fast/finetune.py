@@ -102,9 +102,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=None, help="gradient norm clip (default: off, as officially)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="mixed precision: auto = bf16 on CUDA when supported, else fp16; none on CPU")
-    g.add_argument("--attn_backend", default="reference",
-                   choices=["auto", "reference", "math", "sdpa", "flex", "xformers", "triton"],
-                   help="attention implementation (reference: the eager math; auto: the fastest available)")
+    g.add_argument("--attn_backend", default="math",
+                   choices=["auto", "math", "sdpa", "flex", "xformers", "triton", "reference"],
+                   help="attention implementation (math: the eager reference; auto: the fastest available; "
+                   "'reference' is a deprecated alias of math)")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default=None, help="checkpoints and log.jsonl (demo runs/beit_finetune_demo)")

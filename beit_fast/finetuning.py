@@ -45,7 +45,8 @@ from .checkpoint import (
     LAST_NAME, CheckpointError, Checkpointer, OutputDirLock, existing_checkpoints, find_resume_checkpoint,
     list_checkpoints, remove_run_outputs, remove_stale_temp_files, trim_jsonl, validate_checkpoint,
 )
-from .train.engine import autocast_or_null, resolve_amp_dtype
+from .loss import autocast_or_null, soft_target_cross_entropy
+from .train.engine import resolve_amp_dtype
 from .model import build_classifier, get_config
 from .optim import adamw_first_step, apply_schedule, cosine_scheduler, param_groups_layer_decay
 from .options import RESIZE_FILTERS
@@ -266,11 +267,6 @@ def build_mixup(
         return images, targets
 
     return apply
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``sum(-targets * log_softmax(logits))`` (timm ``SoftTargetCrossEntropy``)."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> list[int]:

@@ -1,8 +1,13 @@
-"""The BEiT Transformer for masked image modeling: the eager reference.
+"""The BEiT Transformer: one encoder trunk for masked image modeling and for classification.
 
-Module and parameter names follow the official ``modeling_pretrain.py`` exactly, so an official
-pretraining checkpoint loads with ``strict=True`` (``checkpoint["model"]``). Everything here is plain
-PyTorch and written for clarity: it is the reference that every fast path is tested against.
+Module and parameter names follow the official ``modeling_pretrain.py`` (the pretraining model) and
+``modeling_finetune.py`` (the classifier) exactly, so official checkpoints load with ``strict=True``
+(``checkpoint["model"]``). Both models are a :class:`BeitEncoder`: patch embedding, [CLS], optional absolute
+position embedding, the block loop with a shared and/or per-block relative position bias, activation
+checkpointing and drop path are written once there, and the models add their own heads. Attention runs
+through :mod:`beit_fast.ops.attention`; its "math" backend (the default) is the eager reference, op for op.
+Everything else is plain PyTorch, written for clarity: it is the reference that every fast path is tested
+against, and ``configure_fast_path`` switches the same modules to the fast implementations.
 """
 from __future__ import annotations
 
@@ -14,16 +19,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .ops.attention import attention_with_bias, attention_with_rel_pos_bias, canonical_attention_backend
+from .rel_pos import gather_relative_position_bias, relative_position_index, relative_position_table_size
+
 __all__ = [
     "BeitConfig",
     "MODEL_CONFIGS",
     "get_config",
     "relative_position_index",
+    "relative_position_table_size",
     "RelativePositionBias",
     "PatchEmbed",
     "Attention",
     "Mlp",
     "Block",
+    "BeitEncoder",
     "VisionTransformerForMaskedImageModeling",
     "masked_index",
     "build_model",
@@ -101,30 +111,6 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
 
 
-def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
-    """Index into the relative position bias table for every (query, key) pair, ``int64[N+1, N+1]``.
-
-    Patch i to patch j: ``(dh + Gh - 1) * (2 Gw - 1) + (dw + Gw - 1)``; [CLS] query to any key: T - 3;
-    any query to the [CLS] key: T - 2; [CLS] to [CLS]: T - 1; T = (2Gh - 1)(2Gw - 1) + 3 table rows.
-    """
-    gh, gw = grid
-    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [N, N, 2]
-    num_table = (2 * gh - 1) * (2 * gw - 1) + 3
-    index = torch.zeros((gh * gw + 1,) * 2, dtype=torch.long)
-    index[1:, 1:] = (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)
-    index[0, :] = num_table - 3
-    index[:, 0] = num_table - 2
-    index[0, 0] = num_table - 1
-    return index
-
-
-def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table [T, heads]`` looked up at ``index int64[N+1, N+1]``: the bias ``[heads, N+1, N+1]``."""
-    n = index.shape[0]
-    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
-
-
 def shared_bias_arg(rel_pos_bias: "RelativePositionBias | None", blocks: nn.ModuleList):
     """What a model passes its blocks for the shared relative position bias: the ``(table, index)`` pair when
     a block's attention backend is "triton" (its kernel gathers the bias from the table), otherwise the
@@ -164,7 +150,7 @@ class RelativePositionBias(nn.Module):
     def __init__(self, window_size: tuple[int, int], num_heads: int) -> None:
         super().__init__()
         self.window_size = tuple(window_size)
-        self.num_relative_distance = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
+        self.num_relative_distance = relative_position_table_size(self.window_size)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
         # Persistent, as in the official code: official checkpoints contain it.
         self.register_buffer("relative_position_index", relative_position_index(self.window_size))
@@ -226,16 +212,25 @@ class Attention(nn.Module):
 
     ``window_size=(Gh, Gw)`` gives the module its own relative position bias (the fine-tuning model's
     per-block bias, official ``modeling_finetune.Attention``): a zero-initialised
-    ``relative_position_bias_table [(2Gh-1)(2Gw-1)+3, heads]`` and a persistent
-    ``relative_position_index`` buffer (official key names ``blocks.{i}.attn.relative_position_*``).
-    As in the official code, that bias and a ``rel_pos_bias`` passed to ``forward`` (the shared one)
-    are both added when both exist. Without ``window_size`` (the pretraining model) nothing changes.
+    ``relative_position_bias_table [relative_position_table_size((Gh, Gw)), heads]`` and a
+    ``relative_position_index`` buffer (official key names ``blocks.{i}.attn.relative_position_*``;
+    persistent as officially, ``persistent_index=False`` for timm's layout). As in the official code, that
+    bias and a ``rel_pos_bias`` passed to ``forward`` (the shared one) are both added when both exist.
+    Without ``window_size`` (the pretraining model) the bias comes from outside only.
+
+    The attention itself is :func:`beit_fast.ops.attention.attention_with_bias` (or, with the "triton"
+    backend and a table, ``attention_with_rel_pos_bias``) with backend ``attn_backend``: "math" (default,
+    the eager reference), "auto", "sdpa", "flex", "xformers" or "triton"; "reference" is a deprecated alias
+    of "math".
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, window_size: tuple[int, int] | None = None
+        self, dim: int, num_heads: int, qkv_bias: bool = True, window_size: tuple[int, int] | None = None,
+        *, persistent_index: bool = True, backend: str = "math",
     ) -> None:
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
@@ -248,16 +243,25 @@ class Attention(nn.Module):
             self.v_bias = None
         if window_size is not None:
             self.window_size = tuple(window_size)
-            num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
-            self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros(relative_position_table_size(self.window_size), num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(self.window_size),
+                                 persistent=persistent_index)
         else:
             self.window_size = None
             self.relative_position_bias_table = None
             self.relative_position_index = None
         self.proj = nn.Linear(dim, dim)
-        # "reference": the eager math below; any other name goes to beit_fast.ops.attention_with_bias.
-        self.attn_backend = "reference"
+        self.attn_backend = backend
+
+    @property
+    def attn_backend(self) -> str:
+        """The ``beit_fast.ops.attention`` backend name (set: checked, "reference" mapped to "math")."""
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        self._attn_backend = canonical_attention_backend(name, stacklevel=3)  # via nn.Module.__setattr__
 
     def qkv_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, N, D] -> q, k, v``, each ``[B, heads, N, D/heads]``."""
@@ -293,34 +297,35 @@ class Attention(nn.Module):
             return own, self.relative_position_index
         return None
 
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        rel_pos_bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``softmax(q k^T * scale + own bias + rel_pos_bias) v`` -> ``[B, heads, N, D/heads]``, through the
+        ops layer with backend ``attn_backend``."""
+        table_index = self._table_and_index(rel_pos_bias)
+        if table_index is not None:
+            return attention_with_rel_pos_bias(q, k, v, *table_index, self.scale, backend=self.attn_backend)
+        if isinstance(rel_pos_bias, tuple):
+            rel_pos_bias = gather_relative_position_bias(*rel_pos_bias)
+        own = self.table_bias()
+        if own is not None:
+            rel_pos_bias = own if rel_pos_bias is None else own + rel_pos_bias
+        return attention_with_bias(q, k, v, rel_pos_bias, self.scale, backend=self.attn_backend)
+
     def forward(
         self, x: torch.Tensor, rel_pos_bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """``rel_pos_bias``: the shared bias ``[heads, N+1, N+1]``, its ``(table, index)`` pair (what the
-        models pass when a block's attention backend is "triton"), or None."""
+        """``x [B, N, D] -> [B, N, D]``. ``rel_pos_bias``: the shared bias (broadcastable to
+        ``[B, heads, N, N]``, e.g. ``RelativePositionBias()``'s ``[heads, N, N]``), its ``(table, index)``
+        pair (what the models pass when a block's attention backend is "triton"), or None."""
         b, n, _ = x.shape
         q, k, v = self.qkv_projection(x)
-        table_index = self._table_and_index(rel_pos_bias)
-        if table_index is not None:
-            from .ops.attention import attention_with_rel_pos_bias
-
-            out = attention_with_rel_pos_bias(q, k, v, *table_index, self.scale, backend="triton")
-            return self.proj(out.transpose(1, 2).reshape(b, n, -1))
-        if isinstance(rel_pos_bias, tuple):
-            rel_pos_bias = gather_relative_position_bias(*rel_pos_bias)
-        if self.relative_position_bias_table is not None:
-            own = self.table_bias()
-            rel_pos_bias = own if rel_pos_bias is None else own + rel_pos_bias
-        if self.attn_backend == "reference":
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if rel_pos_bias is not None:
-                attn = attn + rel_pos_bias
-            out = attn.softmax(dim=-1) @ v
-        else:
-            from .ops.attention import attention_with_bias
-
-            out = attention_with_bias(q, k, v, rel_pos_bias, self.scale, backend=self.attn_backend)
+        out = self.attend(q, k, v, rel_pos_bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, window_size={self.window_size}, backend={self.attn_backend!r}"
 
 
 class Block(nn.Module):
@@ -352,8 +357,136 @@ class Block(nn.Module):
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
-class VisionTransformerForMaskedImageModeling(nn.Module):
-    """BEiT pretraining model (official name and state-dict layout).
+class BeitEncoder(nn.Module):
+    """The BEiT Transformer trunk shared by the pretraining model and the classifier.
+
+    Built by :meth:`_build_trunk` in the official registration order (state-dict keys without any prefix):
+    ``patch_embed.proj.*``, ``cls_token``, ``mask_token`` (pretraining only), ``pos_embed``
+    (``cfg.use_abs_pos_emb``), ``rel_pos_bias.*`` (``cfg.use_shared_rel_pos_bias``, one table for all
+    blocks), ``blocks.{i}.*`` (with their own ``attn.relative_position_*`` when given a window); the
+    subclasses add the final norm and their heads.
+
+    Fast-path switches (:meth:`configure_fast_path` of each model): the attention backend of every block,
+    the fused patch embedding (``fused_embed_backend``), activation checkpointing (``checkpoint_blocks``).
+    The defaults are the eager reference.
+    """
+
+    cfg: BeitConfig
+
+    def _build_trunk(self, cfg: BeitConfig, *, mask_token: bool, block_window: tuple[int, int] | None) -> None:
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.num_features = self.embed_dim = dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim)) if cfg.use_abs_pos_emb else None
+        self.rel_pos_bias = (
+            RelativePositionBias(self.patch_embed.patch_shape, cfg.num_heads) if cfg.use_shared_rel_pos_bias else None
+        )
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.init_values, cfg.layer_norm_eps,
+                  window_size=block_window)
+            for i in range(cfg.depth)
+        )
+        self.fused_embed_backend: str | None = None
+        self.checkpoint_blocks: frozenset[int] = frozenset()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names the official optimizer factories exempt from weight decay (besides 1-D params and biases):
+        ``pos_embed`` and ``cls_token``. The bias tables and ``mask_token`` are decayed, as officially (the
+        fine-tuning CLI's ``--disable_weight_decay_on_rel_pos_bias`` exempts the tables)."""
+        return {"pos_embed", "cls_token"}
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def set_drop_path_rate(self, rate: float):
+        """Stochastic depth rate, linear from 0 (first block) to ``rate`` (last), as at construction."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        dpr = torch.linspace(0, rate, len(self.blocks), device="cpu").tolist()
+        for p, blk in zip(dpr, self.blocks):
+            blk.drop_path = DropPath(p) if p > 0 else nn.Identity()
+        self.cfg = replace(self.cfg, drop_path_rate=float(rate))
+        return self
+
+    def _configure_trunk(self, attention: str, fused_embed: str | None, activation_checkpointing: str | int | None):
+        """Set the trunk's fast-path switches (see the models' ``configure_fast_path``); returns self."""
+        attention = canonical_attention_backend(attention, stacklevel=3)  # warn at the configure_fast_path call
+        for blk in self.blocks:
+            blk.attn.attn_backend = attention
+        self.fused_embed_backend = fused_embed
+        self.checkpoint_blocks = checkpoint_block_ids(activation_checkpointing, len(self.blocks))
+        return self
+
+    def embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask-token substitution (with ``bool_masked_pos [B, N]``; pretraining), [CLS],
+        absolute position embedding: ``[B, N+1, D]``."""
+        b = x.shape[0]
+        n = self.patch_embed.num_patches
+        if tuple(x.shape[-2:]) != self.patch_embed.img_size:
+            raise ValueError(f"input image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
+                             f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")
+        if bool_masked_pos is not None and self.mask_token is None:
+            raise ValueError("bool_masked_pos was given to a model without a mask_token (the classifier)")
+        if bool_masked_pos is not None and bool_masked_pos.shape != (b, n):
+            raise ValueError(f"bool_masked_pos must have shape {(b, n)}, got {tuple(bool_masked_pos.shape)}")
+        if self.fused_embed_backend is not None:
+            from .ops.patch_embed import patch_embed_mask
+
+            proj = self.patch_embed.proj
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            token = self.mask_token if self.mask_token is not None else proj.weight.new_zeros(proj.weight.shape[0])
+            x = patch_embed_mask(
+                x.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), token.view(-1),
+                bool_masked_pos, backend=self.fused_embed_backend,
+            )
+        else:
+            x = self.patch_embed(x)
+            if bool_masked_pos is not None:
+                w = bool_masked_pos.unsqueeze(-1).type_as(x)
+                x = x * (1 - w) + self.mask_token.expand(b, n, -1) * w
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block on tokens ``[B, N+1, D]``, with the shared relative position bias (gathered once for
+        all blocks) and activation checkpointing of the blocks in ``checkpoint_blocks`` when gradients are on."""
+        rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(i, blk, x, rel_pos_bias)
+        return x
+
+    def _run_block(self, i: int, blk: nn.Module, x: torch.Tensor, rel_pos_bias) -> torch.Tensor:
+        if i in self.checkpoint_blocks and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+        return blk(x, rel_pos_bias)
+
+
+def checkpoint_block_ids(activation_checkpointing: str | int | None, depth: int) -> frozenset[int]:
+    """Blocks recomputed in the backward: "none" / 0 / None: none; "all": every block; k >= 1: every k-th
+    block (0-based ids k-1, 2k-1, ...)."""
+    if activation_checkpointing in ("none", 0, None):
+        return frozenset()
+    if activation_checkpointing == "all":
+        return frozenset(range(depth))
+    try:
+        every = int(activation_checkpointing)
+    except (TypeError, ValueError):
+        every = 0
+    if every <= 0 or isinstance(activation_checkpointing, bool):
+        raise ValueError(f"activation_checkpointing must be 'none', 'all' or k >= 1, got {activation_checkpointing!r}")
+    return frozenset(range(every - 1, depth, every))
+
+
+class VisionTransformerForMaskedImageModeling(BeitEncoder):
+    """BEiT pretraining model (official name and state-dict layout): the trunk with a mask token, the
+    final ``norm`` and ``lm_head``.
 
     ``forward(x [B, 3, H, W] float, bool_masked_pos [B, N] bool) -> logits [M, vocab]`` where M is the
     number of masked patches in the batch, in row-major order of ``bool_masked_pos`` (the order of
@@ -363,27 +496,9 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
     def __init__(self, cfg: BeitConfig | None = None, **overrides) -> None:
         super().__init__()
         cfg = replace(cfg or BeitConfig(), **overrides)
-        self.cfg = cfg
-        dim = cfg.embed_dim
-        self.num_features = self.embed_dim = dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim)) if cfg.use_abs_pos_emb else None
-        self.rel_pos_bias = (
-            RelativePositionBias(self.patch_embed.patch_shape, cfg.num_heads) if cfg.use_shared_rel_pos_bias else None
-        )
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(
-            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.init_values, cfg.layer_norm_eps)
-            for i in range(cfg.depth)
-        )
-        self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(dim, cfg.vocab_size)
-        # Fast-path switches (see configure_fast_path); the defaults are the eager reference.
-        self.fused_embed_backend: str | None = None
-        self.checkpoint_blocks: frozenset[int] = frozenset()
+        self._build_trunk(cfg, mask_token=True, block_window=None)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -391,76 +506,25 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         """The official initialisation, including the 1/sqrt(2l) rescale of each block's output layers."""
         init_vit_weights_(self, self.cfg.init_std, (self.cls_token, self.mask_token))
 
-    def no_weight_decay(self) -> set[str]:
-        """Names the official optimizer factory exempts from weight decay (besides 1-D params and biases)."""
-        return {"pos_embed", "cls_token"}
-
-    def get_num_layers(self) -> int:
-        return len(self.blocks)
-
     def configure_fast_path(
         self, attention: str = "auto", fused_embed: str | None = "auto", activation_checkpointing: str | int = "none"
     ) -> "VisionTransformerForMaskedImageModeling":
         """Switch parts of the forward to the fast implementations; results stay those of the reference.
 
-        ``attention``: "reference" (the eager math) or a backend of ``beit_fast.ops.attention_with_bias``
-        ("auto", "math", "sdpa", "flex", "xformers", "triton"; with "triton" the blocks get the shared table
-        and index, and the kernel gathers the bias). ``fused_embed``: None keeps Conv2d + blend, else the
-        ``beit_fast.ops.patch_embed_mask`` backend ("auto", "triton", "reference").
+        ``attention``: a backend of ``beit_fast.ops.attention_with_bias`` ("math": the eager reference;
+        "auto", "sdpa", "flex", "xformers", "triton"; with "triton" the blocks get the shared table and
+        index, and the kernel gathers the bias; "reference": deprecated alias of "math").
+        ``fused_embed``: None keeps Conv2d + blend, else the ``beit_fast.ops.patch_embed_mask`` backend
+        ("auto", "triton", "reference").
         ``activation_checkpointing``: "none", "all", or k to recompute every k-th block (blocks k-1, 2k-1, ...).
         """
-        for blk in self.blocks:
-            blk.attn.attn_backend = attention
-        self.fused_embed_backend = fused_embed
-        depth = len(self.blocks)
-        if activation_checkpointing in ("none", 0, None):
-            self.checkpoint_blocks = frozenset()
-        elif activation_checkpointing == "all":
-            self.checkpoint_blocks = frozenset(range(depth))
-        else:
-            every = int(activation_checkpointing)
-            if every <= 0:
-                raise ValueError(f"activation_checkpointing must be 'none', 'all' or k >= 1, got {activation_checkpointing!r}")
-            self.checkpoint_blocks = frozenset(range(every - 1, depth, every))
-        return self
-
-    def embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, mask-token substitution, [CLS], position embedding: ``[B, N+1, D]``."""
-        b = x.shape[0]
-        n = self.patch_embed.num_patches
-        if tuple(x.shape[-2:]) != self.patch_embed.img_size:
-            raise ValueError(f"input image size {x.shape[-2]}x{x.shape[-1]} does not match the model's "
-                             f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")
-        if bool_masked_pos.shape != (b, n):
-            raise ValueError(f"bool_masked_pos must have shape {(b, n)}, got {tuple(bool_masked_pos.shape)}")
-        if self.fused_embed_backend is not None:
-            from .ops.patch_embed import patch_embed_mask
-
-            proj = self.patch_embed.proj
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            x = patch_embed_mask(
-                x.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), self.mask_token.view(-1),
-                bool_masked_pos, backend=self.fused_embed_backend,
-            )
-        else:
-            x = self.patch_embed(x)
-            w = bool_masked_pos.unsqueeze(-1).type_as(x)
-            x = x * (1 - w) + self.mask_token.expand(b, n, -1) * w
-        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        return x
+        return self._configure_trunk(attention, fused_embed, activation_checkpointing)
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """All tokens after the final LayerNorm: ``[B, N+1, D]`` ([CLS] first)."""
-        x = self.embed(x, bool_masked_pos)
-        rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
-        for i, blk in enumerate(self.blocks):
-            if i in self.checkpoint_blocks and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
-            else:
-                x = blk(x, rel_pos_bias)
-        return self.norm(x)
+        if bool_masked_pos is None:
+            raise ValueError("bool_masked_pos is required: [B, N] bool, True = masked")
+        return self.norm(self.forward_blocks(self.embed(x, bool_masked_pos)))
 
     def forward_masked_hidden(
         self, x: torch.Tensor, bool_masked_pos: torch.Tensor, num_masked: int
@@ -503,8 +567,9 @@ def build_model(name_or_cfg: str | BeitConfig = "base", **overrides) -> VisionTr
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning: image classification (official ``modeling_finetune.VisionTransformer``)
 # --------------------------------------------------------------------------------------------------
-class VisionTransformerForClassification(nn.Module):
-    """BEiT image classifier with the official fine-tuning state-dict layout.
+class VisionTransformerForClassification(BeitEncoder):
+    """BEiT image classifier with the official fine-tuning state-dict layout: the trunk (no mask token),
+    per-block relative position biases, the pooling norm and ``head``.
 
     Keys: ``patch_embed.proj.*``, ``cls_token``, ``pos_embed`` (``cfg.use_abs_pos_emb``),
     ``rel_pos_bias.*`` (``cfg.use_shared_rel_pos_bias``), ``blocks.{i}.*`` (with
@@ -519,6 +584,9 @@ class VisionTransformerForClassification(nn.Module):
     multiplied by ``init_scale`` (0.001). (The official fine-tuning init leaves the patch-embedding
     conv at PyTorch's default and truncates the normal at +-2; moot when pretrained weights are loaded.)
     ``num_classes=0``: no head (``nn.Identity``), ``forward`` returns the pooled features.
+    The fast path (:meth:`configure_fast_path`): fused attention with the per-block (and shared) tables,
+    activation checkpointing; static shapes throughout, so the model compiles to one graph
+    (:func:`beit_fast.loss.build_finetune_loss` builds the compiled fine-tuning loss around it).
     """
 
     def __init__(
@@ -528,27 +596,13 @@ class VisionTransformerForClassification(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
-        self.cfg = cfg
         self.num_classes = num_classes
         self.use_mean_pooling = bool(use_mean_pooling)
         self.use_rel_pos_bias = bool(use_rel_pos_bias)
         self.init_scale = float(init_scale)
+        grid = (cfg.grid_size, cfg.grid_size)
+        self._build_trunk(cfg, mask_token=False, block_window=grid if use_rel_pos_bias else None)
         dim = cfg.embed_dim
-        self.num_features = self.embed_dim = dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim)) if cfg.use_abs_pos_emb else None
-        self.rel_pos_bias = (
-            RelativePositionBias(self.patch_embed.patch_shape, cfg.num_heads) if cfg.use_shared_rel_pos_bias else None
-        )
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
-        window = self.patch_embed.patch_shape if use_rel_pos_bias else None
-        self.blocks = nn.ModuleList(
-            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.init_values, cfg.layer_norm_eps,
-                  window_size=window)
-            for i in range(cfg.depth)
-        )
         self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if use_mean_pooling else None
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -562,49 +616,31 @@ class VisionTransformerForClassification(nn.Module):
             self.head.weight.mul_(self.init_scale)
             self.head.bias.mul_(self.init_scale)
 
-    def no_weight_decay(self) -> set[str]:
-        """The official set: ``pos_embed`` and ``cls_token`` (the bias tables are decayed, as in the official
-        fine-tuning unless ``--disable_weight_decay_on_rel_pos_bias``)."""
-        return {"pos_embed", "cls_token"}
+    def configure_fast_path(
+        self, attention: str = "auto", activation_checkpointing: str | int = "none", fused_embed: str | None = None,
+    ) -> "VisionTransformerForClassification":
+        """Switch parts of the forward to the fast implementations; results stay those of the reference.
 
-    def get_num_layers(self) -> int:
-        return len(self.blocks)
+        ``attention``: an ``attention_with_bias`` backend ("math": the eager reference; "auto", "sdpa",
+        "flex", "xformers", "triton": the kernel gathers each block's own table (plus the shared one) in
+        place of a dense bias; "reference": deprecated alias of "math").
+        ``activation_checkpointing``: "none", "all", or k to recompute every k-th block (blocks k-1, 2k-1, ...).
+        ``fused_embed``: None keeps the Conv2d patch embedding, else a ``patch_embed_mask`` backend ("auto",
+        "triton", "reference"; without a mask it is the patch projection alone).
+        """
+        return self._configure_trunk(attention, fused_embed, activation_checkpointing)
 
-    def set_drop_path_rate(self, rate: float) -> "VisionTransformerForClassification":
-        """Stochastic depth rate, linear from 0 (first block) to ``rate`` (last), as at construction."""
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
-        dpr = torch.linspace(0, rate, len(self.blocks), device="cpu").tolist()
-        for p, blk in zip(dpr, self.blocks):
-            blk.drop_path = DropPath(p) if p > 0 else nn.Identity()
-        self.cfg = replace(self.cfg, drop_path_rate=float(rate))
-        return self
-
-    def configure_fast_path(self, attention: str = "auto") -> "VisionTransformerForClassification":
-        """Attention backend of every block: "reference" (eager math) or an ``attention_with_bias`` backend
-        ("auto", "math", "sdpa", "flex", "xformers", "triton"). Results stay those of the reference."""
-        for blk in self.blocks:
-            blk.attn.attn_backend = attention
-        return self
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, [CLS], absolute position embedding: ``[B, N+1, D]``."""
-        x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        return x
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled and normalised features ``[B, D]``: fc_norm(mean of patch tokens), or norm(x)[:, 0]."""
-        x = self.embed(x)
-        rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
-        for blk in self.blocks:
-            x = blk(x, rel_pos_bias)
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Block output tokens ``[B, N+1, D]`` -> pooled, normalised features ``[B, D]``: fc_norm(mean of the
+        patch tokens), or norm(x)[:, 0]."""
         x = self.norm(x)
         if self.fc_norm is not None:
             return self.fc_norm(x[:, 1:].mean(1))
         return x[:, 0]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled and normalised features ``[B, D]``: fc_norm(mean of patch tokens), or norm(x)[:, 0]."""
+        return self.pool(self.forward_blocks(self.embed(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
@@ -628,11 +664,11 @@ class VisionTransformerForClassification(nn.Module):
         x = self.embed(x)
         rel_pos_bias = shared_bias_arg(self.rel_pos_bias, self.blocks)
         found: dict[int, torch.Tensor] = {}
-        for i, blk in enumerate(self.blocks[: max(layers)], start=1):
-            x = blk(x, rel_pos_bias)
-            if i in wanted:
+        for i, blk in enumerate(self.blocks[: max(layers)]):
+            x = self._run_block(i, blk, x, rel_pos_bias)
+            if i + 1 in wanted:
                 pooled = x[:, 1:].mean(1)
-                found[i] = torch.cat((x[:, 0], pooled), dim=-1) if include_cls else pooled
+                found[i + 1] = torch.cat((x[:, 0], pooled), dim=-1) if include_cls else pooled
         return [found[layer] for layer in layers]
 
 

@@ -7,7 +7,8 @@
   state-dict names of BEiT's, timm's and our ``PatchEmbed``.
 * :class:`RelPosBiasAttention` - multi-head self-attention with q/v biases (no k bias) and a relative
   position bias, computed by ``attention_with_bias``; parameter names of the official fine-tuning
-  ``Attention`` (and timm's ``beit.Attention``).
+  ``Attention`` (and timm's ``beit.Attention``). It is the model's ``Attention`` (one implementation)
+  with timm's non-persistent index buffer and backend "auto" by default.
 
 Unlike the functional ops (which compute in the dtype of the tensors they are given and ignore
 autocast), these modules follow ``torch.autocast``: inside an autocast region the floating inputs and
@@ -18,11 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .model import gather_relative_position_bias, relative_position_index
-from .ops.attention import _VALID_NAMES as _ATTENTION_NAMES
-from .ops.attention import attention_with_bias
+from .model import Attention
 from .ops.backend import VALID_BACKENDS
 from .ops.cross_entropy import masked_linear_cross_entropy
 from .ops.patch_embed import patch_embed_mask
@@ -45,11 +43,6 @@ def _check_ops_backend(backend) -> None:
         raise ValueError(
             f"unknown beit_fast backend {backend!r}; valid: None (global setting) or one of {VALID_BACKENDS}"
         )
-
-
-def _check_attention_backend(backend) -> None:
-    if backend not in _ATTENTION_NAMES:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {_ATTENTION_NAMES}")
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):
@@ -179,8 +172,9 @@ class PatchEmbedMask(nn.Module):
         return f"img_size={self.img_size}, patch_size={self.patch_size}, backend={self.backend!r}"
 
 
-class RelPosBiasAttention(nn.Module):
-    """BEiT self-attention through ``attention_with_bias``.
+class RelPosBiasAttention(Attention):
+    """BEiT self-attention through ``attention_with_bias``: :class:`beit_fast.model.Attention` with timm's
+    buffer layout and "auto" as the default backend.
 
     Parameters and their names are those of the official fine-tuning ``Attention`` and of timm's
     ``beit.Attention``: ``qkv.weight`` (no bias), ``q_bias``, ``v_bias`` (the k bias is zero),
@@ -192,56 +186,20 @@ class RelPosBiasAttention(nn.Module):
     ``forward(x [B, N, D], rel_pos_bias=None)``: ``rel_pos_bias`` is an extra additive bias broadcastable
     to ``[B, heads, N, N]`` (BEiT's shared ``RelativePositionBias()`` output, ``[heads, N, N]``), added to
     the module's own table bias. ``backend``: an ``attention_with_bias`` backend ("auto", "math",
-    "sdpa", "flex", "xformers"). No attention dropout.
+    "sdpa", "flex", "xformers", "triton"). No attention dropout.
     """
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, window_size: tuple[int, int] | None = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        _check_attention_backend(backend)
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        if qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
-        if window_size is not None:
-            self.window_size = tuple(window_size)
-            num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
-            self.register_buffer("relative_position_index", relative_position_index(self.window_size),
-                                 persistent=False)
-        else:
-            self.window_size = None
-            self.relative_position_bias_table = None
-            self.relative_position_index = None
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, qkv_bias, window_size, persistent_index=False, backend=backend)
 
-    def table_bias(self) -> torch.Tensor | None:
-        """The module's own relative position bias, ``[heads, N, N]`` (None without a window)."""
-        if self.relative_position_bias_table is None:
-            return None
-        return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+    @property
+    def backend(self) -> str:
+        """The attention backend (the same setting as ``attn_backend``)."""
+        return self.attn_backend
 
-    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, _ = x.shape
-        bias = None
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn_bias = self.table_bias()
-        if rel_pos_bias is not None:
-            attn_bias = rel_pos_bias if attn_bias is None else attn_bias + rel_pos_bias
-        out = attention_with_bias(q, k, v, attn_bias, self.scale, backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
-
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, window_size={self.window_size}, backend={self.backend!r}"
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.attn_backend = name

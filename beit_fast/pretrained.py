@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, extract_model_state, load_checkpoint
 from .model import BeitConfig, VisionTransformerForClassification
+from .rel_pos import relative_position_table_size, square_grid_for_table_size
 
 __all__ = [
     "PretrainedLoadError",
@@ -40,10 +41,6 @@ _SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
 class PretrainedLoadError(ValueError):
     """A checkpoint that does not fit the classifier (missing backbone weights, shapes that cannot be adapted)."""
-
-
-def _table_rows(grid: tuple[int, int]) -> int:
-    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
 
 
 def resize_rel_pos_bias_table(
@@ -66,9 +63,9 @@ def resize_rel_pos_bias_table(
     src_grid, dst_grid = tuple(int(g) for g in src_grid), tuple(int(g) for g in dst_grid)
     if table.ndim != 2:
         raise ValueError(f"a relative position bias table is 2-D [rows, heads], got shape {tuple(table.shape)}")
-    if table.shape[0] != _table_rows(src_grid):
+    if table.shape[0] != relative_position_table_size(src_grid):
         raise ValueError(f"the table has {table.shape[0]} rows, but a {src_grid[0]}x{src_grid[1]} grid needs "
-                         f"{_table_rows(src_grid)}")
+                         f"{relative_position_table_size(src_grid)}")
     if src_grid == dst_grid:
         return table
     if method not in ("bicubic", "geometric"):
@@ -234,10 +231,10 @@ def load_pretrained(
             continue
         if src.shape[1] != dst.shape[1]:
             raise PretrainedLoadError(f"{key}: {src.shape[1]} heads in the checkpoint, {dst.shape[1]} in the model")
-        side = math.isqrt(max(src.shape[0] - 3, 0))
-        if side * side != src.shape[0] - 3 or side % 2 == 0:
+        side = square_grid_for_table_size(src.shape[0])
+        if side is None:
             raise PretrainedLoadError(f"{key}: {src.shape[0]} rows is not the table of a square patch grid")
-        src_grid = ((side + 1) // 2,) * 2
+        src_grid = (side, side)
         sd[key] = resize_rel_pos_bias_table(src, src_grid, grid, method=rel_pos_resize)
         if not notes or not notes[-1].startswith("resized relative position bias"):
             notes.append(f"resized relative position bias tables from a {src_grid[0]}x{src_grid[1]} to a "

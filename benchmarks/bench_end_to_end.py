@@ -255,6 +255,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: pretrain's)")
     p.add_argument("--work_dir", default=None, help="where the JPEGs and runs go (default: a temp folder)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--rows", default=None, help="append each row to this JSON-lines file (table 'end_to_end'), "
+                   "as the stages of benchmarks/gpu_report.py do")
     p.add_argument("extra", nargs="*", help="more pretrain flags, after --")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -277,6 +279,9 @@ def main(argv=None) -> list[dict]:
                              (None if cuda else 0), extra_args=args.extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.rows:
+            with open(args.rows, "a") as f:
+                f.write(json.dumps({"table": "end_to_end", **row}) + "\n")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     print(markdown(rows))

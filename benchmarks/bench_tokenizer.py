@@ -104,8 +104,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--weights", default=None, help="DALL-E encoder.pkl / state dict (default: random weights)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--rows", default=None, help="append the rows to this JSON-lines file (table 'tokenizer'), as "
+                   "the stages of benchmarks/gpu_report.py do")
     args = p.parse_args(argv)
     rows = measure_tokenizer(args.device, args.batch, args.tokenizer, args.weights, compile=args.compile)
+    if args.rows:
+        with open(args.rows, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"table": "tokenizer", **r}) + "\n")
     print("| variant | ms / batch | images/s | token agreement with fp32 |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['tokenizer']} {r['variant']} (batch {r['batch']}, {r['weights']} weights) | {r['ms']:.1f} | "

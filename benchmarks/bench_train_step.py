@@ -29,10 +29,10 @@ from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
 from beit_fast.masking import MaskingGenerator
 from beit_fast.model import BeitConfig, build_model, get_config
 from beit_fast.optim import build_optimizer
+from step_common import FixedTokens, mfu_percent, train_flops_per_image
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-PEAK_TFLOPS = float(os.environ.get("BEIT_FAST_PEAK_TFLOPS", "989"))
 NUM_MASKED = 75
 
 
@@ -40,27 +40,6 @@ def bench_config() -> tuple[BeitConfig, int]:
     if CUDA:
         return get_config("base"), int(os.environ.get("BEIT_FAST_BENCH_BATCH", "256"))
     return get_config("tiny", vocab_size=1024), 4
-
-
-def train_flops_per_image(cfg: BeitConfig, num_masked: int) -> float:
-    """3x the forward FLOPs (multiply-adds count 2): patch embedding, blocks, masked-only head."""
-    n, d, p = cfg.num_patches + 1, cfg.embed_dim, cfg.patch_size
-    hidden = int(d * cfg.mlp_ratio)
-    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
-    forward = 2 * cfg.num_patches * 3 * p * p * d + cfg.depth * block + 2 * num_masked * d * cfg.vocab_size
-    return 3.0 * forward
-
-
-class FixedTokens(nn.Module):
-    """A stand-in tokenizer returning precomputed tokens: times the model step alone."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        super().__init__()
-        self.tokens = tokens
-        self.vocab_size = int(tokens.max()) + 1
-
-    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokens
 
 
 def make_batch(cfg: BeitConfig, batch: int):
@@ -113,8 +92,7 @@ def run_benchmark(benchmark, engine, batch, cfg: BeitConfig, batch_size: int) ->
         "device": torch.cuda.get_device_name() if CUDA else "cpu",
     })
     if CUDA:
-        flops = train_flops_per_image(cfg, NUM_MASKED) * images_per_s
-        benchmark.extra_info["mfu_percent"] = round(100 * flops / (PEAK_TFLOPS * 1e12), 1)
+        benchmark.extra_info["mfu_percent"] = round(mfu_percent(train_flops_per_image(cfg, NUM_MASKED), images_per_s), 1)
         benchmark.extra_info["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
@@ -184,5 +162,5 @@ def test_train_step_hf_sdpa(benchmark):
     benchmark.extra_info.update({"batch": batch_size, "images_per_s": round(images_per_s, 1)})
     if CUDA:
         benchmark.extra_info["mfu_percent"] = round(
-            100 * train_flops_per_image(cfg, NUM_MASKED) * images_per_s / (PEAK_TFLOPS * 1e12), 1)
+            mfu_percent(train_flops_per_image(cfg, NUM_MASKED), images_per_s), 1)
         benchmark.extra_info["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -5,6 +5,7 @@
     python benchmarks/gpu_stages.py attention --candidates math,sdpa,triton,cudnn,xformers --rows FILE
     python benchmarks/gpu_stages.py kernels --rows FILE          # CE chunk sweep, patch embedding
     python benchmarks/gpu_stages.py fp8 --rows FILE              # FP8 step + its loss curve
+    python benchmarks/gpu_stages.py finetune --variants ft_eager,ft_beit_fast --rows FILE   # fine-tuning step
 
 On CUDA: BEiT-B/16 at 224, vocabulary 8192, 75 masked patches, batch ``--batch`` (256), bf16 autocast.
 On CPU (the tests, ``gpu_report.py --cpu-smoke``): a tiny model at batch 4, fp32; the numbers mean
@@ -35,6 +36,11 @@ masks and tokens, AdamW with clipping at 3.0, one optimizer update per step):
   hf_patched_fused     hf_patched with the opt-in fused_loss=True (masked rows only, no [B, N, V] logits)
   timm_compiled        timm's Beit body (beit_base_patch16_224 layout, shared relative position bias, its
                        fused SDPA attention) + a mask token + our masked-only fused head, compiled
+
+Fine-tuning step variants (``finetune --variants``; ``finetune_variants.py``): BEiT-B/16 at 224, 1000 classes,
+mixup/cutmix soft targets, drop path 0.1, fused AdamW over the layer-decay groups; ft_eager (beit_fast.finetune's
+eager step), ft_beit_fast (the compiled fast step, attention auto), ft_beit_fast_triton (attention triton),
+ft_timm_compiled (timm's beit_base_patch16_224 in the same compiled step). Rows in the ``finetune_step`` table.
 """
 from __future__ import annotations
 
@@ -56,13 +62,13 @@ import torch.nn as nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from report_lib import RowWriter, spread  # noqa: E402
+from step_common import PEAK_TFLOPS, FixedTokens, finetune_flops_per_image, mfu_percent, train_flops_per_image  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 if not CUDA:  # tiny CPU runs: one thread (two contending threads on a shared 2-core machine are 10x slower)
     torch.set_num_threads(1)
 SMOKE_NO_COMPILE = os.environ.get("BEIT_FAST_SMOKE_NO_COMPILE") == "1"
-PEAK_TFLOPS = float(os.environ.get("BEIT_FAST_PEAK_TFLOPS", "989"))
 NUM_MASKED = 75
 SEED = 0
 
@@ -138,30 +144,9 @@ def make_data(cfg, batch: int, seed: int = 0) -> dict:
     }
 
 
-def train_flops_per_image(cfg, num_masked: int) -> float:
-    """3x the forward FLOPs (multiply-adds count 2): patch embedding, blocks, masked-only head."""
-    n, d, p = cfg.num_patches + 1, cfg.embed_dim, cfg.patch_size
-    hidden = int(d * cfg.mlp_ratio)
-    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
-    forward = 2 * cfg.num_patches * 3 * p * p * d + cfg.depth * block + 2 * num_masked * d * cfg.vocab_size
-    return 3.0 * forward
-
-
 # --------------------------------------------------------------------------------------------------
 # step variants
 # --------------------------------------------------------------------------------------------------
-class FixedTokens(nn.Module):
-    """A stand-in tokenizer returning ``self.tokens``: times the model step alone."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        super().__init__()
-        self.tokens = tokens
-        self.vocab_size = int(tokens.max()) + 1
-
-    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokens
-
-
 def _schedule(lr: float = 1e-4, n: int = 10**6) -> np.ndarray:
     return np.full(n, lr)
 
@@ -384,7 +369,7 @@ def step_row(w: RowWriter, name: str, runs: str, per: list[float], cfg, batch: i
                repeats=s["n"], images_per_s=ips, setup_s=round(setup_s, 1), first_loss=first_loss,
                peak_mem_gib=peak_gib(), device=torch.cuda.get_device_name() if CUDA else "cpu", **extra)
     if CUDA:
-        row["mfu_percent"] = 100 * train_flops_per_image(cfg, k) * ips / (PEAK_TFLOPS * 1e12)
+        row["mfu_percent"] = mfu_percent(train_flops_per_image(cfg, k), ips)
     return w.emit("step", **row)
 
 
@@ -611,7 +596,7 @@ def stage_attention(args, w: RowWriter) -> int:
 def stage_kernels(args, w: RowWriter) -> int:
     import torch.nn.functional as F
 
-    import beit_fast.kernels.masked_linear_ce as ce_kernels
+    import beit_fast.kernels.cross_entropy as ce_kernels
     from beit_fast.ops import masked_linear_cross_entropy, patch_embed_mask, patch_embed_mask_reference
     from beit_fast.ops.backend import triton_available, triton_interpreting
 
@@ -760,6 +745,49 @@ def stage_fp8(args, w: RowWriter) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# fine-tuning
+# --------------------------------------------------------------------------------------------------
+def stage_finetune(args, w: RowWriter) -> int:
+    """The fine-tuning step variants (``finetune_variants.py``), each timed like the pretraining steps."""
+    from finetune_variants import build_finetune_variant, finetune_config, make_finetune_data
+
+    cfg, batch, classes = finetune_config(CUDA, args.batch)
+    data = make_finetune_data(cfg, batch, classes, DEVICE)
+    warmup, repeats, inner = (3, args.repeats, 4) if CUDA else (1, 2, 1)
+    failures = 0
+    for name in filter(None, args.variants.split(",")):
+        if name.endswith("_triton") and not CUDA:  # Triton's interpreter at 197 tokens: minutes a step
+            w.emit("finetune_step", name=name, error="not run: the Triton attention needs CUDA (on a CPU it would "
+                   "run in Triton's interpreter)")
+            continue
+        t0 = time.time()
+        try:
+            step, desc, keep = build_finetune_variant(
+                name, cfg, classes, data, DEVICE, lambda m: compile_(m, fullgraph=True, dynamic=False), seed=SEED)
+            breaks0 = graph_breaks()
+            per, first, _ = measure(step, 0, warmup, repeats, inner)
+            s = spread(per)
+            ips = batch / (s["median"] / 1e3)
+            row = dict(name=name, runs=desc, batch=batch, classes=classes, ms=s["median"], ms_min=s["min"],
+                       ms_max=s["max"], ms_iqr=s["iqr"], repeats=s["n"], images_per_s=ips,
+                       setup_s=round(time.time() - t0 - sum(per) * inner / 1e3, 1), first_loss=first,
+                       peak_mem_gib=peak_gib(), device=torch.cuda.get_device_name() if CUDA else "cpu")
+            if "compiled" in name or "beit_fast" in name:
+                row["graph_breaks"] = graph_breaks() - breaks0
+            if CUDA:
+                row["mfu_percent"] = mfu_percent(finetune_flops_per_image(cfg, classes), ips)
+            w.emit("finetune_step", **row)
+            del step, keep
+        except Exception as e:  # one variant failing must not cost the others
+            failures += 1
+            traceback.print_exc()
+            w.emit("finetune_step", name=name, error=f"{type(e).__name__}: {str(e)[:400]}",
+                   setup_s=round(time.time() - t0, 1))
+        free()
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------------------
 def stage_env(args, w: RowWriter) -> int:
@@ -811,10 +839,10 @@ def stage_env(args, w: RowWriter) -> int:
 # --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["env", "step", "warm", "attention", "kernels", "fp8"])
+    p.add_argument("stage", choices=["env", "step", "warm", "attention", "kernels", "fp8", "finetune"])
     p.add_argument("--rows", default=None, help="append result rows (JSON lines) to this file")
     p.add_argument("--batch", type=int, default=None, help="batch of the step stages (CUDA default 256)")
-    p.add_argument("--variants", default="beit_fast", help="step variants (see the module docstring)")
+    p.add_argument("--variants", default="beit_fast", help="step (or fine-tuning step) variants (see the module docstring)")
     p.add_argument("--extras", default="", help="with beit_fast: sync_free,profile,curve")
     p.add_argument("--profile-out", default=None, help="write the profiler's tables here")
     p.add_argument("--curve-steps", type=int, default=150, help="steps of the bf16/fp8 loss curves")
@@ -825,7 +853,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     w = RowWriter(args.rows)
     fn = {"env": stage_env, "step": stage_step, "warm": stage_warm, "attention": stage_attention, "kernels": stage_kernels,
-          "fp8": stage_fp8}[args.stage]
+          "fp8": stage_fp8, "finetune": stage_finetune}[args.stage]
     return fn(args, w)
 
 

@@ -188,6 +188,18 @@ TABLES: dict[str, dict] = {
             ("note", lambda r: r.get("error") or r.get("note", "")),
         ],
     },
+    "finetune_step": {
+        "title": "Whole fine-tuning step, one optimizer update (BEiT-B/16 at 224, 1000 classes, mixup targets, "
+                 "drop path 0.1; same batch and optimizer in every row)",
+        "cols": [
+            ("row", lambda r: r.get("name")), ("what it runs", lambda r: r.get("runs")),
+            ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
+            ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
+            ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
+            ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
+            ("note", lambda r: r.get("error") or r.get("note", "")),
+        ],
+    },
     "attention": {
         "title": "Attention with the relative position bias, forward + backward incl. the bias gradient",
         "cols": [
@@ -216,7 +228,7 @@ TABLES: dict[str, dict] = {
         ],
     },
     "ce_chunk": {
-        "title": "Fused linear + cross-entropy: chunk size swept (MAX_CHUNK_BYTES of kernels/masked_linear_ce.py)",
+        "title": "Fused linear + cross-entropy: chunk size swept (MAX_CHUNK_BYTES of kernels/cross_entropy.py)",
         "cols": [
             ("chunk MiB", lambda r: _fmt(r.get("chunk_mib"), 0)), ("rows/chunk", lambda r: _fmt(r.get("rows"), 0)),
             ("ms fwd+bwd (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
@@ -273,11 +285,35 @@ HEADLINE = "beit_fast"  # the step row the ratios are about
 EAGER_REFERENCE = "reference_eager"
 COMPILED_PEERS = ("hf_compiled", "timm_compiled")
 TARGETS = {"images_per_s": 4500.0, "vs_eager_reference": 2.5, "vs_best_compiled_peer": 1.3,
-           "attention_ms_b256_n197": 1.0, "hf_patched_vs_hf": 1.3}
+           "attention_ms_b256_n197": 1.0, "hf_patched_vs_hf": 1.3,
+           "finetune_vs_eager": 2.0, "finetune_vs_timm_compiled": 1.2}
+FINETUNE_OURS = ("ft_beit_fast", "ft_beit_fast_triton")  # the fast fine-tuning rows: the faster one is ours
+FINETUNE_EAGER, FINETUNE_TIMM = "ft_eager", "ft_timm_compiled"
 
 
-def _ok_steps(rows: list[dict]) -> dict[str, dict]:
-    return {r["name"]: r for r in rows if r.get("table") == "step" and r.get("ms")}
+def _ok_steps(rows: list[dict], table: str = "step") -> dict[str, dict]:
+    return {r["name"]: r for r in rows if r.get("table") == table and r.get("ms")}
+
+
+def finetune_lines(rows: list[dict]) -> list[str]:
+    """The fine-tuning step's numbers against issue 13's targets, every ratio from this run."""
+    steps = _ok_steps(rows, "finetune_step")
+    ours = [steps[n] for n in FINETUNE_OURS if n in steps]
+    if not ours:
+        return []
+    fast = min(ours, key=lambda r: r["ms"])
+    s = (f"fine-tuning step ({fast['name']}): {fast['ms']:.1f} ms [{_range(fast)}], "
+         f"{fast.get('images_per_s', 0):,.0f} images/s")
+    if fast.get("mfu_percent") is not None:
+        s += f", {fast['mfu_percent']:.1f}% of the bf16 peak"
+    lines = [s]
+    for name, key, what in ((FINETUNE_EAGER, "finetune_vs_eager", "the eager fine-tuning step"),
+                            (FINETUNE_TIMM, "finetune_vs_timm_compiled", "timm beit_base_patch16_224 compiled")):
+        other = steps.get(name)
+        if other:
+            lines.append(f"fine-tuning vs {what}: {other['ms'] / fast['ms']:.2f}x (target {TARGETS[key]}x)"
+                         + (" [ranges overlap]" if _overlap(other, fast) else ""))
+    return lines
 
 
 def _overlap(a: dict, b: dict) -> bool:
@@ -299,6 +335,11 @@ def ratios(rows: list[dict]) -> list[dict]:
         if a in steps and b in steps:
             out.append({"a": a, "b": b, "speedup": steps[b]["ms"] / steps[a]["ms"],
                         "ranges_overlap": _overlap(steps[a], steps[b])})
+    ft = _ok_steps(rows, "finetune_step")
+    for a in FINETUNE_OURS:
+        for b in (FINETUNE_EAGER, FINETUNE_TIMM):
+            if a in ft and b in ft:
+                out.append({"a": a, "b": b, "speedup": ft[b]["ms"] / ft[a]["ms"], "ranges_overlap": _overlap(ft[a], ft[b])})
     return out
 
 
@@ -340,6 +381,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         if r["a"].startswith("beit_fast_"):
             lines.append(f"option {r['a']}: {r['speedup']:.3f}x the default step"
                          + (" [ranges overlap: not a measured difference]" if r["ranges_overlap"] else ""))
+    lines += finetune_lines(rows)
     fp8 = [r for r in rows if r.get("table") == "fp8_summary"]
     if fp8:
         r = fp8[-1]
@@ -444,7 +486,7 @@ def write_report(out_dir: Path, stem: str, meta: dict, stages: list[StageResult]
     seen = [t for t in dict.fromkeys(r.get("table") for r in rows) if t not in hidden]
     for table in order + [t for t in seen if t not in order]:
         trs = [r for r in rows if r.get("table") == table]
-        if table == "step":
+        if table in ("step", "finetune_step"):
             trs = sorted(trs, key=lambda r: (r.get("ms") is None, r.get("ms") or 0))
         if table == "attention":
             trs = sorted(trs, key=lambda r: (str(r.get("shape")), r.get("ms") is None, r.get("ms") or 0))

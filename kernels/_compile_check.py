@@ -71,8 +71,8 @@ def specs(capability: int):
     """(name, dtype, launch-spec) for every kernel configuration used at BEiT shapes."""
     import torch
 
-    from beit_fast.kernels import masked_linear_ce as ce
-    from beit_fast.kernels import patch_embed_mask as pe
+    from beit_fast.kernels import cross_entropy as ce
+    from beit_fast.kernels import patch_embed as pe
 
     num_sms = 132 if capability >= 90 else 108
     meta = torch.device("meta")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from beit_fast.train.mim import FastPretrainEngine, MIMLoss
+from beit_fast.loss import MIMLoss
+from beit_fast.train.mim import FastPretrainEngine
 from beit_fast.fp8 import FP8_LINEAR_SUFFIXES, convert_to_fp8_training, fp8_unavailable_reason
 from beit_fast.masking import MaskingGenerator
 from beit_fast.model import build_model, get_config

@@ -109,6 +109,47 @@ def test_ratios_summary_and_overlap():
     assert "fp8 loss curve" in "\n".join(R.summary_lines(rows + R.derived_rows(rows)))
 
 
+def _finetune_rows() -> list[dict]:
+    row = lambda name, ms, lo, hi: {"table": "finetune_step", "name": name, "runs": f"runs {name}", "ms": ms,  # noqa
+                                    "ms_min": lo, "ms_max": hi, "images_per_s": 256 / ms * 1e3}
+    return [row("ft_eager", 300.0, 295.0, 305.0), row("ft_beit_fast", 150.0, 149.0, 151.0),
+            row("ft_beit_fast_triton", 140.0, 139.0, 141.0), row("ft_timm_compiled", 180.0, 139.5, 182.0),
+            {"table": "finetune_step", "name": "ft_other", "error": "Boom"}]
+
+
+def test_finetune_rows_summary_ratios_and_table(tmp_path):
+    """The fine-tuning stage's rows: the faster of our two rows against the eager step (target 2x) and timm
+    compiled (target 1.2x), overlap flagged; the report has their table."""
+    rows = _rows() + _finetune_rows()
+    text = "\n".join(R.summary_lines(rows))
+    assert "fine-tuning step (ft_beit_fast_triton): 140.0 ms [139.0-141.0], 1,829 images/s" in text
+    assert "fine-tuning vs the eager fine-tuning step: 2.14x (target 2.0x)" in text
+    assert "fine-tuning vs timm beit_base_patch16_224 compiled: 1.29x (target 1.2x) [ranges overlap]" in text
+    rat = {(r["a"], r["b"]): r for r in R.ratios(rows)}
+    assert rat[("ft_beit_fast", "ft_eager")]["speedup"] == pytest.approx(2.0)
+    assert "fine-tuning" not in "\n".join(R.summary_lines(_rows()))  # no rows, no lines
+    md = R.write_report(tmp_path, "stem", {"card": "Fake GPU"}, [], rows, [])
+    assert "Whole fine-tuning step" in md and "| ft_beit_fast_triton | runs ft_beit_fast_triton | 140.0 |" in md
+    assert "| ft_other |" in md and "Boom" in md
+
+
+def test_finetune_stage_runs_on_cpu(tmp_path):
+    """gpu_stages.py finetune at the CPU sizes, uncompiled (BEIT_FAST_SMOKE_NO_COMPILE): every variant that can
+    run on a CPU writes a timed row (the code paths of the eager step, the fast loss module and timm's)."""
+    pytest.importorskip("timm")
+    rows_file = tmp_path / "rows.jsonl"
+    env = {**__import__("os").environ, "BEIT_FAST_SMOKE_NO_COMPILE": "1"}
+    r = subprocess.run([PY, str(BENCH / "gpu_stages.py"), "finetune", "--variants", "ft_eager,ft_beit_fast,ft_timm_compiled",
+                        "--rows", str(rows_file)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = R.read_rows(rows_file)
+    assert [row["name"] for row in rows] == ["ft_eager", "ft_beit_fast", "ft_timm_compiled"]
+    for row in rows:
+        assert row["table"] == "finetune_step" and row["ms"] > 0 and row["repeats"] == 2 and "error" not in row
+        assert row["first_loss"] == pytest.approx(rows[0]["first_loss"], rel=0.2)  # ln(10) at init, all three
+    assert "attention=sdpa" in rows[1]["runs"]
+
+
 def test_proposed_auto_priority_keeps_only_backends_and_ranks_failures_last():
     rows = _rows()
     prop = R.propose_auto_priority(rows, R.attention_backends(rows))
@@ -167,7 +208,9 @@ def test_default_plan_order_and_only():
     names = [s.name for s in plan]
     assert names[:3] == ["env", "fast", "eager"] and names[-1] == "autotune"
     assert {"attention", "timm", "hf_compiled", "ref_compiled", "kernels", "fp8", "cudagraphs", "attention_flex"} <= set(names)
-    assert sum(s.expect_s for s in plan if s.name not in ("gpu_tests", "hf_patched_compiled", "autotune")) \
+    assert names.index("finetune") == names.index("attention_flex") + 1  # first after the budget line
+    assert sum(s.expect_s for s in plan if s.name not in ("finetune", "gpu_tests", "end_to_end", "tokenizer", "hf_patched_compiled",
+                                                        "autotune")) \
         + 10 + args.warm_limit <= 600
     warmed = ",".join(s.cmd[s.cmd.index("--variants") + 1] for s in warm)
     assert "beit_fast_fp8" in warmed and "timm_compiled" in warmed and "autotune" not in warmed
@@ -232,7 +275,7 @@ def test_component_rows_from_records_add_up_and_show_idle():
 
 def test_profile_of_a_tiny_cpu_step_is_classified(one_thread):
     """torch.profiler on a real (eager, CPU) BEiT step: the operators land in the expected components."""
-    from beit_fast.train.mim import MIMLoss
+    from beit_fast.loss import MIMLoss
     from beit_fast.model import build_model, get_config
 
     torch.manual_seed(0)

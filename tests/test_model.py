@@ -160,3 +160,61 @@ def test_wrong_input_size_is_clear():
         model(torch.randn(1, 3, 48, 48), torch.zeros(1, 36, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool_masked_pos"):
         model(torch.randn(1, 3, 32, 32), torch.zeros(1, 15, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("bias", ["own+shared", "own", "shared", "none"])
+def test_attention_is_the_eager_formula_bit_for_bit(amp, bias):
+    """model.Attention calls ops.attention ("math" by default): values and gradients are those of the eager
+    formula the model used to compute itself, bit for bit, in fp32 and under bf16 autocast (fp32 tables)."""
+    from beit_fast.model import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, window_size=(3, 4) if "own" in bias else None)
+    rpb = RelativePositionBias((3, 4), 4)
+    with torch.no_grad():
+        for p in list(attn.parameters()) + list(rpb.parameters()):
+            p.normal_(0, 0.5)
+    assert attn.attn_backend == "math"
+    x = torch.randn(2, 13, 32)
+
+    def eager(x, shared):
+        q, k, v = attn.qkv_projection(x)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        own = attn.table_bias()  # the official order: own + shared, then added to the scores
+        bias = shared if own is None else (own if shared is None else own + shared)
+        if bias is not None:
+            scores = scores + bias
+        out = scores.softmax(dim=-1) @ v
+        return attn.proj(out.transpose(1, 2).reshape(2, 13, 32))
+
+    results = []
+    for fn in (eager, attn):
+        attn.zero_grad(set_to_none=True)
+        rpb.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fn(xi, rpb() if "shared" in bias else None)
+        out.float().square().sum().backward()
+        grads = [p.grad for p in list(attn.parameters()) + list(rpb.parameters()) if p.grad is not None]
+        results.append([out, xi.grad, *grads])
+    assert len(results[0]) == len(results[1])
+    for got, expected in zip(results[1], results[0]):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_attention_backend_names():
+    from beit_fast.model import Attention
+
+    attn = Attention(16, 2)
+    with pytest.warns(DeprecationWarning, match="deprecated alias of 'math'"):
+        attn.attn_backend = "reference"
+    assert attn.attn_backend == "math"
+    model = build_model("tiny", **SMALL)
+    with pytest.warns(DeprecationWarning):
+        model.configure_fast_path(attention="reference", fused_embed=None)
+    assert {blk.attn.attn_backend for blk in model.blocks} == {"math"}
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        model.configure_fast_path(attention="flash")
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        model.configure_fast_path(activation_checkpointing="some")

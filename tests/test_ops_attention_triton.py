@@ -256,6 +256,10 @@ def test_index_plan_positions_and_errors():
         got = positions[t][positions[t] >= 0].long()
         assert torch.equal(got, want), t
     assert KA.index_plan(index, T)[2] is positions  # cached
+    assert KA.index_plan(index.clone(), T)[2] is positions  # an equal index (per-block buffers) shares the plan
+    other = index.flip(0).contiguous()
+    assert not torch.equal(KA.index_plan(other, T)[0].long(), index)  # a different one gets its own
+    assert torch.equal(KA.index_plan(other, T)[0].long(), other)
     with pytest.raises(ValueError, match=r"must be in \[0, 5\)"):
         KA.index_plan(index.clone(), 5)
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import beit_fast.kernels.masked_linear_ce as ce_kernels
-import beit_fast.kernels.patch_embed_mask as pe_kernels
+import beit_fast.kernels.cross_entropy as ce_kernels
+import beit_fast.kernels.patch_embed as pe_kernels
 from beit_fast.ops import (
     VALID_BACKENDS,
     get_backend,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import beit_fast.kernels.masked_linear_ce as ce_kernels
+import beit_fast.kernels.cross_entropy as ce_kernels
 from beit_fast.ops import masked_linear_cross_entropy, masked_linear_cross_entropy_reference
 from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import beit_fast.kernels.patch_embed_mask as pe_kernels
+import beit_fast.kernels.patch_embed as pe_kernels
 from beit_fast.ops import patch_embed_mask, patch_embed_mask_reference
 from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
 

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from ..model import BeitConfig, relative_position_index
+from ..model import BeitConfig
+from ..rel_pos import relative_position_index, relative_position_table_size, square_grid_for_table_size
 
 __all__ = [
     "FORMATS",
@@ -358,13 +359,12 @@ def _official_order(sd: StateDict) -> StateDict:
 def _window_from_table(rows: int, key: str, grid: tuple[int, int] | None) -> tuple[int, int]:
     if grid is not None:
         gh, gw = grid
-        if (2 * gh - 1) * (2 * gw - 1) + 3 != rows:
+        if relative_position_table_size((gh, gw)) != rows:
             raise ValueError(f"{key} has {rows} rows, which does not match grid {grid}")
         return gh, gw
-    side = math.isqrt(rows - 3) if rows > 3 else 0
-    if side * side != rows - 3 or side % 2 == 0:
+    g = square_grid_for_table_size(rows)
+    if g is None:
         raise ValueError(f"{key} has {rows} rows: not (2G-1)^2 + 3 for a square grid; pass grid=(H, W)")
-    g = (side + 1) // 2
     return g, g
 
 

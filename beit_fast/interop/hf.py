@@ -42,6 +42,7 @@ from ..ops.attention import attention_with_bias
 from ..ops.backend import VALID_BACKENDS
 from ..ops.cross_entropy import masked_linear_cross_entropy
 from ..ops.patch_embed import patch_embed_mask
+from ..rel_pos import gather_relative_position_bias
 from . import _begin_patch
 
 __all__ = ["apply_beit_fast_to_hf", "SUPPORTED_HF_MODELS"]
@@ -169,9 +170,7 @@ def _rel_pos_bias_forward(self, window_size, interpolate_pos_encoding: bool = Fa
     if index is None:
         index = type(self).generate_relative_position_index(tuple(self.window_size)).to(table.device)
         cache[table.device] = index
-    n = index.shape[0]
-    bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
-    return bias.unsqueeze(0)
+    return gather_relative_position_bias(table, index).unsqueeze(0)
 
 
 def _embeddings_forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None):

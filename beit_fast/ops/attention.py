@@ -11,13 +11,18 @@ table) on every backend.
 
 Dtypes: q, k and v share one floating dtype and the op computes in it (autocast is switched off
 inside the op, as for the other fused ops). The bias may have any floating dtype: it is cast to the
-query's dtype (its gradient is cast back by autograd), except on ``"flex"`` where it is used in fp32
-because FlexAttention computes scores in fp32 and accumulates the bias gradient with atomics.
+query's dtype (its gradient is cast back by autograd), except on ``"math"`` (type promotion, see below)
+and on ``"flex"`` where it is used in fp32 because FlexAttention computes scores in fp32 and accumulates
+the bias gradient with atomics.
 
 Backends
 --------
-``"math"``      The eager reference, op for op the ``Attention`` module of ``beit_fast.model``:
-                ``(q * scale) @ k^T + bias``, softmax, ``@ v``, all in the input dtype.
+``"math"``      The eager reference, op for op what the model computed in eager PyTorch: ``(q * scale) @ k^T``
+                in the input dtype, ``+ bias`` with PyTorch's type promotion (the model's fp32 table keeps
+                the scores in fp32 under bf16/fp16 autocast, as eager autocast code does), softmax, the
+                probabilities cast to v's dtype, ``@ v``. The model's ``Attention`` calls this op: there
+                is no other copy of the math. ("reference" is a deprecated alias where a model or a CLI
+                takes a backend name: ``canonical_attention_backend``.)
 ``"sdpa"``      ``torch.nn.functional.scaled_dot_product_attention`` with the bias as ``attn_mask``.
                 On CUDA it is restricted (``sdpa_kernel``) to ``EFFICIENT_ATTENTION``, the one SDPA
                 kernel that takes an additive bias *and* returns its gradient (flash takes no bias,
@@ -56,13 +61,14 @@ table's gradient directly; every other backend gathers it with ``gather_relative
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import gather_relative_position_bias
+from ..rel_pos import gather_relative_position_bias
 from ._util import autocast_off, is_compiling
 from .backend import triton_available, triton_interpreting
 
@@ -75,12 +81,16 @@ __all__ = [
     "attention_with_rel_pos_bias",
     "attention_reference",
     "available_attention_backends",
+    "canonical_attention_backend",
     "flex_kernel_options",
     "resolve_attention_backend",
 ]
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("math", "sdpa", "flex", "xformers", "triton")
 _VALID_NAMES: tuple[str, ...] = ("auto",) + ATTENTION_BACKENDS
+# Old names still accepted where a model or a CLI takes a backend name (the model once called the eager math
+# "reference"; the ops layer always called it "math"). The functional ops take the canonical names only.
+DEPRECATED_ALIASES: dict[str, str] = {"reference": "math"}
 
 # The order in which backend="auto" tries the backends, per device type (other device types: "math").
 # CUDA, from benchmarks/bench_attention.py on an NVIDIA H200 (2026-11-27, torch 2.11, bf16, forward +
@@ -231,6 +241,22 @@ def _unavailable_reason(name: str, q: torch.Tensor, v: torch.Tensor) -> str | No
     raise AssertionError(name)  # pragma: no cover - names are validated before
 
 
+def canonical_attention_backend(name, stacklevel: int = 2) -> str:
+    """``name`` as an ``attention_with_bias`` backend name: one of "auto", "math", "sdpa", "flex", "xformers",
+    "triton"; the deprecated alias "reference" gives "math" (with a DeprecationWarning). ValueError for
+    anything else, listing the valid names. For models and CLIs; the functional ops take canonical names.
+    ``stacklevel``: where the warning points, 1 = the caller of this function, 2 = its caller (default)."""
+    if isinstance(name, str) and name in DEPRECATED_ALIASES:
+        new = DEPRECATED_ALIASES[name]
+        warnings.warn(f"attention backend {name!r} is a deprecated alias of {new!r}", DeprecationWarning,
+                      stacklevel=stacklevel + 1)
+        return new
+    if not isinstance(name, str) or name not in _VALID_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(map(repr, _VALID_NAMES))} "
+                         f"(deprecated alias: {', '.join(map(repr, DEPRECATED_ALIASES))})")
+    return name
+
+
 def available_attention_backends(device) -> list[str]:
     """Backends that can run on ``device`` (a torch.device or string), in ``ATTENTION_BACKENDS`` order.
 
@@ -279,9 +305,12 @@ def resolve_attention_backend(backend: str, q: torch.Tensor, v: torch.Tensor | N
 def _math_attention(q, k, v, bias, scale):
     attn = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
-        attn = attn + bias.to(q.dtype)
+        # Type promotion, not a cast to q's dtype: under autocast the eager model adds its fp32 table bias to
+        # the bf16 scores and gets fp32 scores and an fp32 softmax; this op runs with autocast off and keeps
+        # those numerics bit for bit (fp32 / fp64 inputs: nothing changes).
+        attn = attn + bias
     attn = attn.softmax(dim=-1)
-    return attn @ v
+    return attn.to(v.dtype) @ v  # what autocast's matmul does with fp32 probabilities and bf16 values
 
 
 def _aligned_bias(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -640,5 +669,6 @@ def attention_with_rel_pos_bias(
 
 
 def attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:
-    """The "math" backend: the eager reference, in the input dtype."""
+    """The "math" backend: the eager reference (scores in the input dtype, the bias added with type
+    promotion, see the module docstring)."""
     return attention_with_bias(q, k, v, bias, scale, backend="math")

@@ -85,8 +85,8 @@ def _triton_status() -> tuple[bool, bool]:
             import triton  # noqa: F401
 
             import beit_fast.kernels.attention  # noqa: F401
-            import beit_fast.kernels.masked_linear_ce as _ce
-            import beit_fast.kernels.patch_embed_mask  # noqa: F401
+            import beit_fast.kernels.cross_entropy as _ce
+            import beit_fast.kernels.patch_embed  # noqa: F401
             from beit_fast.kernels._common import is_interpreted
 
             _TRITON_STATUS = (True, is_interpreted(_ce._ce_rows_kernel))

@@ -18,7 +18,7 @@
 The loss is always fp32 (computed with fp32 log-sum-exp); gradients have the dtype of the input they
 belong to.
 
-Triton backend: see ``beit_fast/kernels/masked_linear_ce.py`` (chunked cuBLAS GEMMs + one Triton kernel
+Triton backend: see ``beit_fast/kernels/cross_entropy.py`` (chunked cuBLAS GEMMs + one Triton kernel
 that does the online softmax, loss, accuracy and writes the logits gradient in place; the full [rows, V]
 logits are never stored, only one chunk at a time in the input dtype). Logits, and hence the argmax for
 the accuracy, are formed in the input dtype there (bf16 logits under bf16 training, fp32 accumulation
@@ -155,7 +155,7 @@ def _ce_op(
     """Returns (loss, accuracy, count, grad_hidden*, grad_weight*, grad_bias*). The starred gradients are
     precomputed for reduction "mean"/"sum" (of the *summed* loss, fp32 for weight/bias) and empty
     otherwise; the autograd rule scales them by grad_output (/ count for "mean")."""
-    from beit_fast.kernels.masked_linear_ce import linear_ce_chunked
+    from beit_fast.kernels.cross_entropy import linear_ce_chunked
 
     _check_label_range(labels, weight.shape[0], ignore_index)
     with autocast_off(hidden.device):
@@ -214,7 +214,7 @@ def _ce_backward_op(
     need_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_r grad_rows[r] * loss_r (reduction "none"): recomputes the chunks."""
-    from beit_fast.kernels.masked_linear_ce import linear_ce_chunked
+    from beit_fast.kernels.cross_entropy import linear_ce_chunked
 
     with autocast_off(hidden.device):
         _, _, gh, gw, gb = linear_ce_chunked(

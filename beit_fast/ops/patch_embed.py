@@ -112,7 +112,7 @@ def _check_inputs(pixels, weight, bias, mask_token, bool_masked_pos):
 def _patch_embed_mask_op(
     pixels: Tensor, weight: Tensor, bias: Optional[Tensor], mask_token: Tensor, mask: Optional[Tensor]
 ) -> Tensor:
-    from beit_fast.kernels.patch_embed_mask import patch_embed_mask_forward
+    from beit_fast.kernels.patch_embed import patch_embed_mask_forward
 
     with autocast_off(pixels.device):
         return patch_embed_mask_forward(pixels, weight, bias, mask_token, mask)
@@ -136,7 +136,7 @@ def _patch_embed_mask_backward_op(
     need_bias: bool,
     need_token: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from beit_fast.kernels.patch_embed_mask import patch_embed_mask_backward
+    from beit_fast.kernels.patch_embed import patch_embed_mask_backward
 
     with autocast_off(pixels.device):
         outs = patch_embed_mask_backward(grad.to(pixels.dtype).contiguous(), pixels, weight, mask,

@@ -33,7 +33,6 @@ How a non-finite step is detected (``nonfinite_check``):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..loss import autocast_or_null
 from ..optim import apply_schedule
 
 __all__ = ["resolve_amp_dtype", "autocast_or_null", "StepResult", "Engine", "NONFINITE_CHECKS"]
@@ -65,17 +65,6 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None
     raise ValueError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or none")
-
-
-def autocast_or_null(device_type: str, dtype: torch.dtype | None):
-    """``torch.autocast(device_type, dtype)`` for a low-precision ``dtype``; float32: autocast off (fp32
-    compute, which ``torch.autocast(dtype=float32)`` also falls back to, but only after a warning that it
-    does not support that dtype); None: no context at all (whatever the caller set up applies)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    if dtype == torch.float32:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=dtype)
 
 
 @dataclass

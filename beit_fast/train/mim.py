@@ -1,5 +1,5 @@
-"""Pretraining on the engine: the masked-image-modeling task (:class:`MIMLoss`), the visual tokens of a
-frozen tokenizer, and :class:`PretrainEngine` / :class:`FastPretrainEngine`.
+"""Pretraining on the engine: the visual tokens of a frozen tokenizer, and :class:`PretrainEngine` /
+:class:`FastPretrainEngine` over the masked-image-modeling task module (:class:`beit_fast.loss.MIMLoss`).
 
 The step is the official ``engine_for_pretraining.py`` one: logits for masked positions only, mean
 cross-entropy over all masked positions of the batch, MIM accuracy, AdamW under per-step lr/wd schedules,
@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .engine import Engine, autocast_or_null
+from ..loss import MIMLoss, autocast_or_null
+from .engine import Engine
 
-__all__ = ["mim_loss_reference", "MIMLoss", "PretrainEngine", "FastPretrainEngine", "tokenize", "token_agreement",
-           "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
-
-
-def mim_loss_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over masked positions (fp32) and MIM accuracy: ``logits [M, V]``, ``labels [M]``."""
-    loss = F.cross_entropy(logits.float(), labels)
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == labels).float().mean()
-    return loss, acc
+__all__ = ["PretrainEngine", "FastPretrainEngine", "tokenize", "token_agreement"]
 
 
 @torch.no_grad()
@@ -51,49 +40,6 @@ def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | No
 def token_agreement(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype) -> float:
     """Fraction of positions whose token id in ``dtype`` equals the fp32 one (1.0 = identical)."""
     return (tokenize(tokenizer, images, dtype) == tokenize(tokenizer, images)).float().mean().item()
-
-
-class MIMLoss(nn.Module):
-    """The model and the masked-image-modeling loss as one module: ``forward(images [B,3,H,W],
-    bool_masked_pos [B,N] bool, tokens [B,N] int64) -> (loss, mlm_acc)`` (0-dim tensors).
-
-    ``num_masked=None``: the eager reference, ``F.cross_entropy(model(x, mask), tokens[mask])``.
-    ``num_masked=K``: the fast static-shape form, ``model.forward_masked_hidden`` (K rows per image,
-    padded rows ignored) into the fused linear + cross-entropy op; the same loss.
-    ``amp_dtype``: autocast dtype of the model's forward (None: fp32). This is the module DDP wraps and
-    FSDP2 shards as its root, so that their hooks run for either form.
-    """
-
-    def __init__(self, model: nn.Module, num_masked: int | None = None, amp_dtype: torch.dtype | None = None,
-                 ops_backend: str | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.num_masked = None if num_masked is None else int(num_masked)
-        self.amp_dtype = amp_dtype
-        self.ops_backend = ops_backend
-
-    def _autocast(self, device_type: str):
-        return autocast_or_null(device_type, self.amp_dtype)
-
-    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
-                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.num_masked is None:
-            with self._autocast(images.device.type):
-                logits = self.model(images, bool_masked_pos)
-            return mim_loss_reference(logits, tokens[bool_masked_pos])
-        from ..ops.cross_entropy import masked_linear_cross_entropy
-
-        with self._autocast(images.device.type):
-            hidden, index = self.model.forward_masked_hidden(images, bool_masked_pos, self.num_masked)
-        real = bool_masked_pos.gather(1, index)
-        labels = tokens.gather(1, index).masked_fill(~real, IGNORE_INDEX).reshape(-1)
-        head = self.model.lm_head
-        dtype = self.amp_dtype or hidden.dtype
-        bias = head.bias.to(dtype) if head.bias is not None else None
-        return masked_linear_cross_entropy(
-            hidden.to(dtype), head.weight.to(dtype), bias, labels, ignore_index=IGNORE_INDEX,
-            return_accuracy=True, backend=self.ops_backend,
-        )
 
 
 class PretrainEngine(Engine):

@@ -166,7 +166,7 @@ def _check_fast_backends(cfg: PretrainConfig, device: torch.device) -> None:
 
     if cfg.attn_backend not in ("auto", "reference") and cfg.attn_backend not in available_attention_backends(device):
         raise SystemExit(f"error: --attn_backend {cfg.attn_backend} cannot run on {device.type}; available there: "
-                         f"{', '.join(['auto', 'reference'] + available_attention_backends(device))}")
+                         f"{', '.join(['auto'] + available_attention_backends(device))}")
     if cfg.kernel_backend == "triton":
         if not triton_available():
             raise SystemExit("error: --kernel_backend triton but Triton (or the beit_fast kernels) cannot be imported")
@@ -181,7 +181,8 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
     several processes, FSDP2 with ``--fsdp``. Returns ``(engine, fast)``."""
     from ..distributed import apply_fsdp
     from ..optim import build_optimizer, cosine_scheduler
-    from .mim import FastPretrainEngine, MIMLoss, PretrainEngine
+    from ..loss import MIMLoss
+    from .mim import FastPretrainEngine, PretrainEngine
 
     fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
     if fast:

@@ -1,0 +1,137 @@
+"""The fine-tuning step variants that ``bench_finetune_step.py`` and ``gpu_stages.py finetune`` time.
+
+Every variant: the same batch (images and the soft targets of mixup/cutmix with label smoothing 0.1, made
+once), the same optimizer (AdamW over ``param_groups_layer_decay``, layer decay 0.65, weight decay 0.05,
+fused on CUDA), drop path 0.1 (the recipe's), one optimizer update per step, bf16 autocast on CUDA.
+On CUDA: BEiT-B/16 at 224, 1000 classes, batch 256 (``batch``); on CPU: the tiny config at 224, 10
+classes, batch 4 (the code paths, not the numbers).
+
+  ft_eager              the eager fine-tuning step of beit_fast.finetune: the classifier as built (attention
+                        "math", the eager reference), forward under autocast, soft-target cross-entropy,
+                        ``loss.item()`` (the loop's non-finite check), backward, AdamW
+  ft_beit_fast          beit_fast.loss.build_finetune_loss(fast=True): the classifier's fast path (attention
+                        "auto", no activation checkpointing) + the loss as one module, torch.compile
+                        (fullgraph, static shapes); no host sync in the step (a non-finite loss skips the
+                        update on the device through fused AdamW's ``found_inf``)
+  ft_beit_fast_triton   the same with attention "triton" (our kernel, each block's table gathered in-kernel)
+  ft_timm_compiled      ``timm.create_model("beit_base_patch16_224", pretrained=False)`` (CPU: timm's Beit at
+                        the tiny sizes) in the same loss module and the same sync-free step, torch.compile
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+VARIANTS = ("ft_eager", "ft_beit_fast", "ft_beit_fast_triton", "ft_timm_compiled")
+DROP_PATH = 0.1
+LABEL_SMOOTHING = 0.1
+
+
+def finetune_config(cuda: bool, batch: int | None = None):
+    """``(BeitConfig, batch, num_classes)`` of the benchmark."""
+    from beit_fast.model import get_config
+
+    if cuda:
+        return get_config("base", drop_path_rate=DROP_PATH), batch or 256, 1000
+    return get_config("tiny", drop_path_rate=DROP_PATH), batch or 4, 10
+
+
+def make_finetune_data(cfg, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> dict:
+    """Images and mixup/cutmix soft targets (label smoothing folded in), as the fine-tuning loop makes them."""
+    from beit_fast.finetuning import build_mixup
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    labels = torch.randint(0, num_classes, (batch,), generator=g)
+    torch.manual_seed(seed)
+    images, targets = build_mixup(num_classes, 0.8, 1.0, label_smoothing=LABEL_SMOOTHING)(images, labels)
+    return {"images": images.to(device), "targets": targets.to(device)}
+
+
+def _optimizer(model: nn.Module, cuda: bool) -> torch.optim.Optimizer:
+    from beit_fast.optim import apply_schedule, param_groups_layer_decay
+
+    opt = torch.optim.AdamW(param_groups_layer_decay(model, 0.05, 0.65), lr=1e-4, fused=cuda or None)
+    apply_schedule(opt, 1e-4, 0.05)
+    return opt
+
+
+def _timm_model(cfg, num_classes: int, cuda: bool) -> nn.Module:
+    import timm
+
+    sizes = {} if cuda else dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                                 depth=cfg.depth, num_heads=cfg.num_heads, init_values=cfg.init_values)
+    return timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=num_classes,
+                             drop_path_rate=DROP_PATH, **sizes)
+
+
+def _sync_free_step(loss_fn, opt: torch.optim.Optimizer, data: dict):
+    """zero_grad, forward + loss, backward, AdamW; a non-finite loss skips the update on the device (fused
+    AdamW's ``found_inf``; the unfused CPU optimizer has no such input). Returns the loss tensor."""
+    def step(i: int):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(data["images"], data["targets"])
+        loss.backward()
+        if opt.defaults.get("fused"):
+            opt.found_inf = (~torch.isfinite(loss)).float()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _eager_step(model: nn.Module, opt: torch.optim.Optimizer, data: dict, amp_dtype):
+    """The body of beit_fast.finetune's training loop (mixup done beforehand, no clipping: the recipe's)."""
+    from beit_fast.loss import soft_target_cross_entropy
+
+    device_type = data["images"].device.type
+
+    def step(i: int):
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(data["images"])
+        loss = soft_target_cross_entropy(logits, data["targets"])
+        value = loss.item()
+        opt.zero_grad(set_to_none=True)
+        if math.isfinite(value):
+            loss.backward()
+            opt.step()
+        return value
+
+    return step
+
+
+def build_finetune_variant(name: str, cfg, num_classes: int, data: dict, device: torch.device, compile_fn,
+                           seed: int = 0) -> tuple:
+    """``(step(i) -> loss, description, keepalive)`` for a variant of the module docstring; ``compile_fn``
+    compiles a module (``torch.compile`` with fullgraph/static shapes, or the identity for CPU smoke runs)."""
+    from beit_fast.loss import ClassificationLoss, build_finetune_loss
+    from beit_fast.model import build_classifier
+
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda else None
+    torch.manual_seed(seed)
+    if name == "ft_timm_compiled":
+        model = _timm_model(cfg, num_classes, cuda).to(device).train()
+        loss_fn = compile_fn(ClassificationLoss(model, amp_dtype))
+        desc = ("timm beit_base_patch16_224 (its fused SDPA attention) + soft-target CE as one module, "
+                "torch.compile, sync-free step")
+        return _sync_free_step(loss_fn, _optimizer(model, cuda), data), desc, model
+    model = build_classifier(cfg, num_classes).to(device).train()
+    if name == "ft_eager":
+        desc = "beit_fast.finetune's eager step: attention math, autocast, soft-target CE, loss.item(), AdamW"
+        return _eager_step(model, _optimizer(model, cuda), data, amp_dtype), desc, model
+    if name in ("ft_beit_fast", "ft_beit_fast_triton"):
+        attention = "triton" if name.endswith("triton") else "auto"
+        loss_fn = build_finetune_loss(model, amp_dtype, LABEL_SMOOTHING, fast=True, attention=attention,
+                                      activation_checkpointing="none")
+        from beit_fast.ops.attention import resolve_attention_backend
+
+        q = torch.empty(1, cfg.num_heads, 4, cfg.embed_dim // cfg.num_heads, device=device,
+                        dtype=amp_dtype or torch.float32)
+        resolved = resolve_attention_backend(attention, q)
+        desc = (f"build_finetune_loss(fast=True): attention={resolved}, no checkpointing, torch.compile(fullgraph),"
+                " sync-free step")
+        return _sync_free_step(compile_fn(loss_fn), _optimizer(model, cuda), data), desc, model
+    raise ValueError(f"unknown fine-tuning variant {name!r}; variants: {', '.join(VARIANTS)}")
