@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 __all__ = [
-    "atomic_save", "copy_atomic", "load_checkpoint", "extract_model_state", "validate_checkpoint",
+    "atomic_save", "atomic_write_text", "copy_atomic", "load_checkpoint", "extract_model_state", "validate_checkpoint",
     "verify_checksums", "is_zip_format", "list_checkpoints", "find_resume_checkpoint", "prune_checkpoints",
     "remove_stale_temp_files", "existing_checkpoints", "remove_run_outputs", "trim_jsonl", "Checkpointer",
     "OutputDirLock", "CheckpointError", "UnsafeCheckpointError", "CheckpointSaveError", "OutputDirInUseError",
@@ -332,6 +332,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
     :class:`CheckpointSaveError` if it cannot be written (``path`` is then unchanged)."""
     return _write_atomically(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save` does a torch file."""
+    data = text.encode("utf-8")
+    return _write_atomically(Path(path), lambda f: f.write(data))
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

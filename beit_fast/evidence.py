@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"error: --image_size {cfg.image_size} is not a multiple of --patch_size {cfg.patch_size}")
     import torch
 
-    from .evidence_run import run_evidence, table
+    from .train.evidence import run_evidence, table
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

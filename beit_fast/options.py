@@ -54,8 +54,9 @@ def add_classification_data_args(p: argparse.ArgumentParser) -> argparse._Argume
     """The data flags of ``beit_fast.finetune`` and ``beit_fast.linear_probe``."""
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None,
-                   help="folder with train/<class>/* and val/<class>/* images (torchvision ImageFolder); omit for "
-                   "the embedded default, scikit-learn's handwritten digits")
+                   help="folder with train/<class>/* and val/<class>/* images (torchvision ImageFolder's layout, read "
+                   "like pretraining's image folders); omit for the embedded default, scikit-learn's handwritten "
+                   "digits")
     g.add_argument("--nb_classes", type=int, default=None,
                    help="number of classes (default: from the data); must match the data's")
     g.add_argument("--input_size", type=int, default=None, help="image size fed to the model (demo 32 / real 224)")
@@ -67,4 +68,7 @@ def add_classification_data_args(p: argparse.ArgumentParser) -> argparse._Argume
     g.add_argument("--labels_per_class", type=int, default=None,
                    help="digits only: keep this many labelled training images per class (few-label setting)")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images with more pixels (read from the file header before decoding) are skipped, like "
+                   "unreadable ones: a guard against decompression bombs")
     return g

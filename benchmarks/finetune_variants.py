@@ -40,7 +40,7 @@ def finetune_config(cuda: bool, batch: int | None = None):
 
 def make_finetune_data(cfg, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> dict:
     """Images and mixup/cutmix soft targets (label smoothing folded in), as the fine-tuning loop makes them."""
-    from beit_fast.finetuning import build_mixup
+    from beit_fast.transforms import build_mixup
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)

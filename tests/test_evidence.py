@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from beit_fast.evidence import build_parser, main
-from beit_fast.evidence_run import EvidenceConfig, PixelRegressionLoss, RandomMaskingGenerator, summarize, table
+from beit_fast.config import EvidenceConfig
+from beit_fast.train.evidence import PixelRegressionLoss, RandomMaskingGenerator, summarize, table
 from beit_fast.digits import DigitsDataset
 from beit_fast.model import build_model
 

@@ -7,10 +7,11 @@ from PIL import Image
 
 from beit_fast.checkpoint import atomic_save, load_checkpoint
 from beit_fast.finetune import main
-from beit_fast.finetuning import (
-    FinetuneConfig, accuracy, build_mixup, build_transforms, default_layer_decay, evaluate, finetune, parse_randaug,
-    soft_target_cross_entropy,
-)
+from beit_fast.config import FinetuneConfig
+from beit_fast.evaluation import accuracy, evaluate
+from beit_fast.loss import soft_target_cross_entropy
+from beit_fast.train.finetuning import default_layer_decay, finetune
+from beit_fast.transforms import build_mixup, build_transforms, parse_randaug
 from beit_fast.model import build_classifier, build_model
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beit_fast.finetuning import build_mixup
+from beit_fast.transforms import build_mixup
 from beit_fast.loss import ClassificationLoss, build_finetune_loss, classification_loss
 from beit_fast.model import build_classifier
 from beit_fast.optim import apply_schedule, param_groups_layer_decay

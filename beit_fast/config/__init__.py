@@ -11,7 +11,9 @@ hands it to the library's run function. Python callers build the same dataclasse
 """
 from .base import FLOAT32_MAX, adamw_first_step, defaults_of, exit_on_problems, from_args
 from .evidence import EVIDENCE_VARIANTS, EvidenceConfig
+from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig
+from .probe import ProbeConfig
 
 __all__ = ["from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "PretrainConfig",
            "FinetuneConfig", "ProbeConfig", "EvidenceConfig", "EVIDENCE_VARIANTS"]

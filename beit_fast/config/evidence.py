@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 __all__ = ["EvidenceConfig", "EVIDENCE_VARIANTS"]
 
-#: Variants of the evidence run (``beit_fast.evidence_run.VARIANTS`` says what each one pretrains).
+#: Variants of the evidence run (``beit_fast.train.evidence.VARIANTS`` says what each one pretrains).
 EVIDENCE_VARIANTS: tuple[str, ...] = ("scratch", "beit", "beit_random_mask", "beit_pixels")
 
 

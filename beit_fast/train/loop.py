@@ -51,7 +51,8 @@ class LoopConfig:
     """``steps_per_epoch`` optimizer steps of ``update_freq`` micro-batches of ``batch_size`` (per process)
     per epoch; ``images_per_step``: the global batch (for images/s). ``log_freq``: read the step results every N steps (a step record in the
     log when ``step_records``); ``score``: the name of the epoch score that picks checkpoint-best.pt
-    (``higher_is_better`` or lower). ``save``: write checkpoints at all (needs an output folder)."""
+    (``higher_is_better`` or lower). ``save``: write checkpoints at all (needs an output folder).
+    ``handle_signals``: SIGTERM / SIGINT stop the run gracefully (else they act as usual)."""
 
     epochs: int
     steps_per_epoch: int
@@ -67,6 +68,7 @@ class LoopConfig:
     max_bad_steps: int = 3
     stop_after_steps: int = 0
     progress: bool = True
+    handle_signals: bool = True
     seed: int = 0
     metric_name: str = "mlm_acc"
     score: str = "loss"
@@ -140,6 +142,7 @@ class TrainLoop:
         self.progress = _Progress(best=-math.inf if cfg.higher_is_better else math.inf)
         self.step_records: list[dict] = []
         self.epoch_losses: list[float] = []
+        self.epoch_metrics: list[float] = []
         self.stop_reason: str | None = None
         self._bad = BadStepRun()
         self._log_file = None
@@ -240,7 +243,9 @@ class TrainLoop:
         """Train to the end (or a stop); returns the summary (see :meth:`summary`)."""
         self._open_logs()
         start = time.time()
-        stopper = GracefulStop().install()
+        stopper = GracefulStop()
+        if self.cfg.handle_signals:
+            stopper.install()
         try:
             while self.step < self.cfg.total_steps and self.stop_reason is None:
                 if not self._run_epoch(stopper):
@@ -256,7 +261,7 @@ class TrainLoop:
         return {"steps": self.step, "minutes": seconds / 60, "checkpoint": str(self.ckpt.last) if self.ckpt else None,
                 "step_records": self.step_records, "history": p.history, "interrupted": self.stop_reason,
                 "best": p.best if math.isfinite(p.best) else None, "best_epoch": p.best_epoch,
-                "epoch_losses": self.epoch_losses, "world_size": self.world}
+                "epoch_losses": self.epoch_losses, "epoch_metrics": self.epoch_metrics, "world_size": self.world}
 
     def _open_logs(self) -> None:
         if not self.is_main:
@@ -385,9 +390,10 @@ class TrainLoop:
     def _end_epoch(self, window: "_Window") -> None:
         p, cfg = self.progress, self.cfg
         epoch_done = self.step // cfg.steps_per_epoch
-        loss, _, good = p.epoch_meter.means()
+        loss, metric, good = p.epoch_meter.means()
         epoch_loss = loss if good else math.nan
         self.epoch_losses.append(epoch_loss)
+        self.epoch_metrics.append(metric if good else math.nan)
         end = self.hooks.end_epoch(epoch_done, epoch_loss)
         is_best = end.score is not None and math.isfinite(end.score) and (
             end.score > p.best if cfg.higher_is_better else end.score < p.best)

@@ -2,7 +2,9 @@
 
 :func:`run_evidence` trains a dVAE tokenizer and pretrains a small ViT with BEiT on scikit-learn's digits,
 then fine-tunes and linear-probes it against the same network from random initialisation
-(:class:`beit_fast.options.EvidenceConfig` holds the sizes and schedules); :func:`table` formats the result.
+(:class:`beit_fast.config.EvidenceConfig` holds the sizes and schedules); :func:`table` formats the result.
+Pretraining, fine-tuning and the probes all run on the one engine and loop (:mod:`beit_fast.train`); the
+result files are written atomically.
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data import PretrainDataset, collate_pretrain
-from .digits import DigitsDataset
-from .loss import MIMLoss
-from .train.mim import PretrainEngine
-from .masking import MaskingGenerator
-from .model import build_model
-from .optim import build_optimizer, cosine_scheduler
-from .config import EvidenceConfig
-from .transforms import TokenizerViewTransform, TwoViewConfig, TwoViewTransform
+from ..checkpoint import atomic_save, atomic_write_text
+from ..config import EvidenceConfig
+from ..data import PretrainDataset, ResumableSampler, collate_pretrain
+from ..digits import DigitsDataset
+from ..loss import MIMLoss
+from ..masking import MaskingGenerator
+from ..model import build_model
+from ..optim import build_optimizer, cosine_scheduler
+from ..transforms import TokenizerViewTransform, TwoViewConfig, TwoViewTransform
+from .loop import LoopConfig, LoopHooks, TrainLoop
+from .mim import PretrainEngine
 
 log = logging.getLogger("beit_fast.evidence_run")
 
@@ -111,9 +115,9 @@ def two_view_config(cfg: EvidenceConfig) -> TwoViewConfig:
 
 def train_tokenizer(cfg: EvidenceConfig, seed: int = 0):
     """A dVAE (tiny preset, ``cfg.vocab_size`` codes) on tokenizer views of the training digits."""
-    from .tokenizer.dvae import RECOMMENDED_LR, DiscreteVAE, DVAEConfig
-    from .tokenizer.train import train_dvae
-    from .tokenizer_training import TokenizerViewDataset
+    from ..tokenizer.dvae import RECOMMENDED_LR, DiscreteVAE, DVAEConfig
+    from ..tokenizer.train import train_dvae
+    from ..tokenizer_training import TokenizerViewDataset
 
     train = DigitsDataset("train", cfg.image_size)
     view = TokenizerViewTransform(two_view_config(cfg))
@@ -156,29 +160,37 @@ def pretrain(cfg: EvidenceConfig, tokenizer: nn.Module | None, seed: int, *, mas
     opt = build_optimizer(model, cfg.pretrain_lr, 0.05)
     engine = PretrainEngine(model, tokenizer, opt, torch.device("cpu"), lr, wd, amp_dtype=None, clip_grad=3.0,
                             loss_module=loss_module)
-    g = torch.Generator().manual_seed(seed)
-    step, losses, accs = 0, [], []
-    for epoch in range(cfg.pretrain_epochs):
-        data.set_epoch(epoch)
-        loader = DataLoader(data, batch_size=cfg.pretrain_batch, shuffle=True, drop_last=True,
-                            collate_fn=collate_pretrain, generator=g)
-        for batch in loader:
-            r = engine.train_step(tuple(batch), step)
-            losses.append(r.loss)
-            accs.append(r.mlm_acc)
-            step += 1
-    k = max(1, steps_per_epoch)
-    stats = {"steps": step, "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
-             "acc_first": float(np.mean(accs[:k])), "acc_last": float(np.mean(accs[-k:]))}
+    sampler = ResumableSampler(len(data), seed=seed, shuffle=True)
+    loader = DataLoader(data, batch_size=cfg.pretrain_batch, sampler=sampler, drop_last=True,
+                        collate_fn=collate_pretrain)
+    loop = TrainLoop(engine, loader, sampler, LoopConfig(
+        epochs=cfg.pretrain_epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.pretrain_batch,
+        images_per_step=cfg.pretrain_batch, log_freq=steps_per_epoch, step_records=False, save=False, progress=False,
+        handle_signals=False, seed=seed), _EpochOfData(data))
+    result = loop.run()
+    stats = {"steps": result["steps"], "loss_first": result["epoch_losses"][0],
+             "loss_last": result["epoch_losses"][-1], "acc_first": result["epoch_metrics"][0],
+             "acc_last": result["epoch_metrics"][-1]}
     return model, stats
+
+
+class _EpochOfData(LoopHooks):
+    """The data set's epoch (its augmentation and mask seeds) at each epoch start."""
+
+    def __init__(self, data: PretrainDataset) -> None:
+        self.data = data
+
+    def start_epoch(self, epoch: int) -> None:
+        self.data.set_epoch(epoch)
 
 
 def downstream(cfg: EvidenceConfig, pretrained: nn.Module | None, seed: int) -> dict:
     """Fine-tune and linear-probe one backbone (None: random initialisation) with few labels."""
-    from .finetuning import FinetuneConfig, build_transforms, finetune
-    from .linear_probing import sweep_layers
-    from .model import build_classifier
-    from .pretrained import load_pretrained
+    from ..model import build_classifier
+    from ..pretrained import load_pretrained
+    from ..transforms.classification import build_transforms
+    from .finetuning import FinetuneConfig, finetune
+    from .probing import sweep_layers
 
     def classifier():
         torch.manual_seed(seed)
@@ -198,6 +210,8 @@ def downstream(cfg: EvidenceConfig, pretrained: nn.Module | None, seed: int) -> 
                             label_smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.1, seed=seed,
                             num_workers=0, eval_freq=cfg.finetune_epochs, save_ckpt=False)
     ft = finetune(classifier(), train, val, ft_cfg, device="cpu", progress=False, num_classes=10)
+    if ft["interrupted"]:  # a signal stopped the fine-tuning: stop the whole evidence run
+        raise KeyboardInterrupt(ft["interrupted"])
     probe_train = DigitsDataset("train", cfg.image_size, eval_tf, labels_per_class=cfg.labels_per_class, seed=seed)
     probe = sweep_layers(classifier(), probe_train, val, epochs=cfg.probe_epochs, lr=cfg.probe_lr, seed=seed,
                          progress=False)
@@ -230,7 +244,7 @@ def run_evidence(cfg: EvidenceConfig, *, progress: bool = True) -> dict:
     log.info("tokenizer: recon MSE %.4f, %d/%d codes used, %.0f s", tok_metrics["final"]["recon_mse"],
              tok_metrics["final"]["codes_used"], cfg.vocab_size, time.time() - t0)
     tok_model.eval().requires_grad_(False)
-    torch.save({"config": tok_metrics["config"], "model": tok_model.state_dict()}, out / "tokenizer.pt")
+    atomic_save({"config": tok_metrics["config"], "model": tok_model.state_dict()}, out / "tokenizer.pt")
     runs: list[dict] = []
     from tqdm.auto import tqdm
 
@@ -242,8 +256,8 @@ def run_evidence(cfg: EvidenceConfig, *, progress: bool = True) -> dict:
             backbone = None
             if VARIANTS[name] is not None:
                 backbone, pre_stats = pretrain(cfg, tok_model, seed, **VARIANTS[name])
-                torch.save({"model": backbone.state_dict(), "model_config": backbone.cfg.to_dict(), "variant": name,
-                            "seed": seed}, out / f"pretrain-{name}-seed{seed}.pt")
+                atomic_save({"model": backbone.state_dict(), "model_config": backbone.cfg.to_dict(), "variant": name,
+                             "seed": seed}, out / f"pretrain-{name}-seed{seed}.pt")
             res = downstream(cfg, backbone, seed)
             res.update(variant=name, seed=seed, pretrain=pre_stats, seconds=round(time.time() - t, 1))
             runs.append(res)
@@ -258,8 +272,8 @@ def run_evidence(cfg: EvidenceConfig, *, progress: bool = True) -> dict:
     summary = summarize(runs, variants)
     result = {"config": asdict(cfg), "tokenizer": {k: tok_metrics[k] for k in ("initial", "final") if k in tok_metrics},
               "runs": runs, "summary": summary, "minutes": round((time.time() - t0) / 60, 1)}
-    (out / "evidence.json").write_text(json.dumps(result, indent=1))
-    (out / "evidence.md").write_text(table(result) + "\n")
+    atomic_write_text(out / "evidence.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "evidence.md", table(result) + "\n")
     return result
 
 

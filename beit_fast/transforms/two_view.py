@@ -39,7 +39,7 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 # the one definition of DALL-E's pixel mapping (re-exported here for the data pipeline)
-from .tokenizer.base import LOGIT_LAPLACE_EPS, map_pixels, unmap_pixels
+from ..tokenizer.base import LOGIT_LAPLACE_EPS, map_pixels, unmap_pixels
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",

@@ -1,0 +1,55 @@
+"""The linear probe's configuration (``python -m beit_fast.linear_probe``)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from .base import positive_problems
+
+__all__ = ["ProbeConfig"]
+
+
+@dataclass
+class ProbeConfig:
+    """A linear probe of a frozen backbone (the paper's Table 9 protocol): average-pooled patch tokens of
+    block ``layer`` (default: the last) or of every block (``sweep``), a BatchNorm without affine parameters
+    (unless ``no_batchnorm``) and a linear classifier trained on cached features (AdamW, cosine lr to 0)."""
+
+    # model
+    finetune: str | None = None
+    trust_pickle: bool = False
+    model: str | None = None
+    patch_size: int | None = None
+    layer: int | None = None
+    sweep: bool = False
+    include_cls: bool = False
+    # data
+    data_path: str | None = None
+    nb_classes: int | None = None
+    input_size: int | None = None
+    crop_pct: float | None = None
+    imagenet_default_mean_and_std: bool = False
+    labels_per_class: int | None = None
+    num_workers: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # probe
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    no_batchnorm: bool = False
+    # run
+    output_dir: str | None = None
+    device: str | None = None
+    seed: int = 0
+    no_progress: bool = False
+
+    def problems(self) -> list[str]:
+        """Every problem seen without loading anything, each naming its flag."""
+        problems = positive_problems(self, ("epochs", "batch_size", "max_image_pixels"))
+        if self.finetune and not os.path.isfile(self.finetune):
+            problems.append(f"--finetune checkpoint not found: {self.finetune}")
+        if self.data_path is not None and not os.path.isdir(self.data_path):
+            problems.append(f"--data_path {self.data_path} is not a folder")
+        return problems
