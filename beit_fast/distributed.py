@@ -328,10 +328,8 @@ def load_full_optimizer_state_dict(root: nn.Module, optimizer: torch.optim.Optim
         g["params"] = names[offset: offset + len(group["params"])]
         offset += len(group["params"])
         groups.append(g)
-    for current, saved in zip(optimizer.param_groups, groups):  # keys the schedule adds (beit_fast.optim's
-        for key, value in saved.items():                          # "_decays"): DCP wants the same keys here
-            if key != "params":
-                current.setdefault(key, value)
+    for current, saved in zip(optimizer.param_groups, groups):  # DCP wants the keys the schedule adds ("_decays")
+        current.update({k: v for k, v in saved.items() if k != "params" and k not in current})
     fqn = {"state": {by_id[i]: v for i, v in state["state"].items()}, "param_groups": groups}
     dcp_sd.set_optimizer_state_dict(root, optimizer, fqn, options=dcp_sd.StateDictOptions(full_state_dict=True))
 

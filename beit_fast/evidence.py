@@ -34,7 +34,7 @@ import argparse
 from typing import Sequence
 
 from .logs import cli_logging
-from .config import EVIDENCE_VARIANTS, EvidenceConfig
+from .config import EVIDENCE_VARIANTS, EvidenceConfig, exit_on_problems, from_args
 from .options import HelpFormatter
 
 __all__ = ["build_parser", "main"]
@@ -77,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    cfg = EvidenceConfig(**{k: v for k, v in vars(args).items() if k != "no_progress"})
-    if cfg.image_size % cfg.patch_size:
-        raise SystemExit(f"error: --image_size {cfg.image_size} is not a multiple of --patch_size {cfg.patch_size}")
+    cfg = from_args(EvidenceConfig, args)
+    exit_on_problems(cfg.problems())
     import torch
 
     from .train.evidence import run_evidence, table

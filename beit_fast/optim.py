@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .config.base import adamw_first_step  # noqa: F401 (the formula, where the configs validate lrs)
+
 __all__ = [
     "param_groups_weight_decay", "cosine_scheduler", "build_optimizer", "layer_id_for_vit",
     "param_groups_layer_decay", "apply_schedule", "adamw_first_step",
@@ -57,13 +59,6 @@ def cosine_scheduler(
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == total
     return schedule
-
-
-def adamw_first_step(lr: float, beta1: float) -> float:
-    """The largest step AdamW takes at a learning rate ``lr``: its first, ``lr / (1 - beta1)`` (the bias
-    correction divides by ``1 - beta1**t``). torch passes it to float32 kernels, so it must stay below
-    float32's maximum (else: "value cannot be converted to type float without overflow")."""
-    return lr / (1 - beta1)
 
 
 def build_optimizer(

@@ -31,14 +31,8 @@ from .options import MODEL_NAMES, HelpFormatter
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "python -m beit_fast.pretrain",
-        description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
-        "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "
-        "differ between the demo and a run with --data_path (the official BEiT-B recipe).",
-        formatter_class=HelpFormatter,
-    )
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """Images, their two views and the loader."""
     g = p.add_argument_group("data")
     g.add_argument("--data_path", help="image folder (searched recursively); omit for the embedded demo")
     g.add_argument("--num_samples", type=int,
@@ -67,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images with more pixels (width x height, read from the file header before decoding) "
                    "are skipped and counted, like unreadable ones: a guard against decompression bombs")
 
+
+def _masking_and_tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    """Blockwise masking and the visual tokenizer."""
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int,
                    help="patches to mask per image, about 40%% (demo 26 of 64 / real 75 of 196)")
@@ -85,6 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer_steps", type=int,
                    help="demo only: steps to train the demo dVAE when no checkpoint is given (demo 300)")
 
+
+def _model_and_optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """The model, the optimizer and its schedules."""
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODEL_NAMES, help="model size (demo tiny / real base)")
     g.add_argument("--vocab_size", type=int, help="visual vocabulary (default: the tokenizer's)")
@@ -119,6 +119,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, help="gradient norm clip (0: off)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
                    help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with a loss scaler; none on CPU")
+
+
+def _speed_flags(p: argparse.ArgumentParser) -> None:
+    """The fast step, distributed training and the non-finite policy."""
     g = p.add_argument_group("speed")
     g.add_argument("--fast", choices=["auto", "on", "off"],
                    help="fast training step (fused kernels, fused attention, static shapes, torch.compile): "
@@ -154,6 +158,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_bad_steps", type=int,
                    help="stop (with a checkpoint) after this many consecutive non-finite losses")
 
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Output folder, resume, checkpoints, logs."""
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", help="checkpoints and logs (demo runs/beit_pretrain_demo)")
     g.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
@@ -182,6 +189,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop_after_steps", type=int,
                    help="stop after this many global steps with a checkpoint, as if interrupted (for testing resume)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "python -m beit_fast.pretrain",
+        description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
+        "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "
+        "differ between the demo and a run with --data_path (the official BEiT-B recipe).",
+        formatter_class=HelpFormatter,
+    )
+    _data_flags(p)
+    _masking_and_tokenizer_flags(p)
+    _model_and_optimisation_flags(p)
+    _speed_flags(p)
+    _run_flags(p)
     p.set_defaults(**defaults_of(PretrainConfig))  # the flags' defaults are the config's
     return p
 

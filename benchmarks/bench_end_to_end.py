@@ -154,7 +154,7 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     32 / 8, tokenizer view 32)."""
     from beit_fast import pipeline as pipeline_mod
     from beit_fast import pretrain
-    from beit_fast.train import loop as loop_mod
+    from beit_fast.train import feed as loop_mod
     from beit_fast.train import mim as engine_mod
 
     out_dir = Path(out_dir)

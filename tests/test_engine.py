@@ -152,3 +152,19 @@ def test_grad_norm_non_finite_without_scaler_is_skipped_in_both_modes():
 def test_step_result_names():
     r = StepResult(1.0, 0.5, 2.0, 1.0, 1e-3, 1e-4, 0.05)
     assert r.mlm_acc == 0.5 and r.skipped is False and r.bad is False
+
+
+def test_loading_a_state_keeps_this_engines_optimizer_implementation():
+    """A checkpoint of a run with for-each AdamW resumed by an engine with fused AdamW (the device-side skip
+    needs it): the state is loaded, the fused implementation stays; the next step matches the saving run's."""
+    saver, _ = make("host", fused=False)
+    saver.train_step(batch(0), 0)
+    state = copy.deepcopy(saver.state_dict())  # as read from a file: no tensor shared with the saver
+    loader, _ = make("device", fused=True)
+    loader.model.load_state_dict(saver.model.state_dict())
+    loader.load_state_dict(state)
+    assert all(g["fused"] for g in loader.optimizer.param_groups)
+    a, b = saver.train_step(batch(1), 1), loader.train_step(batch(1), 1)
+    assert a.loss == pytest.approx(float(b.loss), rel=1e-6)
+    for p, q in zip(saver.model.parameters(), loader.model.parameters()):
+        torch.testing.assert_close(p, q)

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar
 
-__all__ = ["from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
+from ..options import DEFAULT_MAX_IMAGE_PIXELS
+
+__all__ = ["ClassificationData", "from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
            "positive_problems", "finite_problems"]
 
 T = TypeVar("T")
@@ -86,3 +89,20 @@ def finite_problems(cfg: Any, names: Iterable[str], prefix: str = "--", nonnegat
         elif name in nonnegative and value < 0:
             problems.append(f"{prefix}{name} must be >= 0, got {value}")
     return problems
+
+
+@dataclass
+class ClassificationData:
+    """The labelled data of fine-tuning and linear probing (their flags: ``options.add_classification_data_args``):
+    ``data_path`` (``train/<class>/*``, ``val/<class>/*``; None: the embedded digits), the class count to
+    expect, the model's input size, the eval crop, the normalisation, the digits' few-label setting, loader
+    workers and the pixel limit of image files."""
+
+    data_path: str | None = None
+    nb_classes: int | None = None
+    input_size: int | None = None
+    crop_pct: float | None = None
+    imagenet_default_mean_and_std: bool = False
+    labels_per_class: int | None = None
+    num_workers: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS

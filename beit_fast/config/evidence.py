@@ -52,3 +52,9 @@ class EvidenceConfig:
     @property
     def num_masked(self) -> int:
         return max(1, round(self.mask_ratio * self.grid**2))
+
+    def problems(self) -> list[str]:
+        """What the sizes cannot be, each naming its flag."""
+        if self.image_size % self.patch_size:
+            return [f"--image_size {self.image_size} is not a multiple of --patch_size {self.patch_size}"]
+        return []

@@ -7,8 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
-from .base import FLOAT32_MAX, adamw_first_step, positive_problems
+from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, positive_problems
 
 __all__ = ["FinetuneConfig", "FINETUNE_DEMO_DEFAULTS", "FINETUNE_OFFICIAL_DEFAULTS"]
 
@@ -27,7 +26,7 @@ FINETUNE_OFFICIAL_DEFAULTS = dict(
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ClassificationData):
     """Fine-tuning settings; the training defaults are the official BEiT-B ImageNet-1k recipe.
 
     Training (what :func:`~beit_fast.train.finetuning.finetune` reads): ``lr`` is the absolute peak
@@ -72,7 +71,6 @@ class FinetuneConfig:
     activation_checkpointing: str = "none"
     compile: bool = True
     seed: int = 0
-    num_workers: int = 0
     eval_freq: int = 1
     eval_batch_size: int | None = None
     save_ckpt: bool = True
@@ -91,19 +89,12 @@ class FinetuneConfig:
     layer_scale_init_value: float | None = None
     init_scale: float = 0.001
     rel_pos_resize: str = "bicubic"
-    # data (command line)
-    data_path: str | None = None
-    nb_classes: int | None = None
-    input_size: int | None = None
-    crop_pct: float | None = None
-    imagenet_default_mean_and_std: bool = False
-    labels_per_class: int | None = None
+    # augmentation (command line; the data fields are ClassificationData's)
     aa: str | None = "rand-m9-mstd0.5-inc1"
     min_crop_scale: float = 0.08
     hflip: float = 0.5
     train_interpolation: str = "bicubic"
     reprob: float = 0.25
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # run (command line)
     output_dir: str | None = None
     overwrite_output_dir: bool = False
@@ -174,7 +165,7 @@ class FinetuneConfig:
             errors.append(f"activation_checkpointing must be none, all or a positive integer, got {mode!r}")
         return errors
 
-    def cli_problems(self) -> list[str]:
+    def problems(self) -> list[str]:
         """The command line's checks (paths, data folders, augmentation values), each naming its flag. Call
         on a :meth:`resolved` config."""
         from ..transforms.classification import parse_randaug

@@ -4,17 +4,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
-from .base import positive_problems
+from .base import ClassificationData, positive_problems
 
 __all__ = ["ProbeConfig"]
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(ClassificationData):
     """A linear probe of a frozen backbone (the paper's Table 9 protocol): average-pooled patch tokens of
     block ``layer`` (default: the last) or of every block (``sweep``), a BatchNorm without affine parameters
-    (unless ``no_batchnorm``) and a linear classifier trained on cached features (AdamW, cosine lr to 0)."""
+    (unless ``no_batchnorm``) and a linear classifier trained on cached features (AdamW, cosine lr to 0); the
+    data fields are :class:`~beit_fast.config.base.ClassificationData`'s."""
 
     # model
     finetune: str | None = None
@@ -24,15 +24,6 @@ class ProbeConfig:
     layer: int | None = None
     sweep: bool = False
     include_cls: bool = False
-    # data
-    data_path: str | None = None
-    nb_classes: int | None = None
-    input_size: int | None = None
-    crop_pct: float | None = None
-    imagenet_default_mean_and_std: bool = False
-    labels_per_class: int | None = None
-    num_workers: int = 0
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # probe
     epochs: int = 50
     lr: float = 1e-3

@@ -47,6 +47,8 @@ from ..optim import apply_schedule
 __all__ = ["resolve_amp_dtype", "autocast_or_null", "StepResult", "Engine", "NONFINITE_CHECKS"]
 
 NONFINITE_CHECKS = ("host", "device")
+#: Optimizer group options that say how the update is computed, not what it is.
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -323,6 +325,11 @@ class Engine:
 
             load_full_optimizer_state_dict(self.task_module, self.optimizer, state["optimizer"])
         else:
+            # The checkpoint holds the state; how this engine runs the optimizer (fused: the device-side skip
+            # needs it) stays this engine's, whatever the run that saved it used.
+            impl = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, flags in zip(self.optimizer.param_groups, impl):
+                group.update(flags)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointSaveError, Checkpointer, trim_jsonl
-from ..distributed import GracefulStop, all_gather_object, any_rank, broadcast_object
-from ..rng import rng_state, seed_everything, set_rng_state
-from .meters import BadStepRun, Meter
+from ..checkpoint import Checkpointer
+from ..distributed import GracefulStop, any_rank
+from . import feed
+from .loop_state import LoopCheckpoints
+from .meters import BadStepRun, Meter, Window
 
-__all__ = ["LoopConfig", "LoopHooks", "EpochEnd", "TrainLoop", "NonFiniteLossError", "next_batch", "data_error",
-           "shutdown_workers", "WORKERS_GONE"]
+__all__ = ["LoopConfig", "LoopHooks", "EpochEnd", "TrainLoop", "NonFiniteLossError"]
 
 log = logging.getLogger("beit_fast.train")
 
@@ -120,7 +120,7 @@ class _Progress:
     history: list = field(default_factory=list)
 
 
-class TrainLoop:
+class TrainLoop(LoopCheckpoints):
     """Epochs of ``engine`` steps over ``loader`` (whose ``sampler`` is resumable); see the module docstring.
 
     ``output_dir``: where ``log.jsonl`` and (``checkpointer``, rank 0) the checkpoints go; None: neither.
@@ -152,92 +152,6 @@ class TrainLoop:
     def step(self) -> int:
         return self.progress.step
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict | None:
-        """Collective (every rank calls it at the same point); the state on rank 0, None elsewhere."""
-        model_state = self.engine.model_state_dict()
-        engine_state = self.engine.state_dict()
-        rngs = all_gather_object(rng_state(), self.dist_info) if self.dist_info is not None else [rng_state()]
-        if not self.is_main:
-            return None
-        p, sums = self.progress, self.progress.epoch_meter.totals()
-        return {"model": model_state, **engine_state, "step": p.step, "epoch": p.step // self.cfg.steps_per_epoch,
-                "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.world, f"best_{self.cfg.score}": p.best,
-                "best_epoch": p.best_epoch, "epoch_loss_sum": sums[0], "epoch_loss_count": sums[2],
-                "history": list(p.history), **self.hooks.checkpoint_extras()}
-
-    def save(self, numbered: str | None = None, best: bool = False) -> None:
-        """Write checkpoint-last.pt (+ numbered / best copies) on rank 0; a failed write (disk full,
-        permissions) stops every rank with :class:`CheckpointSaveError`, the last good file intact."""
-        if not (self.cfg.save and (self.ckpt is not None or not self.is_main)):
-            return
-        state = self.checkpoint_state()
-        error = None
-        if self.is_main:
-            try:
-                self.ckpt.save(state, numbered, best)
-            except CheckpointSaveError as e:  # disk full, permissions: stop cleanly, the last good file stays
-                error = (f"{e}. The run stopped at step {self.step}; make room (or fix the permissions) and "
-                         "continue with --resume auto")
-        error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
-        if error:
-            raise CheckpointSaveError(error)
-
-    def restore(self, state: dict | None) -> None:
-        """Continue from a checkpoint (:func:`beit_fast.train.run_dir.choose_resume_state`'s): its missing
-        copies first, then weights, optimizer, scaler, RNG states and running sums. :class:`CheckpointError`
-        if it does not fit this run. None (nothing to resume yet): the log keeps no record of a run that left
-        no checkpoint."""
-        from ..checkpoint import CheckpointError
-
-        if state is None:
-            self._trim_log()
-            return
-        path = state.get("_path", "the checkpoint")
-        error = None
-        if self.is_main and self.ckpt is not None and state.get("_restore_copies"):
-            try:
-                self.ckpt.restore_copies(state, path)
-            except CheckpointSaveError as e:
-                error = str(e)
-        error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
-        if error:
-            raise CheckpointSaveError(error)
-        try:
-            self.engine.load_model_state_dict(state["model"])
-            self.engine.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from None
-        p = self.progress
-        p.step = int(state["step"])
-        self._restore_rng(state)
-        p.best = float(state.get(f"best_{self.cfg.score}", p.best))
-        p.best_epoch = state.get("best_epoch")
-        p.epoch_meter = Meter.from_totals(float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_loss_count", 0)))
-        p.history = list(state.get("history") or [])
-        log.info("resumed from %s at step %d (epoch %d)", path, p.step, p.step // self.cfg.steps_per_epoch)
-        if p.step >= self.cfg.total_steps:
-            log.info("the run is complete (step %d of %d, %d epochs) in %s: nothing to train. Give more epochs to "
-                     "continue it, or overwrite the output folder to start over", p.step, self.cfg.total_steps,
-                     self.cfg.epochs, self.out)
-        self._trim_log()
-
-    def _trim_log(self) -> None:
-        if self.is_main and self.out is not None:
-            trim_jsonl(self.out / "log.jsonl", "step", self.step)
-
-    def _restore_rng(self, state: dict) -> None:
-        rank = 0 if self.dist_info is None else self.dist_info.rank
-        per_rank = state.get("rng_per_rank")
-        if per_rank is not None and len(per_rank) == self.world:
-            set_rng_state(per_rank[rank])
-        elif self.world == 1 and state.get("rng") is not None:
-            set_rng_state(state["rng"])
-        else:
-            log.warning("the checkpoint holds RNG states of another number of processes: reseeding "
-                        "(drop path will not follow the original run)")
-            seed_everything(self.cfg.seed + rank + 7919 * self.progress.step)
-
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to the end (or a stop); returns the summary (see :meth:`summary`)."""
@@ -253,7 +167,7 @@ class TrainLoop:
         finally:
             stopper.restore()
             self._close_logs()
-            shutdown_workers(self.loader)
+            feed.shutdown_workers(self.loader)
         return self.summary(time.time() - start)
 
     def summary(self, seconds: float = 0.0) -> dict:
@@ -297,7 +211,7 @@ class TrainLoop:
         self.sampler.set_start(start_in_epoch * cfg.update_freq * cfg.batch_size)
         bar = tqdm(total=cfg.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress or not self.is_main, dynamic_ncols=True, leave=False)
-        window = _Window()
+        window = Window()
         it = iter(self.loader)
         try:
             while self._one_step(it, stopper, window, bar):
@@ -315,16 +229,16 @@ class TrainLoop:
         self._end_epoch(window)
         return True
 
-    def _one_step(self, it, stopper: GracefulStop, window: "_Window", bar) -> bool:
+    def _one_step(self, it, stopper: GracefulStop, window: "Window", bar) -> bool:
         """Fetch a step's micro-batches, run it, account for it; False at the end of the epoch or a stop."""
         cfg = self.cfg
         micro = []
         for _ in range(cfg.update_freq):
-            batch = next_batch(it, stopper, self.world)
-            if batch is None or batch is WORKERS_GONE:
+            batch = feed.next_batch(it, stopper, self.world)
+            if batch is None or batch is feed.WORKERS_GONE:
                 break
             micro.append(batch)
-        if batch is WORKERS_GONE:
+        if batch is feed.WORKERS_GONE:
             self.stop_reason = f"{stopper.signal_name}, data workers gone"
             return False
         if len(micro) < cfg.update_freq:  # cannot happen with steps_per_epoch as computed
@@ -351,7 +265,7 @@ class TrainLoop:
             self.save()
         return True
 
-    def _read(self, window: "_Window", bar) -> None:
+    def _read(self, window: "Window", bar) -> None:
         """Read the window's results (a host sync for device engines): the non-finite policy, the progress
         bar, and a step record at log boundaries when the last step was good."""
         cfg = self.cfg
@@ -387,7 +301,7 @@ class TrainLoop:
             self.step_records.append(record)
             window.reset()
 
-    def _end_epoch(self, window: "_Window") -> None:
+    def _end_epoch(self, window: "Window") -> None:
         p, cfg = self.progress, self.cfg
         epoch_done = self.step // cfg.steps_per_epoch
         loss, metric, good = p.epoch_meter.means()
@@ -414,74 +328,3 @@ class TrainLoop:
             log.info(end.message.replace("{best}", " (best so far)" if is_best else ""))
         if self.stop_reason is not None:  # at an epoch end: the epoch's checkpoints are written, stop here
             log.info("stopped after step %d (%s); continue with --resume auto", self.step, self.stop_reason)
-
-
-class _Window(Meter):
-    """The results since the last step record: sums over good steps, the last step's values, wall time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reset()
-
-    def reset(self) -> None:
-        Meter.__init__(self)
-        self.t0 = time.time()
-        self.steps = 0
-
-    def add(self, result) -> None:
-        super().add(result)
-        self.steps += 1
-        self.last = result
-
-    @property
-    def host(self) -> bool:
-        return not isinstance(self.last.loss, torch.Tensor)
-
-    def last_values(self) -> dict:
-        r = self.last
-        values = [r.loss, r.metric, r.grad_norm, r.loss_scale, r.bad]
-        if not self.host:
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
-                                  for v in values]).tolist()
-        return {"loss": values[0], "metric": values[1], "grad_norm": values[2], "loss_scale": values[3],
-                "lr": r.lr, "min_lr": r.min_lr, "weight_decay": r.weight_decay, "bad": bool(values[4])}
-
-    def elapsed(self) -> tuple[float, int]:
-        return time.time() - self.t0, self.steps
-
-
-WORKERS_GONE = object()
-
-
-def data_error(e: BaseException) -> SystemExit | None:
-    """A clear SystemExit for a data set that yields no readable image (raised in a worker or here)."""
-    for line in str(e).splitlines()[::-1]:
-        if "could not be read" in line:
-            return SystemExit("error: " + line.strip().removeprefix("RuntimeError: "))
-    return None
-
-
-def next_batch(it, stopper: GracefulStop, world_size: int = 1):
-    """The next micro-batch; None at the end of the epoch; :data:`WORKERS_GONE` when a stop was requested
-    and the data workers were killed as well (signalled one by one), so the run stops at the last step."""
-    try:
-        return next(it)
-    except StopIteration:
-        return None
-    except RuntimeError as e:
-        err = data_error(e)
-        if err is not None:
-            raise err from None
-        if stopper.requested is not None and world_size == 1:  # (several ranks must stop together: no)
-            log.warning("the data workers are gone (%s); stopping at the last finished step", str(e).splitlines()[0])
-            return WORKERS_GONE
-        raise
-
-
-def shutdown_workers(loader) -> None:
-    """Stop the loader's persistent workers now, not whenever the loader is collected (after an error its
-    traceback keeps it alive, and the workers would linger in an in-process caller)."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None

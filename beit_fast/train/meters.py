@@ -3,9 +3,11 @@ the host, 0-dim device tensors from one that checks on the device (adding them n
 reading them is one)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
-__all__ = ["Meter", "BadStepRun"]
+__all__ = ["Meter", "BadStepRun", "Window"]
 
 
 def _is_tensor(x) -> bool:
@@ -95,3 +97,37 @@ class BadStepRun:
         worst, count = (int(v) for v in _read([self.worst, self.count]))
         self._reset()
         return worst, count
+
+
+class Window(Meter):
+    """The results since the last step record: sums over good steps, the last step's values, wall time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        Meter.__init__(self)
+        self.t0 = time.time()
+        self.steps = 0
+
+    def add(self, result) -> None:
+        super().add(result)
+        self.steps += 1
+        self.last = result
+
+    @property
+    def host(self) -> bool:
+        return not isinstance(self.last.loss, torch.Tensor)
+
+    def last_values(self) -> dict:
+        r = self.last
+        values = [r.loss, r.metric, r.grad_norm, r.loss_scale, r.bad]
+        if not self.host:
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
+                                  for v in values]).tolist()
+        return {"loss": values[0], "metric": values[1], "grad_norm": values[2], "loss_scale": values[3],
+                "lr": r.lr, "min_lr": r.min_lr, "weight_decay": r.weight_decay, "bad": bool(values[4])}
+
+    def elapsed(self) -> tuple[float, int]:
+        return time.time() - self.t0, self.steps

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import PretrainConfig
-from .loop import data_error
+from .feed import data_error
 
 __all__ = ["PretrainData", "build_pretrain_data", "build_tokenizer_for_run", "build_pretrain_model",
            "build_pretrain_engine", "choose_tokenizer_precision", "DEMO_PHOTO_SIDE_PER_VIEW"]
