@@ -6,20 +6,20 @@ fused on CUDA), drop path 0.1 (the recipe's), one optimizer update per step, bf1
 On CUDA: BEiT-B/16 at 224, 1000 classes, batch 256 (``batch``); on CPU: the tiny config at 224, 10
 classes, batch 4 (the code paths, not the numbers).
 
-  ft_eager              the eager fine-tuning step of beit_fast.finetune: the classifier as built (attention
-                        "math", the eager reference), forward under autocast, soft-target cross-entropy,
-                        ``loss.item()`` (the loop's non-finite check), backward, AdamW
+  ft_eager              the eager fine-tuning step of beit_fast.finetune (``--fast off``): the classifier as
+                        built (attention "math", the eager reference), forward under autocast, soft-target
+                        cross-entropy, backward, fused AdamW, in the same engine, not compiled
   ft_beit_fast          beit_fast.loss.build_finetune_loss(fast=True): the classifier's fast path (attention
                         "auto", no activation checkpointing) + the loss as one module, torch.compile
-                        (fullgraph, static shapes); no host sync in the step (a non-finite loss skips the
-                        update on the device through fused AdamW's ``found_inf``)
+                        (fullgraph, static shapes), run by beit_fast.train.engine.Engine as the fine-tuning
+                        run does (schedule, gradient norm, fused AdamW); no host sync in the step (a
+                        non-finite loss or gradient skips the update on the device through ``found_inf``)
   ft_beit_fast_triton   the same with attention "triton" (our kernel, each block's table gathered in-kernel)
   ft_timm_compiled      ``timm.create_model("beit_base_patch16_224", pretrained=False)`` (CPU: timm's Beit at
-                        the tiny sizes) in the same loss module and the same sync-free step, torch.compile
+                        the tiny sizes) in the same loss module and the same engine step, torch.compile
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -67,37 +67,21 @@ def _timm_model(cfg, num_classes: int, cuda: bool) -> nn.Module:
                              drop_path_rate=DROP_PATH, **sizes)
 
 
-def _sync_free_step(loss_fn, opt: torch.optim.Optimizer, data: dict):
-    """zero_grad, forward + loss, backward, AdamW; a non-finite loss skips the update on the device (fused
-    AdamW's ``found_inf``; the unfused CPU optimizer has no such input). Returns the loss tensor."""
-    def step(i: int):
-        opt.zero_grad(set_to_none=True)
-        loss, _ = loss_fn(data["images"], data["targets"])
-        loss.backward()
-        if opt.defaults.get("fused"):
-            opt.found_inf = (~torch.isfinite(loss)).float()
-        opt.step()
-        return loss.detach()
+def _engine_step(task: nn.Module, model: nn.Module, cuda: bool, data: dict, compile_fn):
+    """beit_fast's fine-tuning step as the run makes it: :class:`beit_fast.train.engine.Engine` over the task
+    module (lr / weight-decay schedule, zero_grad, forward + loss, backward, gradient norm, fused AdamW) with the
+    non-finite check on the device (a non-finite loss or gradient skips the update through fused AdamW's
+    ``found_inf``; no host read). Returns ``step(i) -> loss tensor``."""
+    import numpy as np
 
-    return step
+    from beit_fast.train.engine import Engine
 
-
-def _eager_step(model: nn.Module, opt: torch.optim.Optimizer, data: dict, amp_dtype):
-    """The body of beit_fast.finetune's training loop (mixup done beforehand, no clipping: the recipe's)."""
-    from beit_fast.loss import soft_target_cross_entropy
-
-    device_type = data["images"].device.type
+    engine = Engine(task, _optimizer(model, cuda), data["images"].device, np.full(1, 1e-4), np.full(1, 0.05),
+                    prepare=lambda batch: batch, compile=compile_fn, nonfinite_check="device")
+    batch = (data["images"], data["targets"])
 
     def step(i: int):
-        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits = model(data["images"])
-        loss = soft_target_cross_entropy(logits, data["targets"])
-        value = loss.item()
-        opt.zero_grad(set_to_none=True)
-        if math.isfinite(value):
-            loss.backward()
-            opt.step()
-        return value
+        return engine.train_step(batch, i).loss
 
     return step
 
@@ -114,14 +98,15 @@ def build_finetune_variant(name: str, cfg, num_classes: int, data: dict, device:
     torch.manual_seed(seed)
     if name == "ft_timm_compiled":
         model = _timm_model(cfg, num_classes, cuda).to(device).train()
-        loss_fn = compile_fn(ClassificationLoss(model, amp_dtype))
         desc = ("timm beit_base_patch16_224 (its fused SDPA attention) + soft-target CE as one module, "
-                "torch.compile, sync-free step")
-        return _sync_free_step(loss_fn, _optimizer(model, cuda), data), desc, model
+                "torch.compile, in beit_fast's engine (sync-free step)")
+        return _engine_step(ClassificationLoss(model, amp_dtype), model, cuda, data, compile_fn), desc, model
     model = build_classifier(cfg, num_classes).to(device).train()
     if name == "ft_eager":
-        desc = "beit_fast.finetune's eager step: attention math, autocast, soft-target CE, loss.item(), AdamW"
-        return _eager_step(model, _optimizer(model, cuda), data, amp_dtype), desc, model
+        desc = ("beit_fast.finetune --fast off: the eager step (attention math, autocast, soft-target CE) in the "
+                "engine, not compiled")
+        task = build_finetune_loss(model, amp_dtype, LABEL_SMOOTHING, fast=False)
+        return _engine_step(task, model, cuda, data, False), desc, model
     if name in ("ft_beit_fast", "ft_beit_fast_triton"):
         attention = "triton" if name.endswith("triton") else "auto"
         loss_fn = build_finetune_loss(model, amp_dtype, LABEL_SMOOTHING, fast=True, attention=attention,
@@ -132,6 +117,6 @@ def build_finetune_variant(name: str, cfg, num_classes: int, data: dict, device:
                         dtype=amp_dtype or torch.float32)
         resolved = resolve_attention_backend(attention, q)
         desc = (f"build_finetune_loss(fast=True): attention={resolved}, no checkpointing, torch.compile(fullgraph),"
-                " sync-free step")
-        return _sync_free_step(compile_fn(loss_fn), _optimizer(model, cuda), data), desc, model
+                " beit_fast's engine (sync-free step)")
+        return _engine_step(loss_fn, model, cuda, data, compile_fn), desc, model
     raise ValueError(f"unknown fine-tuning variant {name!r}; variants: {', '.join(VARIANTS)}")

@@ -107,7 +107,8 @@ class Engine:
     ``fully_shard``-ed, before the optimizer was built); ``dist_info`` averages the metrics over ranks and
     makes every rank take the same skip decision. ``compile``: ``torch.compile`` the (wrapped) task module
     with static shapes (``fullgraph`` in one process; under FSDP each of ``model.blocks`` is compiled on its
-    own, the torchtitan recipe); ``compile_mode`` is torch.compile's ``mode``.
+    own, the torchtitan recipe); ``compile_mode`` is torch.compile's ``mode``; a callable ``compile`` is applied to
+    the (wrapped) task module instead.
     """
 
     def __init__(
@@ -122,7 +123,7 @@ class Engine:
         prepare: Callable[[Any], Sequence[torch.Tensor]] | None = None,
         parallel: str = "none",
         dist_info=None,
-        compile: bool = False,
+        compile: bool | Callable[[nn.Module], Callable] = False,
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
         nonfinite_check: str = "host",
@@ -154,7 +155,10 @@ class Engine:
         else:
             self.train_module = task_module
         self.compiled = bool(compile)
-        self._loss_fn = self._compiled(compile_backend, compile_mode) if compile else self.train_module
+        if callable(compile):  # the caller's compiler (e.g. a benchmark's), applied to the (wrapped) task module
+            self._loss_fn = compile(self.train_module)
+        else:
+            self._loss_fn = self._compiled(compile_backend, compile_mode) if compile else self.train_module
 
     def _compiled(self, backend: str, mode: str | None):
         kwargs = {"mode": mode} if mode else {}
