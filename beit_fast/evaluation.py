@@ -9,15 +9,21 @@ from tqdm.auto import tqdm
 
 from .loss import autocast_or_null
 
-__all__ = ["evaluate", "accuracy"]
+__all__ = ["evaluate", "accuracy", "topk_hits"]
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> torch.Tensor:
+    """Correct predictions for each k (k capped at the number of classes): int64 ``[len(topk)]`` on the
+    logits' device (no host read)."""
+    maxk = min(max(topk), logits.shape[-1])
+    pred = logits.topk(maxk, dim=-1).indices
+    hit = pred == labels[:, None]
+    return torch.stack([hit[:, : min(k, maxk)].any(dim=-1).sum() for k in topk])
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> list[int]:
     """Correct predictions (counts, not rates) for each k, k capped at the number of classes."""
-    maxk = min(max(topk), logits.shape[-1])
-    pred = logits.topk(maxk, dim=-1).indices
-    hit = pred == labels[:, None]
-    return [hit[:, : min(k, maxk)].any(dim=-1).sum().item() for k in topk]
+    return [int(v) for v in topk_hits(logits, labels, topk).tolist()]
 
 
 @torch.no_grad()
@@ -32,7 +38,8 @@ def evaluate(
                                          pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
-    n, c1, c5, loss_sum = 0, 0, 0, 0.0
+    n, hits, loss_sum = 0, torch.zeros(2, dtype=torch.int64, device=device), torch.zeros((), device=device,
+                                                                                   dtype=torch.float64)
     try:
         for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
             images = images.to(device, non_blocking=True)
@@ -40,11 +47,12 @@ def evaluate(
             with autocast_or_null(device.type, amp_dtype):
                 logits = model(images)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            a1, a5 = accuracy(logits, labels, (1, 5))
-            c1, c5, n = c1 + a1, c5 + a5, n + labels.shape[0]
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")  # summed on the device: read once
+            hits += topk_hits(logits, labels, (1, 5))
+            n += labels.shape[0]
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("the evaluation data set is empty")
-    return {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": n}
+    c1, c5 = hits.tolist()
+    return {"top1": c1 / n, "top5": c5 / n, "loss": float(loss_sum) / n, "n": n}

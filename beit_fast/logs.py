@@ -65,9 +65,10 @@ class TensorBoardMissing(ImportError):
     """``--log_dir`` was given but the ``tensorboard`` package is not installed."""
 
 
-#: TensorBoard tag group of each metric (the official BEiT scripts' ``loss/`` and ``opt/`` heads).
-_GROUPS = {"loss": "loss", "mlm_acc": "loss", "unigram_entropy": "loss", "unigram_acc": "loss", "lr": "opt",
-           "min_lr": "opt",
+#: TensorBoard tag group of each metric (the official BEiT scripts' ``loss/`` and ``opt/`` heads; ``val/`` for
+#: fine-tuning's evaluation).
+_GROUPS = {"loss": "loss", "mlm_acc": "loss", "unigram_entropy": "loss", "unigram_acc": "loss", "train_loss": "loss",
+           "acc": "loss", "val_loss": "val", "top1": "val", "top5": "val", "lr": "opt", "min_lr": "opt",
            "weight_decay": "opt", "grad_norm": "opt", "loss_scale": "opt"}
 
 

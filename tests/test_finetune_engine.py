@@ -161,3 +161,17 @@ def test_non_finite_losses_save_then_stop(tmp_path):
     state = load_checkpoint(tmp_path / "nan" / "checkpoint-last.pt")
     assert state["kind"] == "finetune" and all(torch.isfinite(v).all() for v in state["model"].values()
                                                if v.is_floating_point())
+
+
+def test_tensorboard_scalars_of_a_fine_tuning_run(tmp_path):
+    """Every run logs through the one loop: fine-tuning's epoch records go to log.jsonl and TensorBoard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res, _ = _run(tmp_path / "run", epochs=2, mixup=0.0, cutmix=0.0, log_dir=str(tmp_path / "tb"))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"loss/train_loss", "val/top1", "val/top5", "val/val_loss", "opt/lr"} <= set(acc.Tags()["scalars"])
+    events = acc.Scalars("val/top1")
+    assert [e.step for e in events] == [5, 10]
+    assert [e.value for e in events] == pytest.approx([h["top1"] for h in res["history"]])
