@@ -175,3 +175,28 @@ def test_tensorboard_scalars_of_a_fine_tuning_run(tmp_path):
     events = acc.Scalars("val/top1")
     assert [e.step for e in events] == [5, 10]
     assert [e.value for e in events] == pytest.approx([h["top1"] for h in res["history"]])
+
+
+def test_cli_fast_flags_reach_the_step(tmp_path, monkeypatch):
+    """--fast on (uncompiled here: compiling is checked above), --attn_backend, --activation_checkpointing: the
+    task module the engine runs is the classifier's fast path with that attention and checkpointing."""
+    from beit_fast.finetune import main
+    from beit_fast.train import finetuning
+
+    built = []
+
+    def spy(model, *args, **kwargs):
+        task = build_finetune_loss(model, *args, **kwargs)
+        built.append(({b.attn.attn_backend for b in model.blocks}, model.checkpoint_blocks, args, kwargs))
+        return task
+
+    monkeypatch.setattr(finetuning, "build_finetune_loss", spy)
+    res = main(["--epochs", "1", "--input_size", "16", "--labels_per_class", "4", "--batch_size", "20", "--fast", "on",
+                "--no-compile", "--attn_backend", "sdpa", "--activation_checkpointing", "all", "--no_progress",
+                "--output_dir", str(tmp_path / "run")])
+    (attention, checkpointed, args, kwargs), = built
+    assert attention == {"sdpa"} and checkpointed == {0, 1, 2, 3} and kwargs["fast"] is True
+    assert res["best_top1"] is not None
+    with pytest.raises(SystemExit, match="activation_checkpointing"):
+        main(["--activation_checkpointing", "some", "--epochs", "1", "--no_progress",
+              "--output_dir", str(tmp_path / "bad")])

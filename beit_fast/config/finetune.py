@@ -177,6 +177,7 @@ class FinetuneConfig(ClassificationData):
         if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
             errors.append(f"--resume checkpoint not found: {self.resume}")
         errors += self._data_path_problems()
+        errors += [f"--{e}" for e in self._choice_errors()]
         if self.resume and self.overwrite_output_dir:
             errors.append("--resume continues the run in --output_dir, --overwrite_output_dir deletes it: choose one")
         if self.eval and not self.finetune and self.resume in ("", "auto"):
