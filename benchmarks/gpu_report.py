@@ -81,6 +81,9 @@ WHEEL_DIR = ROOT / ".whl"
 def build_plan(args) -> tuple[list[Stage], list[Stage]]:
     """(warm stages, run in parallel first; measuring stages, in order)."""
     py = [sys.executable, str(HERE / "gpu_stages.py")]
+    import torch
+
+    cuda = torch.cuda.is_available()  # the stages that are plain scripts get CPU sizes in a --cpu-smoke run
     common = ["--rows", "{rows}"] + (["--batch", str(args.batch)] if args.batch else []) + \
         ["--repeats", str(args.repeats)]
 
@@ -122,11 +125,13 @@ def build_plan(args) -> tuple[list[Stage], list[Stage]]:
                             "tests/test_pipeline.py::test_nvjpeg_views_within_tolerance_and_tokens"], 270, 200,
               "the kernels' (incl. the Triton attention), the fast step's, the fast fine-tuning step's and the "
               "nvJPEG pipeline's tests on the card (BEIT_FAST_REAL_GPU=1)"),
-        Stage("end_to_end", [sys.executable, str(HERE / "bench_end_to_end.py"), "--device", "cuda", "--images",
-                             "2048", "--batch", "256", "--steps", "15", "--warmup", "5", "--rows", "{rows}"], 420, 300,
+        Stage("end_to_end", [sys.executable, str(HERE / "bench_end_to_end.py"), "--rows", "{rows}"] + (
+                  ["--device", "cuda", "--images", "2048", "--batch", "256", "--steps", "15", "--warmup", "5"]
+                  if cuda else ["--device", "cpu"]), 420, 300,
               "the real pretraining loop on 2,048 JPEGs, BEiT-B, batch 256, DALL-E-sized tokenizer: "
               "--data_pipeline pil vs gpu (images/s, share of time waiting for data, CPU cores)"),
-        Stage("tokenizer", [sys.executable, str(HERE / "bench_tokenizer.py"), "--device", "cuda", "--rows", "{rows}"],
+        Stage("tokenizer", [sys.executable, str(HERE / "bench_tokenizer.py"), "--device", "cuda" if cuda else "cpu",
+                            "--rows", "{rows}"],
               180, 120, "DALL-E-sized tokenizer at batch 256: fp32 vs bf16/fp16 channels-last, compiled; agreement"),
         step("hf_patched_compiled", "hf_patched_compiled", 100, 55, "HF patched, compiled"),
         step("autotune", "beit_fast_autotune", 240, 150, "GEMM/epilogue autotuning (max-autotune-no-cudagraphs)"),
