@@ -329,6 +329,22 @@ def test_cli_help():
         assert flag in r.stdout, flag
 
 
+def test_cli_flags_become_a_config(tmp_path):
+    """The CLI parses its flags into a TokenizerConfig (the flags' defaults are the config's) and validates it,
+    every problem named by its flag."""
+    from beit_fast.config import TokenizerConfig, from_args
+    from beit_fast.train_tokenizer import build_parser
+
+    assert from_args(TokenizerConfig, build_parser().parse_args([])) == TokenizerConfig()
+    cfg = from_args(TokenizerConfig, build_parser().parse_args(["--steps", "7", "--kl_weight", "1e-3", "--json"]))
+    assert (cfg.steps, cfg.kl_weight, cfg.json, cfg.lr) == (7, 1e-3, True, None)
+    bad = TokenizerConfig(steps=0, eval_images=-1, data_path=str(tmp_path / "nope"))
+    assert bad.problems() == [f"--data_path {tmp_path / 'nope'}: image folder not found",
+                              "--steps must be positive, got 0", "--eval_images must be positive, got -1"]
+    (tmp_path / "file").write_text("x")
+    assert TokenizerConfig(data_path=str(tmp_path / "file")).problems() == [f"--data_path {tmp_path / 'file'} is not a folder"]
+
+
 def test_cli_tiny_run_default_data(tmp_path, capsys):
     from beit_fast.train_tokenizer import main
 
