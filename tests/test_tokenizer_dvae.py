@@ -342,7 +342,8 @@ def test_cli_flags_become_a_config(tmp_path):
     assert bad.problems() == [f"--data_path {tmp_path / 'nope'}: image folder not found",
                               "--steps must be positive, got 0", "--eval_images must be positive, got -1"]
     (tmp_path / "file").write_text("x")
-    assert TokenizerConfig(data_path=str(tmp_path / "file")).problems() == [f"--data_path {tmp_path / 'file'} is not a folder"]
+    not_a_folder = TokenizerConfig(data_path=str(tmp_path / "file"))
+    assert not_a_folder.problems() == [f"--data_path {tmp_path / 'file'} is not a folder"]
 
 
 def test_cli_tiny_run_default_data(tmp_path, capsys):

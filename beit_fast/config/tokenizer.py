@@ -44,6 +44,7 @@ class TokenizerConfig:
         """Every problem seen without loading anything, each naming its flag (the folder first)."""
         problems = positive_problems(self, ("steps", "batch_size", "eval_images"))
         if self.data_path is not None and not os.path.isdir(self.data_path):
-            problems.insert(0, f"--data_path {self.data_path}: image folder not found" if not os.path.exists(self.data_path)
+            missing = not os.path.exists(self.data_path)
+            problems.insert(0, f"--data_path {self.data_path}: image folder not found" if missing
                             else f"--data_path {self.data_path} is not a folder")
         return problems

@@ -267,7 +267,8 @@ class DiscreteVAE(VisualTokenizer):
         z = torch.einsum("bvhw,vd->bdhw", one_hot, self.codebook.weight)
         return self._decode_codes(z), logits
 
-    def loss_terms(self, images: Tensor, recon: Tensor, logits: Tensor, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    def loss_terms(self, images: Tensor, recon: Tensor, logits: Tensor,
+                   kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, recon_loss, kl)`` 0-dim fp32 tensors: ``recon_loss + kl_weight * KL(q || uniform)`` (see module
         docstring), without reading them on the host."""
         x = images.float()

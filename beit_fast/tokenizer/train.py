@@ -1,6 +1,7 @@
 """Training loop for :class:`~beit_fast.tokenizer.dvae.DiscreteVAE` (the official BEiT repo ships none).
 
-:func:`train_dvae` runs AdamW with a short linear warm-up and a cosine decay of the learning rate, the
+:func:`train_dvae` runs AdamW on the one training engine (:class:`DVAEEngine` over the task module
+:class:`DVAELoss`) with a short linear warm-up and a cosine decay of the learning rate, the
 Gumbel temperature annealed exponentially from ``cfg.temperature_start`` to ``cfg.temperature_end`` and
 the KL weight ramped linearly from 0 (``dvae.temperature_at`` / ``dvae.kl_weight_at``). It evaluates
 before and after training on a fixed evaluation set with the *hard* (argmax) codes that tokenization
@@ -176,8 +177,9 @@ class DVAELoss(nn.Module):
 
 class DVAEEngine(Engine):
     """The engine over :class:`DVAELoss`, whose step also sets the dVAE's own schedules: the Gumbel temperature
-    (:func:`~beit_fast.tokenizer.dvae.temperature_at`) and the KL weight (:func:`~beit_fast.tokenizer.dvae.kl_weight_at`)
-    of step ``t`` of ``total_steps``, with the lr of ``lr_schedule[t]``."""
+    (:func:`~beit_fast.tokenizer.dvae.temperature_at`) and the KL weight
+    (:func:`~beit_fast.tokenizer.dvae.kl_weight_at`) of step ``t`` of ``total_steps``, with the lr of
+    ``lr_schedule[t]``."""
 
     def __init__(self, task_module: DVAELoss, optimizer: torch.optim.Optimizer, device: torch.device,
                  lr_schedule: np.ndarray, total_steps: int, **kwargs: Any) -> None:
@@ -193,14 +195,18 @@ class DVAEEngine(Engine):
 
 def _dvae_engine(model: DiscreteVAE, device: torch.device, steps: int, lr: float, weight_decay: float,
                  warmup_steps: int | None, grad_clip: float | None) -> DVAEEngine:
-    """AdamW (one group, betas 0.9/0.999) with the warm-up + cosine lr (:func:`beit_fast.optim.warmup_cosine_schedule`:
-    ``warmup_steps``, default 5% of the run, then down to 10% of ``lr``), clipping at ``grad_clip``, the
-    non-finite check on the host (a non-finite loss never reaches the gradients)."""
+    """AdamW (one group, betas 0.9/0.999) with the warm-up + cosine lr
+    (:func:`beit_fast.optim.warmup_cosine_schedule`: ``warmup_steps``, default 5% of the run, then down to 10% of
+    ``lr``), clipping at ``grad_clip``, the non-finite check on the host (a non-finite loss never reaches the
+    gradients). Batches ``[B, 3, S, S]`` go to the device as fp32."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
+
+    def prepare(x: Tensor) -> tuple[Tensor]:
+        return (x.to(device=device, dtype=torch.float32, non_blocking=True),)
+
     return DVAEEngine(DVAELoss(model), opt, device, warmup_cosine_schedule(lr, steps, warmup), steps,
-                      clip_grad=grad_clip, prepare=lambda x: (x.to(device=device, dtype=torch.float32, non_blocking=True),),
-                      nonfinite_check="host")
+                      clip_grad=grad_clip, prepare=prepare, nonfinite_check="host")
 
 
 def _reference_eval(model: DiscreteVAE, data: Any, batch_size: int, eval_batches: int, seed: int,
