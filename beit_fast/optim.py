@@ -10,7 +10,7 @@ import torch.nn as nn
 from .config.base import adamw_first_step  # noqa: F401 (the formula, where the configs validate lrs)
 
 __all__ = [
-    "param_groups_weight_decay", "cosine_scheduler", "build_optimizer", "layer_id_for_vit",
+    "param_groups_weight_decay", "cosine_scheduler", "warmup_cosine_schedule", "build_optimizer", "layer_id_for_vit",
     "param_groups_layer_decay", "apply_schedule", "adamw_first_step",
 ]
 
@@ -59,6 +59,27 @@ def cosine_scheduler(
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == total
     return schedule
+
+
+def warmup_cosine_schedule(
+    base_value: float, total_steps: int, warmup_steps: int, final_ratio: float = 0.1,
+) -> np.ndarray:
+    """Per-step values ``float64[total_steps]`` of the dVAE tokenizer's schedule: a linear warm-up
+    ``base_value * (t + 1) / warmup_steps`` that reaches ``base_value`` at its last step, then a cosine from
+    ``base_value`` towards ``final_ratio * base_value`` (reached one step after the end).
+
+    :func:`cosine_scheduler` with ``start_warmup_value = base_value / warmup_steps`` has the same shape but
+    evaluates it in another order (``np.linspace``, numpy's cosine), which differs in the last bits; this
+    evaluates each step in Python floats, in the order the tokenizer trainer always has, so its runs keep
+    their exact learning rates (and weights)."""
+    values = []
+    for step in range(total_steps):
+        if step < warmup_steps:
+            values.append(base_value * (step + 1) / warmup_steps)
+        else:
+            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            values.append(base_value * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))))
+    return np.array(values, dtype=np.float64)
 
 
 def build_optimizer(

@@ -29,7 +29,7 @@ from .tokenizer.dvae import RECOMMENDED_LR, DVAEConfig
 from .tokenizer.train import train_dvae
 from .transforms import TokenizerViewTransform, TwoViewConfig
 
-__all__ = ["TokenizerViewDataset", "HELD_OUT_PHOTOS", "train_tokenizer"]
+__all__ = ["TokenizerViewDataset", "HELD_OUT_PHOTOS", "train_tokenizer", "run_tokenizer_training"]
 
 log = logging.getLogger("beit_fast.tokenizer_training")
 
@@ -123,3 +123,34 @@ def train_tokenizer(
         eval_batches=(eval_images + batch_size - 1) // batch_size, save_every=save_every or None,
         num_workers=workers,
     )
+
+
+def run_tokenizer_training(cfg) -> dict[str, Any]:
+    """What ``python -m beit_fast.train_tokenizer`` runs (a validated :class:`beit_fast.config.TokenizerConfig`):
+    :func:`train_tokenizer` on ``cfg.device`` (default: cuda if available, else cpu), then a summary printed
+    (and, ``cfg.json``, the metrics as one JSON line); returns the metrics."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        metrics = train_tokenizer(
+            cfg.output, preset=cfg.preset, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            data_path=cfg.data_path, eval_images=cfg.eval_images, save_every=cfg.save_every, seed=cfg.seed,
+            device=device, workers=cfg.workers, progress=not cfg.no_progress, vocab_size=cfg.vocab_size,
+            input_size=cfg.input_size, temperature_start=cfg.temperature_start, temperature_end=cfg.temperature_end,
+            kl_weight=cfg.kl_weight, recon_loss=cfg.recon_loss,
+        )
+    except ValueError as e:  # no image files, a bad preset override, ...
+        raise SystemExit(f"error: {e}") from None
+    init = metrics["initial"]
+    print(
+        f"\nTokenizer trained: {metrics['steps']} steps x {metrics['batch_size']} images in {metrics['time_s']:.1f} s "
+        f"({metrics['images_per_s']:.0f} img/s) on {metrics['device']}\n"
+        f"  eval ({metrics['eval_images']} held-out crops): recon MSE [0,1] scale {metrics['recon_mse']:.5f} "
+        f"(untrained: {init['recon_mse']:.5f}; each crop's mean colour: {metrics['mean_color_mse']:.5f})\n"
+        f"  codes used {metrics['codes_used']} / {metrics['vocab_size']}, perplexity {metrics['perplexity']:.1f}\n"
+        f"  checkpoint: {metrics['checkpoint']}"
+    )
+    if cfg.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "config")}))
+    return metrics

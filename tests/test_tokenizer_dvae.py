@@ -121,6 +121,48 @@ def test_kl_weight_ramp():
     assert kl_weight_at(100, cfg2, 1000) == pytest.approx(1.0)
 
 
+def test_lr_schedule_warmup_then_cosine():
+    from beit_fast.optim import warmup_cosine_schedule
+
+    s = warmup_cosine_schedule(2e-3, 100, 5)
+    assert s.dtype == np.float64 and s.shape == (100,)
+    assert list(s[:5]) == [2e-3 * (t + 1) / 5 for t in range(5)]  # reaches the peak at the warm-up's last step
+    assert s[5] == 2e-3 and np.all(np.diff(s[5:]) < 0)  # then cosine down ...
+    assert s[-1] == pytest.approx(2e-4 + 0.9e-3 * (1 + math.cos(math.pi * 94 / 95)), rel=1e-12)  # ... towards 10%
+    assert s[-1] > 2e-4
+    assert list(warmup_cosine_schedule(1.0, 3, 10)) == [0.1, 0.2, 0.3]  # a warm-up longer than the run
+
+
+def test_training_steps_follow_the_schedules():
+    """The engine's step sets the lr, the Gumbel temperature and the KL weight of its step (the records hold
+    them exactly), from the 5% warm-up + cosine of the peak lr."""
+    from beit_fast.optim import warmup_cosine_schedule
+
+    metrics = train_dvae(SMALL, smooth_images(16), steps=12, batch_size=4, lr=3e-3, progress=False, eval_batches=1,
+                         save_every=0, log_every=1, warmup_steps=3)
+    lrs = warmup_cosine_schedule(3e-3, 12, 3)
+    assert [h["step"] for h in metrics["history"]] == list(range(12))
+    assert [h["lr"] for h in metrics["history"]] == [float(v) for v in lrs]
+    assert [h["temperature"] for h in metrics["history"]] == [temperature_at(t, SMALL, 12) for t in range(12)]
+    assert [h["kl_weight"] for h in metrics["history"]] == [kl_weight_at(t, SMALL, 12) for t in range(12)]
+    assert all(h["loss"] == pytest.approx(h["recon"] + h["kl_weight"] * h["kl"], rel=1e-5) for h in metrics["history"])
+
+
+def test_non_finite_loss_saves_the_model_before_it_and_stops(tmp_path):
+    torch.manual_seed(0)
+    model = DiscreteVAE(SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = torch.full((8, 3, 32, 32), float("nan"))
+    path = tmp_path / "dvae.pt"
+    with pytest.raises(FloatingPointError, match="non-finite dVAE loss at step 0"):
+        train_dvae(SMALL, bad, steps=3, batch_size=4, progress=False, eval_data=smooth_images(4), out_path=path,
+                   model=model, save_every=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no update was made
+    saved = DiscreteVAE.from_checkpoint(path)
+    assert saved.checkpoint_step == 0 and saved.checkpoint_metrics["partial"]
+    assert all(torch.equal(v, before[k]) for k, v in saved.state_dict().items())
+
+
 def test_kl_term():
     m = DiscreteVAE(SMALL)
     x = torch.full((1, 3, 32, 32), 0.5)
@@ -285,6 +327,23 @@ def test_cli_help():
     for flag in ("--output", "--steps", "--batch_size", "--lr", "--vocab_size", "--preset", "--temperature_start",
                  "--temperature_end", "--kl_weight", "--seed", "--device", "--data_path", "--input_size"):
         assert flag in r.stdout, flag
+
+
+def test_cli_flags_become_a_config(tmp_path):
+    """The CLI parses its flags into a TokenizerConfig (the flags' defaults are the config's) and validates it,
+    every problem named by its flag."""
+    from beit_fast.config import TokenizerConfig, from_args
+    from beit_fast.train_tokenizer import build_parser
+
+    assert from_args(TokenizerConfig, build_parser().parse_args([])) == TokenizerConfig()
+    cfg = from_args(TokenizerConfig, build_parser().parse_args(["--steps", "7", "--kl_weight", "1e-3", "--json"]))
+    assert (cfg.steps, cfg.kl_weight, cfg.json, cfg.lr) == (7, 1e-3, True, None)
+    bad = TokenizerConfig(steps=0, eval_images=-1, data_path=str(tmp_path / "nope"))
+    assert bad.problems() == [f"--data_path {tmp_path / 'nope'}: image folder not found",
+                              "--steps must be positive, got 0", "--eval_images must be positive, got -1"]
+    (tmp_path / "file").write_text("x")
+    not_a_folder = TokenizerConfig(data_path=str(tmp_path / "file"))
+    assert not_a_folder.problems() == [f"--data_path {tmp_path / 'file'} is not a folder"]
 
 
 def test_cli_tiny_run_default_data(tmp_path, capsys):

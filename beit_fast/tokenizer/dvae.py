@@ -267,8 +267,10 @@ class DiscreteVAE(VisualTokenizer):
         z = torch.einsum("bvhw,vd->bdhw", one_hot, self.codebook.weight)
         return self._decode_codes(z), logits
 
-    def loss(self, images: Tensor, recon: Tensor, logits: Tensor, kl_weight: float) -> tuple[Tensor, dict[str, float]]:
-        """``recon_loss + kl_weight * KL(q || uniform)`` (see module docstring); returns (loss, logs)."""
+    def loss_terms(self, images: Tensor, recon: Tensor, logits: Tensor,
+                   kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, recon_loss, kl)`` 0-dim fp32 tensors: ``recon_loss + kl_weight * KL(q || uniform)`` (see module
+        docstring), without reading them on the host."""
         x = images.float()
         if self.cfg.recon_loss == "mse":
             rec = F.mse_loss(recon, x)
@@ -276,7 +278,11 @@ class DiscreteVAE(VisualTokenizer):
             rec = F.l1_loss(recon, x)
         log_q = F.log_softmax(logits.float(), dim=1)
         kl = (log_q.exp() * (log_q + math.log(self.vocab_size))).sum(dim=1).mean()
-        total = rec + kl_weight * kl
+        return rec + kl_weight * kl, rec, kl
+
+    def loss(self, images: Tensor, recon: Tensor, logits: Tensor, kl_weight: float) -> tuple[Tensor, dict[str, float]]:
+        """:meth:`loss_terms` as ``(loss, logs)``, the terms read as host floats (``loss``, ``recon``, ``kl``)."""
+        total, rec, kl = self.loss_terms(images, recon, logits, kl_weight)
         return total, {"loss": float(total.detach()), "recon": float(rec.detach()), "kl": float(kl.detach())}
 
     # --- checkpoints -----------------------------------------------------------------------------------

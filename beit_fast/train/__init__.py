@@ -8,5 +8,6 @@
   (:mod:`.loop_state`, :mod:`.run_dir`), graceful stop, distributed stop; :mod:`.meters`, :mod:`.feed`.
 * The runs on them: :mod:`.pretraining` (+ :mod:`.pretraining_setup`, :mod:`.mim`: visual tokens and the fast
   static-shape step), :mod:`.finetuning` (+ :mod:`.classification_setup`), :mod:`.probing` (linear probes),
-  :mod:`.evidence` (pretraining vs random init on the digits).
+  :mod:`.evidence` (pretraining vs random init on the digits); the dVAE tokenizer's training
+  (:mod:`beit_fast.tokenizer.train`: the engine under its own short step loop).
 """
