@@ -1,7 +1,7 @@
 """The "triton" backend of :mod:`beit_fast.ops.attention`: two ``torch.library`` custom ops
-(``beit_fast::attention_forward`` / ``beit_fast::attention_backward``) around the kernels of
-``beit_fast/kernels/attention.py`` and ``kernels/attention_backward.py``, with their fake (meta) versions and
-autograd, so that ``torch.compile(fullgraph=True)`` traces through them."""
+(``beit_fast::attention_forward`` / ``beit_fast::attention_backward``) around the launchers of
+``beit_fast/kernels/attention.py`` (kernels in ``attention_forward.py`` / ``attention_backward.py``), with
+their fake (meta) versions and autograd, so that ``torch.compile(fullgraph=True)`` traces through them."""
 from __future__ import annotations
 
 from typing import Optional
@@ -14,7 +14,7 @@ from .attention_backends import _as_4d
 
 def _table_plan(table: Tensor, index: Tensor):
     """(table^T [H, T] fp32 contiguous, compact index, compact index^T, position list) for the kernels."""
-    from beit_fast.kernels.attention import index_plan
+    from beit_fast.kernels.attention_plan import index_plan
 
     compact, compact_t, positions = index_plan(index, table.shape[0])
     return table.t().to(torch.float32).contiguous(), compact, compact_t, positions
