@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels",
-              "beit_fast.pipeline"],
+              "beit_fast.pipeline", "beit_fast.visualization"],
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.10,<=2.14.1",

@@ -201,7 +201,24 @@ def load_pretrained(
     notes: list[str] = []
     own = model.state_dict()
     grid = tuple(model.patch_embed.patch_shape)
+    _drop_pretraining_only(sd, notes)
+    _share_out_rel_pos_table(model, sd, notes)
+    _resize_rel_pos_tables(sd, own, grid, rel_pos_resize, notes)
+    _fit_pos_embed(sd, own, grid, notes)
+    _drop_unfit_norm_and_head(model, sd, own, notes)
+    missing, unexpected = _check_fit(sd, own, strict_backbone)
+    if unexpected:
+        notes.append(f"{len(unexpected)} checkpoint keys not used: {unexpected[:8]}")
+    with torch.no_grad():
+        model.load_state_dict(sd, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "notes": notes}
 
+
+# The steps of ``load_pretrained``, in order: each adapts the checkpoint's state dict ``sd`` in place to the
+# model (``own``: its state dict; ``grid``: its patch grid), notes what it changed, and raises
+# PretrainedLoadError for what cannot be adapted.
+def _drop_pretraining_only(sd: dict[str, torch.Tensor], notes: list[str]) -> None:
+    """``mask_token`` / ``lm_head`` and the checkpoint's ``relative_position_index`` buffers."""
     dropped = [k for k in _MIM_ONLY if k in sd]
     for k in dropped:
         sd.pop(k)
@@ -211,6 +228,11 @@ def load_pretrained(
     for k in index_keys:
         sd.pop(k)
 
+
+def _share_out_rel_pos_table(model: VisionTransformerForClassification, sd: dict[str, torch.Tensor],
+                             notes: list[str]) -> None:
+    """The shared table copied into every block of a per-block model; per-block tables for a shared-table
+    model are refused."""
     per_block = len(model.blocks) > 0 and getattr(model.blocks[0].attn, "relative_position_bias_table", None) is not None
     if per_block and _SHARED_TABLE in sd and model.rel_pos_bias is None:
         table = sd.pop(_SHARED_TABLE)
@@ -223,6 +245,10 @@ def load_pretrained(
                                   "table: build the classifier with use_rel_pos_bias=True, "
                                   "use_shared_rel_pos_bias=False")
 
+
+def _resize_rel_pos_tables(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], grid: tuple[int, int],
+                           rel_pos_resize: str, notes: list[str]) -> None:
+    """Tables of another (square) patch grid resized to the model's (:func:`resize_rel_pos_bias_table`)."""
     for key in [k for k in sd if k.endswith("relative_position_bias_table")]:
         if key not in own:
             continue
@@ -240,6 +266,10 @@ def load_pretrained(
             notes.append(f"resized relative position bias tables from a {src_grid[0]}x{src_grid[1]} to a "
                          f"{grid[0]}x{grid[1]} patch grid ({rel_pos_resize})")
 
+
+def _fit_pos_embed(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], grid: tuple[int, int],
+                   notes: list[str]) -> None:
+    """``pos_embed`` of another patch grid interpolated to the model's (bicubic)."""
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         if sd["pos_embed"].shape[-1] != own["pos_embed"].shape[-1]:
             raise PretrainedLoadError(f"pos_embed: width {sd['pos_embed'].shape[-1]} in the checkpoint, "
@@ -250,6 +280,10 @@ def load_pretrained(
             raise PretrainedLoadError(f"pos_embed: {e}") from None
         notes.append(f"interpolated pos_embed to a {grid[0]}x{grid[1]} patch grid (bicubic)")
 
+
+def _drop_unfit_norm_and_head(model: VisionTransformerForClassification, sd: dict[str, torch.Tensor],
+                              own: dict[str, torch.Tensor], notes: list[str]) -> None:
+    """The pretraining ``norm`` under mean pooling; a ``head`` whose shape differs from the model's."""
     if model.fc_norm is not None:
         norm = [k for k in ("norm.weight", "norm.bias") if k in sd]
         for k in norm:
@@ -262,6 +296,11 @@ def load_pretrained(
             shape = tuple(sd.pop(k).shape)
             notes.append(f"dropped {k} {shape} (the model's is {tuple(own[k].shape) if k in own else 'absent'})")
 
+
+def _check_fit(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+               strict_backbone: bool) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)`` keys of the adapted state dict; raises for a shape that still differs and,
+    with ``strict_backbone``, for a missing backbone weight."""
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if mismatched:
@@ -278,11 +317,7 @@ def load_pretrained(
             + " (another architecture, or a model built with other options: abs pos emb, rel pos bias, "
             "LayerScale? pass strict_backbone=False to keep their init)"
         )
-    if unexpected:
-        notes.append(f"{len(unexpected)} checkpoint keys not used: {unexpected[:8]}")
-    with torch.no_grad():
-        model.load_state_dict(sd, strict=False)
-    return {"missing": missing, "unexpected": unexpected, "notes": notes}
+    return missing, unexpected
 
 
 def classifier_config_from_checkpoint(source: str | os.PathLike | Mapping, **overrides) -> BeitConfig:

@@ -34,303 +34,26 @@ kernel runs one fixed configuration (no autotuner object).
 Dtypes: q, k, v in fp16 / bf16 / fp32; products accumulate in fp32, softmax statistics are fp32, P and dS
 are rounded to the input dtype before their tensor-core products (as FlashAttention does), the bias
 gradient is accumulated in fp32 from the unrounded dS.
+
+Files: ``attention_forward.py`` (the forward kernel and the in-kernel helpers), ``attention_backward.py``
+(the three backward kernels), ``attention_plan.py`` (``index_plan``); this module holds the configurations,
+the launch-argument builders and the launchers (``attention_forward`` / ``attention_backward``), and every
+name it held before the split stays importable from it.
 """
 from __future__ import annotations
 
 import functools
+from importlib import import_module
+from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 
 from ._common import dot_input_precision, is_interpreted, next_pow2
-
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-
-BIAS_NONE, BIAS_DENSE, BIAS_TABLE = 0, 1, 2
+from .attention_backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _table_grad_kernel
+from .attention_forward import BIAS_DENSE, BIAS_NONE, BIAS_TABLE, _attn_fwd_kernel
 
 MAX_HEAD_DIM = 128
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers (inlined into the kernels)
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, acc, DOT_UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    if DOT_UPCAST:  # the interpreter cannot multiply bf16: upcast there only
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _rtne_bf16(x):
-    """x (fp32) rounded to the nearest bf16 value, still as fp32. Only used under the interpreter, whose
-    fp32 -> bf16 conversion truncates (the GPU's rounds to nearest even): with it the interpreter computes
-    what the GPU computes."""
-    bits = x.to(tl.uint32, bitcast=True)
-    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, r)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
-    """fp32 -> dtype with round-to-nearest-even on every backend."""
-    if FIX_BF16:
-        x = _rtne_bf16(x)
-    return x.to(dtype)
-
-
-@triton.jit
-def _bias_tile(bias_base, table_base, index_ptr, rows, cols, s_r, s_c, mask, BIAS_MODE: tl.constexpr):
-    """The bias (fp32, natural units) at [rows[:, None], cols[None, :]], 0 where mask is False.
-
-    Dense: bias_base points at this (b, h) slice and (s_r, s_c) are its strides along rows / cols.
-    Table: index_ptr is an int16/int32 [rows, cols] matrix with strides (s_r, s_c); table_base points at
-    this head's row of the [H, T] (transposed, fp32) table."""
-    offs = rows[:, None] * s_r + cols[None, :] * s_c
-    if BIAS_MODE == 1:
-        b = tl.load(bias_base + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int32)
-        b = tl.load(table_base + idx, mask=mask, other=0.0)
-    return b
-
-
-# --------------------------------------------------------------------------------------------------
-# Forward
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE, BIAS, TABLE, INDEX,
-    sm_scale,
-    s_qb, s_qh, s_qn,
-    s_kb, s_kh, s_kn,
-    s_vb, s_vh, s_vn,
-    s_ob, s_oh, s_on,
-    s_bb, s_bh, s_bm, s_bn, T,
-    H, N_Q, N_K,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BIAS_MODE: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_D
-    dv_ok = offs_dv < HEAD_DV
-
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
-    bias_base = BIAS + b * s_bb + h * s_bh
-    table_base = TABLE + h * T
-    qk_scale = sm_scale * LOG2E
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    for start_n in range(0, N_K, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_K
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_UPCAST, DOT_PREC) * qk_scale
-        if BIAS_MODE != 0:
-            s += _bias_tile(bias_base, table_base, INDEX, offs_m, offs_n,
-                            s_bm, s_bn, m_ok[:, None] & n_ok[None, :], BIAS_MODE) * LOG2E
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row whose scores so far are all -inf (a -inf bias) keeps a finite reference point
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = _dot(_cast(p, v.dtype, FIX_BF16), v, acc * alpha[:, None], DOT_UPCAST, DOT_PREC)
-        m_i = m_new
-
-    out = acc / l_i[:, None]
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_dv[None, :],
-             _cast(out, O.dtype.element_ty, FIX_BF16), mask=m_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.log2(l_i), mask=m_ok)
-
-
-# --------------------------------------------------------------------------------------------------
-# Backward: dq, delta and the bias-gradient partial sums
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, PART, BIAS, TABLE, INDEX,
-    sm_scale,
-    s_qb, s_qh, s_qn,
-    s_kb, s_kh, s_kn,
-    s_vb, s_vh, s_vn,
-    s_ob, s_oh, s_on,
-    s_dob, s_doh, s_don,
-    s_dqb, s_dqh, s_dqn,
-    s_bb, s_bh, s_bm, s_bn, T,
-    B, H, N_Q, N_K, BATCH_PER_GROUP,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    h = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    g = tl.program_id(2)
-    b0 = g * BATCH_PER_GROUP
-    b1 = tl.minimum(B, b0 + BATCH_PER_GROUP)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_D
-    dv_ok = offs_dv < HEAD_DV
-    qk_scale = sm_scale * LOG2E
-    table_base = TABLE + h * T
-    # This program alone reads and writes partial[g, h, its rows, :] (no atomics, a fixed order: the
-    # batch elements of the group one after the other). The slab is small enough to stay in L2.
-    part_rows = PART + (g * H + h).to(tl.int64) * N_Q * N_K + offs_m[:, None] * N_K
-
-    first = b0.to(tl.int64)
-    for i in range(0, b1 - b0):
-        b64 = first + i
-        bh = b64 * H + h
-        q = tl.load(Q + b64 * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        mv = m_ok[:, None] & dv_ok[None, :]
-        do = tl.load(DO + b64 * s_dob + h * s_doh + offs_m[:, None] * s_don + offs_dv[None, :], mask=mv, other=0.0)
-        o = tl.load(O + b64 * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_dv[None, :], mask=mv, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        tl.store(DELTA + bh * N_Q + offs_m, delta, mask=m_ok)
-        lse = tl.load(LSE + bh * N_Q + offs_m, mask=m_ok, other=0.0)
-        k_base = K + b64 * s_kb + h * s_kh
-        v_base = V + b64 * s_vb + h * s_vh
-        bias_base = BIAS + b64 * s_bb + h * s_bh
-
-        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for start_n in range(0, N_K, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N_K
-            valid = m_ok[:, None] & n_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
-                        other=0.0)
-            s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_UPCAST, DOT_PREC) * qk_scale
-            if BIAS_MODE != 0:
-                s += _bias_tile(bias_base, table_base, INDEX, offs_m, offs_n, s_bm, s_bn, valid, BIAS_MODE) * LOG2E
-            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_UPCAST, DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            if BIAS_GRAD:
-                ptrs = part_rows + offs_n[None, :]
-                # the group's first batch element writes, the others add (unwritten memory is never read)
-                tl.store(ptrs, tl.load(ptrs, mask=valid & (i > 0), other=0.0) + ds, mask=valid)
-            dq = _dot(_cast(ds, k.dtype, FIX_BF16), k, dq, DOT_UPCAST, DOT_PREC)
-        tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :],
-                 _cast(dq * sm_scale, DQ.dtype.element_ty, FIX_BF16), mask=m_ok[:, None] & d_ok[None, :])
-
-
-# --------------------------------------------------------------------------------------------------
-# Backward: dk, dv
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, TABLE, INDEX_T,
-    sm_scale,
-    s_qb, s_qh, s_qn,
-    s_kb, s_kh, s_kn,
-    s_vb, s_vh, s_vn,
-    s_dob, s_doh, s_don,
-    s_dkb, s_dkh, s_dkn,
-    s_dvb, s_dvh, s_dvn,
-    s_bb, s_bh, s_bm, s_bn, T,
-    H, N_Q, N_K,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BIAS_MODE: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FIX_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < N_K
-    d_ok = offs_d < HEAD_D
-    dv_ok = offs_dv < HEAD_DV
-    qk_scale = sm_scale * LOG2E
-
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :],
-                mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-    q_base = Q + b * s_qb + h * s_qh
-    do_base = DO + b * s_dob + h * s_doh
-    row_base = bh.to(tl.int64) * N_Q
-    bias_base = BIAS + b * s_bb + h * s_bh
-    table_base = TABLE + h * T
-
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    for start_m in range(0, N_Q, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < N_Q
-        valid = n_ok[:, None] & m_ok[None, :]  # [keys, queries]
-        q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_don + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        st = _dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_UPCAST, DOT_PREC) * qk_scale
-        if BIAS_MODE != 0:
-            # transposed tile: rows are keys, cols are queries (the table path reads index^T, coalesced)
-            st += _bias_tile(bias_base, table_base, INDEX_T, offs_n, offs_m, s_bn, s_bm, valid, BIAS_MODE) * LOG2E
-        pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-        dv = _dot(_cast(pt, do.dtype, FIX_BF16), do, dv, DOT_UPCAST, DOT_PREC)
-        dpt = _dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_UPCAST, DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk = _dot(_cast(dst, q.dtype, FIX_BF16), q, dk, DOT_UPCAST, DOT_PREC)
-
-    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
-             _cast(dk * sm_scale, DK.dtype.element_ty, FIX_BF16), mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_dv[None, :],
-             _cast(dv, DV.dtype.element_ty, FIX_BF16), mask=n_ok[:, None] & dv_ok[None, :])
-
-
-# --------------------------------------------------------------------------------------------------
-# Backward: the table gradient (deterministic scatter of the partial sums)
-# --------------------------------------------------------------------------------------------------
-@triton.jit
-def _table_grad_kernel(
-    PART, POS, OUT,
-    G, H, NN, T, MAXC, s_ot, s_oh,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """OUT[t, h] = sum over g, then over the positions c of row t (in order), of PART[g, h, POS[t, c]]."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_h = tl.arange(0, BLOCK_H)
-    t_ok = offs_t < T
-    h_ok = offs_h < H
-    acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
-    for c0 in range(0, MAXC, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        pos = tl.load(POS + offs_t[:, None].to(tl.int64) * MAXC + offs_c[None, :],
-                      mask=t_ok[:, None] & (offs_c < MAXC)[None, :], other=-1)  # [T, C]
-        ok = (pos >= 0)[:, :, None] & h_ok[None, None, :]
-        for g in range(0, G):
-            rows = (g * H + offs_h).to(tl.int64) * NN  # [H]
-            x = tl.load(PART + rows[None, None, :] + pos[:, :, None], mask=ok, other=0.0)  # [T, C, H]
-            acc += tl.sum(x, 1)
-    tl.store(OUT + offs_t[:, None] * s_ot + offs_h[None, :] * s_oh, acc, mask=t_ok[:, None] & h_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,59 +152,6 @@ else:
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-# --------------------------------------------------------------------------------------------------
-# The index plan: compact index, its transpose, and the table-gradient position list (cached)
-# --------------------------------------------------------------------------------------------------
-_PLAN_CACHE: dict[tuple, tuple] = {}
-_PLAN_CACHE_SIZE = 64
-
-
-def index_plan(index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(compact [Nq, Nk], compact^T [Nk, Nq], positions [T, C])`` for ``index`` (int, [Nq, Nk]) into a
-    table of ``num_rows`` rows: int16 copies of the index (int32 when T > 32767) and, for every table row
-    t, the flat positions i * Nk + j with index[i, j] == t in increasing order, padded with -1 to the
-    largest count C.
-
-    Computed once per index tensor (and version): the entry keeps a reference to ``index`` so its memory
-    cannot be reused by another tensor while cached. Validating the values and sizing C read the index
-    on the host: one synchronisation per new index, none afterwards. Raises ValueError for values
-    outside [0, num_rows)."""
-    key = (index.device, index.data_ptr(), index._version, tuple(index.shape), tuple(index.stride()), num_rows)
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None:
-        return hit[1:]
-    for (dev, _, _, shape, _, rows), entry in list(_PLAN_CACHE.items()):
-        # another tensor with the same values (fine-tuning: one index buffer per block, all equal): share its
-        # plan instead of keeping a copy per block (about 6 MB each at N = 577)
-        if (dev, shape, rows) == key[:1] + key[3:4] + key[5:] and torch.equal(entry[0], index):
-            _PLAN_CACHE[key] = (index,) + entry[1:]
-            return entry[1:]
-    nq, nk = index.shape
-    flat = index.reshape(-1).to(torch.int64)
-    if flat.numel():
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0 or hi >= num_rows:
-            raise ValueError(
-                f"relative position index values must be in [0, {num_rows}) (the table has {num_rows} rows); "
-                f"found values in [{lo}, {hi}]"
-            )
-    small = torch.int16 if num_rows <= torch.iinfo(torch.int16).max else torch.int32
-    compact = index.to(small).contiguous()
-    compact_t = compact.t().contiguous()
-    counts = torch.bincount(flat, minlength=num_rows)
-    width = max(1, int(counts.max())) if flat.numel() else 1
-    order = torch.argsort(flat, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    positions = torch.full((num_rows, width), -1, dtype=torch.int32, device=flat.device)
-    positions[flat[order], rank] = order.to(torch.int32)
-    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-    _PLAN_CACHE[key] = (index, compact, compact_t, positions)
-    return compact, compact_t, positions
-
 
 # --------------------------------------------------------------------------------------------------
 # Launch-argument builders (shared by the launchers and the ahead-of-time compile check, which calls
@@ -669,3 +339,18 @@ def attention_backward(do, q, k, v, out, lse, bias4, table_t, index, index_t, po
         else:
             dbias = part
     return dq, dk, dv, dbias
+
+
+# The other names this module defined before the kernels moved out (the kernels' constants and helpers, the
+# index plan), still importable from here, resolved on first use (PEP 562).
+_MOVED = {
+    "attention_forward": ("LOG2E", "_dot", "_rtne_bf16", "_cast", "_bias_tile"),
+    "attention_plan": ("_PLAN_CACHE", "_PLAN_CACHE_SIZE", "index_plan"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(import_module(f".{module}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

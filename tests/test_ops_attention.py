@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from beit_fast.model import Attention, RelativePositionBias
 from beit_fast.ops import attention as A
+from beit_fast.ops import attention_backends as AB  # the backends' own module: monkeypatch their globals there
 from beit_fast.ops.attention import (
     attention_with_bias,
     available_attention_backends,
@@ -307,7 +308,7 @@ def test_xformers_plumbing_with_stand_in(monkeypatch, scale):
     with pytest.raises(RuntimeError, match="needs CUDA"):  # the real dispatch refuses CPU tensors
         attention_with_bias(q, k, v, rpb().double(), backend="xformers")
     # Let the public dispatch through on CPU, with the stand-in as xformers.ops.
-    monkeypatch.setattr(A, "_XFORMERS", (_FakeXformersOps, ""))
+    monkeypatch.setattr(AB, "_XFORMERS", (_FakeXformersOps, ""))
     monkeypatch.setattr(A, "_unavailable_reason", lambda name, q, v: None)
     before = _FakeXformersOps.calls
     got = _fwd_bwd("xformers", q, k, v, dout, torch.float64, rpb, torch.float64, scale)
@@ -540,12 +541,12 @@ def test_flex_backend_passes_the_card_tiles(monkeypatch):
         seen.update(kw)
         return q
 
-    monkeypatch.setattr(A, "_compiled_flex", lambda: fake_flex)
-    monkeypatch.setattr(A, "flex_kernel_options", lambda q: {"fwd_BLOCK_M": 64})
+    monkeypatch.setattr(AB, "_compiled_flex", lambda: fake_flex)
+    monkeypatch.setattr(AB, "flex_kernel_options", lambda q: {"fwd_BLOCK_M": 64})
     q = torch.randn(1, 2, 5, 16)
-    A._flex_attention(q, q, q, torch.zeros(2, 5, 5), 0.25)
+    AB._flex_attention(q, q, q, torch.zeros(2, 5, 5), 0.25)
     assert seen == {"kernel_options": {"fwd_BLOCK_M": 64}}
     seen.clear()
-    monkeypatch.setattr(A, "flex_kernel_options", lambda q: None)
-    A._flex_attention(q, q, q, None, 0.25)
+    monkeypatch.setattr(AB, "flex_kernel_options", lambda q: None)
+    AB._flex_attention(q, q, q, None, 0.25)
     assert seen == {}

@@ -28,7 +28,7 @@ from beit_fast.pipeline import (
     DeviceTwoViewTransform, EncodedPretrainDataset, build_device_pretrain_loader, collate_encoded, color_jitter,
     resample_weights, resize_crops, vertical_pass_first,
 )
-from beit_fast.pipeline import device as device_mod
+from beit_fast.pipeline import render as render_mod  # the decoders live there: monkeypatch them there
 from beit_fast.pipeline.ops import contrast_means
 from beit_fast.sample_data import sample_photographs
 from beit_fast.tokenizer import DiscreteVAE, DVAEConfig, train_dvae
@@ -264,7 +264,7 @@ def _fast_libjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.
 
 def test_another_decoder_stays_within_tolerance_and_keeps_the_tokens(photo_folder, demo_tokenizer, monkeypatch):
     pytest.importorskip("simplejpeg")
-    monkeypatch.setattr(device_mod, "_decode_jpeg", _fast_libjpeg)
+    monkeypatch.setattr(render_mod, "_decode_jpeg", _fast_libjpeg)
     ds = make_dataset(photo_folder)
     pil, dev = _pil_and_device_batches(ds, prefetch=0)
     maxes, means, agree = [], [], []
@@ -345,7 +345,7 @@ def test_a_file_only_the_decoder_rejects_is_replaced_and_counted(photo_folder, m
     unreadable in the main process, the sample redrawn from the next file with its own randomness."""
     ds = make_dataset(photo_folder, seed=2)
     bad_name = "img_01.jpg"
-    real_decode, real_pillow = device_mod._decode_jpeg, device_mod._decode_with_pillow
+    real_decode, real_pillow = render_mod._decode_jpeg, render_mod._decode_with_pillow
     bad_bytes = (photo_folder / bad_name).read_bytes()
 
     def decode(data, device):
@@ -358,8 +358,8 @@ def test_a_file_only_the_decoder_rejects_is_replaced_and_counted(photo_folder, m
             raise OSError("simulated corrupt data")
         return real_pillow(data)
 
-    monkeypatch.setattr(device_mod, "_decode_jpeg", decode)
-    monkeypatch.setattr(device_mod, "_decode_with_pillow", pillow)
+    monkeypatch.setattr(render_mod, "_decode_jpeg", decode)
+    monkeypatch.setattr(render_mod, "_decode_with_pillow", pillow)
     sampler = ResumableSampler(len(ds), seed=2, shuffle=False)
     loader = build_device_pretrain_loader(ds, 5, "cpu", sampler=sampler)
     with pytest.warns(SkippedImageWarning, match=re.escape(bad_name)):

@@ -329,30 +329,48 @@ def apply_beit_fast_to_hf(
     prefix = "" if beit is model else "beit."
 
     if attn_backend is not None:
-        for i, layer in enumerate(beit.layers):
-            attn = layer.attention
-            state.set(attn, "_beit_fast_attention", attn_backend)
-            state.set_method(attn, _attention_forward, "BeitAttention.forward -> attention_with_bias",
-                             f"{prefix}layers.{i}.attention")
+        _patch_attention(state, beit, prefix, attn_backend)
     if fast_rel_pos_bias:
-        biases = []
-        if beit.shared_position_bias is not None:
-            biases.append((f"{prefix}shared_position_bias", beit.shared_position_bias))
-        for i, layer in enumerate(beit.layers):
-            if getattr(layer, "relative_position_bias", None) is not None:
-                biases.append((f"{prefix}layers.{i}.relative_position_bias", layer.relative_position_bias))
-        for path, module in biases:
-            state.set(module, "_beit_fast_index_cache", {})
-            state.set_method(module, _rel_pos_bias_forward,
-                             "BeitRelativePositionBias.forward -> cached-index gather", path)
+        _patch_rel_pos_biases(state, beit, prefix)
     if embed_backend is not None:
-        emb = beit.embeddings
-        state.set(emb, "_beit_fast_embed", embed_backend)
-        state.set_method(emb, _embeddings_forward, "BeitEmbeddings.forward -> patch_embed_mask",
-                         f"{prefix}embeddings")
+        _patch_embeddings(state, beit, prefix, embed_backend)
     if is_mim and loss_backend is not None:
-        state.set(model, "_beit_fast_loss", loss_backend)
-        state.set(model, "_beit_fast_return_logits", bool(return_logits))
-        state.set_method(model, _mim_forward,
-                         "BeitForMaskedImageModeling.forward -> masked-only masked_linear_cross_entropy", "")
+        _patch_mim_loss(state, model, loss_backend, return_logits)
     return model
+
+
+# The parts of ``apply_beit_fast_to_hf``: each sets its instance attributes through the patch state (so that
+# ``revert_beit_fast`` undoes them); ``prefix`` is the BeitModel's path in the model ("" or "beit.").
+def _patch_attention(state, beit: nn.Module, prefix: str, attn_backend: str) -> None:
+    for i, layer in enumerate(beit.layers):
+        attn = layer.attention
+        state.set(attn, "_beit_fast_attention", attn_backend)
+        state.set_method(attn, _attention_forward, "BeitAttention.forward -> attention_with_bias",
+                         f"{prefix}layers.{i}.attention")
+
+
+def _patch_rel_pos_biases(state, beit: nn.Module, prefix: str) -> None:
+    biases = []
+    if beit.shared_position_bias is not None:
+        biases.append((f"{prefix}shared_position_bias", beit.shared_position_bias))
+    for i, layer in enumerate(beit.layers):
+        if getattr(layer, "relative_position_bias", None) is not None:
+            biases.append((f"{prefix}layers.{i}.relative_position_bias", layer.relative_position_bias))
+    for path, module in biases:
+        state.set(module, "_beit_fast_index_cache", {})
+        state.set_method(module, _rel_pos_bias_forward,
+                         "BeitRelativePositionBias.forward -> cached-index gather", path)
+
+
+def _patch_embeddings(state, beit: nn.Module, prefix: str, embed_backend: str) -> None:
+    emb = beit.embeddings
+    state.set(emb, "_beit_fast_embed", embed_backend)
+    state.set_method(emb, _embeddings_forward, "BeitEmbeddings.forward -> patch_embed_mask",
+                     f"{prefix}embeddings")
+
+
+def _patch_mim_loss(state, model: nn.Module, loss_backend: str, return_logits: bool) -> None:
+    state.set(model, "_beit_fast_loss", loss_backend)
+    state.set(model, "_beit_fast_return_logits", bool(return_logits))
+    state.set_method(model, _mim_forward,
+                     "BeitForMaskedImageModeling.forward -> masked-only masked_linear_cross_entropy", "")

@@ -57,19 +57,32 @@ bias given as BEiT's relative position bias table ``[T, H]`` and index ``int[Nq,
 (bias[h, i, j] = table[index[i, j], h]): the "triton" backend gathers it inside the kernel and returns the
 table's gradient directly; every other backend gathers it with ``gather_relative_position_bias`` and calls
 ``attention_with_bias``.
+
+This module is the dispatch (names, availability, input checks, the public ops); the backends live in
+:mod:`beit_fast.ops.attention_backends` ("math", "sdpa", "flex", "xformers") and
+:mod:`beit_fast.ops.attention_triton` ("triton": the custom ops around the kernels).
 """
 from __future__ import annotations
 
-import importlib
 import warnings
-from typing import Callable, Optional
+from importlib import import_module
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..rel_pos import gather_relative_position_bias
 from ._util import autocast_off, is_compiling
+from .attention_backends import (
+    FLEX_KERNEL_OPTIONS,
+    _flex_attention,
+    _math_attention,
+    _sdpa_attention,
+    _xformers_attention,
+    _xformers_ops,
+    flex_kernel_options,
+)
+from .attention_triton import _triton_attention
 from .backend import triton_available, triton_interpreting
 
 __all__ = [
@@ -111,11 +124,6 @@ AUTO_PRIORITY_MEASUREMENTS: dict[str, object] = {
         "B64 H12 N197 Dh64": {"sdpa": 1.11, "math": 1.18, "flex": "compile failed (shared memory)"},
     },
 }
-
-# The efficient-attention kernel (SDPA EFFICIENT_ATTENTION == xformers cutlass) reads the bias with
-# 128-bit loads: every stride but the last must be a multiple of 128 bits. 8 elements covers fp16/bf16
-# (8 x 16 bits) and over-covers fp32 (4 x 32 bits). PyTorch's own check uses 8 for every dtype.
-BIAS_ALIGNMENT = 8
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -165,27 +173,9 @@ def _check_inputs(q, k, v, bias) -> None:
             )
 
 
-def _as_4d(bias: torch.Tensor) -> torch.Tensor:
-    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-
-
 # --------------------------------------------------------------------------------------------------
 # Availability
 # --------------------------------------------------------------------------------------------------
-_XFORMERS: tuple[object, str] | None = None  # (xformers.ops module or None, error text), probed once
-
-
-def _xformers_ops():
-    """``(xformers.ops, "")`` when xformers imports, else ``(None, reason)``; probed once per process."""
-    global _XFORMERS
-    if _XFORMERS is None:
-        try:
-            _XFORMERS = (importlib.import_module("xformers.ops"), "")
-        except Exception as e:  # ImportError, or a broken install failing at import
-            _XFORMERS = (None, f"xformers cannot be imported ({type(e).__name__}: {e})")
-    return _XFORMERS
-
-
 def _unavailable_reason(name: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why backend ``name`` cannot run on these inputs, or None when it can."""
     dev = q.device.type
@@ -299,279 +289,8 @@ def resolve_attention_backend(backend: str, q: torch.Tensor, v: torch.Tensor | N
     return backend
 
 
-# --------------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------------
-def _math_attention(q, k, v, bias, scale):
-    attn = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        # Type promotion, not a cast to q's dtype: under autocast the eager model adds its fp32 table bias to
-        # the bf16 scores and gets fp32 scores and an fp32 softmax; this op runs with autocast off and keeps
-        # those numerics bit for bit (fp32 / fp64 inputs: nothing changes).
-        attn = attn + bias
-    attn = attn.softmax(dim=-1)
-    return attn.to(v.dtype) @ v  # what autocast's matmul does with fp32 probabilities and bf16 values
-
-
-def _aligned_bias(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The bias as the efficient-attention kernels want it: a ``[B, H, Nq, Nk]`` view in q's dtype whose
-    strides (except the last, 1) are multiples of ``BIAS_ALIGNMENT`` elements.
-
-    The bias (after broadcasting its key dim) is copied once into a buffer whose last dim is Nk rounded up
-    to a multiple of 8 (197 -> 200), sliced back to Nk and *expanded* (stride 0, no copy) over the dims
-    it broadcasts over (B for BEiT). Stride 0 is aligned, and it is the layout PyTorch itself gives the
-    kernel (SDPA's ``preprocess_mask`` expands the mask); the kernel's backward writes the bias gradient
-    into a freshly allocated ``[B, H, Nq, Nk]`` buffer regardless of the bias strides, and autograd's
-    expand backward sums it over B. Materialising ``[B, H, Nq, Nk]`` instead would cost B copies of the
-    bias in memory and bandwidth for nothing. Autograd runs through pad/slice/expand, so the gradient
-    reaches ``bias`` in its own dtype. (SDPA would pad an unaligned mask itself, in its composite; doing it
-    here makes the layout explicit, shared with xformers, which does not pad, and skips SDPA's check.)
-    """
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    b4 = _as_4d(bias).to(q.dtype)
-    if b4.shape[-1] != nk:  # bias broadcast over keys: the last dim must be real memory
-        b4 = b4.expand(*b4.shape[:-1], nk)
-    pad = (-nk) % BIAS_ALIGNMENT
-    if pad or b4.stride(-1) != 1 or any(b4.stride(d) % BIAS_ALIGNMENT for d in range(3) if b4.shape[d] > 1):
-        b4 = F.pad(b4, (0, pad))[..., :nk]
-    return b4.expand(b, h, nq, nk)
-
-
-def _sdpa_attention(q, k, v, bias, scale):
-    if q.device.type != "cuda":
-        mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # The kernel needs a unit last-dim stride on q, k, v (BEiT's views from the qkv projection have it).
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    mask = None if bias is None else _aligned_bias(bias, q, k)
-    if (
-        mask is not None
-        and torch.is_grad_enabled()
-        and mask.requires_grad
-        and not (q.requires_grad or k.requires_grad or v.requires_grad)
-    ):
-        # pytorch/pytorch#148476: SDPA skips the log-sum-exp when only the mask needs a gradient and the
-        # efficient backward then reads a null pointer. Call the kernel op directly, asking for it.
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, mask, True, 0.0, False, scale=scale
-        )[0]
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-# FlexAttention tiles per CUDA compute capability (``kernel_options``; prefixes fwd_/bwd_ select the pass).
-# Hopper (sm_90): torch 2.11's default tiles for head dim 64 (bwd 64x128x128x64, 3 stages, 8 warps) need
-# 245,760 bytes of shared memory, over the 232,448 (227 KiB) a block may have, and failed to compile on the
-# H200 (2026-11-27). These are smaller: the forward tile torch uses on A100 for head dim 64, and the
-# backward tile it uses on sm_100 for head dims <= 64, 2-3x under the limit (K/V tiles of 64 rows and
-# Q/dO tiles of 32 rows, 3 pipeline stages). benchmarks/gpu_report.py (stage attention_flex) measures
-# them against a ladder of smaller tiles; commit what it reports here. Other capabilities: torch's
-# defaults (None).
-_FLEX_HOPPER_TILES: dict[str, int] = {
-    "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
-    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
-    "bwd_num_stages": 3, "bwd_num_warps": 4,
-}
-FLEX_KERNEL_OPTIONS: dict[tuple[int, int], dict[str, int]] = {(9, 0): _FLEX_HOPPER_TILES}
-
-
-def flex_kernel_options(q: torch.Tensor) -> dict[str, int] | None:
-    """The ``kernel_options`` the "flex" backend passes for queries ``q`` (None: torch's defaults).
-
-    Only CUDA tensors with head dim <= 64 on a card listed in ``FLEX_KERNEL_OPTIONS`` get explicit tiles
-    (BEiT's head dim is 64; larger head dims keep torch's heuristics)."""
-    if q.device.type != "cuda" or q.shape[-1] > 64:
-        return None
-    opts = FLEX_KERNEL_OPTIONS.get(tuple(torch.cuda.get_device_capability(q.device)))
-    return dict(opts) if opts else None
-
-
-_FLEX_COMPILED: Callable | None = None
-
-
-def _compiled_flex() -> Callable:
-    global _FLEX_COMPILED
-    if _FLEX_COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX_COMPILED = torch.compile(flex_attention)
-    return _FLEX_COMPILED
-
-
-def _bias_score_mod(bias: torch.Tensor) -> Callable:
-    """score_mod adding ``bias`` (broadcastable to [B, H, Nq, Nk]) in fp32; broadcast dims are indexed
-    out up front so the captured tensor is the bias itself (no expand), whose gradient flex computes."""
-    b4 = _as_4d(bias).to(torch.float32)
-    use_b, use_h, use_q, use_k = (b4.shape[d] != 1 for d in range(4))
-    t = b4
-    for d in (3, 2, 1, 0):
-        if t.shape[d] == 1:
-            t = t.select(d, 0)
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        idx = []
-        if use_b:
-            idx.append(b)
-        if use_h:
-            idx.append(h)
-        if use_q:
-            idx.append(q_idx)
-        if use_k:
-            idx.append(kv_idx)
-        return score + (t[tuple(idx)] if idx else t)
-
-    return score_mod
-
-
-def _flex_attention(q, k, v, bias, scale, *, compiled: bool = True):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if compiled and not torch.compiler.is_compiling():
-        fn = _compiled_flex()  # one compiled function per process; new score_mod closures do not recompile
-    else:
-        fn = flex_attention  # inside an outer torch.compile region flex_attention is captured directly
-    score_mod = None if bias is None else _bias_score_mod(bias)
-    options = flex_kernel_options(q)
-    if options is None:
-        return fn(q, k, v, score_mod=score_mod, scale=scale)
-    return fn(q, k, v, score_mod=score_mod, scale=scale, kernel_options=options)
-
-
-def _xformers_attention(q, k, v, bias, scale):
-    ops, why = _xformers_ops()
-    if ops is None:
-        raise RuntimeError(f"attention backend 'xformers' is unavailable: {why}")
-    attn_bias = None if bias is None else _aligned_bias(bias, q, k)
-    out = ops.memory_efficient_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias, scale=scale
-    )
-    return out.transpose(1, 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# The Triton backend: two custom ops (forward, backward) around beit_fast/kernels/attention.py
-# --------------------------------------------------------------------------------------------------
-def _table_plan(table: Tensor, index: Tensor):
-    """(table^T [H, T] fp32 contiguous, compact index, compact index^T, position list) for the kernels."""
-    from beit_fast.kernels.attention import index_plan
-
-    compact, compact_t, positions = index_plan(index, table.shape[0])
-    return table.t().to(torch.float32).contiguous(), compact, compact_t, positions
-
-
-def _unit_last_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-@torch.library.custom_op("beit_fast::attention_forward", mutates_args=())
-def _triton_forward_op(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], table: Optional[Tensor], index: Optional[Tensor],
-    scale: float, deterministic: bool,
-) -> tuple[Tensor, Tensor]:
-    """(out [B, H, Nq, Dv] stored [B, Nq, H, Dv]-major, lse [B, H, Nq] fp32): the bias is ``bias``
-    (broadcastable to [B, H, Nq, Nk]), or ``table[index]`` (table [T, H], index [Nq, Nk]), or none."""
-    from beit_fast.kernels import attention as kernels
-
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    table_t = compact = None
-    if table is not None:
-        table_t, compact, _, _ = _table_plan(table, index)
-    with autocast_off(q.device):
-        return kernels.attention_forward(q, k, v, None if bias is None else _as_4d(bias), table_t, compact,
-                                         scale, deterministic)
-
-
-@_triton_forward_op.register_fake
-def _(q, k, v, bias, table, index, scale, deterministic):
-    from beit_fast.kernels.attention import out_strides
-
-    b, h, nq, _ = q.shape
-    dv = v.shape[-1]
-    out = q.new_empty_strided((b, h, nq, dv), out_strides(b, h, nq, dv))
-    return out, q.new_empty((b, h, nq), dtype=torch.float32)
-
-
-@torch.library.custom_op("beit_fast::attention_backward", mutates_args=())
-def _triton_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
-    table: Optional[Tensor], index: Optional[Tensor], scale: float, bias_grad: bool, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dbias): dbias is the table's gradient [T, H] (table given), the dense bias's gradient in
-    its shape and dtype (bias given), or an empty tensor (no bias, or ``bias_grad`` False)."""
-    from beit_fast.kernels import attention as kernels
-
-    dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
-    table_t = compact = compact_t = positions = bias4 = None
-    if table is not None:
-        table_t, compact, compact_t, positions = _table_plan(table, index)
-    if bias is not None:
-        bias4 = _as_4d(bias)
-    with autocast_off(q.device):
-        dq, dk, dv, db = kernels.attention_backward(
-            dout, q, k, v, out, lse, bias4, table_t, compact, compact_t, positions, scale, bias_grad,
-            bias_batched=bias4 is not None and bias4.shape[0] > 1, deterministic=deterministic,
-        )
-        if db is None:
-            db = q.new_empty((0,))
-        elif table is not None:
-            db = db.to(table.dtype)
-        else:  # per-group partial sums [G, H, Nq, Nk] -> the bias's own (broadcast) shape
-            if bias4.shape[0] == 1:
-                db = db.sum(0, keepdim=True)
-            db = db.sum_to_size(bias4.shape).reshape(bias.shape).to(bias.dtype).contiguous()
-    return dq, dk, dv, db
-
-
-@_triton_backward_op.register_fake
-def _(dout, q, k, v, out, lse, bias, table, index, scale, bias_grad, deterministic):
-    if bias_grad and table is not None:
-        db = table.new_empty(table.shape)
-    elif bias_grad and bias is not None:
-        db = bias.new_empty(bias.shape)
-    else:
-        db = q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
-
-
-def _triton_setup_context(ctx, inputs, output):
-    q, k, v, bias, table, index, scale, deterministic = inputs
-    out, lse = output
-    ctx.scale = scale
-    ctx.deterministic = deterministic
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, bias, table, index)
-
-
-def _triton_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, bias, table, index = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    bias_grad = (bias is not None and need[3]) or (table is not None and need[4])
-    dq, dk, dv, db = torch.ops.beit_fast.attention_backward(
-        dout, q, k, v, out, lse, bias, table, index, ctx.scale, bias_grad, ctx.deterministic
-    )
-    return (
-        dq if need[0] else None,
-        dk if need[1] else None,
-        dv if need[2] else None,
-        db if bias is not None and need[3] else None,
-        db if table is not None and need[4] else None,
-        None, None, None,
-    )
-
-
-_triton_forward_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
-
-
-def _triton_attention(q, k, v, bias, scale, table=None, index=None):
-    out, _ = torch.ops.beit_fast.attention_forward(
-        q, k, v, bias, table, index, float(scale), torch.are_deterministic_algorithms_enabled()
-    )
-    return out
-
-
+# The backends' implementations: attention_backends.py ("math", "sdpa", "flex", "xformers") and
+# attention_triton.py ("triton", custom ops around the kernels).
 _IMPLS: dict[str, Callable] = {
     "math": _math_attention,
     "sdpa": _sdpa_attention,
@@ -672,3 +391,20 @@ def attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:
     """The "math" backend: the eager reference (scores in the input dtype, the bias added with type
     promotion, see the module docstring)."""
     return attention_with_bias(q, k, v, bias, scale, backend="math")
+
+
+# The other names this module defined before the backends moved out (helpers, constants), still importable
+# from here, resolved on first use (PEP 562).
+_MOVED = {
+    "attention_backends": ("BIAS_ALIGNMENT", "_as_4d", "_XFORMERS", "_aligned_bias", "_FLEX_HOPPER_TILES",
+                           "_FLEX_COMPILED", "_compiled_flex", "_bias_score_mod"),
+    "attention_triton": ("_table_plan", "_unit_last_stride", "_triton_forward_op", "_triton_backward_op",
+                         "_triton_setup_context", "_triton_backward"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(import_module(f".{module}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

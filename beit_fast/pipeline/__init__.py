@@ -4,7 +4,8 @@ where the decoder is libjpeg-turbo (CPU tensors) and within nvJPEG's decoding di
 
 * :mod:`~beit_fast.pipeline.ops`: Pillow-exact colour jitter and resampling on ``uint8`` tensor batches.
 * :mod:`~beit_fast.pipeline.encoded`: the worker side (bytes, sizes, the sample's draws and mask).
-* :mod:`~beit_fast.pipeline.device`: decode + render on the device, and the prefetching loader.
+* :mod:`~beit_fast.pipeline.render`: decode + render a batch on the device.
+* :mod:`~beit_fast.pipeline.device`: the prefetching loader around it.
 """
 from .device import (
     DATA_PIPELINES, DevicePretrainLoader, DeviceTwoViewTransform, LoaderStats, build_device_pretrain_loader,
