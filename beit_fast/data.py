@@ -200,7 +200,7 @@ def _decode_jpeg_fast(im: Image.Image, f: BinaryIO) -> Image.Image | None:
             return None
         # RGBX: Pillow keeps RGB pixels in 4 bytes, so this is a plain copy into the image (RGB would be unpacked)
         arr = simplejpeg.decode_jpeg(data, colorspace="RGBX", strict=True)
-    except ValueError:  # any libjpeg error or warning
+    except Exception:  # noqa: BLE001 - any libjpeg error or warning (ValueError), or anything else: Pillow decides
         return None
     if arr.shape != (height, width, 4):
         return None

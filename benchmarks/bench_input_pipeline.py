@@ -6,9 +6,9 @@
 One thread (``torch.set_num_threads(1)``), so images/s is per core; times are this process's CPU time
 (``time.process_time``: on a shared, loaded machine wall time also counts the waits for a core), the best of
 ``--repeats`` rounds, the stages measured in turn within each round, in a new order each round (so slow
-drifts of the machine's load, and what the previous stage left in the caches, hit every stage alike). Images: JPEGs made from the scikit-image
-photographs (random crops and rescales to 300-500 px, quality 90; ImageNet-like sizes), one random
-RandomResizedCrop box + jitter draw per image, the same for both pipelines. Stages:
+drifts of the machine's load, and what the previous stage left in the caches, hit every stage alike).
+Images: JPEGs made from the scikit-image photographs (random crops and rescales to 300-500 px, quality 90;
+ImageNet-like sizes), one random RandomResizedCrop box + jitter draw per image, the same for both pipelines. Stages:
 
 decode           PIL ``Image.open`` + ``load`` + RGB | ``torchvision.io.decode_jpeg`` (CPU) | simplejpeg
                  (when installed) | PIL draft mode at 1/2 scale (opt-in only: fewer, other pixels)
