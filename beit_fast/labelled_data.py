@@ -4,8 +4,9 @@ pretraining's image folders, or the embedded handwritten digits.
 :class:`LabelledImageFolder` is ``root/<class>/**/<image>`` as ``(image, class index)`` pairs (torchvision's
 ``ImageFolder`` layout and class order) on :class:`beit_fast.data.ImageFolderDataset`: symlink loops end,
 each real folder is read once, FIFOs and other non-regular files named like images are never opened, images
-over ``max_image_pixels`` are skipped before decoding, and an unreadable file is skipped (with a warning)
-in favour of the next readable image, with that image's label. torchvision's ``ImageFolder`` has none of this.
+over ``max_image_pixels`` are skipped before decoding, JPEGs are decoded by ``jpeg_decoder`` (Pillow's
+pixels either way), and an unreadable file is skipped (with a warning) in favour of the next readable image,
+with that image's label. torchvision's ``ImageFolder`` has none of this.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class LabelledImageFolder(Dataset):
     ``transform`` may be set after construction."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.images = ImageFolderDataset(root, max_image_pixels=max_image_pixels)
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_decoder: str = "auto") -> None:
+        self.images = ImageFolderDataset(root, max_image_pixels=max_image_pixels, jpeg_decoder=jpeg_decoder)
         if self.images.targets is None:
             raise ValueError(f"images must lie in class folders ({self.images.root}/<class>/...), but some lie "
                              f"directly in {self.images.root}")
@@ -57,9 +58,9 @@ def count_class_folders(root: str | os.PathLike) -> int:
 
 def load_classification_data(cfg, train_transform, eval_transform):
     """``(train set, val set, class names)`` of a fine-tuning / probing config (``data_path``, ``input_size``,
-    ``labels_per_class``, ``seed``, ``nb_classes``, ``max_image_pixels``): without ``data_path`` the embedded
-    digits, else ``data_path/train/<class>/*`` and ``data_path/val/<class>/*``. SystemExit with a clear
-    message on errors."""
+    ``labels_per_class``, ``seed``, ``nb_classes``, ``max_image_pixels``, ``jpeg_decoder``): without
+    ``data_path`` the embedded digits, else ``data_path/train/<class>/*`` and ``data_path/val/<class>/*``.
+    SystemExit with a clear message on errors."""
     if cfg.data_path is None:
         from .digits import DigitsDataset
 
@@ -80,7 +81,8 @@ def load_classification_data(cfg, train_transform, eval_transform):
                 raise SystemExit(f"error: {folder} not found: --data_path must hold train/ and val/ folders, each "
                                  "with one subfolder of images per class")
             try:
-                sets.append(LabelledImageFolder(folder, tf, max_image_pixels=cfg.max_image_pixels))
+                sets.append(LabelledImageFolder(folder, tf, max_image_pixels=cfg.max_image_pixels,
+                                                jpeg_decoder=cfg.jpeg_decoder))
             except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
                 raise SystemExit(f"error: {folder}: {e}") from None
         train, val = sets

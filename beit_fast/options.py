@@ -10,7 +10,7 @@ import argparse
 __all__ = [
     "HelpFormatter", "MODEL_NAMES", "DVAE_PRESET_NAMES", "DVAE_RECOMMENDED_LR", "RESIZE_FILTERS",
     "PICTURE_PARTS", "PANEL_INCHES", "DEFAULT_DPI",
-    "add_classification_data_args", "DEFAULT_MAX_IMAGE_PIXELS",
+    "add_classification_data_args", "DEFAULT_MAX_IMAGE_PIXELS", "JPEG_DECODERS", "JPEG_DECODER_HELP",
 ]
 
 #: Named model sizes: the keys of :data:`beit_fast.model.MODEL_CONFIGS` (a test checks they agree).
@@ -21,6 +21,13 @@ MODEL_NAMES: tuple[str, ...] = ("base", "large", "small", "tiny")
 #: to RGB (a 12000 x 12000 PNG of a few KB would take 432 MB). Pillow's own limit only warns up to 179 Mpx.
 #: (beit_fast.data re-exports it; pretrain's --max_image_pixels default.)
 DEFAULT_MAX_IMAGE_PIXELS = 2**26
+
+#: JPEG decoders of the image folders (--jpeg_decoder; beit_fast.data.ImageFolderDataset's ``jpeg_decoder``).
+JPEG_DECODERS: tuple[str, ...] = ("auto", "pil", "simplejpeg")
+JPEG_DECODER_HELP = ("who decodes JPEG files. simplejpeg: the faster libjpeg-turbo binding, for baseline/progressive "
+                     "YCbCr and greyscale JPEGs (Pillow's pixels bit for bit), Pillow for all other files and for "
+                     "any file simplejpeg finds a problem in; pil: Pillow only; auto: simplejpeg where installed "
+                     "(pip install simplejpeg), else pil")
 
 #: Named dVAE presets: the keys of :data:`beit_fast.tokenizer.dvae.PRESETS` (a test checks they agree).
 DVAE_PRESET_NAMES: tuple[str, ...] = ("default", "tiny")
@@ -71,4 +78,5 @@ def add_classification_data_args(p: argparse.ArgumentParser) -> argparse._Argume
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="images with more pixels (read from the file header before decoding) are skipped, like "
                    "unreadable ones: a guard against decompression bombs")
+    g.add_argument("--jpeg_decoder", choices=JPEG_DECODERS, default="auto", help=JPEG_DECODER_HELP)
     return g

@@ -26,7 +26,7 @@ import argparse
 from .config import PretrainConfig, defaults_of, exit_on_problems, from_args
 from .config.pretrain import DALLE_ENCODER_URL, INTERPOLATIONS
 from .logs import cli_logging
-from .options import MODEL_NAMES, HelpFormatter
+from .options import JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
@@ -60,6 +60,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_image_pixels", type=int,
                    help="images with more pixels (width x height, read from the file header before decoding) "
                    "are skipped and counted, like unreadable ones: a guard against decompression bombs")
+    g.add_argument("--jpeg_decoder", choices=JPEG_DECODERS, help=JPEG_DECODER_HELP)
 
 
 def _masking_and_tokenizer_flags(p: argparse.ArgumentParser) -> None:

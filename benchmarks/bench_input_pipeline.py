@@ -3,9 +3,12 @@
     python benchmarks/bench_input_pipeline.py [--images 64] [--json out.json]   # a markdown table
     pytest benchmarks/bench_input_pipeline.py --benchmark-only                 # the same stages, pytest-benchmark
 
-One thread (``torch.set_num_threads(1)``), so images/s is per core. Images: JPEGs made from the scikit-image
-photographs (random crops and rescales to 300-500 px, quality 90; ImageNet-like sizes), one random
-RandomResizedCrop box + jitter draw per image, the same for both pipelines. Stages:
+One thread (``torch.set_num_threads(1)``), so images/s is per core; times are this process's CPU time
+(``time.process_time``: on a shared, loaded machine wall time also counts the waits for a core), the best of
+``--repeats`` rounds, the stages measured in turn within each round, in a new order each round (so slow
+drifts of the machine's load, and what the previous stage left in the caches, hit every stage alike).
+Images: JPEGs made from the scikit-image photographs (random crops and rescales to 300-500 px, quality 90;
+ImageNet-like sizes), one random RandomResizedCrop box + jitter draw per image, the same for both pipelines. Stages:
 
 decode           PIL ``Image.open`` + ``load`` + RGB | ``torchvision.io.decode_jpeg`` (CPU) | simplejpeg
                  (when installed) | PIL draft mode at 1/2 scale (opt-in only: fewer, other pixels)
@@ -14,11 +17,17 @@ jitter           ColorJitter(0.4, 0.4, 0.4) + flip on the whole image (PIL) | ``
 crop+resize      the 224 bicubic patch view, ToTensor, Normalize
 tokenizer view   the 112 Lanczos view, ToTensor, map_pixels
 masking          the blockwise mask (75 of 196), numpy
-The faster decoders are checked for pixel equality with Pillow's decode ("same pixels" column).
+load             the loader's read of one file to an RGB image (``ImageFolderDataset.load_image``: open, pixel
+                 limit, decode, RGB) with ``--jpeg_decoder pil`` | ``simplejpeg`` (when installed)
+sample           the whole PIL sample as a DataLoader worker makes it, from the file to both views (load, then
+                 jitter, flip, the 224 and 112 views), with each ``--jpeg_decoder``: the per-core gain a user gets
+The faster decoders are checked for pixel equality with Pillow's decode ("same pixels" column; for the sample
+rows: both views equal), and each load / sample row's speed-up is against its ``--jpeg_decoder pil`` row.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -34,6 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_end_to_end import make_jpeg_folder  # noqa: E402
 
+from beit_fast.data import ImageFolderDataset  # noqa: E402
 from beit_fast.masking import MaskingGenerator  # noqa: E402
 from beit_fast.pipeline.ops import color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first  # noqa: E402
 from beit_fast.transforms import TwoViewTransform, map_pixels, to_rgb  # noqa: E402
@@ -70,8 +80,10 @@ def _draft_decode(data: bytes, scale: int = 2) -> Image.Image:
 class _Case:
     """One image and its draws, in both forms."""
 
-    def __init__(self, data: bytes, tf: TwoViewTransform, seed: int) -> None:
-        self.data = data
+    def __init__(self, path: str, tf: TwoViewTransform, seed: int) -> None:
+        self.path = path
+        self.data = Path(path).read_bytes()
+        data = self.data
         self.pil = _pil_decode(data)
         self.tensor = _tv_decode(data)
         torch.manual_seed(seed)
@@ -110,6 +122,26 @@ def _tensor_view(case, size: int, interp: str, exact: bool = True):
     return resize_crops(case.crop, wy, wx, vertical_pass_first(h, w, size, size), exact)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+#: The --jpeg_decoder values measured: pil, and simplejpeg where installed.
+JPEG_DECODERS_MEASURED = ("pil", "simplejpeg") if _installed("simplejpeg") else ("pil",)
+
+
+def _load(case, decoder: str) -> Image.Image:
+    """What a loader worker does to get the image: ``ImageFolderDataset.load_image`` of the file."""
+    return ImageFolderDataset.load_image(case.path, None, decoder)
+
+
+def _sample(tf: TwoViewTransform, case, decoder: str):
+    """A worker's whole PIL sample: the file's image, then its two views with this case's draws."""
+    return tf.apply_params(_load(case, decoder), case.params)
+
+
 def stage_functions(tf: TwoViewTransform, masking: MaskingGenerator) -> dict[str, callable]:
     """name -> fn(case) for every measured stage (``pipeline/stage``)."""
     cfg = tf.cfg
@@ -121,7 +153,7 @@ def stage_functions(tf: TwoViewTransform, masking: MaskingGenerator) -> dict[str
             c.pil, *c.params.box, [224, 224], tf_f.InterpolationMode.BICUBIC)), list(cfg.mean), list(cfg.std)),
         "pil/tokenizer view 112": lambda c: map_pixels(tf_f.to_tensor(tf_f.resized_crop(
             c.pil, *c.params.box, [112, 112], tf_f.InterpolationMode.LANCZOS))),
-        "pil/whole sample (as the loader)": lambda c: tf.apply_params(c.pil, c.params),
+        "pil/jitter+flip+both views (image given)": lambda c: tf.apply_params(c.pil, c.params),
         "tensor/decode (torchvision)": lambda c: _tv_decode(c.data),
         "tensor/jitter": _tensor_jitter,
         "tensor/crop+resize 224": lambda c: tf_f.normalize(
@@ -131,12 +163,11 @@ def stage_functions(tf: TwoViewTransform, masking: MaskingGenerator) -> dict[str
         "masking": lambda c: masking(rng),
         "decode/PIL draft 1/2 (opt-in, other pixels)": lambda c: _draft_decode(c.data),
     }
-    try:
-        import simplejpeg  # noqa: F401
-
+    for decoder in JPEG_DECODERS_MEASURED:
+        fns[f"load/file -> RGB, --jpeg_decoder {decoder}"] = functools.partial(_load, decoder=decoder)
+        fns[f"sample/file -> both views, --jpeg_decoder {decoder}"] = functools.partial(_sample, tf, decoder=decoder)
+    if "simplejpeg" in JPEG_DECODERS_MEASURED:
         fns["decode/simplejpeg"] = lambda c: _simplejpeg_decode(c.data)
-    except ImportError:
-        pass
     return fns
 
 
@@ -149,6 +180,13 @@ def same_pixels(cases) -> dict[str, bool]:
         out["decode/simplejpeg"] = all(np.array_equal(r, _simplejpeg_decode(c.data)) for r, c in zip(ref, cases))
     except ImportError:
         pass
+    if "simplejpeg" in JPEG_DECODERS_MEASURED:
+        tf = TwoViewTransform()
+        out["load/file -> RGB, --jpeg_decoder simplejpeg"] = all(
+            np.array_equal(r, np.asarray(_load(c, "simplejpeg"))) for r, c in zip(ref, cases))
+        out["sample/file -> both views, --jpeg_decoder simplejpeg"] = all(
+            all(torch.equal(a, b) for a, b in zip(_sample(tf, c, "pil"), _sample(tf, c, "simplejpeg")))
+            for c in cases)
     out["decode/PIL draft 1/2 (opt-in, other pixels)"] = all(
         np.asarray(_draft_decode(c.data)).shape == r.shape and np.array_equal(np.asarray(_draft_decode(c.data)), r)
         for r, c in zip(ref, cases))
@@ -161,24 +199,27 @@ def make_cases(n: int, folder: str | os.PathLike | None = None, seed: int = 0):
     folder = folder or tempfile.mkdtemp(prefix="beit_input_bench_")
     files = make_jpeg_folder(folder, n, seed=seed)
     tf = TwoViewTransform()
-    return [_Case(Path(f).read_bytes(), tf, seed + k) for k, f in enumerate(files)], tf
+    return [_Case(f, tf, seed + k) for k, f in enumerate(files)], tf
 
 
 def measure(n_images: int = 32, repeats: int = 2, folder=None) -> dict:
-    """Images/s on one core for every stage, plus pixel equality of the faster decoders."""
+    """Images/s on one core (CPU time) for every stage, plus pixel equality of the faster decoders."""
     torch.set_num_threads(1)
     cases, tf = make_cases(n_images, folder)
     fns = stage_functions(tf, MaskingGenerator(14, 75))
-    rows = {}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn(cases[0])  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+    best = dict.fromkeys(fns, float("inf"))
+    order = list(fns)
+    for round_ in range(repeats):
+        np.random.default_rng(round_).shuffle(order)  # no stage always runs in another's wake (caches, allocator)
+        for name in order:
+            fn = fns[name]
+            t0 = time.process_time()
             for c in cases:
                 fn(c)
-            best = min(best, time.perf_counter() - t0)
-        rows[name] = {"images_per_s": len(cases) / best, "ms_per_image": 1e3 * best / len(cases)}
+            best[name] = min(best[name], time.process_time() - t0)
+    rows = {name: {"images_per_s": len(cases) / t, "ms_per_image": 1e3 * t / len(cases)} for name, t in best.items()}
     for name, same in same_pixels(cases).items():
         rows[name]["same_pixels"] = same
     sizes = [c.tensor.shape[1:] for c in cases]
@@ -187,13 +228,21 @@ def measure(n_images: int = 32, repeats: int = 2, folder=None) -> dict:
             "torch_threads": torch.get_num_threads(), "stages": rows}
 
 
+def _reference(name: str) -> str | None:
+    """The row a row's speed-up is measured against: its ``--jpeg_decoder pil`` row, or Pillow's decode."""
+    if name.startswith(("load/", "sample/")):
+        return name.rsplit(" ", 1)[0] + " pil"
+    return "pil/decode" if "decode" in name else None
+
+
 def markdown(result: dict) -> str:
-    pil_decode = result["stages"]["pil/decode"]["images_per_s"]
+    stages = result["stages"]
     lines = [f"{result['images']} JPEGs, mean {result['mean_size'][0]:.0f}x{result['mean_size'][1]:.0f} px, "
-             "1 thread", "", "| stage | ms / image | images/s per core | vs PIL decode | same pixels as PIL |",
-             "| --- | ---: | ---: | ---: | --- |"]
-    for name, r in result["stages"].items():
-        gain = f"{r['images_per_s'] / pil_decode:.2f}x" if "decode" in name else ""
+             "1 thread", "", "| stage | ms / image | images/s per core | speed-up (vs PIL decode, or vs "
+             "--jpeg_decoder pil) | same pixels as PIL |", "| --- | ---: | ---: | ---: | --- |"]
+    for name, r in stages.items():
+        ref = _reference(name)
+        gain = f"{r['images_per_s'] / stages[ref]['images_per_s']:.2f}x" if ref in stages else ""
         same = {True: "yes", False: "no"}.get(r.get("same_pixels"), "")
         lines.append(f"| {name} | {r['ms_per_image']:.2f} | {r['images_per_s']:.0f} | {gain} | {same} |")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 either a clear ``error: ...`` (SystemExit) or a correct run; never a traceback from deep inside, never a
 non-finite loss in the log. Explicit cases first, then a property-based test (hypothesis) over random flag
 combinations and random image files."""
+import importlib.util
 import io
 import math
 import os
@@ -233,6 +234,8 @@ VALID = {
     "--stop_after_steps": st.integers(0, 3),
     "--max_bad_steps": st.integers(1, 3),
     "--max_image_pixels": st.sampled_from(["1000000", "64000000"]),
+    "--jpeg_decoder": st.sampled_from(["auto", "pil", *(["simplejpeg"] if importlib.util.find_spec("simplejpeg")
+                                                        else [])]),
     "--model": st.just("tiny"),
     "--amp": st.sampled_from(["none", "auto"]),
     "--train_interpolation": st.sampled_from(["bicubic", "nearest"]),
@@ -285,6 +288,7 @@ UNPARSABLE = {
     "--model": st.just("huge"),
     "--train_interpolation": st.just("spline"),
     "--amp": st.just("fp8"),
+    "--jpeg_decoder": st.just("turbo"),
 }
 N_FAST = int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES", 300))
 

@@ -22,6 +22,12 @@ def test_cpu_stage_benchmark_reports_every_stage(tmp_path):
         assert stages[name]["images_per_s"] > 0 and math.isfinite(stages[name]["ms_per_image"]), name
     assert stages["tensor/decode (torchvision)"]["same_pixels"] is True  # libjpeg-turbo, as Pillow's
     assert stages["decode/PIL draft 1/2 (opt-in, other pixels)"]["same_pixels"] is False
+    for decoder in bench_input_pipeline.JPEG_DECODERS_MEASURED:  # the loader's own path, file to both views
+        for row in ("load/file -> RGB", "sample/file -> both views"):
+            assert stages[f"{row}, --jpeg_decoder {decoder}"]["images_per_s"] > 0, row
+    if "simplejpeg" in bench_input_pipeline.JPEG_DECODERS_MEASURED:
+        assert stages["load/file -> RGB, --jpeg_decoder simplejpeg"]["same_pixels"] is True
+        assert stages["sample/file -> both views, --jpeg_decoder simplejpeg"]["same_pixels"] is True
     assert "| pil/decode |" in bench_input_pipeline.markdown(result)
     assert 150 <= min(result["mean_size"]) and max(result["mean_size"]) <= 500  # ImageNet-like sizes
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from ..options import DEFAULT_MAX_IMAGE_PIXELS, JPEG_DECODERS
 
 __all__ = ["ClassificationData", "from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
-           "positive_problems", "finite_problems"]
+           "positive_problems", "finite_problems", "jpeg_decoder_error"]
 
 T = TypeVar("T")
 
@@ -91,12 +92,22 @@ def finite_problems(cfg: Any, names: Iterable[str], prefix: str = "--", nonnegat
     return problems
 
 
+def jpeg_decoder_error(value: str) -> str | None:
+    """What is wrong with a ``jpeg_decoder`` setting (worded without the flag's dashes), or None."""
+    if value not in JPEG_DECODERS:
+        return f"jpeg_decoder must be {', '.join(JPEG_DECODERS[:-1])} or {JPEG_DECODERS[-1]}, got {value!r}"
+    if value == "simplejpeg" and importlib.util.find_spec("simplejpeg") is None:
+        return ("jpeg_decoder simplejpeg needs the simplejpeg package, which is not installed (pip install "
+                "simplejpeg); auto or pil decodes with Pillow")
+    return None
+
+
 @dataclass
 class ClassificationData:
     """The labelled data of fine-tuning and linear probing (their flags: ``options.add_classification_data_args``):
     ``data_path`` (``train/<class>/*``, ``val/<class>/*``; None: the embedded digits), the class count to
     expect, the model's input size, the eval crop, the normalisation, the digits' few-label setting, loader
-    workers and the pixel limit of image files."""
+    workers, the pixel limit of image files and who decodes JPEGs (``jpeg_decoder``: auto, pil, simplejpeg)."""
 
     data_path: str | None = None
     nb_classes: int | None = None
@@ -106,3 +117,4 @@ class ClassificationData:
     labels_per_class: int | None = None
     num_workers: int = 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    jpeg_decoder: str = "auto"

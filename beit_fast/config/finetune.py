@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, positive_problems
+from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems
 
 __all__ = ["FinetuneConfig", "FINETUNE_DEMO_DEFAULTS", "FINETUNE_OFFICIAL_DEFAULTS"]
 
@@ -163,6 +163,8 @@ class FinetuneConfig(ClassificationData):
         mode = str(self.activation_checkpointing)
         if mode not in ("none", "all") and not (mode.isdigit() and int(mode) >= 1):
             errors.append(f"activation_checkpointing must be none, all or a positive integer, got {mode!r}")
+        if jpeg_decoder_error(self.jpeg_decoder):
+            errors.append(jpeg_decoder_error(self.jpeg_decoder))
         return errors
 
     def problems(self) -> list[str]:

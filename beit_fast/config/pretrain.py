@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..options import DEFAULT_MAX_IMAGE_PIXELS
-from .base import finite_problems, lr_overflow_problems, positive_problems
+from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
            "INTERPOLATIONS"]
@@ -55,6 +55,7 @@ class PretrainConfig:
     data_pipeline: str = "pil"
     tokenize_in_loader: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    jpeg_decoder: str = "auto"
     # masking
     num_mask_patches: int | None = None
     min_mask_patches_per_block: int | None = None
@@ -222,6 +223,8 @@ class PretrainConfig:
             from ..pipeline import device_pipeline_problems
 
             problems += device_pipeline_problems(self.train_interpolation, self.second_interpolation)
+        if jpeg_decoder_error(self.jpeg_decoder):
+            problems.append("--" + jpeg_decoder_error(self.jpeg_decoder))
         if self.tokenize_in_loader and self.data_pipeline != "gpu":
             problems.append("--tokenize_in_loader needs --data_pipeline gpu")
         if self.fsdp and self.amp == "fp16":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .base import ClassificationData, positive_problems
+from .base import ClassificationData, jpeg_decoder_error, positive_problems
 
 __all__ = ["ProbeConfig"]
 
@@ -43,4 +43,6 @@ class ProbeConfig(ClassificationData):
             problems.append(f"--finetune checkpoint not found: {self.finetune}")
         if self.data_path is not None and not os.path.isdir(self.data_path):
             problems.append(f"--data_path {self.data_path} is not a folder")
+        if jpeg_decoder_error(self.jpeg_decoder):
+            problems.append("--" + jpeg_decoder_error(self.jpeg_decoder))
         return problems

@@ -7,7 +7,8 @@ draws the sample's augmentation parameters and mask exactly as the PIL pipeline 
 the dataset's own generator) and ships the bytes. Decoding and everything after it run on the device
 (:mod:`beit_fast.pipeline.device`).
 
-What is decoded here instead (exactly as the PIL pipeline decodes it: ``ImageFolderDataset.load_image``):
+What is decoded here instead (exactly as the PIL pipeline decodes it: ``ImageFolderDataset.load_image``, with
+the image folder's ``jpeg_decoder``):
 non-JPEG files, JPEGs that are not plain RGB or greyscale (CMYK, ...), and JPEGs that do not end with the
 end-of-image marker (a truncated file raises there, and is skipped like today). Images that are already
 PIL images (``SampleImages``) are shipped as pixels. Unreadable files are skipped with the PIL pipeline's
@@ -18,6 +19,7 @@ another), so a worker hands over a few tensors, and the DataLoader pins two buff
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Sequence
@@ -57,12 +59,12 @@ def encode_pil(img: Image.Image) -> EncodedImage:
     return EncodedImage(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), arr.shape[0], arr.shape[1])
 
 
-def read_encoded(path: str, max_image_pixels: int | None = None) -> EncodedImage:
+def read_encoded(path: str, max_image_pixels: int | None = None, jpeg_decoder: str = "auto") -> EncodedImage:
     """Read one file for the device pipeline; raises on a file the PIL pipeline could not read either.
 
     Plain RGB / greyscale JPEGs that end with the end-of-image marker: the bytes and the header's size,
-    no decoding. Anything else: decoded here by ``ImageFolderDataset.load_image`` (the PIL pipeline's
-    decoder, so a bad file fails with the same error and a good one gives the same pixels).
+    no decoding. Anything else: decoded here by ``ImageFolderDataset.load_image`` with ``jpeg_decoder`` (the
+    PIL pipeline's decoder, so a bad file fails with the same error and a good one gives the same pixels).
     """
     with open_regular_file(path) as f:  # a regular file only, never blocking (a FIFO cannot hang a worker)
         raw = f.read()
@@ -72,7 +74,7 @@ def read_encoded(path: str, max_image_pixels: int | None = None) -> EncodedImage
             if im.format == "JPEG" and im.mode in ("RGB", "L"):
                 width, height = im.size
                 return EncodedImage(torch.frombuffer(bytearray(raw), dtype=torch.uint8), height, width)
-    return encode_pil(ImageFolderDataset.load_image(path, max_image_pixels))
+    return encode_pil(ImageFolderDataset.load_image(path, max_image_pixels, jpeg_decoder))
 
 
 @dataclass
@@ -121,7 +123,8 @@ class EncodedPretrainDataset(Dataset):
     def _load(self, index: int) -> tuple[EncodedImage, tuple[tuple[str, str], ...], int, str]:
         images = self.dataset.images
         if isinstance(images, ImageFolderDataset):
-            image, skipped = images.get_with_skips(index, loader=read_encoded)
+            read = functools.partial(read_encoded, jpeg_decoder=images.jpeg_decoder)
+            image, skipped = images.get_with_skips(index, loader=read)
             file_index = (index + len(skipped)) % len(images)
             return image, skipped, file_index, images.path(file_index)
         pil, skipped = self.dataset._image(index)

@@ -50,7 +50,8 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
         images = SampleImages(num_samples=cfg.num_samples, max_side=DEMO_PHOTO_SIDE_PER_VIEW * cfg.input_size)
     else:
         try:
-            images = ImageFolderDataset(cfg.data_path, max_image_pixels=cfg.max_image_pixels)
+            images = ImageFolderDataset(cfg.data_path, max_image_pixels=cfg.max_image_pixels,
+                                        jpeg_decoder=cfg.jpeg_decoder)
         except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
     transform = TwoViewTransform(TwoViewConfig(
