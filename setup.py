@@ -3,7 +3,7 @@
 The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed as
 ``beit_fast.kernels`` (PyPI has an unrelated package called ``kernels``; never import it bare).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="beit_fast",
@@ -12,8 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["beit_fast", "beit_fast.ops", "beit_fast.tokenizer", "beit_fast.interop", "beit_fast.kernels",
-              "beit_fast.pipeline", "beit_fast.visualization"],
+    # every package under beit_fast/ (a hand-kept list once left new subpackages out of the wheel), plus kernels/
+    packages=find_packages(include=["beit_fast", "beit_fast.*"]) + ["beit_fast.kernels"],
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.10,<=2.14.1",
@@ -33,6 +33,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors", "simplejpeg",
                 "tensorboard"],
         "tensorboard": ["tensorboard"],  # pretrain --log_dir
+        "jpeg": ["simplejpeg"],  # --jpeg_decoder auto / simplejpeg: Pillow's pixels, faster decode
         "hf": ["transformers>=5", "safetensors"],
         "timm": ["timm", "safetensors"],
         "xformers": ["xformers"],

@@ -52,3 +52,29 @@ def test_license_and_citation():
     data = yaml.safe_load(cff)
     assert [a["family-names"] for a in data["preferred-citation"]["authors"]] == ["Bao", "Dong", "Piao", "Wei"]
     assert data["preferred-citation"]["year"] == 2022 and data["version"] == beit_fast.__version__
+
+
+def test_wheel_installs_every_module(tmp_path):
+    """A regular (non-editable) install gets every module of the package: build the wheel and compare its
+    files with the source tree (beit_fast/** and kernels/** as beit_fast/kernels/**). An editable install
+    finds subpackages through the source folder, so only a wheel shows a package missing from setup.py."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    src = tmp_path / "src"  # a copy of what the build reads, so no build/ folder lands in the checkout
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, src / name)
+    for folder in ("beit_fast", "kernels"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, cwd=tmp_path)
+    wheel, = (tmp_path / "dist").glob("beit_fast-*.whl")
+    in_wheel = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    in_tree = {p.relative_to(REPO).as_posix() for p in (REPO / "beit_fast").rglob("*.py")}
+    in_tree |= {"beit_fast/kernels/" + p.relative_to(REPO / "kernels").as_posix()
+                for p in (REPO / "kernels").rglob("*.py")}
+    assert sorted(in_tree - in_wheel) == []
