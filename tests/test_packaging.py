@@ -58,11 +58,10 @@ def test_wheel_installs_every_module(tmp_path):
     """A regular (non-editable) install gets every module of the package: build the wheel and compare its
     files with the source tree (beit_fast/** and kernels/** as beit_fast/kernels/**). An editable install
     finds subpackages through the source folder, so only a wheel shows a package missing from setup.py."""
+    import shutil
     import subprocess
     import sys
     import zipfile
-
-    import shutil
 
     src = tmp_path / "src"  # a copy of what the build reads, so no build/ folder lands in the checkout
     src.mkdir()
@@ -70,7 +69,16 @@ def test_wheel_installs_every_module(tmp_path):
         shutil.copy2(REPO / name, src / name)
     for folder in ("beit_fast", "kernels"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    # Build with this environment's setuptools where it is new enough for pyproject.toml (no download); else let
+    # pip fetch it into an isolated build environment, as `pip install` does.
+    try:
+        import setuptools
+
+        local_setuptools = int(setuptools.__version__.split(".")[0]) >= 77
+    except ImportError:
+        local_setuptools = False
+    isolation = ["--no-build-isolation"] if local_setuptools else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True, cwd=tmp_path)
     wheel, = (tmp_path / "dist").glob("beit_fast-*.whl")
     in_wheel = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
