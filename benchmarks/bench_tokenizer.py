@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from beit_fast.train.mim import tokenize

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import math
 import os

@@ -5,7 +5,6 @@ the resumed run is bit-identical to an uninterrupted one; retention (--keep_last
 The victims are ``pretrain.main`` runs in processes forked from this one (``test_pretrain.start_forked``).
 """
 import errno
-import io
 import logging
 import math
 import multiprocessing as mp
@@ -318,7 +317,7 @@ def test_stale_lock_of_a_dead_run_is_detected_and_taken_over(toy, tmp_path, capl
     assert any(out.glob("*.lock"))
     caplog.set_level(logging.INFO, logger="beit_fast")
     main_here(crash_args(toy, out, "--num_workers", 0, "--resume", "auto", "--stop_after_steps", 4))
-    assert f"stale lock" in caplog.text and f"pid {procs[0].pid}" in caplog.text
+    assert "stale lock" in caplog.text and f"pid {procs[0].pid}" in caplog.text
 
 
 def test_fresh_run_into_a_finished_runs_folder_refuses_and_resume_says_complete(toy, tmp_path, caplog):
