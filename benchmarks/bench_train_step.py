@@ -57,7 +57,7 @@ def make_batch(cfg: BeitConfig, batch: int):
 def make_engine(variant: str, cfg: BeitConfig, tokens: torch.Tensor, tokenizer: nn.Module | None = None):
     torch.manual_seed(0)
     model = build_model(cfg).to(DEVICE)
-    tok = tokenizer if tokenizer is not None else FixedTokens(tokens)
+    tok = tokenizer if tokenizer is not None else FixedTokens(tokens, cfg.vocab_size)
     sched = np.full(10**6, 1e-4)
     amp = torch.bfloat16 if CUDA else None
     args = (model, tok, build_optimizer(model, 1e-4, 0.05), DEVICE, sched, sched)

@@ -157,7 +157,7 @@ def _our_engine(cfg, data, *, fast: bool, **fast_kw):
 
     torch.manual_seed(SEED)
     model = build_model(cfg).to(DEVICE)
-    tok = FixedTokens(data["tokens"])
+    tok = FixedTokens(data["tokens"], cfg.vocab_size)
     args = (model, tok, build_optimizer(model, 1e-4, 0.05), DEVICE, _schedule(), _schedule(0.05))
     amp_dtype = torch.bfloat16 if CUDA else None
     if not fast:

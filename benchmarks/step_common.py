@@ -38,10 +38,12 @@ def mfu_percent(flops_per_image: float, images_per_s: float) -> float:
 class FixedTokens(nn.Module):
     """A stand-in tokenizer returning precomputed ``tokens``: times the model step alone."""
 
-    def __init__(self, tokens: torch.Tensor) -> None:
+    def __init__(self, tokens: torch.Tensor, vocab_size: int) -> None:
         super().__init__()
         self.tokens = tokens
-        self.vocab_size = int(tokens.max()) + 1
+        # The model's vocabulary, not the first batch's largest id: callers swap in other batches' tokens, and
+        # the engine counts targets into a histogram of this size.
+        self.vocab_size = vocab_size
 
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
         return self.tokens

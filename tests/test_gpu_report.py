@@ -150,6 +150,23 @@ def test_finetune_stage_runs_on_cpu(tmp_path):
     assert "attention=sdpa" in rows[1]["runs"]
 
 
+def test_fast_stage_loss_curve_runs_on_cpu(tmp_path):
+    """The headline stage's bf16 loss curve (what the fp8 curve is compared with) trains on fresh batches whose
+    token ids reach the whole vocabulary: the stand-in tokenizer must say the model's vocabulary size, not the
+    largest id of the first batch (the engine counts the targets into a vocabulary-sized histogram)."""
+    rows_file = tmp_path / "rows.jsonl"
+    env = {**__import__("os").environ, "BEIT_FAST_SMOKE_NO_COMPILE": "1"}
+    r = subprocess.run([PY, str(BENCH / "gpu_stages.py"), "step", "--variants", "beit_fast", "--extras", "curve",
+                        "--curve-steps", "4", "--rows", str(rows_file)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = R.read_rows(rows_file)
+    assert [row.get("error") for row in rows] == [None] * len(rows), rows
+    curve, = [row for row in rows if row["table"] == "loss_curve"]
+    assert curve["variant"] == "bf16" and len(curve["losses"]) == 4
+    assert all(0 < x < 20 for x in curve["losses"])
+
+
 def test_proposed_auto_priority_keeps_only_backends_and_ranks_failures_last():
     rows = _rows()
     prop = R.propose_auto_priority(rows, R.attention_backends(rows))
