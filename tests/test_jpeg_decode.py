@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit_fast import data as data_mod
+from beit_fast import jpeg as jpeg_mod
 from beit_fast.data import ImageFolderDataset, resolve_jpeg_decoder
 
 load = ImageFolderDataset.load_image
@@ -117,7 +117,7 @@ def test_extended_sequential_frame_gives_pillows_pixels(tmp_path, simplejpeg):
     sof = raw.index(b"\xff\xc0")
     path = tmp_path / "sof1.jpg"
     path.write_bytes(raw[:sof] + b"\xff\xc1" + raw[sof + 2:])
-    assert data_mod._jpeg_frame_marker(path.read_bytes()) == 0xC1
+    assert jpeg_mod._jpeg_frame_marker(path.read_bytes()) == 0xC1
     _same_outcome(path)
     assert len(simplejpeg.calls) == 1
 
@@ -256,7 +256,7 @@ def test_choice_resolves_and_unknown_or_missing_decoders_fail_clearly(monkeypatc
     assert resolve_jpeg_decoder("auto") == ("simplejpeg" if installed else "pil")
     with pytest.raises(ValueError, match="--jpeg_decoder"):
         resolve_jpeg_decoder("turbo")
-    monkeypatch.setattr(data_mod, "_simplejpeg", lambda: None)  # as where simplejpeg is not installed
+    monkeypatch.setattr(jpeg_mod, "_simplejpeg", lambda: None)  # as where simplejpeg is not installed
     assert resolve_jpeg_decoder("auto") == "pil"
     with pytest.raises(ValueError, match=r"needs the simplejpeg package .*--jpeg_decoder"):
         resolve_jpeg_decoder("simplejpeg")
