@@ -175,30 +175,26 @@ def _range(r: dict, lo: str = "ms_min", hi: str = "ms_max") -> str:
     return f"{_fmt(r.get(lo))}-{_fmt(r.get(hi))}" if r.get(lo) is not None else ""
 
 
+# The columns of a whole-step row (pretraining and fine-tuning steps alike).
+_STEP_COLUMNS = [
+    ("row", lambda r: r.get("name")), ("what it runs", lambda r: r.get("runs")),
+    ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
+    ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
+    ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
+    ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
+    ("note", lambda r: r.get("error") or r.get("note", "")),
+]
+
 # Columns per table: (header, function of the row).
 TABLES: dict[str, dict] = {
     "step": {
         "title": "Whole pretraining step, one optimizer update (same model size, batch, mask and data in every row)",
-        "cols": [
-            ("row", lambda r: r.get("name")), ("what it runs", lambda r: r.get("runs")),
-            ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
-            ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
-            ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
-            ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
-            ("note", lambda r: r.get("error") or r.get("note", "")),
-        ],
+        "cols": _STEP_COLUMNS,
     },
     "finetune_step": {
         "title": "Whole fine-tuning step, one optimizer update (BEiT-B/16 at 224, 1000 classes, mixup targets, "
                  "drop path 0.1; same batch and optimizer in every row)",
-        "cols": [
-            ("row", lambda r: r.get("name")), ("what it runs", lambda r: r.get("runs")),
-            ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
-            ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
-            ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
-            ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
-            ("note", lambda r: r.get("error") or r.get("note", "")),
-        ],
+        "cols": _STEP_COLUMNS,
     },
     "attention": {
         "title": "Attention with the relative position bias, forward + backward incl. the bias gradient",

@@ -5,6 +5,8 @@ synchronisation.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -47,3 +49,13 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (its index, or the current device), cached per index."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import triton
 
-from ._common import dot_input_precision, is_interpreted, next_pow2
+from ._common import dot_input_precision, is_interpreted, multiprocessor_count, next_pow2
 from .attention_backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _table_grad_kernel
 from .attention_forward import BIAS_DENSE, BIAS_NONE, BIAS_TABLE, _attn_fwd_kernel
 
@@ -149,9 +149,6 @@ else:
     _DKDV_TUNED = _autotuned(_attn_bwd_dkdv_kernel, GPU_DKDV_CONFIGS, _TUNE_KEY)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 # --------------------------------------------------------------------------------------------------
 # Launch-argument builders (shared by the launchers and the ahead-of-time compile check, which calls
@@ -205,7 +202,7 @@ def batch_groups(B: int, H: int, NQ: int, interpret: bool, num_sms: int | None =
             target = INTERP_DQ_PROGRAMS
         else:
             if num_sms is None:
-                num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+                num_sms = multiprocessor_count(device)
             target = GPU_DQ_PROGRAMS_PER_SM * num_sms
         groups = max(1, min(B, triton.cdiv(target, H * triton.cdiv(NQ, 64))))
         per = triton.cdiv(B, groups)

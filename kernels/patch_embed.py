@@ -28,12 +28,10 @@ launchers, and the kernels stay importable from it.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
-from ._common import dot_input_precision, is_interpreted
+from ._common import dot_input_precision, is_interpreted, multiprocessor_count
 from .patch_embed_backward import _pe_bwd_params_kernel, _pe_bwd_pixels_kernel
 from .patch_embed_forward import _pe_fwd_kernel
 
@@ -57,9 +55,6 @@ GPU_PARAMS_TARGET_PROGRAMS_PER_SM = 2
 INTERP_PARAMS_TARGET_PROGRAMS = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _geometry(pixels: torch.Tensor, weight: torch.Tensor):
@@ -167,7 +162,7 @@ def params_split(M: int, D: int, K: int, need_w: bool, interpret: bool, device=N
         target = INTERP_PARAMS_TARGET_PROGRAMS
     else:
         if num_sms is None:
-            num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            num_sms = multiprocessor_count(device)
         target = GPU_PARAMS_TARGET_PROGRAMS_PER_SM * num_sms
     row_blocks = max(1, triton.cdiv(M, cfg["BLOCK_M"]))
     split = max(1, min(row_blocks, triton.cdiv(target, tiles)))
