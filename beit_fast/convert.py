@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from .options import ArgumentParser
+
 EPILOG = """\
 formats:
   official   microsoft/unilm key names (= beit_fast's model): pretraining (lm_head, shared relative
@@ -35,7 +37,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m beit_fast.convert",
         description="Convert a BEiT checkpoint (official/beit_fast, HuggingFace or timm; .pt/.pth/.bin, "
                     ".safetensors or an HF model directory) to another layout. The source format is detected "

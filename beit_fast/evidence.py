@@ -35,7 +35,7 @@ from typing import Sequence
 
 from .logs import cli_logging
 from .config import EVIDENCE_VARIANTS, EvidenceConfig, exit_on_problems, from_args
-from .options import HelpFormatter
+from .options import ArgumentParser, HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
@@ -45,7 +45,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m beit_fast.evidence", description=__doc__, formatter_class=_Formatter)
+    p = ArgumentParser(prog="python -m beit_fast.evidence", description=__doc__, formatter_class=_Formatter)
     d = EvidenceConfig()
     helps = {
         "seeds": "seeds per variant (each seed pretrains, fine-tunes and probes anew)",

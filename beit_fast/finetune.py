@@ -20,7 +20,7 @@ import argparse
 from .config import FinetuneConfig, defaults_of, exit_on_problems, from_args
 from .config.finetune import FINETUNE_DEMO_DEFAULTS
 from .logs import cli_logging
-from .options import MODEL_NAMES, RESIZE_FILTERS, HelpFormatter, add_classification_data_args
+from .options import ArgumentParser, MODEL_NAMES, RESIZE_FILTERS, HelpFormatter, add_classification_data_args
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
@@ -151,7 +151,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.finetune",
         description="BEiT fine-tuning for image classification (official recipe). Without --data_path, runs the "
         "embedded CPU-sized default on scikit-learn's handwritten digits. Defaults shown as 'demo/real' differ "

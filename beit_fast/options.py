@@ -45,6 +45,14 @@ PICTURE_PARTS: tuple[str, ...] = ("mask", "reconstruction", "predictions", "curv
 PANEL_INCHES = 2.0
 DEFAULT_DPI = 100
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a short error: the message and one line pointing to ``--help``, not the whole
+    usage (which is about 50 lines for ``beit_fast.pretrain`` and buries the one line that matters)."""
+
+    def error(self, message: str):  # argparse's contract: prints and exits with status 2
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for every flag and its default.\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults formatter, minus its repetitions: it appends ``(default: X)`` only to flags
     whose help does not already say what the default is, and not for a default of ``None`` or ``False``

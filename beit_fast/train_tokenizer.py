@@ -21,13 +21,13 @@ from typing import Sequence
 
 from .config import TokenizerConfig, defaults_of, exit_on_problems, from_args
 from .logs import cli_logging
-from .options import DVAE_PRESET_NAMES, DVAE_RECOMMENDED_LR, HelpFormatter
+from .options import ArgumentParser, DVAE_PRESET_NAMES, DVAE_RECOMMENDED_LR, HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m beit_fast.train_tokenizer",
         description="Train a discrete VAE visual tokenizer (Gumbel-softmax relaxation, uniform prior) for BEiT. "
         "Without --data_path it trains on crops of scikit-image's sample photographs; with --data_path DIR on "

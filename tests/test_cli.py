@@ -136,3 +136,21 @@ def test_bad_tokenizer_cli_paths_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--steps must be positive"):
         main(["--steps", "0", "--output", str(tmp_path / "t.pt")])
     assert not os.path.exists(tmp_path / "t.pt")
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_a_bad_flag_gets_one_line_and_a_pointer_to_help(cli, capsys):
+    """A mistyped flag value is one error line plus where to look, not ~50 lines of usage before it."""
+    with pytest.raises(SystemExit) as stop:
+        _parser(cli).parse_args({"convert": ["a", "b"], "visualize": ["a"]}.get(cli, []) + ["--no_such_flag"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "error:" in err[0] and "--no_such_flag" in err[0], err
+    assert err[1] == f"Run 'python -m beit_fast.{cli} --help' for every flag and its default."
+
+
+def test_an_unknown_model_names_the_choices_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.get_args_parser().parse_args(["--model", "nonexistent"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "--model" in first and "'nonexistent'" in first and "base" in first and "usage" not in first
