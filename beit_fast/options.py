@@ -11,7 +11,30 @@ __all__ = [
     "HelpFormatter", "MODEL_NAMES", "DVAE_PRESET_NAMES", "DVAE_RECOMMENDED_LR", "RESIZE_FILTERS",
     "PICTURE_PARTS", "PANEL_INCHES", "DEFAULT_DPI",
     "add_classification_data_args", "DEFAULT_MAX_IMAGE_PIXELS", "JPEG_DECODERS", "JPEG_DECODER_HELP",
+    "ArgumentParser", "TORCH_ZIP_MAGIC", "torch_file_problem",
 ]
+
+#: The first bytes of torch's zip format (what ``torch.save`` writes since torch 1.6).
+TORCH_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def torch_file_problem(flag: str, path: str, what: str = "checkpoint") -> str | None:
+    """Why the file ``path`` given as ``flag`` cannot be a torch file (a checkpoint, a tokenizer's weights), told
+    from its first bytes before any work is done; None when it may be one (or is not a file: the caller says
+    "not found"). torch writes a zip archive (``PK\\x03\\x04``) or, in its legacy format and for DALL-E's
+    ``encoder.pkl``, a pickle (protocol >= 2 starts with ``\\x80``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except IsADirectoryError:
+        return f"{flag} {path} is a folder, not a {what} file"
+    except OSError as e:
+        return None if isinstance(e, FileNotFoundError) else f"{flag} {path}: cannot be read ({e.strerror or e})"
+    if head.startswith(TORCH_ZIP_MAGIC) or head[:1] == b"\x80":
+        return None
+    shown = repr(head) if head else "an empty file"
+    return (f"{flag} {path} is not a {what}: no zip archive (torch.save's format) and no pickle header "
+            f"(its first bytes are {shown})")
 
 #: Named model sizes: the keys of :data:`beit_fast.model.MODEL_CONFIGS` (a test checks they agree).
 MODEL_NAMES: tuple[str, ...] = ("base", "large", "small", "tiny")

@@ -154,3 +154,28 @@ def test_an_unknown_model_names_the_choices_in_one_line(capsys):
         pretrain.get_args_parser().parse_args(["--model", "nonexistent"])
     first = capsys.readouterr().err.splitlines()[0]
     assert "--model" in first and "'nonexistent'" in first and "base" in first and "usage" not in first
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--discrete_vae_weight_path"])
+def test_a_text_file_as_a_checkpoint_is_refused_before_any_work(tmp_path, flag):
+    """The demo trained its tokenizer for ~30 s (leaving tokenizer.pt behind) before it found that --resume was
+    a text file; now the file's first bytes are checked with the other flags, before anything is done."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, not a checkpoint\n")
+    out = tmp_path / "out"
+    message = _error([flag, str(notes), "--output_dir", str(out)])
+    assert f"{flag} {notes} is not a" in message and "no zip archive" in message and "no pickle header" in message
+    assert "b'hell'" in message
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("cli, flag", [("finetune", "--resume"), ("finetune", "--finetune"),
+                                       ("linear_probe", "--finetune")])
+def test_finetune_and_probe_refuse_a_text_checkpoint_at_once(tmp_path, cli, flag):
+    module = importlib.import_module(f"beit_fast.{cli}")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        module.main([flag, str(empty), "--output_dir", str(tmp_path / "out")])
+    assert f"{flag} {empty} is not a checkpoint" in str(exc.value.code) and "an empty file" in str(exc.value.code)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..options import torch_file_problem
 from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems
 
 __all__ = ["FinetuneConfig", "FINETUNE_DEMO_DEFAULTS", "FINETUNE_OFFICIAL_DEFAULTS"]
@@ -174,10 +175,11 @@ class FinetuneConfig(ClassificationData):
 
         errors = positive_problems(self, ("epochs", "batch_size", "eval_freq", "input_size", "patch_size",
                                           "nb_classes", "labels_per_class", "max_image_pixels"))
-        if self.finetune and not os.path.isfile(self.finetune):
-            errors.append(f"--finetune checkpoint not found: {self.finetune}")
-        if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
-            errors.append(f"--resume checkpoint not found: {self.resume}")
+        for flag, value in (("finetune", self.finetune), ("resume", "" if self.resume == "auto" else self.resume)):
+            if value and not os.path.exists(value):
+                errors.append(f"--{flag} checkpoint not found: {value}")
+            elif value and (problem := torch_file_problem(f"--{flag}", value)):
+                errors.append(problem)
         errors += self._data_path_problems()
         errors += [f"--{e}" for e in self._choice_errors()]
         if self.resume and self.overwrite_output_dir:

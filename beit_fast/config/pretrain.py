@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from ..options import DEFAULT_MAX_IMAGE_PIXELS, torch_file_problem
 from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
@@ -148,10 +148,16 @@ class PretrainConfig:
                 problems.append(f"--data_path {self.data_path}: image folder not found")
             elif not os.path.isdir(self.data_path):
                 problems.append(f"--data_path {self.data_path} is not a folder")
-        if self.discrete_vae_weight_path and not os.path.isfile(self.discrete_vae_weight_path):
+        if self.discrete_vae_weight_path and not os.path.exists(self.discrete_vae_weight_path):
             problems.append(f"--discrete_vae_weight_path {self.discrete_vae_weight_path}: tokenizer weights not found")
-        if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
+        elif self.discrete_vae_weight_path:
+            problems.append(torch_file_problem("--discrete_vae_weight_path", self.discrete_vae_weight_path,
+                                               "tokenizer weights file"))
+        if self.resume and self.resume != "auto" and not os.path.exists(self.resume):
             problems.append(f"--resume checkpoint not found: {self.resume}")
+        elif self.resume and self.resume != "auto":
+            problems.append(torch_file_problem("--resume", self.resume))
+        problems = [p for p in problems if p]
         for flag in ("output_dir", "log_dir"):
             value = getattr(self, flag)
             if value is not None and os.path.exists(value) and not os.path.isdir(value):
