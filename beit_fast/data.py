@@ -41,7 +41,7 @@ import functools
 import os
 import stat
 import warnings
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -53,6 +53,7 @@ from .transforms import to_rgb
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "iter_image_files",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "JPEG_DECODERS",
     "resolve_jpeg_decoder",
@@ -122,6 +123,52 @@ def check_image_pixels(im: Image.Image, max_image_pixels: int | None) -> None:
     if max_image_pixels is not None and im.width * im.height > max_image_pixels:
         raise ValueError(f"{im.width}x{im.height} = {im.width * im.height} pixels is more than "
                          f"max_image_pixels {max_image_pixels} (CLI: --max_image_pixels)")
+
+
+def iter_image_files(root: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> Iterator[str]:
+    """Relative paths (``/``-separated) of the regular files under ``root`` whose names end with one of
+    ``extensions`` (lower case), in walk order; hidden files and folders are ignored. Real folders are walked
+    first, then the symlinked ones whose target (device, inode) was not visited yet, so that each folder is
+    read once and link loops end; a link's files are named by the link's path. A generator, so that
+    ``next(iter_image_files(root), None)`` tells whether a folder holds any image without listing them all."""
+    visited: set[tuple[int, int]] = set()
+    pending = [""]  # folders to walk (relative to root), each only if not visited
+    while pending:
+        links: list[str] = []
+        for rel_dir in pending:
+            try:
+                st = os.stat(os.path.join(root, rel_dir))
+            except OSError:  # a dangling link
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                continue
+            stack = [rel_dir]
+            visited.add((st.st_dev, st.st_ino))
+            while stack:
+                current = stack.pop()
+                try:
+                    entries = list(os.scandir(os.path.join(root, current)))
+                except OSError:  # unreadable folder: nothing from it
+                    continue
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    rel = entry.name if not current else f"{current}/{entry.name}"
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            if (st.st_dev, st.st_ino) not in visited:
+                                visited.add((st.st_dev, st.st_ino))
+                                stack.append(rel)
+                        elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
+                            links.append(rel)
+                        elif entry.name.lower().endswith(extensions) and (
+                                entry.is_file(follow_symlinks=False)  # d_type: no system call
+                                or stat.S_ISREG(entry.stat(follow_symlinks=True).st_mode)):
+                            yield rel
+                    except OSError:  # vanished or dangling entry
+                        continue
+        pending = sorted(links)
 
 
 class ImageFolderDataset(Dataset):
@@ -195,50 +242,8 @@ class ImageFolderDataset(Dataset):
         self._bad: set[int] = set()
 
     def _scan(self) -> list[str]:
-        """Relative paths of the regular image files under root. Real folders are walked first, then the
-        symlinked ones whose target (device, inode) was not visited yet, so that each folder is read once
-        and link loops end; a link's files are named by the link's path."""
-        found: list[str] = []
-        visited: set[tuple[int, int]] = set()
-        pending = [""]  # folders to walk (relative to root), each only if not visited
-        while pending:
-            links: list[str] = []
-            for rel_dir in pending:
-                try:
-                    st = os.stat(os.path.join(self.root, rel_dir))
-                except OSError:  # a dangling link
-                    continue
-                if (st.st_dev, st.st_ino) in visited:
-                    continue
-                stack = [rel_dir]
-                visited.add((st.st_dev, st.st_ino))
-                while stack:
-                    current = stack.pop()
-                    try:
-                        entries = list(os.scandir(os.path.join(self.root, current)))
-                    except OSError:  # unreadable folder: nothing from it
-                        continue
-                    for entry in entries:
-                        if entry.name.startswith("."):
-                            continue
-                        rel = entry.name if not current else f"{current}/{entry.name}"
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                st = entry.stat(follow_symlinks=False)
-                                if (st.st_dev, st.st_ino) not in visited:
-                                    visited.add((st.st_dev, st.st_ino))
-                                    stack.append(rel)
-                            elif entry.is_symlink() and entry.is_dir(follow_symlinks=True):
-                                links.append(rel)
-                            elif entry.name.lower().endswith(self.extensions) and (
-                                    entry.is_file(follow_symlinks=False)  # d_type: no system call
-                                    or stat.S_ISREG(entry.stat(follow_symlinks=True).st_mode)):
-                                found.append(rel)
-                        except OSError:  # vanished or dangling entry
-                            continue
-            pending = sorted(links)
-        found.sort()
-        return found
+        """Relative paths of the regular image files under root, sorted (see :func:`iter_image_files`)."""
+        return sorted(iter_image_files(self.root, self.extensions))
 
     # -- paths -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -318,6 +323,17 @@ class ImageFolderDataset(Dataset):
             f"{tried} consecutive images starting at index {index} could not be read "
             f"(data set {self.root} looks corrupt or holds no readable image); first failures: {first}"
         )
+
+    def unreadable_files(self, limit: int = 64) -> list[tuple[str, str]]:
+        """(path, reason) of each file among the first ``limit`` that cannot be read, without the fallback to
+        the next file: what an error about a folder too small for one step reports as the real cause."""
+        found = []
+        for i in range(min(limit, len(self))):
+            try:
+                self.load_image(self.path(i), self.max_image_pixels, self.jpeg_decoder)
+            except Exception as e:  # noqa: BLE001 - any failure makes the file unreadable, as in training
+                found.append((self.path(i), f"{type(e).__name__}: {e}"))
+        return found
 
     def mark_unreadable(self, index: int, reason: str) -> None:
         """Record file ``index`` as unreadable (found so after loading, e.g. by a GPU decoder): later

@@ -148,6 +148,12 @@ class PretrainConfig:
                 problems.append(f"--data_path {self.data_path}: image folder not found")
             elif not os.path.isdir(self.data_path):
                 problems.append(f"--data_path {self.data_path} is not a folder")
+            else:  # an empty or imageless folder is reported with the other problems, not after them
+                from ..data import IMG_EXTENSIONS, iter_image_files
+
+                if next(iter_image_files(self.data_path), None) is None:
+                    problems.append(f"--data_path {self.data_path}: no image files found (searched recursively for "
+                                    f"{', '.join(IMG_EXTENSIONS)}; hidden files and folders are ignored)")
         if self.discrete_vae_weight_path and not os.path.exists(self.discrete_vae_weight_path):
             problems.append(f"--discrete_vae_weight_path {self.discrete_vae_weight_path}: tokenizer weights not found")
         elif self.discrete_vae_weight_path:

@@ -73,9 +73,10 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
                                drop_last=False)
     steps_per_epoch = sampler.num_samples // (cfg.batch_size * cfg.update_freq)
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} images give {sampler.num_samples} per process, fewer than one "
-                         f"step of --batch_size {cfg.batch_size} x --update_freq {cfg.update_freq}"
-                         + (f" on each of {world} processes" if world > 1 else ""))
+        too_few = (f"{len(dataset)} images give {sampler.num_samples} per process, fewer than one step of "
+                   f"--batch_size {cfg.batch_size} x --update_freq {cfg.update_freq}"
+                   + (f" on each of {world} processes" if world > 1 else ""))
+        raise SystemExit(f"error: {_unreadable_cause(images) or too_few}")
     if steps_per_epoch * cfg.epochs > 2**31:
         raise SystemExit(f"error: {steps_per_epoch * cfg.epochs} steps ({cfg.epochs} epochs of {steps_per_epoch}) is "
                          "not a plausible run")
@@ -88,6 +89,21 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
     loader.generator = torch.Generator().manual_seed(cfg.seed)
     return PretrainData(dataset, sampler, loader, masking, steps_per_epoch)
+
+
+def _unreadable_cause(images, shown: int = 3) -> str | None:
+    """The real cause when a folder too small for one step holds unreadable files (None when all read), told
+    before the count: with every file unreadable, 'fewer than one step' alone points the wrong way."""
+    if not hasattr(images, "unreadable_files"):  # the demo's photographs
+        return None
+    bad = images.unreadable_files()
+    if not bad:
+        return None
+    probed = min(len(images), 64)
+    first = "; ".join(f"{path}: {reason}" for path, reason in bad[:shown])
+    of = "" if probed == len(images) else f" (of the first {probed} tried)"
+    return (f"{len(bad)} of the {len(images)} image files under {images.root}{of} cannot be read, which leaves "
+            f"fewer readable images than one step needs; first failures: {first}")
 
 
 def build_tokenizer_for_run(cfg: PretrainConfig, device: torch.device, dist_info=None):
