@@ -173,7 +173,7 @@ class Checkpointer:
                                           "run is resumed") from None
             if _NUMBERED.match(name):
                 for path in prune_checkpoints(self.dir, self.keep_last):
-                    log.info("removed %s (--keep_last %d)", path.name, self.keep_last)
+                    log.debug("removed %s (--keep_last %d)", path.name, self.keep_last)  # routine: not a line per epoch
         return written
 
     def restore_copies(self, state: Mapping, source: str | os.PathLike) -> list[Path]:

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .logs import bar_disable
 from .loss import autocast_or_null
 
 __all__ = ["evaluate", "accuracy", "topk_hits"]
@@ -41,7 +42,7 @@ def evaluate(
     n, hits, loss_sum = 0, torch.zeros(2, dtype=torch.int64, device=device), torch.zeros((), device=device,
                                                                                    dtype=torch.float64)
     try:
-        for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+        for images, labels in tqdm(loader, desc="eval", disable=bar_disable(progress), leave=False, dynamic_ncols=True):
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
             with autocast_or_null(device.type, amp_dtype):

@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import IO, Any, Iterator, Mapping
 
-__all__ = ["PACKAGE_LOGGER", "LOG_FORMAT", "cli_logging", "TensorBoardWriter", "TensorBoardMissing"]
+__all__ = ["PACKAGE_LOGGER", "LOG_FORMAT", "cli_logging", "TensorBoardWriter", "TensorBoardMissing", "bar_disable"]
 
 PACKAGE_LOGGER = "beit_fast"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,6 +36,13 @@ def _log_warning(message: Warning | str, category: type[Warning], filename: str,
     else:
         logging.getLogger(f"{PACKAGE_LOGGER}.warnings").warning("%s: %s (%s:%d)", category.__name__, message,
                                                                os.path.basename(filename), lineno)
+
+
+def bar_disable(progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a progress bar the caller wants (``progress``) or not: None lets tqdm drop the bar
+    when its stream is not a terminal, so a log file or a pipe gets the log lines, not hundreds of ``\\r``
+    updates of a bar nobody sees."""
+    return None if progress else True
 
 
 @contextlib.contextmanager

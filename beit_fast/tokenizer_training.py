@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 
 from .data import ImageFolderDataset, sample_seed
 from .sample_data import PHOTOGRAPHS, SampleImages
-from .tokenizer.dvae import RECOMMENDED_LR, DVAEConfig
+from .tokenizer.dvae import PRESETS, RECOMMENDED_LR, DVAEConfig
 from .tokenizer.train import train_dvae
 from .transforms import TokenizerViewTransform, TwoViewConfig
 
@@ -115,8 +115,11 @@ def train_tokenizer(
     view = TokenizerViewTransform(TwoViewConfig(second_input_size=cfg.input_size, color_jitter=0.0))
     train_set = TokenizerViewDataset(train_images, view, length=n_train_crops, seed=seed)
     eval_set = TokenizerViewDataset(eval_set_images, view, length=eval_images, seed=seed + 12345)
-    log.info("data: %s; model: preset %s, vocab %d, %s", source, preset, cfg.vocab_size,
-             json.dumps({k: v for k, v in vars(cfg).items() if k != "vocab_size"}))
+    changed = {k: v for k, v in vars(cfg).items() if k != "vocab_size" and v != getattr(PRESETS[preset], k)}
+    log.info("data: %s", source)
+    log.info("model: dVAE preset %s: vocab %d, %d px input, code dim %d, width %d x %s%s (the checkpoint holds the "
+             "whole config)", preset, cfg.vocab_size, cfg.input_size, cfg.code_dim, cfg.hidden, cfg.channel_mult,
+             f"; changed: {json.dumps(changed)}" if changed else "")
     return train_dvae(
         cfg, train_set, steps=steps, batch_size=batch_size, lr=lr if lr is not None else RECOMMENDED_LR[preset],
         out_path=output, device=device, seed=seed, progress=progress, eval_data=eval_set,

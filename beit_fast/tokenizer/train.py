@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..logs import bar_disable
 from ..optim import warmup_cosine_schedule
 from ..train.engine import Engine, StepResult
 from .base import unmap_pixels
@@ -261,7 +262,7 @@ def _run_steps(engine: DVAEEngine, stream: Iterator[Tensor], steps: int, log_eve
     from tqdm.auto import tqdm
 
     trace = _Trace()
-    bar = tqdm(range(steps), disable=not progress, desc="dVAE", dynamic_ncols=True)
+    bar = tqdm(range(steps), disable=bar_disable(progress), desc="dVAE", dynamic_ncols=True)
     for step in bar:
         result = engine.train_step(next(stream), step)
         if result.skipped:

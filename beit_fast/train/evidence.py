@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..logs import bar_disable
 from ..checkpoint import atomic_save, atomic_write_text
 from ..config import EvidenceConfig
 from ..data import PretrainDataset, ResumableSampler, collate_pretrain
@@ -248,7 +249,7 @@ def run_evidence(cfg: EvidenceConfig, *, progress: bool = True) -> dict:
     runs: list[dict] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.seeds * len(variants), desc="evidence", disable=not progress)
+    bar = tqdm(total=cfg.seeds * len(variants), desc="evidence", disable=bar_disable(progress))
     for seed in range(cfg.seeds):
         for name in variants:
             t = time.time()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..logs import bar_disable
 from ..checkpoint import Checkpointer
 from ..distributed import GracefulStop, any_rank
 from . import feed
@@ -210,7 +211,7 @@ class TrainLoop(LoopCheckpoints):
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_in_epoch * cfg.update_freq * cfg.batch_size)
         bar = tqdm(total=cfg.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or not self.is_main, dynamic_ncols=True, leave=False)
+                   disable=bar_disable(cfg.progress and self.is_main), dynamic_ncols=True, leave=False)
         window = Window()
         it = iter(self.loader)
         try:

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..logs import bar_disable
+
 __all__ = ["extract_features", "train_linear_probe", "sweep_layers", "LinearProbe", "ProbeLoss", "run_linear_probe"]
 
 log = logging.getLogger("beit_fast.linear_probing")
@@ -48,7 +50,7 @@ def extract_features(
     feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     labels: list[torch.Tensor] = []
     try:
-        for images, y in tqdm(loader, desc="features", disable=not progress, leave=False, dynamic_ncols=True):
+        for images, y in tqdm(loader, desc="features", disable=bar_disable(progress), leave=False, dynamic_ncols=True):
             outs = model.forward_layer_features(images.to(device), layers, include_cls=include_cls)
             for layer, f in zip(layers, outs):
                 feats[layer].append(f.float().cpu())
