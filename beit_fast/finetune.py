@@ -33,7 +33,9 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--finetune",
                    help="pretraining checkpoint to start from: ours (beit_fast.pretrain), official, or HuggingFace/"
-                   "timm weights (torch file); omitted = train from scratch (with a warning)")
+                   "timm weights (torch file). Omitted: without --data_path and architecture flags, the "
+                   "pretraining demo's runs/beit_pretrain_demo/checkpoint-last.pt where it exists, else train from "
+                   "scratch (with a warning); '' trains from scratch")
     g.add_argument("--model", default=None, choices=MODEL_NAMES,
                    help="model size (default: the architecture of --finetune, else demo tiny / real base)")
     g.add_argument("--patch_size", type=int, default=None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..options import torch_file_problem
+from .pretrain import DEMO_PRETRAINED_CHECKPOINT
 from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems
 
 __all__ = ["FinetuneConfig", "FINETUNE_DEMO_DEFAULTS", "FINETUNE_OFFICIAL_DEFAULTS"]
@@ -116,8 +117,16 @@ class FinetuneConfig(ClassificationData):
         ``patch_size`` and ``input_size`` are left to the checkpoint's architecture)."""
         defaults = FINETUNE_DEMO_DEFAULTS if self.data_path is None else FINETUNE_OFFICIAL_DEFAULTS
         keep = ("model", "patch_size", "input_size")
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items()
-                                            if k not in keep and getattr(self, k) is None})
+        filled = {k: v for k, v in defaults.items() if k not in keep and getattr(self, k) is None}
+        if self.starts_from_the_pretraining_demo():
+            filled["finetune"] = DEMO_PRETRAINED_CHECKPOINT
+        return dataclasses.replace(self, **filled)
+
+    def starts_from_the_pretraining_demo(self) -> bool:
+        """The demo (no ``data_path``, no ``finetune`` given, no architecture flag) fine-tunes what the pretraining
+        demo trained when its checkpoint is there (``--finetune ''`` trains from scratch)."""
+        return (self.data_path is None and self.finetune is None and self.model is None and self.patch_size is None
+                and self.input_size is None and os.path.isfile(DEMO_PRETRAINED_CHECKPOINT))
 
     def validate(self) -> None:
         """The training settings: ValueError naming every bad one."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..options import DEFAULT_MAX_IMAGE_PIXELS, torch_file_problem
 from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
 
-__all__ = ["PretrainConfig", "DEMO_DEFAULTS", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
+__all__ = ["PretrainConfig", "DEMO_DEFAULTS", "DEMO_PRETRAINED_CHECKPOINT", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
            "INTERPOLATIONS"]
 
 #: Numbered checkpoints kept by default (--keep_last): the newest two, besides checkpoint-last.pt and
@@ -28,6 +28,8 @@ DEMO_DEFAULTS = dict(
     lr=1.5e-3, warmup_epochs=2, num_samples=1024, tokenizer="dvae", tokenizer_steps=300,
     output_dir="runs/beit_pretrain_demo", save_ckpt_freq=1,
 )
+#: What the pretraining demo leaves behind for ``python -m beit_fast.finetune`` to start from by default.
+DEMO_PRETRAINED_CHECKPOINT = os.path.join(DEMO_DEFAULTS["output_dir"], "checkpoint-last.pt")
 OFFICIAL_DEFAULTS = dict(
     model="base", input_size=224, num_mask_patches=75, min_mask_patches_per_block=16, epochs=800, batch_size=128,
     lr=1.5e-3, warmup_epochs=10, num_samples=None, tokenizer="dalle", tokenizer_steps=None,

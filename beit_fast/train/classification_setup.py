@@ -12,6 +12,7 @@ import torch
 
 from ..config import FinetuneConfig
 from ..config.finetune import FINETUNE_DEMO_DEFAULTS, FINETUNE_OFFICIAL_DEFAULTS
+from ..config.pretrain import DEMO_PRETRAINED_CHECKPOINT
 
 __all__ = ["build_classifier_for", "load_weights", "classification_transforms", "run_finetune", "pick_device"]
 
@@ -132,6 +133,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if len(classes) != num_classes:
         raise SystemExit(f"error: {len(classes)} classes in the data, {num_classes} expected")
     if weights:
+        if cfg.data_path is None and cfg.finetune == DEMO_PRETRAINED_CHECKPOINT:
+            log.info("fine-tuning the pretraining demo's model %s (--finetune '' trains from scratch)", cfg.finetune)
         load_weights(model, ckpt, weights, cfg.rel_pos_resize)
     else:
         log.warning("no --finetune checkpoint: training from scratch (random init), not fine-tuning")
