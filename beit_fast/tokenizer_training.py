@@ -27,6 +27,7 @@ from .data import ImageFolderDataset, sample_seed
 from .sample_data import PHOTOGRAPHS, SampleImages
 from .tokenizer.dvae import PRESETS, RECOMMENDED_LR, DVAEConfig
 from .tokenizer.train import train_dvae
+from .train.engine import demo_cpu_threads
 from .transforms import TokenizerViewTransform, TwoViewConfig
 
 __all__ = ["TokenizerViewDataset", "HELD_OUT_PHOTOS", "train_tokenizer", "run_tokenizer_training"]
@@ -135,6 +136,8 @@ def run_tokenizer_training(cfg) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not cfg.data_path and not cfg.threads:  # the embedded demo
+        demo_cpu_threads(device)
     try:
         metrics = train_tokenizer(
             cfg.output, preset=cfg.preset, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,

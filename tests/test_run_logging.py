@@ -86,15 +86,17 @@ def test_messages_go_around_the_progress_bar_not_into_it(toy_setup, tmp_path):  
     assert not any(" root: " in line for line in err.splitlines())
 
 
-def test_nothing_goes_to_the_root_logger(tmp_path, caplog):
-    """The embedded demo path (it trains its tokenizer first), at a toy size."""
+def test_nothing_goes_to_the_root_logger(tmp_path, caplog, monkeypatch):
+    """The embedded demo path (it trains its tokenizer first), at a toy size; on a CPU it takes one thread."""
     caplog.set_level(logging.INFO)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     pretrain.main(["--input_size", "32", "--patch_size", "8", "--num_mask_patches", "6",
                    "--min_mask_patches_per_block", "2", "--batch_size", "4", "--num_samples", "8", "--epochs", "1",
                    "--tokenizer_steps", "2", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path)])
     names = {r.name for r in caplog.records}
     assert names and all(n.startswith("beit_fast") for n in names), names
     assert any("demo tokenizer" in r.getMessage() for r in caplog.records)
+    assert any("demo on CPU: 1 intra-op thread" in r.getMessage() for r in caplog.records)
     assert not logging.getLogger("beit_fast").handlers  # the CLI's handler is removed when it returns
 
 

@@ -13,6 +13,7 @@ import torch
 from ..config import FinetuneConfig
 from ..config.finetune import FINETUNE_DEMO_DEFAULTS, FINETUNE_OFFICIAL_DEFAULTS
 from ..config.pretrain import DEMO_PRETRAINED_CHECKPOINT
+from .engine import demo_cpu_threads
 
 __all__ = ["build_classifier_for", "load_weights", "classification_transforms", "run_finetune", "pick_device"]
 
@@ -119,6 +120,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from .loop import NonFiniteLossError
 
     device = pick_device(cfg.device)
+    if cfg.data_path is None:  # the embedded demo
+        demo_cpu_threads(device)
     weights = cfg.finetune or (cfg.resume if cfg.eval and cfg.resume not in ("", "auto") else None)
     num_classes = _num_classes_hint(cfg)
     seed_everything(cfg.seed)

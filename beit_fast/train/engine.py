@@ -33,7 +33,9 @@ How a non-finite step is detected (``nonfinite_check``):
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -49,6 +51,16 @@ __all__ = ["resolve_amp_dtype", "autocast_or_null", "StepResult", "Engine", "NON
 NONFINITE_CHECKS = ("host", "device")
 #: Optimizer group options that say how the update is computed, not what it is.
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def demo_cpu_threads(device: torch.device | str) -> None:
+    """One intra-op thread for an embedded demo on a CPU unless ``OMP_NUM_THREADS`` says otherwise. Its model is
+    tiny: a second thread buys little on an idle machine and costs most when the machine is busy, because the
+    threads wait for each other (measured on a 2-core machine at load ~10: 60 tokenizer steps took 27 s with
+    one thread, 807 s with two)."""
+    if torch.device(device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+        logging.getLogger("beit_fast.train").info("demo on CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -39,6 +39,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg = cfg.resolved()
     exit_on_problems(cfg.problems())
     dist_info, device = init_distributed(cfg.device)
+    if cfg.demo:
+        from .engine import demo_cpu_threads
+
+        demo_cpu_threads(device)
     lock = None
     try:
         try:
