@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from beit_fast import pretrain, visualization, visualize
-from beit_fast.model import build_model
+from beit_fast.model.beit import build_model
 from beit_fast.tokenizer import build_tokenizer
 from test_pretrain import make_toy_images, make_toy_tokenizer, toy_args
 

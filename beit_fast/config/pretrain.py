@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS
 from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
@@ -220,7 +220,7 @@ class PretrainConfig:
             problems.append(f"--activation_checkpointing must be none, all or a positive integer, "
                             f"got {self.activation_checkpointing!r}")
         if self.data_pipeline == "gpu":
-            from ..pipeline import device_pipeline_problems
+            from ..data.pipeline import device_pipeline_problems
 
             problems += device_pipeline_problems(self.train_interpolation, self.second_interpolation)
         if jpeg_decoder_error(self.jpeg_decoder):
