@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .options import ArgumentParser
+from .utils.options import ArgumentParser
 
 EPILOG = """\
 formats:
@@ -95,14 +95,10 @@ def convert(args: argparse.Namespace) -> str:
     """Run one conversion; returns the summary line. Raises FileNotFoundError / FileExistsError /
     ValueError on bad input."""
     from .interop.checkpoints import (
-        convert_state_dict,
-        same_family,
-        detect_format,
-        detect_layout,
-        hf_config_from_state_dict,
-        load_state_dict,
+        convert_state_dict, detect_format, detect_layout, hf_config_from_state_dict, load_state_dict,
         save_state_dict,
     )
+    from .interop.conversion import same_family
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():

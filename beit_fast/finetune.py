@@ -19,8 +19,8 @@ import argparse
 
 from .config import FinetuneConfig, defaults_of, exit_on_problems, from_args
 from .config.finetune import FINETUNE_DEMO_DEFAULTS
-from .logs import cli_logging
-from .options import ArgumentParser, MODEL_NAMES, RESIZE_FILTERS, HelpFormatter, add_classification_data_args
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, MODEL_NAMES, RESIZE_FILTERS, HelpFormatter, add_classification_data_args
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 

@@ -17,8 +17,8 @@ if __name__ == "__main__" and not __package__:  # run as a file (python beit_fas
 import argparse
 
 from .config import ProbeConfig, defaults_of, exit_on_problems, from_args
-from .logs import cli_logging
-from .options import ArgumentParser, MODEL_NAMES, HelpFormatter, add_classification_data_args
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, MODEL_NAMES, HelpFormatter, add_classification_data_args
 
 __all__ = ["get_args_parser", "main"]
 

@@ -25,8 +25,8 @@ import argparse
 
 from .config import PretrainConfig, defaults_of, exit_on_problems, from_args
 from .config.pretrain import DALLE_ENCODER_URL, INTERPOLATIONS
-from .logs import cli_logging
-from .options import ArgumentParser, JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 

@@ -18,8 +18,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .logs import cli_logging
-from .options import ArgumentParser, DEFAULT_DPI, PANEL_INCHES, PICTURE_PARTS, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, DEFAULT_DPI, PANEL_INCHES, PICTURE_PARTS, HelpFormatter
 
 __all__ = ["get_args_parser", "main"]
 

@@ -88,9 +88,9 @@ def test_no_cli_imports_another_cli():
 
 def test_option_names_agree_with_the_library():
     from beit_fast.train.evidence import VARIANTS
-    from beit_fast.model import MODEL_CONFIGS
+    from beit_fast.model.beit import MODEL_CONFIGS
     from beit_fast.config import EVIDENCE_VARIANTS
-    from beit_fast.options import DVAE_PRESET_NAMES, MODEL_NAMES
+    from beit_fast.utils.options import DVAE_PRESET_NAMES, MODEL_NAMES
     from beit_fast.tokenizer.dvae import PRESETS
 
     assert MODEL_NAMES == tuple(sorted(MODEL_CONFIGS))

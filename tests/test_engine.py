@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from beit_fast.optim import param_groups_weight_decay
+from beit_fast.train.optim import param_groups_weight_decay
 from beit_fast.train.engine import Engine, StepResult
 
 

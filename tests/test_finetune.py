@@ -5,14 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from beit_fast.checkpoint import atomic_save, load_checkpoint
+from beit_fast.utils.checkpoint import atomic_save, load_checkpoint
 from beit_fast.finetune import main
 from beit_fast.config import FinetuneConfig
-from beit_fast.evaluation import accuracy, evaluate
-from beit_fast.loss import soft_target_cross_entropy
+from beit_fast.train.evaluation import accuracy, evaluate
+from beit_fast.train.loss import soft_target_cross_entropy
 from beit_fast.train.finetuning import default_layer_decay, finetune
-from beit_fast.transforms import build_mixup, build_transforms, parse_randaug
-from beit_fast.model import build_classifier, build_model
+from beit_fast.data.transforms import build_mixup, build_transforms, parse_randaug
+from beit_fast.model.beit import build_classifier, build_model
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -197,7 +197,7 @@ def test_cli_bad_inputs(tmp_path):
 
 
 def _hold_lock(folder, ready, release):
-    from beit_fast.checkpoint import OutputDirLock
+    from beit_fast.train.checkpoint_folder import OutputDirLock
 
     with OutputDirLock(folder):
         ready.set()
@@ -208,7 +208,7 @@ def test_output_folder_is_locked_and_a_fresh_run_does_not_overwrite_another(tmp_
     import logging
     import multiprocessing as mp
 
-    from beit_fast.checkpoint import CheckpointError, OutputDirInUseError
+    from beit_fast.utils.checkpoint import CheckpointError, OutputDirInUseError
 
     out = tmp_path / "ft"
     train, val = Prototypes(32), Prototypes(16, seed=1)

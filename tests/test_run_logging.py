@@ -80,7 +80,7 @@ def test_messages_go_around_the_progress_bar_not_into_it(toy_setup, tmp_path):  
             assert STAMP.match(visible), f"message not on a line of its own: {line!r}"
             messages.append(visible)
     skipped = [m for m in messages if "skipping unreadable image" in m]
-    assert len(skipped) == 1 and "WARNING beit_fast.data: skipping unreadable image" in skipped[0], messages
+    assert len(skipped) == 1 and "WARNING beit_fast.data.image_folder: skipping unreadable image" in skipped[0], messages
     assert any("img_003.png" in m for m in skipped)
     assert any("unigram baseline" in m for m in messages)
     assert not any(" root: " in line for line in err.splitlines())
@@ -101,9 +101,9 @@ def test_nothing_goes_to_the_root_logger(tmp_path, caplog, monkeypatch):
 
 
 def test_no_autocast_warning_for_fp32_on_cpu():
-    from beit_fast.loss import MIMLoss
+    from beit_fast.train.loss import MIMLoss
     from beit_fast.train.mim import token_agreement
-    from beit_fast.model import build_model
+    from beit_fast.model.beit import build_model
     from beit_fast.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def test_no_autocast_warning_for_fp32_on_cpu():
 
 def test_unigram_entropy_of_the_masked_targets():
     from beit_fast.train.mim import PretrainEngine
-    from beit_fast.model import build_model
-    from beit_fast.optim import build_optimizer
+    from beit_fast.model.beit import build_model
+    from beit_fast.train.optim import build_optimizer
     from beit_fast.tokenizer import build_tokenizer
 
     tok = build_tokenizer("dvae", random_init=True, preset="tiny", vocab_size=8, input_size=32)

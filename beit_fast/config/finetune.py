@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..options import torch_file_problem
+from ..utils.options import torch_file_problem
 from .pretrain import DEMO_PRETRAINED_CHECKPOINT
 from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems
 
@@ -180,7 +180,7 @@ class FinetuneConfig(ClassificationData):
     def problems(self) -> list[str]:
         """The command line's checks (paths, data folders, augmentation values), each naming its flag. Call
         on a :meth:`resolved` config."""
-        from ..transforms.classification import parse_randaug
+        from ..data.transforms.classification import parse_randaug
 
         errors = positive_problems(self, ("epochs", "batch_size", "eval_freq", "input_size", "patch_size",
                                           "nb_classes", "labels_per_class", "max_image_pixels"))

@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS, torch_file_problem
+from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS, torch_file_problem
 from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS", "DEMO_PRETRAINED_CHECKPOINT", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
@@ -151,7 +151,7 @@ class PretrainConfig:
             elif not os.path.isdir(self.data_path):
                 problems.append(f"--data_path {self.data_path} is not a folder")
             else:  # an empty or imageless folder is reported with the other problems, not after them
-                from ..data import IMG_EXTENSIONS, iter_image_files
+                from ..data.image_folder import IMG_EXTENSIONS, iter_image_files
 
                 if next(iter_image_files(self.data_path), None) is None:
                     problems.append(f"--data_path {self.data_path}: no image files found (searched recursively for "
@@ -234,7 +234,7 @@ class PretrainConfig:
             problems.append(f"--activation_checkpointing must be none, all or a positive integer, "
                             f"got {self.activation_checkpointing!r}")
         if self.data_pipeline == "gpu":
-            from ..pipeline import device_pipeline_problems
+            from ..data.pipeline import device_pipeline_problems
 
             problems += device_pipeline_problems(self.train_interpolation, self.second_interpolation)
         if jpeg_decoder_error(self.jpeg_decoder):

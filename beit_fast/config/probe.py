@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..options import torch_file_problem
+from ..utils.options import torch_file_problem
 from .base import ClassificationData, jpeg_decoder_error, positive_problems
 
 __all__ = ["ProbeConfig"]
