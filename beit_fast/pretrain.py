@@ -142,7 +142,7 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (torchao float8 training, tensorwise scaling) for the blocks' QKV and MLP linears "
                    "in the fast step; needs a CUDA GPU of compute capability >= 8.9 (H100/H200) and torchao "
-                   "(pip install 'beit_fast[fp8]')")
+                   "(pip install -e '.[fp8]' in the clone)")
     g.add_argument("--tokenizer_precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="tokenizer forward precision (channels-last): auto tries fp16 then bf16 on CUDA and keeps "
                    "the first whose token ids agree with fp32 on >= 99%% of the first batch's positions, else fp32; "

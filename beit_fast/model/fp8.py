@@ -12,7 +12,7 @@ checkpoint and the other way round.
 FP8 tensor cores need a CUDA card of compute capability 8.9 or newer (Hopper: H100/H200; also Ada).
 ``emulate=True`` runs the same casts and scaling with the matmul emulated in higher precision: it works
 on CPU and is how the tests check the conversion. torchao is an optional dependency
-(``pip install 'beit_fast[fp8]'``).
+(``pip install -e ".[fp8]"`` in the clone).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def fp8_unavailable_reason(device: torch.device | str, emulate: bool = False) ->
     try:
         _torchao_float8()
     except Exception as e:  # ImportError, or a torchao built for another torch failing at import
-        return (f"FP8 training needs torchao (pip install 'beit_fast[fp8]'); it cannot be imported here "
+        return (f"FP8 training needs torchao (pip install -e '.[fp8]' in the clone); it cannot be imported here "
                 f"({type(e).__name__}: {e})")
     if emulate:
         return None
