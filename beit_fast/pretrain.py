@@ -158,6 +158,11 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("safety")
     g.add_argument("--max_bad_steps", type=int,
                    help="stop (with a checkpoint) after this many consecutive non-finite losses")
+    g.add_argument("--nonfinite_check", choices=["host", "device"],
+                   help="how a non-finite loss or gradient norm is caught (the step makes no update either way): "
+                   "host reads each loss before its backward (a GPU sync per step); device decides on the GPU "
+                   "(fused AdamW's found_inf) and reads the results every --log_freq steps (default: device on "
+                   "CUDA, host elsewhere)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ batch the training step takes, ``(patch_images float32 [B, 3, S, S], tokenizer_i
    :func:`~beit_fast.pipeline.ops.contrast_means`).
 3. Each view by two batched matrix products with Pillow's resampling weights
    (:func:`~beit_fast.pipeline.ops.resample_weights`): the flip is folded into the weights.
-4. ``/255``, then ``Normalize`` (patch view) and ``map_pixels`` (tokenizer view) with the very functions
+4. ``/255``, then ``Normalize`` (patch view) and ``map_pixels`` (tokenizer view) with the very function
    the PIL pipeline calls.
 
 With the CPU decoder (bit-identical to Pillow's, both libjpeg-turbo) the views equal the PIL pipeline's
@@ -25,9 +25,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torchvision.transforms.functional as TF
 
-from ..transforms import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, TwoViewConfig, map_pixels
+from ..transforms import TwoViewConfig, TwoViewTransform
 from .encoded import EncodedBatch
 from .ops import FILTERS, color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first
 
@@ -90,6 +89,7 @@ class DeviceTwoViewTransform:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.cfg = cfg
+        self._normalize = TwoViewTransform(cfg).normalize  # the PIL pipeline's formula
         self.device = torch.device(device)
         self.exact = bool(exact)
         self.chunk_size = int(chunk_size)
@@ -193,13 +193,7 @@ class DeviceTwoViewTransform:
                                   interp)
             wx = resample_weights(bw.to(dev), torch.where(flips, bw - 1, 0).to(dev), flips.to(dev), size, wc, interp)
             views.append(resize_crops(crops, wy, wx, vertical_pass_first(bh, bw, size, size), self.exact))
-        patch = TF.normalize(views[0].to(torch.float32).div(255), list(cfg.mean), list(cfg.std))
-        second = views[1].to(torch.float32).div(255)
-        if cfg.tokenizer_view == "dall-e":
-            tok = map_pixels(second)
-        else:
-            tok = TF.normalize(second, list(IMAGENET_INCEPTION_MEAN), list(IMAGENET_INCEPTION_STD))
-        return patch, tok
+        return self._normalize(views[0], views[1])
 
     def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode and render a batch whose images all decode (raises naming the file otherwise; the loader

@@ -14,7 +14,9 @@ mid-epoch (:class:`beit_fast.data.ResumableSampler`) and owns, for every kind of
   on the host are checked every step, those that check on the device when their results are read: every
   ``log_freq`` steps and at epoch ends);
 * a graceful stop on SIGTERM / SIGINT (the step in progress is finished, a checkpoint written), and the same
-  stop on every rank of a distributed run.
+  stop on every rank of a distributed run (the ranks agree every ``log_freq`` steps and at epoch ends);
+* no host read of a device value between logging intervals with a ``"device"`` engine (the reads go through
+  :mod:`beit_fast.train.host_reads`).
 
 What differs between tasks - what goes into a checkpoint besides the training state, what a step record adds,
 what happens at an epoch end (pretraining: the epoch's mean loss is the score; fine-tuning: an evaluation,
@@ -249,12 +251,14 @@ class TrainLoop(LoopCheckpoints):
         self.progress.epoch_meter.add(result)
         self._bad.add(result)
         bar.update(1)
-        if window.host or self.step % max(cfg.log_freq, 1) == 0 or self.step % cfg.steps_per_epoch == 0:
+        at_interval = self.step % max(cfg.log_freq, 1) == 0 or self.step % cfg.steps_per_epoch == 0
+        if window.host or at_interval:
             self._read(window, bar)
-        # Every rank must stop at the same step: a signal seen by any rank stops all of them.
+        # Every rank must stop at the same step: a signal seen by any rank stops all of them. The ranks agree
+        # at each logging interval (one tiny all-reduce there, none per step: it would wait for the GPU).
         signalled = stopper.requested is not None
         if self.dist_info is not None:
-            signalled = any_rank(signalled, self.dist_info, self.device)
+            signalled = any_rank(signalled, self.dist_info, self.device) if at_interval else False
         if signalled:
             self.stop_reason = stopper.signal_name or "a signal on another rank"
         elif cfg.stop_after_steps and self.step >= cfg.stop_after_steps:

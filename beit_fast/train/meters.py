@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from . import host_reads
+
 __all__ = ["Meter", "BadStepRun", "Window"]
 
 
@@ -20,7 +22,7 @@ def _read(values: list) -> list[float]:
     if not tensors:
         return [float(v) for v in values]
     device = tensors[0].device
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).tolist()
+    stacked = host_reads.values(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]))
     return [float(v) for v in stacked]
 
 
@@ -124,8 +126,8 @@ class Window(Meter):
         r = self.last
         values = [r.loss, r.metric, r.grad_norm, r.loss_scale, r.bad]
         if not self.host:
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
-                                  for v in values]).tolist()
+            values = host_reads.values(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
+                                                    for v in values]))
         return {"loss": values[0], "metric": values[1], "grad_norm": values[2], "loss_scale": values[3],
                 "lr": r.lr, "min_lr": r.min_lr, "weight_decay": r.weight_decay, "bad": bool(values[4])}
 

@@ -4,16 +4,18 @@
 The step is the official ``engine_for_pretraining.py`` one: logits for masked positions only, mean
 cross-entropy over all masked positions of the batch, MIM accuracy, AdamW under per-step lr/wd schedules,
 gradient clipping, autocast with a loss scaler for fp16 - run by :class:`beit_fast.train.engine.Engine`
-(accumulation, clipping, the non-finite policy with ``nonfinite_check="host"``, DDP/FSDP, compile). What
+(accumulation, clipping, the non-finite policy - ``nonfinite_check`` "host" or "device" -, DDP/FSDP, compile). What
 this module adds is the batch preparation: the visual tokens of the tokenizer view (unless the loader
 computed them), their counts (the unigram baseline), and the fast step's static-shape checks.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..loss import MIMLoss, autocast_or_null
+from . import host_reads
 from .engine import Engine
 
 __all__ = ["PretrainEngine", "FastPretrainEngine", "tokenize", "token_agreement"]
@@ -52,7 +54,9 @@ class PretrainEngine(Engine):
     Parallel training: pass ``loss_module`` (a :class:`MIMLoss` over ``model``, already ``fully_shard``-ed
     for FSDP2 before the optimizer was built) and ``parallel="ddp"`` (the engine wraps it in DDP) or
     ``"fsdp"``; ``dist_info`` (:class:`beit_fast.distributed.DistInfo`) makes the logged loss and accuracy
-    means over all ranks, and every rank take the same skip decision.
+    means over all ranks, and every rank take the same skip decision. ``nonfinite_check``: how a non-finite
+    step is detected (:class:`~beit_fast.train.engine.Engine`: "host" reads each loss before its backward,
+    "device" reads nothing per step and skips through fused AdamW's ``found_inf``).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class PretrainEngine(Engine):
         loss_module: MIMLoss | None = None,
         parallel: str = "none",
         dist_info=None,
+        nonfinite_check: str = "host",
         **engine_kwargs,
     ) -> None:
         loss_module = loss_module if loss_module is not None else self._default_loss_module(model)
@@ -76,7 +81,7 @@ class PretrainEngine(Engine):
             raise ValueError("loss_module must wrap the engine's model")
         loss_module.amp_dtype = amp_dtype
         super().__init__(loss_module, optimizer, device, lr_schedule, wd_schedule, clip_grad=clip_grad,
-                         parallel=parallel, dist_info=dist_info, nonfinite_check="host", **engine_kwargs)
+                         parallel=parallel, dist_info=dist_info, nonfinite_check=nonfinite_check, **engine_kwargs)
         self.loss_module = loss_module
         self.tokenizer = tokenizer
         self.tokenizer_dtype: torch.dtype | None = None  # None: fp32 tokenizer (see choose_tokenizer_precision)
@@ -126,12 +131,12 @@ class PretrainEngine(Engine):
         Reads the counts back to the host."""
         if self.token_counts is None:
             return None
-        counts = self.token_counts.double().cpu()
+        counts = host_reads.tensor(self.token_counts).double().numpy()
         total = counts.sum()
         if total <= 0:
             return None
         p = counts[counts > 0] / total
-        return float(-(p * p.log()).sum()), float(p.max())
+        return float(-(p * np.log(p)).sum()), float(p.max())
 
     def unigram_entropy(self) -> float | None:
         """The entropy part of :meth:`unigram_baseline` (nats), or None."""

@@ -54,10 +54,11 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
                                         jpeg_decoder=cfg.jpeg_decoder)
         except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
+    # The PIL pipeline's workers hand over uint8 views, normalised on the device (train.device_feed).
     transform = TwoViewTransform(TwoViewConfig(
         input_size=cfg.input_size, second_input_size=cfg.second_input_size, interpolation=cfg.train_interpolation,
         second_interpolation=cfg.second_interpolation, color_jitter=cfg.color_jitter,
-        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std,
+        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, uint8_views=cfg.data_pipeline == "pil",
     ))
     masking = MaskingGenerator((grid, grid), cfg.num_mask_patches, min_num_patches=cfg.min_mask_patches_per_block,
                                max_num_patches=cfg.max_mask_patches_per_block, fixed_count=cfg.fixed_mask_count)
@@ -83,6 +84,10 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
     pin = cfg.pin_mem if cfg.pin_mem is not None else device.type == "cuda"
     loader = build_loader_for(cfg.data_pipeline, dataset, cfg.batch_size, device, num_workers=num_workers,
                               sampler=sampler, pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
+    if transform.cfg.uint8_views:
+        from .device_feed import DeviceFeed
+
+        loader.device_feed = DeviceFeed(device, transform.normalize)
     loader.worker_init_fn = isolate_worker_from_signals  # group signals reach only the main process
     # Each new iterator draws its base seed from this generator, not the global RNG, so that a run resumed
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
@@ -195,15 +200,17 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
     parallel = "fsdp" if cfg.fsdp else ("ddp" if dist_info.active and dist_info.world_size > 1 else "none")
     if parallel == "fsdp":
         apply_fsdp(loss_module, model.blocks)  # before the optimizer: parameters become sharded DTensors
+    nonfinite_check = cfg.nonfinite_check_on(device.type)
+    # The device check skips through fused AdamW's found_inf (any other optimizer would read the flag each step).
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.opt_betas), cfg.opt_eps,
-                                cfg.decay_mask_and_bias_table)
+                                cfg.decay_mask_and_bias_table, fused=True if nonfinite_check == "device" else None)
     lr_schedule = cosine_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                                    cfg.warmup_lr, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd_schedule = cosine_scheduler(cfg.weight_decay, wd_end, cfg.epochs, steps_per_epoch)
     engine_args = (model, tokenizer, optimizer, device, lr_schedule, wd_schedule)
     engine_kwargs = dict(amp_dtype=amp_dtype, clip_grad=cfg.clip_grad or None, loss_module=loss_module,
-                         parallel=parallel, dist_info=dist_info)
+                         parallel=parallel, dist_info=dist_info, nonfinite_check=nonfinite_check)
     if not fast:
         return PretrainEngine(*engine_args, **engine_kwargs), False
     return FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=cfg.num_mask_patches, compile=cfg.compile,
@@ -218,6 +225,8 @@ def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: tor
         return
     try:
         probe = torch.stack([dataset.get(i, epoch=0)[1] for i in range(min(cfg.batch_size, len(dataset)))])
+        if probe.dtype == torch.uint8:
+            probe = dataset.transform.normalize_tokenizer_view(probe)
     except RuntimeError as e:
         err = data_error(e)
         if err is None:
