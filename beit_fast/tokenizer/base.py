@@ -56,6 +56,19 @@ class VisualTokenizer(nn.Module, abc.ABC):
         gh, gw = self.token_grid()
         return gh * gw
 
+    #: Module types whose weights autocast casts to its lower precision on every call (their weights can be kept
+    #: in that precision instead, :meth:`keep_weights_in`).
+    _AUTOCAST_CAST = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+    def keep_weights_in(self, dtype: torch.dtype) -> "VisualTokenizer":
+        """Cast the weights that autocast to ``dtype`` would cast on every call (convolutions, linears) once,
+        now: the same token ids under ``autocast(dtype)``, without a cast of every weight each step. The module
+        then runs only under that autocast (its fp32 path, :meth:`get_codebook_indices`, no longer). Returns self."""
+        for module in self.modules():
+            if isinstance(module, self._AUTOCAST_CAST) or getattr(module, "autocast_lower_precision", False):
+                module.to(dtype)
+        return self
+
     def _param_device(self) -> torch.device:
         for p in self.parameters():
             return p.device

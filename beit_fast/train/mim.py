@@ -10,6 +10,8 @@ computed them), their counts (the unigram baseline), and the fast step's static-
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -22,9 +24,12 @@ __all__ = ["PretrainEngine", "FastPretrainEngine", "tokenize", "token_agreement"
 
 
 @torch.no_grad()
-def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None,
+             encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Token ids ``int64[B, h*w]``; ``dtype`` None: the tokenizer's own fp32 path, else its encoder under
-    autocast to ``dtype`` with channels-last activations (argmax taken in fp32)."""
+    autocast to ``dtype`` with channels-last activations, the argmax taken on the ``dtype`` logits (the same
+    ids as on their fp32 copy, ties included: the conversion is exact and monotone). ``encode``: the
+    tokenizer's ``encode_logits`` to call (e.g. compiled; default: the method itself)."""
     if dtype is None:
         return tokenizer.get_codebook_indices(images)
     x = tokenizer._prepare_images(images).contiguous(memory_format=torch.channels_last)
@@ -32,10 +37,10 @@ def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | No
     tokenizer.eval()
     try:
         with autocast_or_null(x.device.type, dtype):
-            logits = tokenizer.encode_logits(x)
+            logits = (encode or tokenizer.encode_logits)(x)
     finally:
         tokenizer.train(was_training)
-    return logits.float().argmax(dim=1).flatten(1)
+    return logits.argmax(dim=1).flatten(1)
 
 
 @torch.no_grad()
@@ -85,6 +90,7 @@ class PretrainEngine(Engine):
         self.loss_module = loss_module
         self.tokenizer = tokenizer
         self.tokenizer_dtype: torch.dtype | None = None  # None: fp32 tokenizer (see choose_tokenizer_precision)
+        self._encode: Callable | None = None  # the compiled encode_logits (settle_tokenizer)
         # How often each visual token was a masked (predicted) target so far, int64 [vocab] on the device: the
         # unigram baseline (see unigram_entropy). None when the tokenizer does not say its vocabulary size.
         vocab = getattr(tokenizer, "vocab_size", None)
@@ -98,16 +104,27 @@ class PretrainEngine(Engine):
         self, tokenizer_images: torch.Tensor, dtype: torch.dtype = torch.bfloat16, min_agreement: float = 0.99
     ) -> float:
         """Run the tokenizer in ``dtype`` (channels-last) from now on if, on these images, its token ids
-        agree with fp32 on at least ``min_agreement`` of the positions; returns the measured agreement."""
+        agree with fp32 on at least ``min_agreement`` of the positions; returns the measured agreement.
+        Call :meth:`settle_tokenizer` once the choice is final."""
         agreement = token_agreement(self.tokenizer, tokenizer_images.to(self.device), dtype)
         self.tokenizer.to(memory_format=torch.channels_last)
         self.tokenizer_dtype = dtype if agreement >= min_agreement else None
         return agreement
 
+    def settle_tokenizer(self, compile: bool = False) -> None:
+        """The tokenizer as the run keeps it: in :attr:`tokenizer_dtype` its convolution weights are kept in
+        that precision (not cast by autocast every step; the same ids); ``compile``: its ``encode_logits``
+        compiled with static shapes (``torch.compile``), called by :meth:`tokenize`."""
+        if self.tokenizer_dtype is not None and hasattr(self.tokenizer, "keep_weights_in"):
+            self.tokenizer.keep_weights_in(self.tokenizer_dtype)
+        if compile:
+            self._encode = torch.compile(self.tokenizer.encode_logits, dynamic=False)
+
     @torch.no_grad()
     def tokenize(self, tokenizer_images: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """Visual tokens of every patch, ``int64[B, N]``, row-major."""
-        tokens = tokenize(self.tokenizer, tokenizer_images, self.tokenizer_dtype).flatten(1)
+        encode = self._encode if self.tokenizer_dtype is not None else None
+        tokens = tokenize(self.tokenizer, tokenizer_images, self.tokenizer_dtype, encode).flatten(1)
         if tokens.shape != bool_masked_pos.shape:
             raise ValueError(
                 f"tokenizer grid ({tokens.shape[1]} tokens) does not match the mask ({bool_masked_pos.shape[1]} "

@@ -220,7 +220,8 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
 
 def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: torch.device) -> None:
     """``--tokenizer_precision``: fp16 / bf16 (channels-last) when its token ids agree with fp32 on the first
-    batch (auto: on >= 99% of the positions, fp16 tried first; CUDA only), else fp32."""
+    batch (auto: on >= 99% of the positions, fp16 tried first; CUDA only), else fp32. Then the tokenizer is
+    settled: its convolution weights kept in that precision, its forward compiled where the step is."""
     if not (cfg.tokenizer_precision in ("fp16", "bf16") or (cfg.tokenizer_precision == "auto" and device.type == "cuda")):
         return
     try:
@@ -239,4 +240,6 @@ def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: tor
         log.info("tokenizer in %s agrees with fp32 on %.2f%% of token positions", name, 100 * agreement)
         if engine.tokenizer_dtype is not None:
             break
-    log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
+    engine.settle_tokenizer(compile=engine.compiled)
+    log.info("tokenizer runs in %s%s", engine.tokenizer_dtype or torch.float32,
+             ", compiled" if engine.compiled and engine.tokenizer_dtype is not None else "")
