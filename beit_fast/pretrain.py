@@ -47,7 +47,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color_jitter", type=float, help="brightness/contrast/saturation jitter (0: off)")
     g.add_argument("--imagenet_default_mean_and_std", action="store_true",
                    help="normalise the patch view with ImageNet mean/std instead of 0.5/0.5")
-    g.add_argument("--num_workers", type=int, help="DataLoader workers (default: min(8, cores))")
+    g.add_argument("--num_workers", type=int,
+                   help="DataLoader workers per process (default: on CUDA the cores available to the process, "
+                   "shared among the node's processes, less one; on CPU min(8, those cores))")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction,
                    help="pin host memory for faster copies to the GPU (default: on with CUDA)")
     g.add_argument("--data_pipeline", choices=["pil", "gpu"],

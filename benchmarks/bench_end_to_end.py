@@ -214,11 +214,8 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     host_wait = sum(b - a for a, b in probe.fetches[warmup:total])
     device_wait = 0.0
     stats = getattr(probe.loader, "stats", None)
-    if stats is not None and stats._events:
-        events = stats._events[warmup:total]
-        for start, end in events:
-            end.synchronize()
-            device_wait += start.elapsed_time(end) / 1e3
+    if stats is not None and hasattr(stats, "device_waits"):
+        device_wait = sum(stats.device_waits()[warmup:total])
     wait = min(wall, host_wait + device_wait)
     cpu = None if probe.cpu_start is None or getattr(probe, "cpu_end", None) is None else \
         (probe.cpu_end - probe.cpu_start) / wall

@@ -12,6 +12,7 @@ import torch
 
 from ..config import FinetuneConfig
 from ..config.finetune import FINETUNE_DEMO_DEFAULTS, FINETUNE_OFFICIAL_DEFAULTS
+from .feed import default_num_workers
 
 __all__ = ["build_classifier_for", "load_weights", "classification_transforms", "run_finetune", "pick_device"]
 
@@ -170,8 +171,9 @@ def _evaluate_only(model, val_set, cfg: FinetuneConfig, device: torch.device) ->
     if cfg.attn_backend != "auto":
         model.configure_fast_path(attention=cfg.attn_backend)
     model.to(device)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type, on_cpu=0)
     res = evaluate(model, val_set, batch_size=max(1, int(1.5 * cfg.batch_size)), device=device, amp_dtype=amp_dtype,
-                   num_workers=cfg.num_workers, progress=not cfg.no_progress)
+                   num_workers=workers, progress=not cfg.no_progress)
     print(f"Accuracy on the {res['n']} val images: top-1 {100 * res['top1']:.2f}%, top-5 {100 * res['top5']:.2f}%")
     return {"best_top1": res["top1"], "best_epoch": None, "final_top1": res["top1"], "final_top5": res["top5"],
             "history": [], "eval": res}

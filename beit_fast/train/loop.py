@@ -43,6 +43,9 @@ __all__ = ["LoopConfig", "LoopHooks", "EpochEnd", "TrainLoop", "NonFiniteLossErr
 
 log = logging.getLogger("beit_fast.train")
 
+#: The share of a logging window's time spent waiting for data above which the loop warns (once a run).
+DATA_BOUND_SHARE = 0.2
+
 
 class NonFiniteLossError(RuntimeError):
     """``max_bad_steps`` consecutive steps had a non-finite loss (or gradient norm); a checkpoint was saved."""
@@ -149,6 +152,8 @@ class TrainLoop(LoopCheckpoints):
         self._bad = BadStepRun()
         self._log_file = None
         self._tensorboard = None
+        self._windows_read = 0
+        self._warned_data_bound = False
 
     @property
     def step(self) -> int:
@@ -166,7 +171,11 @@ class TrainLoop(LoopCheckpoints):
             while self.step < self.cfg.total_steps and self.stop_reason is None:
                 if not self._run_epoch(stopper):
                     break
+            self.finish_saves()
         finally:
+            error = self._saver.wait()  # an error on the way out: the file in progress is finished first
+            if error is not None:
+                log.error("the checkpoint being written failed too: %s", error)
             stopper.restore()
             self._close_logs()
             feed.shutdown_workers(self.loader)
@@ -235,11 +244,13 @@ class TrainLoop(LoopCheckpoints):
         """Fetch a step's micro-batches, run it, account for it; False at the end of the epoch or a stop."""
         cfg = self.cfg
         micro = []
+        waited = time.perf_counter()
         for _ in range(cfg.update_freq):
             batch = feed.next_batch(it, stopper, self.world)
             if batch is None or batch is feed.WORKERS_GONE:
                 break
             micro.append(batch)
+        window.data_wait_s += time.perf_counter() - waited
         if batch is feed.WORKERS_GONE:
             self.stop_reason = f"{stopper.signal_name}, data workers gone"
             return False
@@ -285,6 +296,7 @@ class TrainLoop(LoopCheckpoints):
         if worst >= cfg.max_bad_steps:
             self.save()
             where = f"state saved to {self.ckpt.last}" if self.ckpt is not None and cfg.save else "nothing saved"
+            self.finish_saves()
             raise NonFiniteLossError(f"{worst} consecutive non-finite losses at step {self.step}; {where}. "
                                      f"{cfg.nonfinite_hint}")
         if last["bad"]:
@@ -292,7 +304,10 @@ class TrainLoop(LoopCheckpoints):
         loss, metric, good = window.means()
         if not good:
             return
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metric:.3f}", lr=f"{last['lr']:.2e}")
+        data_wait = window.data_wait_share()
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metric:.3f}", lr=f"{last['lr']:.2e}", data=f"{data_wait:.0%}")
+        if self.step % max(cfg.log_freq, 1) == 0:
+            self._warn_if_data_bound(data_wait, window)
         if self.is_main and cfg.step_records and cfg.log_freq and (
                 self.step % cfg.log_freq == 0 or self.step == cfg.total_steps):
             elapsed, steps = window.elapsed()
@@ -300,10 +315,24 @@ class TrainLoop(LoopCheckpoints):
                       **{k: v for k, v in last.items() if k not in ("bad", "metric")}, "loss": loss,
                       cfg.metric_name: metric,
                       "images_per_s": steps * cfg.images_per_step / max(elapsed, 1e-9), "step_time_s": elapsed / steps,
+                      "data_wait": data_wait,
                       **self.hooks.step_record_extras()}
             self._write(record)
             self.step_records.append(record)
             window.reset()
+
+    def _warn_if_data_bound(self, share: float, window: "Window") -> None:
+        """Once a run: a warning when the loop waited for data for ``DATA_BOUND_SHARE`` or more of the window's
+        time, at a logging interval (not the run's first: workers starting, compilation)."""
+        self._windows_read += 1
+        if self._warned_data_bound or self._windows_read < 2 or share < DATA_BOUND_SHARE or not self.is_main:
+            return
+        self._warned_data_bound = True
+        workers = getattr(self.loader, "num_workers", None)
+        log.warning("the loader is the bottleneck: the step waited for data %.0f%% of the time over the last %d steps "
+                    "(%s data workers in this process). Give it more workers (--num_workers, more cores), cheaper "
+                    "decoding (--jpeg_decoder simplejpeg, --data_pipeline gpu), or smaller images on disk",
+                    100 * share, window.steps, workers)
 
     def _end_epoch(self, window: "Window") -> None:
         p, cfg = self.progress, self.cfg

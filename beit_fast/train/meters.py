@@ -102,7 +102,8 @@ class BadStepRun:
 
 
 class Window(Meter):
-    """The results since the last step record: sums over good steps, the last step's values, wall time."""
+    """The results since the last step record: sums over good steps, the last step's values, wall time, and
+    the part of it the loop spent waiting for the loader (``data_wait_s``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,6 +113,7 @@ class Window(Meter):
         Meter.__init__(self)
         self.t0 = time.time()
         self.steps = 0
+        self.data_wait_s = 0.0
 
     def add(self, result) -> None:
         super().add(result)
@@ -133,3 +135,7 @@ class Window(Meter):
 
     def elapsed(self) -> tuple[float, int]:
         return time.time() - self.t0, self.steps
+
+    def data_wait_share(self) -> float:
+        """The share of the window's wall time spent waiting for batches (0 when the loader keeps up)."""
+        return min(1.0, self.data_wait_s / max(time.time() - self.t0, 1e-9))

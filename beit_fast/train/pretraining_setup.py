@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import PretrainConfig
-from .feed import data_error
+from .feed import data_error, default_num_workers
 
 __all__ = ["PretrainData", "build_pretrain_data", "build_tokenizer_for_run", "build_pretrain_model",
            "build_pretrain_engine", "choose_tokenizer_precision", "DEMO_PHOTO_SIDE_PER_VIEW"]
@@ -80,7 +80,7 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
     if steps_per_epoch * cfg.epochs > 2**31:
         raise SystemExit(f"error: {steps_per_epoch * cfg.epochs} steps ({cfg.epochs} epochs of {steps_per_epoch}) is "
                          "not a plausible run")
-    num_workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type)
     pin = cfg.pin_mem if cfg.pin_mem is not None else device.type == "cuda"
     loader = build_loader_for(cfg.data_pipeline, dataset, cfg.batch_size, device, num_workers=num_workers,
                               sampler=sampler, pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
@@ -199,7 +199,8 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
                           ops_backend=cfg.kernel_backend if fast else None)
     parallel = "fsdp" if cfg.fsdp else ("ddp" if dist_info.active and dist_info.world_size > 1 else "none")
     if parallel == "fsdp":
-        apply_fsdp(loss_module, model.blocks)  # before the optimizer: parameters become sharded DTensors
+        # before the optimizer: parameters become sharded DTensors; bf16 all-gathers in a bf16 run
+        apply_fsdp(loss_module, model.blocks, param_dtype=amp_dtype if amp_dtype == torch.bfloat16 else None)
     nonfinite_check = cfg.nonfinite_check_on(device.type)
     # The device check skips through fused AdamW's found_inf (any other optimizer would read the flag each step).
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.opt_betas), cfg.opt_eps,
