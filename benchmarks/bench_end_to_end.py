@@ -13,8 +13,10 @@ weights). Measured over the steps after ``--warmup`` (compilation, autotuning, w
 * ``images_per_s``: global batch x measured steps / wall time of those steps;
 * ``data_wait_share``: the share of that time the training loop waited for the next batch (host time in
   the loop's ``next_batch``; with ``--data_pipeline gpu`` plus the time the compute stream waited on the
-  GPU for the batch's event). The engine synchronises every step (it reads the loss), so host waiting is
-  time the GPU had nothing to do;
+  GPU for the batch's event). With ``--nonfinite_check host`` the engine synchronises every step (it reads
+  the loss), so host waiting is time the GPU had nothing to do; with the device check (the CUDA default)
+  the GPU may still be running queued steps while the host waits: the share is then an upper bound. The
+  window's ends are synchronised (the GPU has finished the warm-up steps and the measured ones);
 * ``step_images_per_s``: the same steps without the waiting (the model step's own speed in this run);
 * ``cpu_cores_used``: CPU seconds of the process and its DataLoader workers / wall seconds.
 
@@ -191,7 +193,9 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
             probe.fetches.append((t0, time.perf_counter()))
 
     def train_accumulated(self, *a, **k):
-        result = real_step(self, *a, **k)  # synchronous: reads the loss
+        result = real_step(self, *a, **k)
+        if self.device.type == "cuda" and len(probe.steps_done) + 1 in (warmup, total):
+            torch.cuda.synchronize(self.device)  # the device check reads nothing per step: the GPU may lag
         probe.steps_done.append(time.perf_counter())
         if len(probe.steps_done) == total:
             probe.cpu_end = _cpu_seconds_of_tree(os.getpid())

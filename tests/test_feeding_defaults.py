@@ -115,3 +115,20 @@ def test_the_share_of_time_waiting_for_data_is_logged_and_warned_about(tmp_path,
     assert all(0.8 < r["data_wait"] <= 1.0 for r in records), records  # the step takes no time: all is waiting
     warnings = [r.message for r in caplog.records if "the loader is the bottleneck" in r.message]
     assert len(warnings) == 1 and "0 data workers" in warnings[0]
+
+
+def test_ranks_agree_on_a_stop_at_logging_intervals_not_every_step(monkeypatch, tmp_path):
+    """Under DDP the any-rank stop check is a collective that waits for the GPU: every --log_freq steps and at
+    epoch ends, not after every step."""
+    import beit_fast.train.loop as loop_mod
+
+    class TwoRanks:
+        is_main, world_size, rank, active = True, 2, 0, True
+
+    calls = []
+    monkeypatch.setattr(loop_mod, "any_rank", lambda flag, info, device: calls.append(flag) or flag)
+    sampler = ResumableSampler(24, seed=0)
+    loader = torch.utils.data.DataLoader(torch.zeros(24, 1), batch_size=2, sampler=sampler)
+    cfg = LoopConfig(epochs=2, steps_per_epoch=6, log_freq=4, save=False, progress=False, handle_signals=False)
+    TrainLoop(_ToyEngine(), loader, sampler, cfg, dist_info=TwoRanks()).run()
+    assert len(calls) == 4  # after steps 4, 6 (epoch end), 8 and 12: not after each of the 12

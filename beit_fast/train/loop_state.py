@@ -59,6 +59,8 @@ class LoopCheckpoints:
 
     def finish_saves(self) -> None:
         """Collective: wait for the save in progress; :class:`CheckpointSaveError` on every rank if it failed."""
+        if not (self.cfg.save and (self.ckpt is not None or not self.is_main)):
+            return
         error = self._save_failure(self._saver.wait()) if self.is_main else None
         error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
         if error:
