@@ -132,3 +132,23 @@ def test_ranks_agree_on_a_stop_at_logging_intervals_not_every_step(monkeypatch, 
     cfg = LoopConfig(epochs=2, steps_per_epoch=6, log_freq=4, save=False, progress=False, handle_signals=False)
     TrainLoop(_ToyEngine(), loader, sampler, cfg, dist_info=TwoRanks()).run()
     assert len(calls) == 4  # after steps 4, 6 (epoch end), 8 and 12: not after each of the 12
+
+
+def test_one_process_stops_at_the_step_after_a_signal(tmp_path):
+    """Only a multi-process run defers the stop to its next logging interval (where its ranks agree)."""
+    import signal
+
+    class OneProcess:
+        is_main, world_size, rank, active = True, 1, 0, False
+
+    class Signalling(_ToyEngine):
+        def train_accumulated(self, batches, step):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # during step 2
+            return super().train_accumulated(batches, step)
+
+    sampler = ResumableSampler(24, seed=0)
+    loader = torch.utils.data.DataLoader(torch.zeros(24, 1), batch_size=2, sampler=sampler)
+    cfg = LoopConfig(epochs=1, steps_per_epoch=12, log_freq=4, save=False, progress=False)
+    loop = TrainLoop(Signalling(), loader, sampler, cfg, dist_info=OneProcess())
+    assert loop.run()["steps"] == 2 and loop.stop_reason == "SIGTERM"

@@ -8,14 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_pretrain import read_log, toy_args, toy_setup  # noqa: F401 (fixture)
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_pretrain import read_log, toy_args, toy_setup  # noqa: E402,F401  (toy_setup: the module fixture)
-
-from beit_fast import pretrain  # noqa: E402
-from beit_fast.checkpoint import load_checkpoint  # noqa: E402
-from beit_fast.train import host_reads  # noqa: E402
-from beit_fast.train.mim import PretrainEngine  # noqa: E402
+from beit_fast import pretrain
+from beit_fast.checkpoint import load_checkpoint
+from beit_fast.train import host_reads
+from beit_fast.train.mim import PretrainEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -268,7 +268,7 @@ class TrainLoop(LoopCheckpoints):
         # Every rank must stop at the same step: a signal seen by any rank stops all of them. The ranks agree
         # at each logging interval (one tiny all-reduce there, none per step: it would wait for the GPU).
         signalled = stopper.requested is not None
-        if self.dist_info is not None:
+        if self.dist_info is not None and self.world > 1:
             signalled = any_rank(signalled, self.dist_info, self.device) if at_interval else False
         if signalled:
             self.stop_reason = stopper.signal_name or "a signal on another rank"
