@@ -155,8 +155,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           overwrite_output_dir=cfg.overwrite_output_dir, run_args=dataclasses.asdict(cfg))
     except (ValueError, CheckpointError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"best top-1 {100 * result['best_top1']:.2f}% (epoch {result['best_epoch']}); final top-1 "
-          f"{100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; checkpoints in {out}")
+    # no best epoch when the run stopped (--stop_after_steps, a signal) before its first epoch end
+    best = "n/a" if result["best_top1"] is None else f"{100 * result['best_top1']:.2f}% (epoch {result['best_epoch']})"
+    print(f"best top-1 {best}; final top-1 {100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; "
+          f"checkpoints in {out}")
     return result
 
 
