@@ -134,7 +134,7 @@ def _publisher(name: str) -> Callable:
     """How ``name`` gets the bytes of checkpoint-last.pt: ``checkpoint-best.pt`` as a hard link (no second copy of
     the same state; see :func:`beit_fast.train.checkpoint_writer.link_atomic`), numbered ones as independent copies."""
     if name == BEST_NAME:
-        from .train.checkpoint_writer import link_atomic
+        from .checkpoint_writer import link_atomic
 
         return link_atomic
     return copy_atomic
