@@ -203,7 +203,7 @@ def test_gpu_report_main_runs_stages_and_writes_after_each(tmp_path, monkeypatch
     fake = [R.Stage("env", _emit_cmd(1), 30, 1, "first", min_s=1),
             R.Stage("hang", _emit_cmd(1, "import time; time.sleep(60)"), 4, 1, "hangs", min_s=1),
             R.Stage("never", _emit_cmd(1), 30, 1, "needs more budget", min_s=500)]
-    monkeypatch.setattr(gpu_report, "build_plan", lambda args: ([], fake))
+    monkeypatch.setattr(gpu_report, "build_plans", lambda args, cuda=True: {1: fake})
     monkeypatch.setattr(gpu_report, "WHEEL_DIR", tmp_path / "no-wheels")
     monkeypatch.setattr(gpu_report, "source_shim", lambda env: "this tree")
     out = tmp_path / "out"
@@ -211,33 +211,105 @@ def test_gpu_report_main_runs_stages_and_writes_after_each(tmp_path, monkeypatch
     assert rc == 0
     md = (out / "LATEST.md").read_text()
     assert "| env | first | ok |" in md and "| hang | hangs | timed out |" in md and "| never | needs more budget | skipped |" in md
-    data = json.loads(next(out.glob("*-cpu-smoke.json")).read_text())
+    data = json.loads(next(out.glob("*-cpu-smoke-plan1.json")).read_text())
     assert len([r for r in data["rows"] if r["table"] == "step"]) == 2
 
 
-def test_default_plan_order_and_only():
+def _args(**kw):
     import argparse
 
+    return argparse.Namespace(**{**dict(batch=None, repeats=5, curve_steps=120, only="", skip="", plan=1), **kw})
+
+
+def test_call1_fits_the_command_limit_on_an_h100_in_order():
+    """Call 1: environment, the CUDA tests of our attention, the table-path attention candidates, then the
+    headline step table in one process (beit_fast triton and sdpa, the eager reference, HF eager, timm compiled,
+    HF compiled) with the profile; planned seconds on an H100 and its stage limits within 540 s."""
     import gpu_report
 
-    args = argparse.Namespace(batch=None, repeats=5, curve_steps=120, warm_limit=170, only="", skip="", no_warm=False)
-    warm, plan = gpu_report.build_plan(args)
-    names = [s.name for s in plan]
-    assert names[:3] == ["env", "fast", "eager"] and names[-1] == "autotune"
-    assert {"attention", "timm", "hf_compiled", "ref_compiled", "kernels", "fp8", "cudagraphs", "attention_flex"} <= set(names)
-    assert names.index("finetune") == names.index("attention_flex") + 1  # first after the budget line
-    assert sum(s.expect_s for s in plan if s.name not in ("finetune", "gpu_tests", "end_to_end", "tokenizer", "hf_patched_compiled",
-                                                        "autotune")) \
-        + 10 + args.warm_limit <= 600
-    warmed = ",".join(s.cmd[s.cmd.index("--variants") + 1] for s in warm)
-    assert "beit_fast_fp8" in warmed and "timm_compiled" in warmed and "autotune" not in warmed
-    args.only, args.no_warm = "cudagraphs", False
-    warm, plan = gpu_report.build_plan(args)
-    assert [s.name for s in plan] == ["env", "fast", "cudagraphs"] and warm == []
-    assert "--extras" not in plan[1].cmd  # the baseline row alone
-    args.only = "nonsense"
+    plans = gpu_report.build_plans(_args())
+    call1 = plans[1]
+    assert [s.name for s in call1] == ["env", "attention_tests", "attention_table", "steps"]
+    assert gpu_report.planned_total(call1, "H100") <= gpu_report.COMMAND_LIMIT_S <= 540
+    assert gpu_report.SETUP_S["H100"] + sum(s.limit_s for s in call1) <= 540
+    assert gpu_report.planned_total(call1, "H200") <= gpu_report.planned_total(call1, "H100")
+    tests, table, steps = call1[1:]
+    assert "tests/test_ops_attention_triton.py" in tests.cmd and tests.planned("H100") <= 60
+    cands = table.cmd[table.cmd.index("--candidates") + 1].split(",")
+    assert table.cmd[2] == "attention_table" and "triton" in cands and "sdpa" in cands
+    variants = steps.cmd[steps.cmd.index("--variants") + 1].split(",")
+    assert variants[:2] == ["beit_fast_triton", "beit_fast_sdpa"]
+    assert {"reference_eager", "hf_eager", "timm_compiled", "hf_compiled"} <= set(variants)
+    assert "profile" in steps.cmd[steps.cmd.index("--extras") + 1]
+    # call 2 and the later plans hold the rest, each within the limit too
+    rest = {s.name for n in (2, 3, 4) for s in plans[n]}
+    assert {"finetune", "end_to_end", "tokenizer", "hf_patched_compiled", "fp8", "options", "autotune",
+            "gpu_tests"} <= rest
+    assert [s.name for s in plans[2]][1] == "finetune"
+    for n in (2, 3, 4):
+        assert gpu_report.planned_total(plans[n], "H100") <= 540, n
+    text = gpu_report.plan_text(plans)
+    assert "plan 1 (call 1;" in text and f"{gpu_report.planned_total(call1):>7.0f}" in text
+
+
+def test_stage_selection_only_skip_and_errors():
+    import gpu_report
+
+    plans = gpu_report.build_plans(_args())
+    assert [s.name for s in gpu_report.select_stages(_args(only="fp8"), plans)] == ["env", "options", "fp8"]
+    assert [s.name for s in gpu_report.select_stages(_args(only="steps,finetune"), plans)] == ["env", "steps",
+                                                                                              "finetune"]
+    assert [s.name for s in gpu_report.select_stages(_args(plan=2, skip="end_to_end"), plans)] == ["env", "finetune"]
     with pytest.raises(SystemExit, match="unknown stage"):
-        gpu_report.build_plan(args)
+        gpu_report.select_stages(_args(only="nonsense"), plans)
+    with pytest.raises(SystemExit, match="plans are 1, 2, 3, 4"):
+        gpu_report.select_stages(_args(plan=9), plans)
+
+
+def test_dry_plan_needs_no_gpu(capsys):
+    import gpu_report
+
+    assert gpu_report.main(["--dry-plan"]) == 0
+    out = capsys.readouterr().out
+    for text in ("plan 1 (call 1;", "attention_table", "H100 s", "H200 s", "plan 2 (call 2", "a session: 900 s"):
+        assert text in out, text
+
+
+def test_source_shim_never_puts_the_repository_root_on_the_path(tmp_path, monkeypatch):
+    """Without an installed beit_fast, the stages see this tree's package through a folder holding only a link
+    to it: ``import kernels`` does not find our kernels/ folder, beit_fast.kernels is ours."""
+    import gpu_report
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["PYTHONNOUSERSITE"] = "1"
+    monkeypatch.setattr(gpu_report.subprocess, "run", _fail_first_probe(gpu_report.subprocess.run))
+    note = gpu_report.source_shim(env)
+    assert "not on PYTHONPATH" in note
+    paths = env["PYTHONPATH"].split(__import__("os").pathsep)
+    assert str(gpu_report.ROOT) not in paths
+    site = Path(paths[0])
+    assert [p.name for p in site.iterdir()] == ["beit_fast"]
+    code = ("import importlib.util, beit_fast, beit_fast.kernels.attention as ka; "
+            "print(beit_fast.__file__); print(ka.__file__); "
+            "s = importlib.util.find_spec('kernels'); print(s and list(s.submodule_search_locations or []))")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pkg, kern, spec = r.stdout.splitlines()
+    assert pkg.startswith(str(site)) and "kernels/attention.py" in kern
+    assert str(gpu_report.ROOT / "kernels") not in spec
+
+
+def _fail_first_probe(run):
+    """subprocess.run whose first call (the 'is beit_fast installed from this tree' probe) says no."""
+    calls = []
+
+    def fake(*a, **k):
+        calls.append(a)
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(a[0], 1, "", "not installed")
+        return run(*a, **k)
+
+    return fake
 
 
 # --------------------------------------------------------------------------------------------------
