@@ -68,6 +68,8 @@ from report_lib import (  # noqa: E402
 )
 
 WHEEL_DIR = ROOT / ".whl"
+# what benchmarks/fetch_gpu_wheels.sh downloads (not xformers: no wheel loads with torch 2.11 + CUDA 13)
+CARRIED_WHEELS = ("torchao", "nvidia-cudnn-frontend")
 COMMAND_LIMIT_S = 540  # a plan's planned seconds on an H100 fit this (the device's command limit is 600 s)
 SETUP_S = {"H100": 15, "H200": 15}  # wheels, source link, imports: before the first stage
 SESSION_S, START_S = 900, 90  # a session's device time; a machine's start-up, out of it
@@ -208,7 +210,7 @@ def install_wheels(env: dict, log) -> str:
     """pip-install the carried wheels (``.whl/``) into a folder on PYTHONPATH; returns a note."""
     wheels = sorted(WHEEL_DIR.glob("*.whl")) if WHEEL_DIR.is_dir() else []
     if not wheels:
-        return "no .whl/ folder: xformers, torchao and nvidia-cudnn-frontend only if the image has them"
+        return f"no .whl/ folder: {' and '.join(CARRIED_WHEELS)} only if the image has them"
     target = Path(tempfile.gettempdir()) / "beit_fast_site"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", str(target), *map(str, wheels)]

@@ -167,6 +167,28 @@ def test_fast_stage_loss_curve_runs_on_cpu(tmp_path):
     assert all(0 < x < 20 for x in curve["losses"])
 
 
+def test_cpu_smoke_compiles_the_headline_steps(tmp_path):
+    """Call 1's headline rows as the GPU runs them, at CPU sizes: beit_fast with attention triton (its kernels in
+    Triton's interpreter) and sdpa, each through inductor's torch.compile on the CPU (a compile-time failure
+    shows here, not first on the card), then the profile of the faster one (about 60 s of CPU time)."""
+    rows_file = tmp_path / "rows.jsonl"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "BEIT_FAST_SMOKE_NO_COMPILE"}
+    r = subprocess.run([PY, str(BENCH / "gpu_stages.py"), "step", "--variants", "beit_fast_triton,beit_fast_sdpa",
+                        "--extras", "profile", "--repeats", "1", "--rows", str(rows_file)], capture_output=True,
+                       text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = R.read_rows(rows_file)
+    steps = [row for row in rows if row["table"] == "step"]
+    assert [row["name"] for row in steps] == ["beit_fast_triton", "beit_fast_sdpa"]
+    assert all("error" not in row and row["ms"] > 0 for row in steps), steps
+    assert "attention=triton" in steps[0]["runs"] and "attention=sdpa" in steps[1]["runs"]
+    assert all(row["compiled_graphs"] >= 1 for row in steps)  # inductor compiled each (not the eager fallback)
+    assert steps[0]["first_loss"] == pytest.approx(steps[1]["first_loss"], rel=1e-3)  # same init, same batch
+    fastest = min(steps, key=lambda row: row["ms"])["name"]
+    profile = [row for row in rows if row["table"] == "profile"]
+    assert profile and {row["variant"] for row in profile} == {fastest}
+
+
 def test_proposed_auto_priority_keeps_only_backends_and_ranks_failures_last():
     rows = _rows()
     prop = R.propose_auto_priority(rows, R.attention_backends(rows))
@@ -297,6 +319,22 @@ def test_source_shim_never_puts_the_repository_root_on_the_path(tmp_path, monkey
     pkg, kern, spec = r.stdout.splitlines()
     assert pkg.startswith(str(site)) and "kernels/attention.py" in kern
     assert str(gpu_report.ROOT / "kernels") not in spec
+
+
+def test_fetch_gpu_wheels_script_carries_what_the_report_expects():
+    """benchmarks/fetch_gpu_wheels.sh downloads one pinned wheel of each package gpu_report names (no xformers:
+    none loads with the device image's torch 2.11 + CUDA 13), and checks each name once."""
+    import re as _re
+
+    import gpu_report
+
+    text = (BENCH / "fetch_gpu_wheels.sh").read_text()
+    specs = _re.search(r"^WHEELS=\(([^)]*)\)", text, _re.M).group(1).split()
+    assert [x.split("==")[0] for x in specs] == list(gpu_report.CARRIED_WHEELS)
+    assert all(_re.fullmatch(r"[\w.-]+==[\d.]+", x) for x in specs), specs
+    checked = _re.search(r"^for name in ([^;]*); do", text, _re.M).group(1).split()
+    assert checked == [n.replace("-", "_") for n in gpu_report.CARRIED_WHEELS]
+    assert "xformers==" not in text
 
 
 def _fail_first_probe(run):

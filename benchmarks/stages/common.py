@@ -63,6 +63,15 @@ def graph_breaks() -> int:
         return -1
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's count; -1 if it cannot be read)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return -1
+
+
 def amp():
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA)
 
@@ -75,7 +84,9 @@ def config(batch: int | None):
 
     if CUDA:
         return get_config("base"), batch or 256
-    return get_config("tiny", vocab_size=1024), batch or 4
+    # CPU: 64 px (N = 17, so that the Triton kernels run in the interpreter in seconds), 2 blocks (inductor
+    # compiles a step in about 30 s of CPU time)
+    return get_config("tiny", vocab_size=1024, img_size=64, depth=2), batch or 4
 
 
 def make_data(cfg, batch: int, seed: int = 0) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from report_lib import RowWriter
-from stages.common import CUDA, config, free, graph_breaks, make_data, measure, step_row
+from stages.common import CUDA, compiled_graphs, config, free, graph_breaks, make_data, measure, step_row
 from stages.variants import build_variant, sync_free_step
 
 OURS = ("beit_fast", "beit_fast_triton", "beit_fast_sdpa")  # the headline rows: extras run on their engines
@@ -35,19 +35,15 @@ def stage_step(args, w: RowWriter) -> int:
     measured: list[tuple[float, str, object, int]] = []  # (ms, name, engine, next step index) of our variants
     for pos, name in enumerate(names):
         t0 = time.time()
-        if name == "beit_fast_triton" and not CUDA:  # Triton's interpreter at 197 tokens: minutes a step
-            w.emit("step", name=name, error="not run: the Triton attention needs CUDA (on a CPU it would run in "
-                   "Triton's interpreter)")
-            continue
         try:
             step, desc, keep = build_variant(name, cfg, data)
             init_state = None
             first_ours = name in OURS and not measured
             if "curve" in extras and first_ours:
                 init_state = {k: v.detach().clone() for k, v in keep.model.state_dict().items()}
-            breaks0 = graph_breaks()
+            breaks0, graphs0 = graph_breaks(), compiled_graphs()
             per, first, nxt = measure(step, 0, warmup, repeats, inner)
-            extra = {}
+            extra = {"compiled_graphs": compiled_graphs() - graphs0}
             if name not in OURS and ("compiled" in name or "timm" in name):
                 extra["graph_breaks"] = graph_breaks() - breaks0
             row = step_row(w, name, desc, per, cfg, batch, data["num_masked"], time.time() - t0 - sum(per) *
