@@ -109,6 +109,36 @@ def test_ratios_summary_and_overlap():
     assert "fp8 loss curve" in "\n".join(R.summary_lines(rows + R.derived_rows(rows)))
 
 
+def test_headline_is_the_fastest_of_ours_and_the_table_path_decides_attention(tmp_path):
+    """Call 1 measures beit_fast with attention triton and sdpa: the ratios are about the faster one; the
+    attention rows of the model's path (table) decide the proposed AUTO_PRIORITY and the summary's best,
+    the dense rows are shown too; each kernel's own row and the autotuner's choice are in the report."""
+    step = lambda name, ms: {"table": "step", "name": name, "runs": name, "ms": ms, "ms_min": ms - 1,  # noqa
+                             "ms_max": ms + 1, "images_per_s": 256 / ms * 1e3}
+    att = lambda path, cand, ms: {"table": "attention", "path": path, "shape": "B256 H12 N197 Dh64",  # noqa
+                                  "candidate": cand, "ms": ms, "ms_min": ms, "ms_max": ms, "ok": True}
+    rows = [step("beit_fast_triton", 80.0), step("beit_fast_sdpa", 95.0), step("reference_eager", 200.0),
+            step("timm_compiled", 100.0), att("table", "triton", 0.9), att("table", "sdpa", 2.8),
+            att("dense", "sdpa", 0.5), att("dense", "triton", 1.5),
+            {"table": "attention_backends", "backends": ["math", "sdpa", "flex", "xformers", "triton"]},
+            {"table": "attention_kernels", "shape": "B256 H12 N197 Dh64", "kernel": "table gradient", "ms": 0.05,
+             "ms_min": 0.05, "ms_max": 0.06, "config": "BLOCK_T: 4, BLOCK_C: 32, num_warps: 4",
+             "configs_ms": {"BLOCK_T: 16": 0.09}}]
+    assert R.headline(rows) == "beit_fast_triton" and R.headline(rows[1:]) == "beit_fast_sdpa"
+    text = "\n".join(R.summary_lines(rows))
+    assert "beit_fast_triton step: 80.0 ms" in text and "vs eager reference: 2.50x" in text
+    assert "vs best compiled peer (timm_compiled): 1.25x" in text
+    assert "attention B256 N197 fwd+bwd (table bias): best triton 0.900 ms" in text
+    rat = {(r["a"], r["b"]): r["speedup"] for r in R.ratios(rows)}
+    assert rat[("beit_fast_triton", "beit_fast_sdpa")] == pytest.approx(95 / 80)
+    prop = R.propose_auto_priority(rows, R.attention_backends(rows))
+    assert prop["order"][:2] == ("triton", "sdpa")  # the table path's order, not the dense one's
+    md = R.write_report(tmp_path, "stem", {"card": "Fake GPU"}, [], rows, [])
+    assert "| table | B256 H12 N197 Dh64 | triton | 0.900 |" in md and "| dense | B256 H12 N197 Dh64 | sdpa |" in md
+    assert md.index("| table | B256") < md.index("| dense | B256")
+    assert "| B256 H12 N197 Dh64 | table gradient | 0.050 |" in md and "BLOCK_T: 4, BLOCK_C: 32" in md
+
+
 def _finetune_rows() -> list[dict]:
     row = lambda name, ms, lo, hi: {"table": "finetune_step", "name": name, "runs": f"runs {name}", "ms": ms,  # noqa
                                     "ms_min": lo, "ms_max": hi, "images_per_s": 256 / ms * 1e3}
