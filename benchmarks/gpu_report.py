@@ -43,6 +43,7 @@ same call: their stages measure it first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import re
@@ -73,7 +74,7 @@ CARRIED_WHEELS = ("torchao", "nvidia-cudnn-frontend")
 COMMAND_LIMIT_S = 540  # a plan's planned seconds on an H100 fit this (the device's command limit is 600 s)
 SETUP_S = {"H100": 15, "H200": 15}  # wheels, source link, imports: before the first stage
 SESSION_S, START_S = 900, 90  # a session's device time; a machine's start-up, out of it
-CARDS = ("H100", "H200")
+CPU_LIMIT_FACTOR = 4  # --cpu-smoke: stage limits x this
 STEP_VARIANTS_CALL1 = "beit_fast_triton,beit_fast_sdpa,reference_eager,hf_eager,hf_patched,timm_compiled,hf_compiled"
 GPU_TESTS_REST = ["tests/test_ops_attention.py", "tests/test_ops_cross_entropy.py", "tests/test_ops_patch_embed.py",
                   "tests/test_fast_step.py", "tests/test_finetune_fast.py",
@@ -276,6 +277,8 @@ def main(argv=None) -> int:
               "--dry-plan prints the plans)")
         return 2
     plan = select_stages(args, build_plans(args, cuda))
+    if not cuda:  # a CPU's compiles (2 loaded cores in CI) and the interpreted kernels take longer than the card's
+        plan = [dataclasses.replace(s, limit_s=s.limit_s * CPU_LIMIT_FACTOR) for s in plan]
     card = torch.cuda.get_device_name() if cuda else "cpu-smoke"
     import triton
 

@@ -186,7 +186,9 @@ _STEP_COLUMNS = [
     ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
     ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
     ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
-    ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
+    ("compile + warm-up s", lambda r: _fmt(r.get("setup_s"), 1)),
+    ("graphs compiled", lambda r: _fmt(r.get("compiled_graphs"), 0)),
+    ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
     ("note", lambda r: r.get("error") or r.get("note", "")),
 ]
 
@@ -406,6 +408,9 @@ def summary_lines(rows: list[dict]) -> list[str]:
             lines.append(f"option {r['a']}: {r['speedup']:.3f}x the default step"
                          + (" [ranges overlap: not a measured difference]" if r["ranges_overlap"] else ""))
     lines += finetune_lines(rows)
+    setups = [r["setup_s"] for r in rows if r.get("table") in ("step", "finetune_step") and r.get("setup_s")]
+    if setups:
+        lines.append(f"compile + warm-up of the {len(setups)} step rows: {sum(setups):.0f} s in all (their setup_s)")
     fp8 = [r for r in rows if r.get("table") == "fp8_summary"]
     if fp8:
         r = fp8[-1]
