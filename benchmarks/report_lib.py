@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -141,6 +142,8 @@ def run_stage(stage: Stage, rows_path: Path, deadline: float, cwd: Path, env: di
     log.write(out + f"\n[{stage.name}] {status} rc={rc} after {secs:.1f} s\n")
     log.flush()
     tail = [ln for ln in out.splitlines() if not ln.startswith("ROW ")]
+    if any(Path(c).name == "pytest" or c == "pytest" for c in cmd):
+        RowWriter(rows_path).emit("tests", **pytest_outcome(out, stage.name, status))
     note = ""
     if status != "ok":
         errs = [ln.strip() for ln in tail if "Error" in ln or "error:" in ln]
@@ -151,6 +154,19 @@ def run_stage(stage: Stage, rows_path: Path, deadline: float, cwd: Path, env: di
     n_rows = len(read_rows(rows_path))
     print(f"[{stage.name}] {status} in {secs:.0f} s, {n_rows} rows", flush=True)
     return StageResult(stage.name, status, rc, round(secs, 1), round(limit, 1), n_rows, note)
+
+
+def pytest_outcome(out: str, stage: str, status: str) -> dict:
+    """A pytest run's counts (passed, failed, skipped, errors) and the ids of its failures, from its output
+    (``-q -rfE``); a run killed at its limit has no summary line: then the counts are None."""
+    counts: dict[str, int | None] = {"passed": None, "failed": None, "skipped": None, "errors": None}
+    summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b", ln)
+               and (" in " in ln or ln.startswith("="))]
+    if summary:
+        for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", summary[-1]):
+            counts["errors" if what.startswith("error") else what] = int(n)
+    failures = [ln.split(" ", 1)[1].split(" - ")[0] for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return {"stage": stage, "status": status, **counts, "failures": failures[:30]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +282,15 @@ TABLES: dict[str, dict] = {
         "cols": [
             ("step", lambda r: r.get("step")), ("loss bf16", lambda r: _fmt(r.get("bf16"), 4)),
             ("loss fp8", lambda r: _fmt(r.get("fp8"), 4)), ("difference", lambda r: _fmt(r.get("diff"), 4)),
+        ],
+    },
+    "tests": {
+        "title": "Tests run on the card (BEIT_FAST_REAL_GPU=1)",
+        "cols": [
+            ("stage", lambda r: r.get("stage")), ("status", lambda r: r.get("status")),
+            ("passed", lambda r: _fmt(r.get("passed"))), ("failed", lambda r: _fmt(r.get("failed"))),
+            ("skipped", lambda r: _fmt(r.get("skipped"))), ("errors", lambda r: _fmt(r.get("errors"))),
+            ("failures", lambda r: ", ".join(r.get("failures") or [])[:400]),
         ],
     },
     "env": {

@@ -55,6 +55,26 @@ def test_failing_stage_and_budget(tmp_path):
     assert res.status == "timed out" and res.limit_s <= 3
 
 
+def test_pytest_stage_writes_its_outcome_as_a_row(tmp_path):
+    """A stage that runs pytest leaves its counts and failing ids in the report (not only in the log), also
+    when it is killed before pytest's summary."""
+    test_file = tmp_path / "test_x.py"
+    test_file.write_text("import pytest\ndef test_a(): pass\ndef test_b(): assert 0\n"
+                         "@pytest.mark.skip\ndef test_c(): pass\n")
+    cmd = [PY, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", str(test_file)]
+    with open(tmp_path / "log", "w") as log:
+        res = R.run_stage(R.Stage("t", cmd, 120, 1, "x", min_s=1), tmp_path / "t.jsonl", time.time() + 200,
+                          tmp_path, {**__import__("os").environ, "PYTEST_ADDOPTS": ""}, log)
+    assert res.status == "failed"
+    (row,) = R.read_rows(tmp_path / "t.jsonl")
+    assert (row["table"], row["passed"], row["failed"], row["skipped"]) == ("tests", 1, 1, 1)
+    assert row["failures"] == [f"{test_file.name}::test_b"] or row["failures"][0].endswith("test_x.py::test_b")
+    cut = R.pytest_outcome("..F.s", "t", "timed out")
+    assert cut["passed"] is None and cut["status"] == "timed out"
+    md = "\n".join(R.markdown_table("tests", [row]))
+    assert "| t | failed | 1 | 1 | 1 |" in md
+
+
 def test_read_rows_skips_a_line_cut_short(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text('{"table": "step", "name": "a"}\n{"table": "step", "na')
