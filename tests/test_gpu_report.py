@@ -151,6 +151,7 @@ def test_headline_is_the_fastest_of_ours_and_the_table_path_decides_attention(tm
     assert "attention B256 N197 fwd+bwd (table bias): best triton 0.900 ms" in text
     rat = {(r["a"], r["b"]): r["speedup"] for r in R.ratios(rows)}
     assert rat[("beit_fast_triton", "beit_fast_sdpa")] == pytest.approx(95 / 80)
+    assert "attention triton vs sdpa in the whole step: 1.188x" in text and "option beit_fast_triton" not in text
     prop = R.propose_auto_priority(rows, R.attention_backends(rows))
     assert prop["order"][:2] == ("triton", "sdpa")  # the table path's order, not the dense one's
     md = R.write_report(tmp_path, "stem", {"card": "Fake GPU"}, [], rows, [])
