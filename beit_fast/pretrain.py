@@ -25,8 +25,8 @@ import argparse
 
 from .config import PretrainConfig, defaults_of, exit_on_problems, from_args
 from .config.pretrain import DALLE_ENCODER_URL, INTERPOLATIONS
-from .logs import cli_logging
-from .options import JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
@@ -193,7 +193,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.pretrain",
         description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
         "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "

@@ -30,7 +30,7 @@ def _window(n: int) -> tuple[int, int]:
 
 
 def _inputs(b: int, h: int, n: int, d: int, dtype):
-    from beit_fast.model import relative_position_index
+    from beit_fast.ops.rel_pos import relative_position_index
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     qkv = torch.randn(b, n, 3, h, d, device=DEVICE, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
@@ -65,11 +65,13 @@ def time_triton_kernels(qkv, dout, table, index, scale, repeats: int, w: RowWrit
     """Each of our kernels alone, at these inputs, with the launchers' own argument builders (autotuned on
     CUDA): rows of the ``attention_kernels`` table."""
     import beit_fast.kernels.attention as KA
+    from beit_fast.kernels._common import is_interpreted
+    from beit_fast.kernels.attention_forward import _attn_fwd_kernel
     from beit_fast.ops.attention_triton import _table_plan
 
     q, k, v = qkv
     scale = float(scale)
-    interp = KA.is_interpreted(KA._attn_fwd_kernel)
+    interp = is_interpreted(_attn_fwd_kernel)
     table_t, compact, compact_t, positions = _table_plan(table, index)
     out, lse = KA.attention_forward(q, k, v, None, table_t, compact, scale)
     B, H, N, D = q.shape

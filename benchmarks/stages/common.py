@@ -80,7 +80,7 @@ def amp():
 # sizes, data
 # --------------------------------------------------------------------------------------------------
 def config(batch: int | None):
-    from beit_fast.model import get_config
+    from beit_fast.model.beit import get_config
 
     if CUDA:
         return get_config("base"), batch or 256
@@ -91,7 +91,7 @@ def config(batch: int | None):
 
 def make_data(cfg, batch: int, seed: int = 0) -> dict:
     """Images, tokenizer-view images, a blockwise mask of exactly 75 patches (CPU: 40%) and random tokens."""
-    from beit_fast.masking import MaskingGenerator
+    from beit_fast.data.masking import MaskingGenerator
 
     g = torch.Generator().manual_seed(seed)
     grid = cfg.grid_size

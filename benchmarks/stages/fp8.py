@@ -12,7 +12,7 @@ from stages.variants import build_variant
 
 
 def stage_fp8(args, w: RowWriter) -> int:
-    from beit_fast.fp8 import fp8_unavailable_reason
+    from beit_fast.model.fp8 import fp8_unavailable_reason
 
     why = fp8_unavailable_reason(DEVICE, emulate=not CUDA)
     if why:

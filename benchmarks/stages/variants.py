@@ -47,8 +47,8 @@ def _schedule(lr: float = 1e-4, n: int = 10**6) -> np.ndarray:
 
 def _our_engine(cfg, data, *, fast: bool, attention: str = "auto", **fast_kw):
     from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
-    from beit_fast.model import build_model
-    from beit_fast.optim import build_optimizer
+    from beit_fast.model.beit import build_model
+    from beit_fast.train.optim import build_optimizer
 
     torch.manual_seed(SEED)
     model = build_model(cfg).to(DEVICE)
@@ -60,7 +60,7 @@ def _our_engine(cfg, data, *, fast: bool, attention: str = "auto", **fast_kw):
     model.configure_fast_path(attention=attention, fused_embed="auto")
     fp8 = fast_kw.pop("fp8", False)
     if fp8 and not CUDA:  # CPU smoke: the same conversion, emulated
-        from beit_fast.fp8 import convert_to_fp8_training
+        from beit_fast.model.fp8 import convert_to_fp8_training
         convert_to_fp8_training(model, emulate=True)
         fp8 = False
     return FastPretrainEngine(*args, amp_dtype=amp_dtype, num_masked=data["num_masked"],
@@ -115,7 +115,7 @@ class TimmMIM(nn.Module):
         self.num_masked = num_masked
 
     def forward(self, images, masks, tokens):
-        from beit_fast.model import masked_index
+        from beit_fast.model.beit import masked_index
         from beit_fast.ops.cross_entropy import masked_linear_cross_entropy
 
         b = self.body
