@@ -436,7 +436,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         elif (r["a"], r["b"]) == ("beit_fast_triton", "beit_fast_sdpa"):
             lines.append(f"attention triton vs sdpa in the whole step: {r['speedup']:.3f}x{overlap}")
     lines += finetune_lines(rows)
-    setups = [r["setup_s"] for r in rows if r.get("table") in ("step", "finetune_step") and r.get("setup_s")]
+    setups = [r["setup_s"] for r in rows if r.get("table") in ("step", "finetune_step") and r.get("setup_s") is not None]
     if setups:
         lines.append(f"compile + warm-up of the {len(setups)} step rows: {sum(setups):.0f} s in all (their setup_s)")
     fp8 = [r for r in rows if r.get("table") == "fp8_summary"]
