@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterator
 
 import numpy as np
@@ -162,11 +163,17 @@ def load_backbone_pretrained(model: BeitForSegmentation, source, *, rel_pos_resi
     layout) into ``model.backbone`` the official way (:func:`beit_fast.pretrained.load_pretrained`: the shared
     table copied into every block and resized to the crop's grid, MIM head and norms dropped). The neck
     starts fresh. A segmentation checkpoint is refused (resume it instead)."""
-    from ..pretrained import load_pretrained, load_state_dict_any
+    from ..pretrained import load_pretrained
 
-    sd, _ = load_state_dict_any(source, trust_pickle=trust_pickle) if not isinstance(source, dict) else (source, None)
-    _check_not_segmentation(sd, str(source) if not isinstance(source, dict) else "the given checkpoint")
-    return load_pretrained(model.backbone, sd, rel_pos_resize=rel_pos_resize, optional=("fpn1.", "fpn2."))
+    where = "the given checkpoint" if isinstance(source, Mapping) else str(source)
+    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source, trust_pickle=trust_pickle)
+    if isinstance(ckpt, Mapping):
+        inner = next((ckpt[k] for k in ("model", "state_dict", "module") if isinstance(ckpt.get(k), Mapping)), ckpt)
+        _check_not_segmentation(inner, where)
+        if ckpt.get("kind") == CHECKPOINT_KIND:
+            _check_not_segmentation(["decode_head."], where)
+    return load_pretrained(model.backbone, ckpt, rel_pos_resize=rel_pos_resize, optional=("fpn1.", "fpn2."),
+                           trust_pickle=trust_pickle)
 
 
 def segmenter_from_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[BeitForSegmentation, dict]:
