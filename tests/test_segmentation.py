@@ -433,3 +433,20 @@ def test_cli_reports_bad_flags_and_data(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: .*no files"):
         main(["--train_images", str(tmp_path / "i"), "--train_masks", str(tmp_path / "m"), "--num_classes", "3",
               "--device", "cpu"])
+
+
+def test_convert_cli_both_ways(tmp_path):
+    from beit_fast.convert import main
+    from beit_fast.interop.checkpoints import load_state_dict
+
+    sd = tiny_segmenter().state_dict()
+    torch.save({"meta": {"iter": 4}, "state_dict": sd}, tmp_path / "mmseg.pth")  # the official mmseg file layout
+    assert main([str(tmp_path / "mmseg.pth"), str(tmp_path / "hf.safetensors"), "--to", "hf", "-q"]) == 0
+    hf = load_state_dict(tmp_path / "hf.safetensors")
+    assert detect_segmentation_format(hf) == "hf_legacy" and "decode_head.classifier.weight" in hf
+    assert main([str(tmp_path / "hf.safetensors"), str(tmp_path / "back.pth"), "--to", "official", "-q"]) == 0
+    raw = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert set(raw) == {"state_dict"} and all(torch.equal(raw["state_dict"][k], v) for k, v in sd.items())
+    assert set(raw["state_dict"]) == set(sd)
+    assert main([str(tmp_path / "mmseg.pth"), str(tmp_path / "t.pt"), "--to", "timm", "-q"]) == 1
+    assert main([str(tmp_path / "mmseg.pth"), str(tmp_path / "hfdir"), "--to", "hf", "-q"]) == 1
