@@ -25,8 +25,8 @@ import argparse
 
 from .config import PretrainConfig, defaults_of, exit_on_problems, from_args
 from .config.pretrain import DALLE_ENCODER_URL, INTERPOLATIONS
-from .logs import cli_logging
-from .options import JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
@@ -142,7 +142,7 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (torchao float8 training, tensorwise scaling) for the blocks' QKV and MLP linears "
                    "in the fast step; needs a CUDA GPU of compute capability >= 8.9 (H100/H200) and torchao "
-                   "(pip install 'beit_fast[fp8]')")
+                   "(pip install -e '.[fp8]' in the clone)")
     g.add_argument("--tokenizer_precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="tokenizer forward precision (channels-last): auto tries fp16 then bf16 on CUDA and keeps "
                    "the first whose token ids agree with fp32 on >= 99%% of the first batch's positions, else fp32; "
@@ -193,7 +193,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.pretrain",
         description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
         "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "

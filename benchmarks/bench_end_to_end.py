@@ -46,7 +46,7 @@ __all__ = ["make_jpeg_folder", "run_end_to_end", "main"]
 # --------------------------------------------------------------------------------------------------------
 def _make_one(args) -> str:
     path, k, seed, min_side, max_side, quality = args
-    from beit_fast.sample_data import sample_photographs
+    from beit_fast.data.samples import sample_photographs
 
     photos = sample_photographs()
     rng = np.random.default_rng([seed, k])
@@ -152,7 +152,7 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     """One ``beit_fast.pretrain`` run with ``--data_pipeline pipeline``; returns the measured fields
     (module docstring). ``input_size`` / ``patch_size``: 224 / 16 for BEiT-B (the CPU smoke default is
     32 / 8, tokenizer view 32)."""
-    from beit_fast import pipeline as pipeline_mod
+    from beit_fast.data import pipeline as pipeline_mod
     from beit_fast import pretrain
     from beit_fast.train import feed as loop_mod
     from beit_fast.train import mim as engine_mod
@@ -179,7 +179,7 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     argv += list(extra_args or [])
 
     probe = _Probe(warmup)
-    # the run imports build_loader_for from beit_fast.pipeline when it starts (after parsing its flags)
+    # the run imports build_loader_for from beit_fast.data.pipeline when it starts (after parsing its flags)
     real_next, real_step, real_build = loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated, \
         pipeline_mod.build_loader_for
 

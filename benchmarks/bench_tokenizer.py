@@ -8,7 +8,7 @@ Inputs are real tokenizer views (the PIL pipeline's 112 px Lanczos views of rand
 scikit-image photographs), so the token agreement with fp32 is measured on photographs. The weights are
 random unless ``--weights`` gives DALL-E's ``encoder.pkl`` (or a state dict of its layout): speed does not
 depend on them, agreement does (a trained encoder has more decided argmaxes; report both when you can).
-Variants use the engine's own ``beit_fast.train.mim.tokenize`` (autocast + channels-last); ``compiled``
+Variants use the engine's own ``beit_fast.tokenizer.base.tokenize`` (autocast + channels-last); ``compiled``
 wraps the encoder's ``encode_logits`` in ``torch.compile``.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from beit_fast.train.mim import tokenize
-from beit_fast.sample_data import sample_photographs
-from beit_fast.transforms import TokenizerViewTransform, TwoViewConfig
+from beit_fast.tokenizer.base import tokenize
+from beit_fast.data.samples import sample_photographs
+from beit_fast.data.transforms import TokenizerViewTransform, TwoViewConfig
 
 __all__ = ["tokenizer_views", "measure_tokenizer", "main"]
 

@@ -19,10 +19,9 @@ import pytest
 import torch
 
 from beit_fast import pretrain
-from beit_fast.checkpoint import (
-    CheckpointError, atomic_save, find_resume_checkpoint, load_checkpoint, validate_checkpoint,
-)
-from beit_fast.distributed import GracefulStop
+from beit_fast.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, validate_checkpoint
+from beit_fast.train.checkpoint_folder import find_resume_checkpoint
+from beit_fast.train.distributed import GracefulStop
 from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, run_forked, start_forked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -347,7 +346,7 @@ def test_fresh_run_into_a_finished_runs_folder_refuses_and_resume_says_complete(
 
 
 class _FullDisk:
-    """``os`` of beit_fast.checkpoint with a disk that fills up: the files it opens for writing accept
+    """``os`` of beit_fast.utils.checkpoint with a disk that fills up: the files it opens for writing accept
     ``budget`` bytes in all, then every write fails with ENOSPC (as a real full disk does)."""
 
     def __init__(self, budget):
@@ -385,7 +384,7 @@ class _FullDisk:
 @pytest.mark.parametrize("where", ["last", "copy"])
 def test_full_disk_at_save_stops_cleanly_and_keeps_the_previous_checkpoint(toy, reference, tmp_path, monkeypatch,
                                                                            where):
-    import beit_fast.checkpoint as ck
+    import beit_fast.utils.checkpoint as ck
 
     out = tmp_path / f"full_{where}"
     args = crash_args(toy, out, "--num_workers", 0)

@@ -292,8 +292,8 @@ def test_component_rows_from_records_add_up_and_show_idle():
 
 def test_profile_of_a_tiny_cpu_step_is_classified(one_thread):
     """torch.profiler on a real (eager, CPU) BEiT step: the operators land in the expected components."""
-    from beit_fast.loss import MIMLoss
-    from beit_fast.model import build_model, get_config
+    from beit_fast.train.loss import MIMLoss
+    from beit_fast.model.beit import build_model, get_config
 
     torch.manual_seed(0)
     cfg = get_config("tiny", vocab_size=64, img_size=32, patch_size=8, depth=1)

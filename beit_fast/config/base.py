@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS, JPEG_DECODERS
+from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS, JPEG_DECODERS
 
 __all__ = ["ClassificationData", "from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
            "positive_problems", "finite_problems", "jpeg_decoder_error"]

@@ -14,9 +14,11 @@ import abc
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VisualTokenizer", "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS"]
+from ..utils.amp import autocast_or_null
 
-# The one definition of DALL-E's pixel mapping; beit_fast.transforms (the data pipeline) re-exports it.
+__all__ = ["VisualTokenizer", "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS", "tokenize"]
+
+# The one definition of DALL-E's pixel mapping; beit_fast.data.transforms (the data pipeline) re-exports it.
 #: The ``eps`` of OpenAI's ``dall_e.utils.logit_laplace_eps``.
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -100,3 +102,20 @@ class VisualTokenizer(nn.Module, abc.ABC):
             if was_training:
                 self.train(True)
         return logits.float().argmax(dim=1).flatten(1)
+
+
+@torch.no_grad()
+def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Token ids ``int64[B, h*w]``; ``dtype`` None: the tokenizer's own fp32 path, else its encoder under
+    autocast to ``dtype`` with channels-last activations (argmax taken in fp32)."""
+    if dtype is None:
+        return tokenizer.get_codebook_indices(images)
+    x = tokenizer._prepare_images(images).contiguous(memory_format=torch.channels_last)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    try:
+        with autocast_or_null(x.device.type, dtype):
+            logits = tokenizer.encode_logits(x)
+    finally:
+        tokenizer.train(was_training)
+    return logits.float().argmax(dim=1).flatten(1)

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from importlib import import_module
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -191,20 +190,3 @@ def load_dalle_encoder(path: str | os.PathLike, device: str | torch.device | Non
     if device is not None:
         model = model.to(device)
     return model.eval().requires_grad_(False)
-
-
-# The file-reading names this module defined before the split, still importable from here, resolved on first
-# use (PEP 562).
-_MOVED = {"dalle_file": (
-    "_PickledDalleModule", "_PickledConv2d", "_PickledEncoderBlock", "_PickledEncoder", "_PickledDecoder",
-    "_PickledDecoderBlock", "_DALLE_ALLOWED", "_LEGACY_MAGIC", "_LEGACY_PROTOCOL", "_STORAGE_DTYPES",
-    "_StorageType", "_rebuild_tensor", "_rebuild_parameter", "_legacy_allowed", "_RestrictedUnpickler",
-    "_NoGlobals", "_read_legacy_file", "_read_dalle_file", "_module_tensors", "_unwrap_state_dict",
-)}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(import_module(f".{module}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

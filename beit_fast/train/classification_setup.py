@@ -12,6 +12,8 @@ import torch
 
 from ..config import FinetuneConfig
 from ..config.finetune import FINETUNE_DEMO_DEFAULTS, FINETUNE_OFFICIAL_DEFAULTS
+from ..config.pretrain import DEMO_PRETRAINED_CHECKPOINT
+from .engine import demo_cpu_threads
 
 __all__ = ["build_classifier_for", "load_weights", "classification_transforms", "run_finetune", "pick_device"]
 
@@ -35,8 +37,8 @@ def build_classifier_for(checkpoint: str | None, num_classes: int, *, model: str
     config. ``rel_pos_bias`` None: per-block bias when the checkpoint has a relative position bias table (or
     without a checkpoint), none otherwise. The checkpoint is read once; pass the returned dict to
     :func:`load_weights`. The classifier's ``cfg`` holds the resolved image and patch size."""
-    from ..model import build_classifier, get_config
-    from ..pretrained import PretrainedLoadError, classifier_config_from_checkpoint, load_state_dict_any
+    from ..model.beit import build_classifier, get_config
+    from ..interop.pretrained import PretrainedLoadError, classifier_config_from_checkpoint, load_state_dict_any
 
     defaults = FINETUNE_DEMO_DEFAULTS if demo else FINETUNE_OFFICIAL_DEFAULTS
     overrides: dict = {"drop_path_rate": drop_path, "use_shared_rel_pos_bias": False}
@@ -72,8 +74,8 @@ def build_classifier_for(checkpoint: str | None, num_classes: int, *, model: str
 
 
 def load_weights(model, ckpt: dict, path: str, rel_pos_resize: str = "bicubic") -> None:
-    """:func:`beit_fast.pretrained.load_pretrained` of a checkpoint read by :func:`build_classifier_for`."""
-    from ..pretrained import PretrainedLoadError, load_pretrained
+    """:func:`beit_fast.interop.pretrained.load_pretrained` of a checkpoint read by :func:`build_classifier_for`."""
+    from ..interop.pretrained import PretrainedLoadError, load_pretrained
 
     try:
         report = load_pretrained(model, ckpt, rel_pos_resize=rel_pos_resize)
@@ -86,8 +88,9 @@ def load_weights(model, ckpt: dict, path: str, rel_pos_resize: str = "bicubic") 
 
 def classification_transforms(cfg, input_size: int, train: bool = True):
     """``(train transform or None, eval transform)`` of a fine-tuning / probing config."""
-    from ..transforms.classification import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
-                                             build_transforms)
+    from ..data.transforms.classification import (
+        IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, build_transforms,
+    )
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.imagenet_default_mean_and_std else (INCEPTION_MEAN, INCEPTION_STD)
     eval_tf = build_transforms(input_size, train=False, crop_pct=cfg.crop_pct, mean=mean, std=std)
@@ -100,7 +103,7 @@ def classification_transforms(cfg, input_size: int, train: bool = True):
 def _num_classes_hint(cfg) -> int:
     """The class count before the data sets exist (the model needs it first): the digits' 10, or the class
     folders of ``data_path/train``; checked against the data sets once they are built."""
-    from ..labelled_data import count_class_folders
+    from ..data.labelled import count_class_folders
 
     if cfg.nb_classes is not None:
         return cfg.nb_classes
@@ -111,13 +114,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """What ``python -m beit_fast.finetune`` runs (``cfg`` resolved and validated): the classifier from
     ``--finetune`` (or ``--resume`` with ``--eval``), the data, then :func:`beit_fast.train.finetuning.finetune`
     (or, ``--eval``, one evaluation)."""
-    from ..checkpoint import CheckpointError
-    from ..labelled_data import load_classification_data
-    from ..rng import seed_everything
+    from ..utils.checkpoint import CheckpointError
+    from ..data.labelled import load_classification_data
+    from ..utils.rng import seed_everything
     from .finetuning import default_layer_decay, finetune
     from .loop import NonFiniteLossError
 
     device = pick_device(cfg.device)
+    if cfg.data_path is None:  # the embedded demo
+        demo_cpu_threads(device)
     weights = cfg.finetune or (cfg.resume if cfg.eval and cfg.resume not in ("", "auto") else None)
     num_classes = _num_classes_hint(cfg)
     seed_everything(cfg.seed)
@@ -132,6 +137,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if len(classes) != num_classes:
         raise SystemExit(f"error: {len(classes)} classes in the data, {num_classes} expected")
     if weights:
+        if cfg.data_path is None and cfg.finetune == DEMO_PRETRAINED_CHECKPOINT:
+            log.info("fine-tuning the pretraining demo's model %s (--finetune '' trains from scratch)", cfg.finetune)
         load_weights(model, ckpt, weights, cfg.rel_pos_resize)
     else:
         log.warning("no --finetune checkpoint: training from scratch (random init), not fine-tuning")
@@ -160,7 +167,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _evaluate_only(model, val_set, cfg: FinetuneConfig, device: torch.device) -> dict:
-    from ..evaluation import evaluate
+    from .evaluation import evaluate
     from .engine import resolve_amp_dtype
 
     try:

@@ -1,12 +1,12 @@
 """The training engine: one optimizer step of a task module, for every kind of training.
 
 A *task module* is the model and its loss as one ``nn.Module``, ``forward(*inputs) -> (loss, metric)``
-(0-dim tensors): :class:`beit_fast.loss.MIMLoss` for pretraining, the classification loss for
+(0-dim tensors): :class:`beit_fast.train.loss.MIMLoss` for pretraining, the classification loss for
 fine-tuning, a linear probe's loss. The engine calls the model only through it, so a DDP wrapper sees
 every forward, FSDP2 shards it as its root, and ``torch.compile`` compiles it (or the wrapper) as one
 graph. The engine owns everything around that call:
 
-* per-step lr / weight-decay schedules (:func:`beit_fast.optim.apply_schedule`: each group's lr is
+* per-step lr / weight-decay schedules (:func:`beit_fast.train.optim.apply_schedule`: each group's lr is
   ``lr_schedule[t] * group["lr_scale"]``, the decaying groups get ``wd_schedule[t]``);
 * autocast (the task module's ``amp_dtype``) and a loss scaler for fp16;
 * gradient accumulation over micro-batches (``loss / n`` each, gradients synchronised across ranks only
@@ -33,7 +33,9 @@ How a non-finite step is detected (``nonfinite_check``):
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -41,14 +43,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..loss import autocast_or_null
-from ..optim import apply_schedule
+from ..utils.amp import autocast_or_null
+from .optim import apply_schedule
 
 __all__ = ["resolve_amp_dtype", "autocast_or_null", "StepResult", "Engine", "NONFINITE_CHECKS"]
 
 NONFINITE_CHECKS = ("host", "device")
 #: Optimizer group options that say how the update is computed, not what it is.
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def demo_cpu_threads(device: torch.device | str) -> None:
+    """One intra-op thread for an embedded demo on a CPU unless ``OMP_NUM_THREADS`` says otherwise. Its model is
+    tiny: a second thread buys little on an idle machine and costs most when the machine is busy, because the
+    threads wait for each other (measured on a 2-core machine at load ~10: 60 tokenizer steps took 27 s with
+    one thread, 807 s with two)."""
+    if torch.device(device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+        logging.getLogger("beit_fast.train").info("demo on CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -149,7 +161,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         if parallel == "ddp":
-            from ..distributed import wrap_ddp
+            from .distributed import wrap_ddp
 
             self.train_module: nn.Module = wrap_ddp(task_module, self.device)
         else:
@@ -200,7 +212,7 @@ class Engine:
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.dist_info is None:
             return values
-        from ..distributed import all_reduce_mean
+        from .distributed import all_reduce_mean
 
         return all_reduce_mean(values, self.dist_info)
 
@@ -233,7 +245,7 @@ class Engine:
         n = len(batches)
         if n < 1:
             raise ValueError("train_accumulated needs at least one micro-batch")
-        from ..distributed import no_grad_sync
+        from .distributed import no_grad_sync
 
         self.apply_schedule(step)
         self.model.train()
@@ -299,14 +311,14 @@ class Engine:
     def model_state_dict(self) -> dict:
         """Collective under FSDP: the full model state dict (on rank 0; ``{}`` elsewhere under FSDP)."""
         if self.parallel == "fsdp":
-            from ..distributed import full_model_state_dict
+            from .distributed import full_model_state_dict
 
             return full_model_state_dict(self.task_module)
         return self.model.state_dict()
 
     def load_model_state_dict(self, state: dict) -> None:
         if self.parallel == "fsdp":
-            from ..distributed import load_full_model_state_dict
+            from .distributed import load_full_model_state_dict
 
             load_full_model_state_dict(self.task_module, state)
         else:
@@ -316,7 +328,7 @@ class Engine:
         """Optimizer and loss-scaler state, in ``optimizer.state_dict()`` layout whatever the parallelism
         (collective under FSDP, full on rank 0)."""
         if self.parallel == "fsdp":
-            from ..distributed import full_optimizer_state_dict
+            from .distributed import full_optimizer_state_dict
 
             optimizer = full_optimizer_state_dict(self.task_module, self.optimizer)
         else:
@@ -325,7 +337,7 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         if self.parallel == "fsdp":
-            from ..distributed import load_full_optimizer_state_dict
+            from .distributed import load_full_optimizer_state_dict
 
             load_full_optimizer_state_dict(self.task_module, self.optimizer, state["optimizer"])
         else:

@@ -6,7 +6,7 @@ pooling + ``fc_norm`` (or [CLS]), layer-wise lr decay, label smoothing, mixup / 
 the step), drop path, linear warmup + cosine per step, AdamW (fused, over the layer-decay groups); evaluation
 with the ``crop_pct`` center crop, top-1 / top-5; the best checkpoint kept.
 
-The step: :func:`beit_fast.loss.build_finetune_loss` (the classifier + its loss as one task module) run by
+The step: :func:`beit_fast.train.loss.build_finetune_loss` (the classifier + its loss as one task module) run by
 :class:`~beit_fast.train.engine.Engine` with the non-finite check on the device (no host read per step; a
 non-finite loss or gradient skips the update inside fused AdamW). ``fast``: the classifier's fast path (fused
 attention with each block's relative position bias, optional activation checkpointing) compiled with static
@@ -32,14 +32,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, Checkpointer
+from ..utils.checkpoint import CheckpointError
+from .checkpoint_folder import Checkpointer
 from ..config import FinetuneConfig
-from ..data import ResumableSampler
-from ..evaluation import evaluate
-from ..loss import build_finetune_loss
-from ..optim import cosine_scheduler, param_groups_layer_decay
-from ..rng import seed_everything
-from ..transforms.classification import build_mixup
+from ..data.pretraining import ResumableSampler
+from .evaluation import evaluate
+from .loss import build_finetune_loss
+from .optim import cosine_scheduler, param_groups_layer_decay
+from ..utils.rng import seed_everything
+from ..data.transforms.classification import build_mixup
 from .engine import Engine, resolve_amp_dtype
 from .loop import EpochEnd, LoopConfig, LoopHooks, TrainLoop
 from .run_dir import choose_resume_state, claim_output_dir
@@ -59,7 +60,7 @@ def finetune(
     output_dir: str | os.PathLike | None = None, progress: bool = True, num_classes: int | None = None,
     trust_pickle: bool = False, overwrite_output_dir: bool = False, run_args: dict | None = None,
 ) -> dict:
-    """Fine-tune ``model`` (a :class:`~beit_fast.model.VisionTransformerForClassification`, already loaded
+    """Fine-tune ``model`` (a :class:`~beit_fast.model.beit.VisionTransformerForClassification`, already loaded
     with pretrained weights) on ``train_set``, evaluating on ``val_set`` every ``cfg.eval_freq`` epochs
     and after the last. Data sets yield ``(float tensor [3, H, W] already transformed, int label)``.
 
@@ -73,9 +74,9 @@ def finetune(
     for files you trust); a resumed run is bit for bit the uninterrupted one (with ``num_workers=0`` also
     from a checkpoint in the middle of an epoch; data workers draw their augmentation seeds per epoch).
 
-    The output folder is locked for the run (:class:`~beit_fast.checkpoint.OutputDirLock`: a second run
+    The output folder is locked for the run (:class:`~beit_fast.train.checkpoint_folder.OutputDirLock`: a second run
     on it raises, naming the first). A fresh run (``cfg.resume == ""``) into a folder holding another run's
-    checkpoints raises :class:`~beit_fast.checkpoint.CheckpointError`, unless ``overwrite_output_dir``
+    checkpoints raises :class:`~beit_fast.utils.checkpoint.CheckpointError`, unless ``overwrite_output_dir``
     (which deletes them and the log first). ``max_bad_steps`` consecutive non-finite steps save a checkpoint
     and raise :class:`~beit_fast.train.loop.NonFiniteLossError`.
     """

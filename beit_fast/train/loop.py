@@ -1,11 +1,11 @@
 """The one training loop: epochs of engine steps, with everything a run needs around them.
 
 :class:`TrainLoop` drives an :class:`~beit_fast.train.engine.Engine` over a loader whose sampler can start
-mid-epoch (:class:`beit_fast.data.ResumableSampler`) and owns, for every kind of training:
+mid-epoch (:class:`beit_fast.data.pretraining.ResumableSampler`) and owns, for every kind of training:
 
 * progress (a tqdm bar per epoch), a JSON-lines log ``log.jsonl`` (step records every ``log_freq`` steps
   and/or one record per epoch) and the same scalars as TensorBoard events (``log_dir``);
-* checkpoints through :class:`~beit_fast.checkpoint.Checkpointer` (``checkpoint-last.pt`` at every epoch end,
+* checkpoints through :class:`~beit_fast.train.checkpoint_folder.Checkpointer` (``checkpoint-last.pt`` at every epoch end,
   every ``save_ckpt_steps`` steps and at a stop; numbered ones every ``save_ckpt_freq`` epochs and at the end,
   pruned to ``keep_last``; ``checkpoint-best.pt`` at each new best epoch score) and exact resume
   (:meth:`TrainLoop.restore`: weights, optimizer, scaler, RNG states of every rank, the epoch's running sums);
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpointer
-from ..distributed import GracefulStop, any_rank
+from ..utils.logs import bar_disable
+from .checkpoint_folder import Checkpointer
+from .distributed import GracefulStop, any_rank
 from . import feed
 from .loop_state import LoopCheckpoints
 from .meters import BadStepRun, Meter, Window
@@ -181,7 +182,7 @@ class TrainLoop(LoopCheckpoints):
         if not self.is_main:
             return
         if self.log_dir is not None:
-            from ..logs import TensorBoardWriter
+            from ..utils.logs import TensorBoardWriter
 
             self._tensorboard = TensorBoardWriter(self.log_dir, purge_step=self.step + 1 if self.step else None)
         if self.out is not None:
@@ -210,7 +211,7 @@ class TrainLoop(LoopCheckpoints):
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_in_epoch * cfg.update_freq * cfg.batch_size)
         bar = tqdm(total=cfg.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or not self.is_main, dynamic_ncols=True, leave=False)
+                   disable=bar_disable(cfg.progress and self.is_main), dynamic_ncols=True, leave=False)
         window = Window()
         it = iter(self.loader)
         try:

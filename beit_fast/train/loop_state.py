@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from ..checkpoint import CheckpointError, CheckpointSaveError, trim_jsonl
-from ..distributed import all_gather_object, broadcast_object
-from ..rng import rng_state, seed_everything, set_rng_state
+from ..utils.checkpoint import CheckpointError, CheckpointSaveError
+from .checkpoint_folder import trim_jsonl
+from .distributed import all_gather_object, broadcast_object
+from ..utils.rng import rng_state, seed_everything, set_rng_state
 from .meters import Meter
 
 __all__ = ["LoopCheckpoints"]

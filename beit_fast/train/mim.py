@@ -1,5 +1,5 @@
 """Pretraining on the engine: the visual tokens of a frozen tokenizer, and :class:`PretrainEngine` /
-:class:`FastPretrainEngine` over the masked-image-modeling task module (:class:`beit_fast.loss.MIMLoss`).
+:class:`FastPretrainEngine` over the masked-image-modeling task module (:class:`beit_fast.train.loss.MIMLoss`).
 
 The step is the official ``engine_for_pretraining.py`` one: logits for masked positions only, mean
 cross-entropy over all masked positions of the batch, MIM accuracy, AdamW under per-step lr/wd schedules,
@@ -13,27 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..loss import MIMLoss, autocast_or_null
+from ..tokenizer.base import tokenize
 from .engine import Engine
+from .loss import MIMLoss
 
-__all__ = ["PretrainEngine", "FastPretrainEngine", "tokenize", "token_agreement"]
-
-
-@torch.no_grad()
-def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Token ids ``int64[B, h*w]``; ``dtype`` None: the tokenizer's own fp32 path, else its encoder under
-    autocast to ``dtype`` with channels-last activations (argmax taken in fp32)."""
-    if dtype is None:
-        return tokenizer.get_codebook_indices(images)
-    x = tokenizer._prepare_images(images).contiguous(memory_format=torch.channels_last)
-    was_training = tokenizer.training
-    tokenizer.eval()
-    try:
-        with autocast_or_null(x.device.type, dtype):
-            logits = tokenizer.encode_logits(x)
-    finally:
-        tokenizer.train(was_training)
-    return logits.float().argmax(dim=1).flatten(1)
+__all__ = ["PretrainEngine", "FastPretrainEngine", "token_agreement"]
 
 
 @torch.no_grad()
@@ -51,7 +35,7 @@ class PretrainEngine(Engine):
 
     Parallel training: pass ``loss_module`` (a :class:`MIMLoss` over ``model``, already ``fully_shard``-ed
     for FSDP2 before the optimizer was built) and ``parallel="ddp"`` (the engine wraps it in DDP) or
-    ``"fsdp"``; ``dist_info`` (:class:`beit_fast.distributed.DistInfo`) makes the logged loss and accuracy
+    ``"fsdp"``; ``dist_info`` (:class:`beit_fast.train.distributed.DistInfo`) makes the logged loss and accuracy
     means over all ranks, and every rank take the same skip decision.
     """
 
@@ -179,7 +163,7 @@ class FastPretrainEngine(PretrainEngine):
     and the FSDP hooks, the embedding and the fused head + loss run eagerly between them.
     ``compile_mode``: torch.compile's ``mode`` (None: the default; e.g. "max-autotune-no-cudagraphs" lets
     inductor autotune the GEMMs with their bias/GELU epilogues, "reduce-overhead" adds CUDA graphs).
-    ``fp8=True``: the blocks' QKV and MLP linears run as FP8 GEMMs (:func:`beit_fast.fp8.convert_to_fp8_training`;
+    ``fp8=True``: the blocks' QKV and MLP linears run as FP8 GEMMs (:func:`beit_fast.model.fp8.convert_to_fp8_training`;
     CUDA compute capability >= 8.9 and torchao; not with FSDP).
     """
 
@@ -193,7 +177,7 @@ class FastPretrainEngine(PretrainEngine):
             if kwargs.get("parallel") == "fsdp":
                 raise ValueError("fp8 is not supported with FSDP (the linears would have to be converted before "
                                  "sharding); use DDP or one GPU")
-            from ..fp8 import convert_to_fp8_training
+            from ..model.fp8 import convert_to_fp8_training
 
             convert_to_fp8_training(args[0] if args else kwargs["model"])
         super().__init__(*args, compile=compile, compile_backend=compile_backend, compile_mode=compile_mode,

@@ -36,12 +36,13 @@ class PretrainData:
 
 def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) -> PretrainData:
     """Images (the demo's photographs or ``data_path``) -> two views + a mask per sample -> the loader."""
-    from ..data import ImageFolderDataset, PretrainDataset, ResumableSampler
-    from ..distributed import isolate_worker_from_signals
-    from ..masking import MaskingGenerator
-    from ..pipeline import build_loader_for
-    from ..sample_data import SampleImages
-    from ..transforms import TwoViewConfig, TwoViewTransform
+    from ..data.image_folder import ImageFolderDataset
+    from ..data.pretraining import PretrainDataset, ResumableSampler
+    from .distributed import isolate_worker_from_signals
+    from ..data.masking import MaskingGenerator
+    from ..data.pipeline import build_loader_for
+    from ..data.samples import SampleImages
+    from ..data.transforms import TwoViewConfig, TwoViewTransform
 
     grid = cfg.input_size // cfg.patch_size
     if cfg.demo:
@@ -73,9 +74,10 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
                                drop_last=False)
     steps_per_epoch = sampler.num_samples // (cfg.batch_size * cfg.update_freq)
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} images give {sampler.num_samples} per process, fewer than one "
-                         f"step of --batch_size {cfg.batch_size} x --update_freq {cfg.update_freq}"
-                         + (f" on each of {world} processes" if world > 1 else ""))
+        too_few = (f"{len(dataset)} images give {sampler.num_samples} per process, fewer than one step of "
+                   f"--batch_size {cfg.batch_size} x --update_freq {cfg.update_freq}"
+                   + (f" on each of {world} processes" if world > 1 else ""))
+        raise SystemExit(f"error: {_unreadable_cause(images) or too_few}")
     if steps_per_epoch * cfg.epochs > 2**31:
         raise SystemExit(f"error: {steps_per_epoch * cfg.epochs} steps ({cfg.epochs} epochs of {steps_per_epoch}) is "
                          "not a plausible run")
@@ -90,10 +92,25 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
     return PretrainData(dataset, sampler, loader, masking, steps_per_epoch)
 
 
+def _unreadable_cause(images, shown: int = 3) -> str | None:
+    """The real cause when a folder too small for one step holds unreadable files (None when all read), told
+    before the count: with every file unreadable, 'fewer than one step' alone points the wrong way."""
+    if not hasattr(images, "unreadable_files"):  # the demo's photographs
+        return None
+    bad = images.unreadable_files()
+    if not bad:
+        return None
+    probed = min(len(images), 64)
+    first = "; ".join(f"{path}: {reason}" for path, reason in bad[:shown])
+    of = "" if probed == len(images) else f" (of the first {probed} tried)"
+    return (f"{len(bad)} of the {len(images)} image files under {images.root}{of} cannot be read, which leaves "
+            f"fewer readable images than one step needs; first failures: {first}")
+
+
 def build_tokenizer_for_run(cfg: PretrainConfig, device: torch.device, dist_info=None):
     """The frozen visual tokenizer of this run, on ``device`` in eval mode. The demo trains a small dVAE once
     (rank 0; the other ranks wait) and reuses it afterwards; ``cfg.discrete_vae_weight_path`` is set to it."""
-    from ..distributed import barrier
+    from .distributed import barrier
     from ..tokenizer import build_tokenizer
 
     demo_tokenizer = cfg.discrete_vae_weight_path is None
@@ -120,7 +137,7 @@ def _demo_tokenizer(cfg: PretrainConfig, path: str, device: torch.device) -> Non
     if os.path.isfile(path):
         log.info("reusing the demo dVAE tokenizer %s", path)
         return
-    from ..tokenizer_training import train_tokenizer
+    from .tokenizer_training import train_tokenizer
 
     log.info("training the demo dVAE tokenizer (%d steps) -> %s", cfg.tokenizer_steps, path)
     metrics = train_tokenizer(path, preset="tiny", steps=cfg.tokenizer_steps, input_size=cfg.second_input_size,
@@ -132,8 +149,8 @@ def _demo_tokenizer(cfg: PretrainConfig, path: str, device: torch.device) -> Non
 
 def build_pretrain_model(cfg: PretrainConfig, tokenizer, device: torch.device, rank: int = 0):
     """The MIM model of this run (its vocabulary the tokenizer's), the same initial weights on every rank."""
-    from ..model import build_model, get_config
-    from ..rng import seed_everything
+    from ..model.beit import build_model, get_config
+    from ..utils.rng import seed_everything
 
     grid = cfg.input_size // cfg.patch_size
     if cfg.vocab_size is not None and cfg.vocab_size != tokenizer.vocab_size:
@@ -180,9 +197,9 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
                           steps_per_epoch: int):
     """The engine of this run: the eager reference step, or (``--fast``) the fast static-shape step; DDP for
     several processes, FSDP2 with ``--fsdp``. Returns ``(engine, fast)``."""
-    from ..distributed import apply_fsdp
-    from ..optim import build_optimizer, cosine_scheduler
-    from ..loss import MIMLoss
+    from .distributed import apply_fsdp
+    from .optim import build_optimizer, cosine_scheduler
+    from .loss import MIMLoss
     from .mim import FastPretrainEngine, PretrainEngine
 
     fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
