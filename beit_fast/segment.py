@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .config.base import exit_on_problems
 from .config.segment import SEGMENT_RECIPES, SegmentConfig
-from .logs import cli_logging
-from .options import MODEL_NAMES, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import MODEL_NAMES, ArgumentParser, HelpFormatter
 
 __all__ = ["get_args_parser", "config_from_args", "main", "DEMO_DEFAULTS"]
 
@@ -37,7 +37,7 @@ DEMO_DEFAULTS = dict(model="tiny", crop_size=128, img_scale=(640, 160), stride=8
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m beit_fast.segment", formatter_class=HelpFormatter,
+    p = ArgumentParser("python -m beit_fast.segment", formatter_class=HelpFormatter,
                                 description="BEiT + UperNet semantic segmentation, the official mmseg recipe on "
                                 "beit_fast's engine. Without data flags: the embedded CPU demo.")
     d = p.add_argument_group("data")
@@ -158,7 +158,7 @@ def _datasets(args, cfg: SegmentConfig):
 def build_model_for(args, cfg: SegmentConfig, num_classes: int):
     """The segmenter: the --finetune checkpoint's architecture (or --model) at the crop size, its backbone
     loaded from --finetune."""
-    from .pretrained import classifier_config_from_checkpoint
+    from .interop.pretrained import classifier_config_from_checkpoint
     from .segmentation.model import SegmentationHeadConfig, build_segmenter
     from .segmentation.recipe import load_backbone_pretrained
 
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     cfg = config_from_args(args)
     from .segmentation.data import SegmentationDataError
-    from .checkpoint import CheckpointError
-    from .pretrained import PretrainedLoadError
+    from .utils.checkpoint import CheckpointError
+    from .interop.pretrained import PretrainedLoadError
 
     with cli_logging():
         try:

@@ -34,7 +34,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 VARIANTS = ("seg_eager", "seg_beit_fast", "seg_beit_fast_triton", "seg_hf_eager", "seg_hf_compiled")
 
 
-def _setup():
+def setup_model():
     """``(our model, batch size, image size, classes)``."""
     from beit_fast.segmentation import SegmentationHeadConfig, build_segmenter
 
@@ -49,7 +49,7 @@ def _setup():
                            drop_path_rate=0.1), 2, 64, 5
 
 
-def _data(batch, size, classes):
+def make_data(batch, size, classes):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g)
     labels = torch.randint(0, classes, (batch, size, size), generator=g)
@@ -57,7 +57,7 @@ def _data(batch, size, classes):
     return images.to(DEVICE), labels.to(DEVICE)
 
 
-def _ours(variant, model, images, labels):
+def build_ours(variant, model, images, labels):
     from beit_fast.segmentation.recipe import build_segmentation_engine
     from beit_fast.config.segment import SegmentConfig
 
@@ -69,7 +69,7 @@ def _ours(variant, model, images, labels):
     return lambda i: engine.train_step((images, labels), i), f"{variant}: engine step, attention {attention}"
 
 
-def _hf(variant, model, images, labels):
+def build_hf(variant, model, images, labels):
     transformers = pytest.importorskip("transformers")
     from beit_fast.segmentation.keys import hf_config_for
 
@@ -92,6 +92,11 @@ def _hf(variant, model, images, labels):
     return step, f"{variant}: HF BeitForSemanticSegmentation, sdpa"
 
 
+def build_variant(variant, model, images, labels):
+    """``(step(i), description)`` of one row (what a gpu_stages stage would call, as for the fine-tuning step)."""
+    return (build_hf if variant.startswith("seg_hf") else build_ours)(variant, model, images, labels)
+
+
 def _with_blocks(model, out_indices):
     """``model`` with other ``out_indices`` (HF's config reads blocks i - 2 and never the last)."""
     model.backbone.out_indices = tuple(out_indices)
@@ -104,11 +109,10 @@ def test_segmentation_step(benchmark, variant):
         pytest.skip("the Triton attention would run in Triton's interpreter on a CPU: its time means nothing")
     if variant == "seg_hf_compiled" and not CUDA:
         pytest.skip("compiling HF's model on a CPU takes minutes and says nothing about the GPU")
-    model, batch, size, classes = _setup()
+    model, batch, size, classes = setup_model()
     benchmark.group = f"segmentation_step {DEVICE.type} D{model.cfg.embed_dim}xL{model.cfg.depth} {size}px batch {batch}"
-    images, labels = _data(batch, size, classes)
-    build = _hf if variant.startswith("seg_hf") else _ours
-    step, desc = build(variant, model, images, labels)
+    images, labels = make_data(batch, size, classes)
+    step, desc = build_variant(variant, model, images, labels)
     for i in range(3):  # compile, autotune, allocator warm-up
         step(i)
     if CUDA:

@@ -125,7 +125,7 @@ def test_key_conversion_refuses_unknown_keys():
 
 
 def test_backbone_loads_a_pretraining_checkpoint_with_tables_copied_and_resized():
-    from beit_fast.model import build_model
+    from beit_fast.model.beit import build_model
     from beit_fast.segmentation.recipe import load_backbone_pretrained
 
     torch.manual_seed(0)
@@ -409,7 +409,7 @@ def test_folder_pairs_and_bad_masks(tmp_path):
 
 
 def test_checkpoints_of_another_task_are_refused(tmp_path):
-    from beit_fast.checkpoint import CheckpointError
+    from beit_fast.utils.checkpoint import CheckpointError
     from beit_fast.segmentation.recipe import load_backbone_pretrained, segmenter_from_checkpoint
 
     seg = tiny_segmenter()

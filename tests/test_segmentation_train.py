@@ -144,7 +144,7 @@ def _seg_model():
 
 
 def test_resume_is_bit_exact(scenes, tmp_path):
-    from beit_fast.checkpoint import CheckpointError
+    from beit_fast.utils.checkpoint import CheckpointError
     from beit_fast.segmentation.recipe import segmenter_from_checkpoint, train_segmentation
 
     train, val = scenes
@@ -163,7 +163,7 @@ def test_resume_is_bit_exact(scenes, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert resumed["final"]["mIoU"] == straight["final"]["mIoU"]
     # a checkpoint of another task is not resumed
-    from beit_fast.checkpoint import load_checkpoint
+    from beit_fast.utils.checkpoint import load_checkpoint
 
     other = load_checkpoint(tmp_path / "a" / "checkpoint-last.pt")
     other["kind"] = "finetune"

@@ -144,8 +144,8 @@ def run_demo(cfg, *, output_dir: str | Path = "runs/beit_segment_demo", device="
     the most frequent training class), save ``segmentation_demo.png``; returns the numbers."""
     import torch
 
-    from ..model import get_config
-    from ..pretrained import classifier_config_from_checkpoint
+    from ..model.beit import get_config
+    from ..interop.pretrained import classifier_config_from_checkpoint
     from .data import SegEvalTransform, SegmentationFolder, SegTrainTransform
     from .model import SegmentationHeadConfig, build_segmenter
     from .recipe import load_backbone_pretrained, train_segmentation

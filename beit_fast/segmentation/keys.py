@@ -193,7 +193,7 @@ def hf_config_for(model, layer_norm_eps: float | None = None):
 def segmenter_from_hf_config(hf_config):
     """Our :class:`~beit_fast.segmentation.BeitForSegmentation` with the architecture of an HF
     ``BeitForSemanticSegmentation`` config (its ``out_indices`` read as HF reads them)."""
-    from ..model import BeitConfig
+    from ..model.beit import BeitConfig
     from .model import BeitForSegmentation, SegmentationHeadConfig
 
     c = hf_config

@@ -11,7 +11,7 @@ last map, FPN over all four, ``channels`` wide) and ``FCNHead`` (``in_index`` 2,
 channels); both end in ``Dropout2d(0.1)`` and a 1x1 ``conv_seg``. Every conv-BN-ReLU is mmseg's
 ``ConvModule`` (``conv`` without bias, ``bn``, ReLU). Logits come out at 1/4 of the input size.
 
-The trunk is :class:`beit_fast.model.BeitEncoder` (one model class for every task): the same blocks, the
+The trunk is :class:`beit_fast.model.beit.BeitEncoder` (one model class for every task): the same blocks, the
 same attention ops, the same fast path (fused attention with each block's table, activation checkpointing).
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loss import autocast_or_null
-from ..model import BeitConfig, BeitEncoder, get_config, init_vit_weights_
+from ..utils.amp import autocast_or_null
+from ..model.beit import BeitConfig, BeitEncoder, get_config, init_vit_weights_
 
 __all__ = [
     "SegmentationHeadConfig", "default_out_indices", "ConvModule", "BeitSegmentationBackbone", "UPerHead",
@@ -102,7 +102,7 @@ class BeitSegmentationBackbone(BeitEncoder):
             raise ValueError(f"the official neck is defined for patch size 16 or 8, got {cfg.patch_size}")
         grid = (cfg.grid_size, cfg.grid_size)
         self._build_trunk(cfg, mask_token=False, block_window=grid)
-        self.fc_norm = None  # for beit_fast.pretrained.load_pretrained: no pooling norm
+        self.fc_norm = None  # for beit_fast.interop.pretrained.load_pretrained: no pooling norm
         self.out_indices = tuple(out_indices) if out_indices is not None else default_out_indices(cfg.depth)
         if sorted(set(self.out_indices)) != list(self.out_indices) or not all(0 <= i < cfg.depth for i in self.out_indices):
             raise ValueError(f"out_indices must be increasing block indices in 0..{cfg.depth - 1}, got {self.out_indices}")
@@ -238,7 +238,7 @@ class BeitForSegmentation(nn.Module):
 
     def configure_fast_path(self, attention: str = "auto", activation_checkpointing: str | int = "none",
                             fused_embed: str | None = None) -> "BeitForSegmentation":
-        """The trunk's fast path (see :meth:`beit_fast.model.VisionTransformerForClassification.configure_fast_path`):
+        """The trunk's fast path (see :meth:`beit_fast.model.beit.VisionTransformerForClassification.configure_fast_path`):
         fused attention with each block's own table, activation checkpointing of the blocks."""
         self.backbone._configure_trunk(attention, fused_embed, activation_checkpointing)
         return self
@@ -323,7 +323,7 @@ class SegmentationLoss(nn.Module):
 def build_segmentation_loss(model: BeitForSegmentation, amp_dtype: torch.dtype | None = None, *, fast: bool = True,
                             attention: str = "auto", activation_checkpointing: str | int = "none",
                             aux_weight: float = 0.4, avg_non_ignore: bool = False) -> SegmentationLoss:
-    """As :func:`beit_fast.loss.build_finetune_loss`: ``fast`` configures the trunk's fast path first; the
+    """As :func:`beit_fast.train.loss.build_finetune_loss`: ``fast`` configures the trunk's fast path first; the
     returned module is uncompiled (the engine compiles it)."""
     if fast:
         model.configure_fast_path(attention=attention, activation_checkpointing=activation_checkpointing)

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ..checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from ..train.checkpoint_folder import Checkpointer
+from ..utils.checkpoint import CheckpointError, load_checkpoint
 from ..config.segment import SegmentConfig
-from ..loss import autocast_or_null
-from ..optim import layer_id_for_vit, param_groups_layer_decay
-from ..rng import seed_everything
+from ..utils.amp import autocast_or_null
+from ..train.optim import layer_id_for_vit, param_groups_layer_decay
+from ..utils.rng import seed_everything
 from ..train.engine import Engine, resolve_amp_dtype
 from ..train.loop import EpochEnd, LoopConfig, LoopHooks, TrainLoop
 from ..train.run_dir import choose_resume_state, claim_output_dir
@@ -76,7 +77,7 @@ def segmentation_param_groups(model: BeitForSegmentation, weight_decay: float, l
 class IterationSampler(Sampler[int]):
     """Sample indices for iteration-based training: an endless sequence of passes over the data set (pass
     ``p`` in the order ``randperm(n)`` of a generator seeded ``seed + p``), cut into loop epochs of
-    ``samples_per_epoch``. Resumable mid-epoch like :class:`beit_fast.data.ResumableSampler`
+    ``samples_per_epoch``. Resumable mid-epoch like :class:`beit_fast.data.pretraining.ResumableSampler`
     (``set_epoch``, ``set_start``). One process."""
 
     def __init__(self, dataset_len: int, samples_per_epoch: int, seed: int = 0) -> None:
@@ -160,10 +161,10 @@ def _check_not_segmentation(sd_keys, where: str) -> None:
 def load_backbone_pretrained(model: BeitForSegmentation, source, *, rel_pos_resize: str = "bicubic",
                              trust_pickle: bool = False) -> dict:
     """Pretrained weights (pretraining or fine-tuned classification checkpoint; ours, official, HF or timm
-    layout) into ``model.backbone`` the official way (:func:`beit_fast.pretrained.load_pretrained`: the shared
+    layout) into ``model.backbone`` the official way (:func:`beit_fast.interop.pretrained.load_pretrained`: the shared
     table copied into every block and resized to the crop's grid, MIM head and norms dropped). The neck
     starts fresh. A segmentation checkpoint is refused (resume it instead)."""
-    from ..pretrained import load_pretrained
+    from ..interop.pretrained import load_pretrained
 
     where = "the given checkpoint" if isinstance(source, Mapping) else str(source)
     ckpt = source if isinstance(source, Mapping) else load_checkpoint(source, trust_pickle=trust_pickle)
@@ -178,8 +179,8 @@ def load_backbone_pretrained(model: BeitForSegmentation, source, *, rel_pos_resi
 
 def segmenter_from_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> tuple[BeitForSegmentation, dict]:
     """``(model with the checkpoint's weights, the checkpoint)`` of a segmentation run's checkpoint; another
-    task's checkpoint raises :class:`~beit_fast.checkpoint.CheckpointError` naming its kind."""
-    from ..model import BeitConfig
+    task's checkpoint raises :class:`~beit_fast.utils.checkpoint.CheckpointError` naming its kind."""
+    from ..model.beit import BeitConfig
 
     state = load_checkpoint(path, trust_pickle=trust_pickle)
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
