@@ -187,6 +187,9 @@ def run(args: argparse.Namespace, cfg: SegmentConfig) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_demo(args):
         from .segmentation.demo import run_demo
+        from .train.engine import demo_cpu_threads
+
+        demo_cpu_threads(device)
 
         return run_demo(cfg, output_dir=args.output_dir or DEMO_DEFAULTS["output_dir"], device=device,
                         finetune=args.finetune, progress=not args.no_progress,
