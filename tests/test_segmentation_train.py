@@ -106,7 +106,7 @@ def test_loss_is_mmsegs_and_hfs_reduction():
     torch.testing.assert_close(loss, 1.4 * per_pixel.sum() / (labels != 255).sum())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 135 s at load ~10 on 2 cores (inductor compiles forward and backward)
 def test_compiled_fast_step_matches_eager():
     model = make_model()
     fast_model = copy.deepcopy(model)
