@@ -171,3 +171,32 @@ def test_resume_is_bit_exact(scenes, tmp_path):
     with pytest.raises(CheckpointError, match="'finetune' checkpoint, not a segmentation one"):
         train_segmentation(_seg_model(), train, val, _cfg(resume=str(tmp_path / "c.pt")), output_dir=tmp_path / "c",
                            progress=False)
+
+
+LONG = DEV.type == "cuda" or os.environ.get("BEIT_FAST_LONG_INTERPRETER") == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="N = 1025 / 1601 in Triton's interpreter: 13 s / 34 s on 2 quiet cores, 84 s / 234 s "
+                    "at load ~10; set BEIT_FAST_LONG_INTERPRETER=1 (runs on CUDA with BEIT_FAST_REAL_GPU=1)")
+@pytest.mark.parametrize("grid", [32, 40], ids=["512px-N1025", "640px-N1601"])
+def test_triton_attention_at_segmentation_lengths(grid):
+    """The fused attention with a per-block table at the lengths of 512 and 640 px crops (one head of 64, batch 1
+    under the interpreter): output and the q, k, v and table gradients against the math reference."""
+    from beit_fast.ops.attention import attention_with_rel_pos_bias
+    from beit_fast.ops.rel_pos import relative_position_index, relative_position_table_size
+
+    n, heads = grid * grid + 1, (12 if DEV.type == "cuda" else 1)
+    index = relative_position_index((grid, grid)).to(DEV)
+    g = torch.Generator().manual_seed(grid)
+    q, k, v, dout = (torch.randn(1, heads, n, 64, generator=g).to(DEV) for _ in range(4))
+    table = (2 * torch.randn(relative_position_table_size((grid, grid)), heads, generator=g)).to(DEV)
+    results = {}
+    for backend in ("math", "triton"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, table)]
+        out = attention_with_rel_pos_bias(*inputs[:3], inputs[3], index, 0.125, backend=backend)
+        out.backward(dout)
+        results[backend] = [out.detach()] + [t.grad for t in inputs]
+    for name, ref, got in zip(("out", "dq", "dk", "dv", "dtable"), results["math"], results["triton"]):
+        err = (got - ref).abs().max().item()
+        assert err <= 1e-4 * ref.abs().max().item(), f"{name}: {err} vs scale {ref.abs().max().item()}"
