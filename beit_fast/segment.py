@@ -160,16 +160,16 @@ def build_model_for(args, cfg: SegmentConfig, num_classes: int):
     loaded from --finetune."""
     from .interop.pretrained import classifier_config_from_checkpoint
     from .segmentation.model import SegmentationHeadConfig, build_segmenter
-    from .segmentation.recipe import load_backbone_pretrained
+    from .segmentation.recipe import load_backbone_pretrained, read_backbone_checkpoint
 
     head = SegmentationHeadConfig(num_classes=num_classes, use_auxiliary_head=not args.no_auxiliary_head)
     if args.finetune:
-        arch = classifier_config_from_checkpoint(args.finetune)
+        ckpt = read_backbone_checkpoint(args.finetune, trust_pickle=args.trust_pickle)
+        arch = classifier_config_from_checkpoint(ckpt)
         if args.model:
             log.info("--model %s ignored: the architecture comes from --finetune", args.model)
         model = build_segmenter(arch, num_classes, img_size=cfg.crop_size, head=head, drop_path_rate=cfg.drop_path)
-        report = load_backbone_pretrained(model, args.finetune, rel_pos_resize=args.rel_pos_resize,
-                                          trust_pickle=args.trust_pickle)
+        report = load_backbone_pretrained(model, ckpt, rel_pos_resize=args.rel_pos_resize)
         for note in report["notes"]:
             log.info("--finetune: %s", note)
     else:

@@ -200,3 +200,27 @@ def test_triton_attention_at_segmentation_lengths(grid):
     for name, ref, got in zip(("out", "dq", "dk", "dv", "dtable"), results["math"], results["triton"]):
         err = (got - ref).abs().max().item()
         assert err <= 1e-4 * ref.abs().max().item(), f"{name}: {err} vs scale {ref.abs().max().item()}"
+
+
+def test_cli_trains_from_a_pretraining_checkpoint_and_evaluates(tmp_path, capsys):
+    from beit_fast.model.beit import build_model
+    from beit_fast.segment import main
+    from beit_fast.segmentation.demo import write_scene_folders
+
+    d = write_scene_folders(tmp_path / "data", n_train=4, n_val=2, size=72, seed=1)
+    torch.manual_seed(0)
+    pre = build_model("tiny", img_size=32, embed_dim=32, depth=4, num_heads=2)
+    torch.save({"model": pre.state_dict(), "model_config": pre.cfg.to_dict()}, tmp_path / "pre.pt")
+    common = ["--train_images", str(d["train_images"]), "--train_masks", str(d["train_masks"]), "--val_images",
+              str(d["val_images"]), "--val_masks", str(d["val_masks"]), "--num_classes", "4", "--crop_size", "64",
+              "--img_scale", "288", "72", "--stride", "43", "--num_workers", "0", "--device", "cpu", "--amp", "none",
+              "--no_progress"]
+    result = main(common + ["--finetune", str(tmp_path / "pre.pt"), "--max_iters", "2", "--eval_interval", "2",
+                            "--batch_size", "2", "--output_dir", str(tmp_path / "run")])
+    assert result["steps"] == 2 and 0 <= result["final"]["mIoU"] <= 1
+    assert "final: mIoU" in capsys.readouterr().out
+    evaluated = main(common + ["--eval", "--resume", str(tmp_path / "run" / "checkpoint-last.pt")])
+    assert evaluated["mIoU"] == result["final"]["mIoU"]
+    with pytest.raises(SystemExit, match="is a segmentation checkpoint, not a pretrained backbone"):
+        main(common + ["--finetune", str(tmp_path / "run" / "checkpoint-last.pt"), "--max_iters", "2",
+                       "--eval_interval", "2", "--output_dir", str(tmp_path / "run2")])

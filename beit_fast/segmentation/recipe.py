@@ -40,7 +40,7 @@ from .metrics import SegmentationMetric
 from .model import BeitForSegmentation, SegmentationHeadConfig, build_segmentation_loss
 
 __all__ = ["poly_schedule", "segmentation_layer_id", "segmentation_param_groups", "IterationSampler",
-           "evaluate_segmentation", "train_segmentation", "load_backbone_pretrained", "segmenter_from_checkpoint",
+           "evaluate_segmentation", "train_segmentation", "read_backbone_checkpoint", "load_backbone_pretrained", "segmenter_from_checkpoint",
            "CHECKPOINT_KIND"]
 
 log = logging.getLogger("beit_fast.segmentation")
@@ -156,6 +156,20 @@ def _check_not_segmentation(sd_keys, where: str) -> None:
     if any(k.startswith(("decode_head.", "backbone.blocks.")) for k in sd_keys):
         raise CheckpointError(f"{where} is a segmentation checkpoint, not a pretrained backbone: continue its run with "
                               "--resume, or load it with segmenter_from_checkpoint")
+
+
+def read_backbone_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Mapping:
+    """A pretrained checkpoint read once (safe loading), refused when it is a segmentation checkpoint: what
+    :func:`beit_fast.interop.pretrained.classifier_config_from_checkpoint` and :func:`load_backbone_pretrained`
+    then take."""
+    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    inner = next((ckpt[k] for k in ("model", "state_dict", "module") if isinstance(ckpt.get(k), Mapping)), ckpt)
+    _check_not_segmentation(inner, str(path))
+    if ckpt.get("kind") == CHECKPOINT_KIND:
+        _check_not_segmentation(["decode_head."], str(path))
+    return ckpt
 
 
 def load_backbone_pretrained(model: BeitForSegmentation, source, *, rel_pos_resize: str = "bicubic",
