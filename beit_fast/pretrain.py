@@ -47,7 +47,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color_jitter", type=float, help="brightness/contrast/saturation jitter (0: off)")
     g.add_argument("--imagenet_default_mean_and_std", action="store_true",
                    help="normalise the patch view with ImageNet mean/std instead of 0.5/0.5")
-    g.add_argument("--num_workers", type=int, help="DataLoader workers (default: min(8, cores))")
+    g.add_argument("--num_workers", type=int,
+                   help="DataLoader workers per process (default: on CUDA the cores available to the process, "
+                   "shared among the node's processes, less one; on CPU min(8, those cores))")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction,
                    help="pin host memory for faster copies to the GPU (default: on with CUDA)")
     g.add_argument("--data_pipeline", choices=["pil", "gpu"],
@@ -158,6 +160,11 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("safety")
     g.add_argument("--max_bad_steps", type=int,
                    help="stop (with a checkpoint) after this many consecutive non-finite losses")
+    g.add_argument("--nonfinite_check", choices=["host", "device"],
+                   help="how a non-finite loss or gradient norm is caught (the step makes no update either way): "
+                   "host reads each loss before its backward (a GPU sync per step); device decides on the GPU "
+                   "(fused AdamW's found_inf) and reads the results every --log_freq steps (default: device on "
+                   "CUDA, host elsewhere)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:

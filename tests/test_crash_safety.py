@@ -237,10 +237,19 @@ def main_here(argv):
 
 def _die_while_copying_to(name, argv):
     """Run ``pretrain.main(argv)`` in this (forked) process and SIGKILL it halfway through the first copy of
-    a checkpoint to a file called ``name`` (the data is half written to its temporary file)."""
+    a checkpoint to a file called ``name`` (the data is half written to its temporary file), or, for a file
+    published as a hard link (checkpoint-best.pt), between the link under its temporary name and the rename."""
     import shutil
 
     real = shutil.copyfileobj
+    real_link = os.link
+
+    def link(src, dst, *a, **k):
+        real_link(src, dst, *a, **k)
+        if os.path.basename(dst).startswith(f".{name}."):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.link = link
 
     def copyfileobj(src, dst, length=0):
         target = os.readlink(f"/proc/self/fd/{dst.fileno()}")

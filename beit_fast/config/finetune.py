@@ -155,7 +155,7 @@ class FinetuneConfig(ClassificationData):
             errors.append(f"clip_grad must be >= 0, got {self.clip_grad}")
         errors += self._choice_errors()
         for name in ("num_workers", "stop_after_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         beta1 = self.opt_betas[0]
         if not errors and 0 <= beta1 < 1 and adamw_first_step(self.effective_lr(), beta1) > FLOAT32_MAX:

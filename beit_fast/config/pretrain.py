@@ -103,6 +103,7 @@ class PretrainConfig:
     # distributed, safety
     fsdp: bool = False
     max_bad_steps: int = 3
+    nonfinite_check: str | None = None
     # run
     output_dir: str | None = None
     device: str | None = None
@@ -245,11 +246,23 @@ class PretrainConfig:
             problems.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
         if self.fp8 and self.fast == "off":
             problems.append("--fp8 needs the fast step; drop --fast off")
+        if self.fsdp and self.compile_mode == "reduce-overhead":
+            problems.append("--fsdp cannot run with --compile_mode reduce-overhead (CUDA graphs cannot capture FSDP2's "
+                            "all-gathers and reduce-scatters); use --compile_mode default or "
+                            "max-autotune-no-cudagraphs")
+        if self.nonfinite_check not in (None, "host", "device"):
+            problems.append(f"--nonfinite_check must be host or device, got {self.nonfinite_check!r}")
         if self.fp8 and self.fsdp:
             problems.append("--fp8 is not supported with --fsdp; use DDP (torchrun without --fsdp) or one GPU")
         if self.resume and self.overwrite_output_dir:
             problems.append("--resume continues the run in --output_dir, --overwrite_output_dir deletes it: choose one")
         return problems
+
+    def nonfinite_check_on(self, device_type: str) -> str:
+        """``--nonfinite_check`` for a run on ``device_type``: as given, else "device" on CUDA (nothing read on
+        the host per step, the GPU's queue never drains) and "host" elsewhere (the official check before each
+        backward; a CPU has no queue to keep full)."""
+        return self.nonfinite_check or ("device" if device_type == "cuda" else "host")
 
     def checkpointing_mode(self) -> str | int:
         """``--activation_checkpointing`` as the model takes it: "none", "all" or every k-th block."""

@@ -328,16 +328,23 @@ class SkippedImages:
 
 
 class PretrainLoader(DataLoader):
-    """A DataLoader that records each batch's skipped images in ``self.skipped`` (main process)."""
+    """A DataLoader that records each batch's skipped images in ``self.skipped`` (main process).
+    ``device_feed``: None, or a callable that turns the iterator of host batches into the batches to yield
+    (:class:`beit_fast.train.device_feed.DeviceFeed`: to the device, normalised, one batch ahead)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skipped = SkippedImages()
+        self.device_feed = None
 
-    def __iter__(self):
+    def _host_batches(self):
         for batch in super().__iter__():
             self.skipped.update(getattr(batch, "skipped", ()))
             yield batch
+
+    def __iter__(self):
+        batches = self._host_batches()
+        yield from (batches if self.device_feed is None else self.device_feed(batches))
 
 
 def build_pretrain_loader(

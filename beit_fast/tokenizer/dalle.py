@@ -42,7 +42,10 @@ __all__ = ["DalleEncoder", "DalleTokenizer", "load_dalle_encoder", "dalle_state_
 
 
 class _Conv2d(nn.Module):
-    """``dall_e.utils.Conv2d`` without attrs: parameters ``w``/``b``, 'same' padding, always fp32."""
+    """``dall_e.utils.Conv2d`` without attrs: parameters ``w``/``b``, 'same' padding; fp32 (the encoder's
+    input is fp32), or autocast's precision (weights kept there by ``keep_weights_in``)."""
+
+    autocast_lower_precision = True  # a convolution: autocast casts its weights
 
     def __init__(self, n_in: int, n_out: int, kw: int):
         super().__init__()
@@ -55,7 +58,9 @@ class _Conv2d(nn.Module):
         self.b = nn.Parameter(torch.zeros((n_out,), dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x.float(), self.w.float(), self.b.float(), padding=(self.kw - 1) // 2)
+        # No .float() here: autocast casts to its precision anyway (a round trip of a fp16/bf16 value through
+        # fp32 is exact), and weights kept in that precision would be copied twice a call.
+        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
     def extra_repr(self) -> str:
         return f"{self.n_in}, {self.n_out}, kw={self.kw}"

@@ -130,6 +130,16 @@ def _same_bytes(a: Path, b: Path) -> bool:
         return False
 
 
+def _publisher(name: str) -> Callable:
+    """How ``name`` gets the bytes of checkpoint-last.pt: ``checkpoint-best.pt`` as a hard link (no second copy of
+    the same state; see :func:`beit_fast.train.checkpoint_writer.link_atomic`), numbered ones as independent copies."""
+    if name == BEST_NAME:
+        from .checkpoint_writer import link_atomic
+
+        return link_atomic
+    return copy_atomic
+
+
 class Checkpointer:
     """The checkpoints of one output folder.
 
@@ -167,7 +177,7 @@ class Checkpointer:
         written = []
         for name in names:
             try:
-                written.append(copy_atomic(src, self.dir / name))
+                written.append(_publisher(name)(src, self.dir / name))
             except CheckpointSaveError as e:
                 raise CheckpointSaveError(f"{e}; {src.name} is complete and {name} is written from it when the "
                                           "run is resumed") from None

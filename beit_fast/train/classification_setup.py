@@ -14,6 +14,7 @@ from ..config import FinetuneConfig
 from ..config.finetune import FINETUNE_DEMO_DEFAULTS, FINETUNE_OFFICIAL_DEFAULTS
 from ..config.pretrain import DEMO_PRETRAINED_CHECKPOINT
 from .engine import demo_cpu_threads
+from .feed import default_num_workers
 
 __all__ = ["build_classifier_for", "load_weights", "classification_transforms", "run_finetune", "pick_device"]
 
@@ -161,8 +162,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           overwrite_output_dir=cfg.overwrite_output_dir, run_args=dataclasses.asdict(cfg))
     except (ValueError, CheckpointError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"best top-1 {100 * result['best_top1']:.2f}% (epoch {result['best_epoch']}); final top-1 "
-          f"{100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; checkpoints in {out}")
+    # no best epoch when the run stopped (--stop_after_steps, a signal) before its first epoch end
+    best = "n/a" if result["best_top1"] is None else f"{100 * result['best_top1']:.2f}% (epoch {result['best_epoch']})"
+    print(f"best top-1 {best}; final top-1 {100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; "
+          f"checkpoints in {out}")
     return result
 
 
@@ -177,8 +180,9 @@ def _evaluate_only(model, val_set, cfg: FinetuneConfig, device: torch.device) ->
     if cfg.attn_backend != "auto":
         model.configure_fast_path(attention=cfg.attn_backend)
     model.to(device)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type, on_cpu=0)
     res = evaluate(model, val_set, batch_size=max(1, int(1.5 * cfg.batch_size)), device=device, amp_dtype=amp_dtype,
-                   num_workers=cfg.num_workers, progress=not cfg.no_progress)
+                   num_workers=workers, progress=not cfg.no_progress)
     print(f"Accuracy on the {res['n']} val images: top-1 {100 * res['top1']:.2f}%, top-5 {100 * res['top5']:.2f}%")
     return {"best_top1": res["top1"], "best_epoch": None, "final_top1": res["top1"], "final_top5": res["top5"],
             "history": [], "eval": res}

@@ -209,17 +209,22 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
                **no_buffer_sync)
 
 
-def apply_fsdp(loss_module: nn.Module, blocks: Iterable[nn.Module], reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(loss_module: nn.Module, blocks: Iterable[nn.Module], reshard_after_forward: bool = True,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2 (``fully_shard``) each Transformer block, then the loss module as the root; in place.
 
-    Call before building the optimizer: the parameters become sharded DTensors. Parameters stay fp32
-    (autocast does the low-precision compute), which keeps the numbers those of the DDP/single runs.
+    Call before building the optimizer: the parameters become sharded DTensors, fp32 (the optimizer's
+    master weights). ``param_dtype`` None: the gathered parameters are fp32 too (autocast does the
+    low-precision compute; the numbers are those of the DDP/single runs); bf16 (what a bf16 run passes):
+    parameters are all-gathered in bf16 (half the bytes; the matmuls cast them to bf16 under autocast anyway)
+    and gradients reduce-scattered in fp32 (FSDP2's ``MixedPrecisionPolicy``).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in blocks:
-        fully_shard(block, reshard_after_forward=reshard_after_forward)
-    fully_shard(loss_module, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(loss_module, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     return loss_module
 
 

@@ -10,7 +10,8 @@ graph. The engine owns everything around that call:
   ``lr_schedule[t] * group["lr_scale"]``, the decaying groups get ``wd_schedule[t]``);
 * autocast (the task module's ``amp_dtype``) and a loss scaler for fp16;
 * gradient accumulation over micro-batches (``loss / n`` each, gradients synchronised across ranks only
-  on the last one), gradient clipping (the norm is computed, and logged, even without a clip);
+  on the last one), gradient clipping (the norm is computed, and logged, even without a clip; without a
+  clip the gradients are not rescaled);
 * the non-finite policy: a step whose loss (mean over ranks) or, without a loss scaler, whose gradient
   norm is not finite makes no update and is reported ``skipped`` (the loop stops the run, with a
   checkpoint, after ``max_bad_steps`` of them in a row; see :mod:`beit_fast.train.loop`);
@@ -22,14 +23,17 @@ How a non-finite step is detected (``nonfinite_check``):
     Each micro-batch's loss is read on the host before its backward (the official
     ``engine_for_pretraining.py`` behaviour): a non-finite loss never reaches the gradients (or, under
     DDP, the all-reduce), and the step returns host floats. One device synchronisation per micro-batch
-    and one for the gradient norm. Pretraining uses this.
+    and one for the gradient norm. Pretraining on CPU and the dVAE's training use this.
 ``"device"``
     Nothing is read on the host: the skip decision is a device tensor, ``~isfinite(loss) |
     ~isfinite(grad_norm)``, handed to the optimizer as ``found_inf`` (the mechanism a GradScaler uses
     with fused optimizers: fused AdamW then leaves the parameters, the moments and its step count
     untouched). The step returns device tensors; the loop reads them back at its logging intervals.
-    An optimizer without ``found_inf`` support falls back to one host read of the flag. Fine-tuning and
-    linear probing use this.
+    The losses are averaged over ranks once, after the backward (no collective before it). An optimizer
+    without ``found_inf`` support falls back to one host read of the flag. Pretraining on CUDA,
+    fine-tuning and linear probing use this.
+
+Every host read goes through :mod:`beit_fast.train.host_reads` (counted).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import torch.nn as nn
 
 from ..utils.amp import autocast_or_null
 from .optim import apply_schedule
+from . import host_reads
 
 __all__ = ["resolve_amp_dtype", "autocast_or_null", "StepResult", "Engine", "NONFINITE_CHECKS"]
 
@@ -220,10 +225,13 @@ class Engine:
         return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
 
     def _clip(self) -> torch.Tensor:
-        """Unscale (fp16), clip, and return the total gradient norm (a device tensor)."""
+        """Unscale (fp16), clip, and return the total gradient norm (a device tensor). Without a clip the
+        norm is only computed (for the log and the non-finite check): no pass rescales the gradients."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.clip_grad if self.clip_grad else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        if self.clip_grad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         return grad_norm
@@ -240,7 +248,7 @@ class Engine:
         is that of the mean of the micro-batch losses; gradients are synchronised across ranks only on
         the last micro-batch. The loss of each micro-batch is averaged over ranks before anything else, so
         a non-finite loss on any rank makes every rank skip the step (``"host"``: at once, with no further
-        micro-batch; ``"device"``: at the update).
+        micro-batch; ``"device"``: at the update, the losses averaged over ranks once, after the backward).
         """
         n = len(batches)
         if n < 1:
@@ -258,9 +266,9 @@ class Engine:
             inputs = self.prepare(batch)
             with no_grad_sync(self.train_module, skip=i < n - 1):
                 loss, metric = self.compute_loss(*inputs)
-                reduced = self._reduce(torch.stack([loss.detach().float(), metric.detach().float()]))
+                reduced = torch.stack([loss.detach().float(), metric.detach().float()])
                 if host:
-                    reduced = reduced.tolist()
+                    reduced = host_reads.values(self._reduce(reduced))
                     if not math.isfinite(reduced[0]):
                         self.optimizer.zero_grad(set_to_none=True)
                         return StepResult(reduced[0], math.nan, math.nan, self._scale(), *sched, True)
@@ -272,7 +280,7 @@ class Engine:
         return self._finish_on_device(stats, grad_norm, sched)
 
     def _finish_on_host(self, stats: list, grad_norm: torch.Tensor, sched: tuple) -> StepResult:
-        grad_norm_value = grad_norm.item()
+        grad_norm_value = host_reads.values(grad_norm)
         loss_value, metric_value = (float(np.mean([s[k] for s in stats])) for k in (0, 1))
         if not self.scaler.is_enabled() and not math.isfinite(grad_norm_value):
             # Without a loss scaler nothing else would stop a non-finite update from wrecking the weights.
@@ -283,8 +291,9 @@ class Engine:
         return StepResult(loss_value, metric_value, grad_norm_value, self._scale(), *sched)
 
     def _finish_on_device(self, stats: list, grad_norm: torch.Tensor, sched: tuple) -> StepResult:
-        loss, metric = torch.stack(stats).mean(0) if len(stats) > 1 else stats[0]
-        bad_loss = ~torch.isfinite(torch.stack([s[0] for s in stats])).all()
+        stats = self._reduce(torch.stack(stats))  # [micro-batches, 2]: one collective, after the backward
+        loss, metric = stats.mean(0) if len(stats) > 1 else stats[0]
+        bad_loss = ~torch.isfinite(stats[:, 0]).all()
         skip = bad_loss | ~torch.isfinite(grad_norm)
         self._step_unless(skip)
         if self.scaler.is_enabled():
@@ -304,7 +313,7 @@ class Engine:
                 self.optimizer.step()
             finally:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
-        elif not bool(skip):  # no device-side skip in this optimizer: one host read
+        elif not host_reads.values(skip):  # no device-side skip in this optimizer: one host read
             self.optimizer.step()
 
     # -- checkpoint state ----------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ from .optim import cosine_scheduler, param_groups_layer_decay
 from ..utils.rng import seed_everything
 from ..data.transforms.classification import build_mixup
 from .engine import Engine, resolve_amp_dtype
+from .epoch_seeds import EpochSeeded
+from .feed import default_num_workers
 from .loop import EpochEnd, LoopConfig, LoopHooks, TrainLoop
 from .run_dir import choose_resume_state, claim_output_dir
 
@@ -143,17 +145,21 @@ def _build_engine(model: nn.Module, cfg: FinetuneConfig, device: torch.device, n
 
 
 class _FinetuneHooks(LoopHooks):
-    """Fine-tuning's part of the loop: per-epoch worker seeds, evaluation at epoch ends (top-1 picks
+    """Fine-tuning's part of the loop: per-epoch augmentation seeds, evaluation at epoch ends (top-1 picks
     checkpoint-best.pt), one log record per epoch, what checkpoints add."""
 
-    def __init__(self, model, cfg: FinetuneConfig, engine: Engine, loader, val_set, device, steps_per_epoch) -> None:
+    def __init__(self, model, cfg: FinetuneConfig, engine: Engine, loader, val_set, device, steps_per_epoch,
+                 num_workers: int = 0) -> None:
         self.model, self.cfg, self.engine, self.loader, self.val_set = model, cfg, engine, loader, val_set
-        self.device, self.steps_per_epoch = device, steps_per_epoch
+        self.device, self.steps_per_epoch, self.num_workers = device, steps_per_epoch, num_workers
         self.last_eval: dict | None = None
         self.t0 = time.time()
 
     def start_epoch(self, epoch: int) -> None:
-        # Data workers take their base seed from this generator: each epoch's augmentations are fixed.
+        # Data workers draw epoch e's augmentations from seeds of (seed, e, worker): fixed per epoch, whether the
+        # (persistent) workers are new or not. The iterator's base seed comes from this generator, not the global
+        # RNG, so that a run resumed mid-epoch consumes the global RNG as the uninterrupted one did.
+        self.loader.dataset.set_epoch(epoch)
         self.loader.generator = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         self.t0 = time.time()
 
@@ -163,7 +169,7 @@ class _FinetuneHooks(LoopHooks):
     def evaluate(self) -> dict:
         cfg = self.cfg
         return evaluate(self.model, self.val_set, batch_size=cfg.eval_batch_size or max(1, int(1.5 * cfg.batch_size)),
-                        device=self.device, amp_dtype=self.engine.amp_dtype, num_workers=cfg.num_workers)
+                        device=self.device, amp_dtype=self.engine.amp_dtype, num_workers=self.num_workers)
 
     def end_epoch(self, epoch: int, train_loss: float) -> EpochEnd:
         cfg = self.cfg
@@ -201,9 +207,12 @@ def _finetune(model: nn.Module, train_set, val_set, cfg: FinetuneConfig, *, devi
     steps_per_epoch = len(train_set) // cfg.batch_size
     engine = _build_engine(model, cfg, device, num_classes, steps_per_epoch)
     sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    hooks = _FinetuneHooks(model, cfg, engine, loader, val_set, device, steps_per_epoch)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type, on_cpu=0)
+    # Persistent workers (no start-up each epoch), reseeded per epoch by EpochSeeded.
+    loader = torch.utils.data.DataLoader(EpochSeeded(train_set, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+                                         drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0)
+    hooks = _FinetuneHooks(model, cfg, engine, loader, val_set, device, steps_per_epoch, num_workers)
     loop = TrainLoop(engine, loader, sampler, LoopConfig(
         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, images_per_step=cfg.batch_size,
         log_freq=cfg.log_freq, step_records=False, save=cfg.save_ckpt and out is not None, save_ckpt_freq=0,

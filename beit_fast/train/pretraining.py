@@ -116,6 +116,8 @@ def _run(cfg: PretrainConfig, dist_info, device: torch.device) -> dict:
     if not is_main:  # one rank speaks
         logging.getLogger("beit_fast").setLevel(logging.WARNING)
     amp_dtype = _amp_dtype(cfg, dist_info, device)
+    if device.type == "cuda":  # fixed shapes: cuDNN picks the fastest convolutions (the tokenizer's) once
+        torch.backends.cudnn.benchmark = True
     cfg.world_size = world
     cfg.global_batch_size = cfg.batch_size * world * cfg.update_freq
     seed_everything(cfg.seed)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import PretrainConfig
-from .feed import data_error
+from .feed import data_error, default_num_workers
 
 __all__ = ["PretrainData", "build_pretrain_data", "build_tokenizer_for_run", "build_pretrain_model",
            "build_pretrain_engine", "choose_tokenizer_precision", "DEMO_PHOTO_SIDE_PER_VIEW"]
@@ -55,10 +55,11 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
                                         jpeg_decoder=cfg.jpeg_decoder)
         except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
+    # The PIL pipeline's workers hand over uint8 views, normalised on the device (train.device_feed).
     transform = TwoViewTransform(TwoViewConfig(
         input_size=cfg.input_size, second_input_size=cfg.second_input_size, interpolation=cfg.train_interpolation,
         second_interpolation=cfg.second_interpolation, color_jitter=cfg.color_jitter,
-        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std,
+        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, uint8_views=cfg.data_pipeline == "pil",
     ))
     masking = MaskingGenerator((grid, grid), cfg.num_mask_patches, min_num_patches=cfg.min_mask_patches_per_block,
                                max_num_patches=cfg.max_mask_patches_per_block, fixed_count=cfg.fixed_mask_count)
@@ -81,10 +82,14 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
     if steps_per_epoch * cfg.epochs > 2**31:
         raise SystemExit(f"error: {steps_per_epoch * cfg.epochs} steps ({cfg.epochs} epochs of {steps_per_epoch}) is "
                          "not a plausible run")
-    num_workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type)
     pin = cfg.pin_mem if cfg.pin_mem is not None else device.type == "cuda"
     loader = build_loader_for(cfg.data_pipeline, dataset, cfg.batch_size, device, num_workers=num_workers,
                               sampler=sampler, pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
+    if transform.cfg.uint8_views:
+        from .device_feed import DeviceFeed
+
+        loader.device_feed = DeviceFeed(device, transform.normalize)
     loader.worker_init_fn = isolate_worker_from_signals  # group signals reach only the main process
     # Each new iterator draws its base seed from this generator, not the global RNG, so that a run resumed
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
@@ -211,16 +216,19 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
                           ops_backend=cfg.kernel_backend if fast else None)
     parallel = "fsdp" if cfg.fsdp else ("ddp" if dist_info.active and dist_info.world_size > 1 else "none")
     if parallel == "fsdp":
-        apply_fsdp(loss_module, model.blocks)  # before the optimizer: parameters become sharded DTensors
+        # before the optimizer: parameters become sharded DTensors; bf16 all-gathers in a bf16 run
+        apply_fsdp(loss_module, model.blocks, param_dtype=amp_dtype if amp_dtype == torch.bfloat16 else None)
+    nonfinite_check = cfg.nonfinite_check_on(device.type)
+    # The device check skips through fused AdamW's found_inf (any other optimizer would read the flag each step).
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.opt_betas), cfg.opt_eps,
-                                cfg.decay_mask_and_bias_table)
+                                cfg.decay_mask_and_bias_table, fused=True if nonfinite_check == "device" else None)
     lr_schedule = cosine_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                                    cfg.warmup_lr, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd_schedule = cosine_scheduler(cfg.weight_decay, wd_end, cfg.epochs, steps_per_epoch)
     engine_args = (model, tokenizer, optimizer, device, lr_schedule, wd_schedule)
     engine_kwargs = dict(amp_dtype=amp_dtype, clip_grad=cfg.clip_grad or None, loss_module=loss_module,
-                         parallel=parallel, dist_info=dist_info)
+                         parallel=parallel, dist_info=dist_info, nonfinite_check=nonfinite_check)
     if not fast:
         return PretrainEngine(*engine_args, **engine_kwargs), False
     return FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=cfg.num_mask_patches, compile=cfg.compile,
@@ -230,11 +238,14 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
 
 def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: torch.device) -> None:
     """``--tokenizer_precision``: fp16 / bf16 (channels-last) when its token ids agree with fp32 on the first
-    batch (auto: on >= 99% of the positions, fp16 tried first; CUDA only), else fp32."""
+    batch (auto: on >= 99% of the positions, fp16 tried first; CUDA only), else fp32. Then the tokenizer is
+    settled: its convolution weights kept in that precision, its forward compiled where the step is."""
     if not (cfg.tokenizer_precision in ("fp16", "bf16") or (cfg.tokenizer_precision == "auto" and device.type == "cuda")):
         return
     try:
         probe = torch.stack([dataset.get(i, epoch=0)[1] for i in range(min(cfg.batch_size, len(dataset)))])
+        if probe.dtype == torch.uint8:
+            probe = dataset.transform.normalize_tokenizer_view(probe)
     except RuntimeError as e:
         err = data_error(e)
         if err is None:
@@ -247,4 +258,6 @@ def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: tor
         log.info("tokenizer in %s agrees with fp32 on %.2f%% of token positions", name, 100 * agreement)
         if engine.tokenizer_dtype is not None:
             break
-    log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
+    engine.settle_tokenizer(compile=engine.compiled)
+    log.info("tokenizer runs in %s%s", engine.tokenizer_dtype or torch.float32,
+             ", compiled" if engine.compiled and engine.tokenizer_dtype is not None else "")

@@ -105,7 +105,10 @@ def add_classification_data_args(p: argparse.ArgumentParser) -> argparse._Argume
                    help="normalise with ImageNet mean/std instead of the official 0.5/0.5")
     g.add_argument("--labels_per_class", type=int, default=None,
                    help="digits only: keep this many labelled training images per class (few-label setting)")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader worker processes, persistent across epochs (default: on CUDA the cores available "
+                   "to the process, shared among the node's processes, less one; 0 on CPU, where the step's threads "
+                   "use the cores)")
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="images with more pixels (read from the file header before decoding) are skipped, like "
                    "unreadable ones: a guard against decompression bombs")

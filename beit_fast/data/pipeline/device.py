@@ -67,19 +67,32 @@ def _replace_row(batch: EncodedBatch, row: int, sample: EncodedSample) -> None:
 class LoaderStats:
     """Where a :class:`DevicePretrainLoader` spent time: ``batches`` delivered; ``host_wait_s``: the
     training thread blocked waiting for a batch; ``device_wait_s``: the compute stream waiting for a batch's
-    event on the GPU (CUDA only, measured with timing events, read at ``summary()``)."""
+    event on the GPU (CUDA only, measured with timing events: those already passed are folded into a sum as
+    new ones come, so only the few not yet reached by the GPU are held; the rest is read at ``summary()``)."""
 
     batches: int = 0
     host_wait_s: float = 0.0
     _events: list = field(default_factory=list)
+    _waits: list = field(default_factory=list)
+
+    def add_device_wait(self, start, end) -> None:
+        """A pair of timing events around the compute stream's wait for a batch (not synchronised here)."""
+        self._events.append((start, end))
+        while self._events and self._events[0][1].query():  # done on the GPU: no wait to read it
+            first, last = self._events.pop(0)
+            self._waits.append(first.elapsed_time(last) / 1e3)
+
+    def device_waits(self) -> list[float]:
+        """Seconds the compute stream waited for each batch, in order (waits for the GPU to reach the last)."""
+        for start, end in self._events:
+            end.synchronize()
+            self._waits.append(start.elapsed_time(end) / 1e3)
+        self._events.clear()
+        return list(self._waits)
 
     @property
     def device_wait_s(self) -> float:
-        total = 0.0
-        for start, end in self._events:
-            end.synchronize()
-            total += start.elapsed_time(end) / 1e3
-        return total
+        return sum(self.device_waits())
 
     def summary(self) -> dict:
         return {"batches": self.batches, "host_wait_s": self.host_wait_s, "device_wait_s": self.device_wait_s}
@@ -224,7 +237,7 @@ class DevicePretrainLoader(PretrainLoader):
                     start.record(current)
                     current.wait_event(event)
                     end.record(current)
-                    self.stats._events.append((start, end))
+                    self.stats.add_device_wait(start, end)
                     for t in (*out[:3], getattr(out, "tokens", None)):
                         if t is not None:
                             t.record_stream(current)  # allocated on the side stream, used on this one

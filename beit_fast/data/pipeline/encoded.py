@@ -207,11 +207,13 @@ class EncodedBatch:
         """The bytes of the k-th JPEG (row ``jpeg_rows[k]``), a view of the buffer."""
         return self.jpeg_data[int(self.jpeg_offsets[k]): int(self.jpeg_offsets[k + 1])]
 
-    def pixels(self, k: int) -> torch.Tensor:
-        """The ``[3, h, w]`` pixels of the k-th shipped image (row ``pixel_rows[k]``)."""
+    def pixels(self, k: int, data: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[3, h, w]`` pixels of the k-th shipped image (row ``pixel_rows[k]``), a view of ``data``
+        (default: ``pixel_data``; e.g. its copy on the device, made once for all shipped images)."""
         row = int(self.pixel_rows[k])
         h, w = (int(v) for v in self.sizes[row])
-        return self.pixel_data[int(self.pixel_offsets[k]): int(self.pixel_offsets[k + 1])].view(3, h, w)
+        data = self.pixel_data if data is None else data
+        return data[int(self.pixel_offsets[k]): int(self.pixel_offsets[k + 1])].view(3, h, w)
 
     def pin_memory(self, device=None) -> "EncodedBatch":  # ``device`` accepted, unused (deprecated)
         fields = {name: getattr(self, name) for name in self._TENSORS}

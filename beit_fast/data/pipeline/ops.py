@@ -241,30 +241,29 @@ def resize_crops(images: Tensor, weights_y: Tensor, weights_x: Tensor, vertical_
     ``vertical_first``: bool ``[B]`` (host), which pass runs first for each image (see
     :func:`vertical_pass_first`; default: horizontal first). The first pass is rounded and clipped to 8
     bits before the second, as in Pillow. Returns uint8 ``[B, 3, out_h, out_w]``. ``exact``: float64 sums
-    (Pillow's integers exactly); False: float32.
+    (Pillow's integers exactly); False: float32, unless TF32 is on for CUDA matmuls (then float64: the flag is
+    global and the training thread's compiled step watches it, so this loader code never changes it).
     """
-    dtype = torch.float64 if exact else torch.float32
+    dtype = _resample_dtype(images.device, exact)
     b = images.shape[0]
     out = torch.empty(b, 3, weights_y.shape[1], weights_x.shape[1], dtype=torch.uint8, device=images.device)
     vfirst = torch.zeros(b, dtype=torch.bool) if vertical_first is None else vertical_first.cpu()
-    # float32 only: TF32 off (a global flag, so not touched at all on the default float64 path)
-    with _full_precision_matmul(images.device if not exact else torch.device("cpu")):
-        for flag in (False, True):
-            sel = (vfirst == flag).nonzero().flatten()
-            if sel.numel() == 0:
-                continue
-            whole = sel.numel() == b
-            idx = sel.to(images.device)
-            x = (images if whole else images.index_select(0, idx)).to(dtype)
-            wx = (weights_x if whole else weights_x.index_select(0, idx)).to(dtype).transpose(1, 2).unsqueeze(1)
-            wy = (weights_y if whole else weights_y.index_select(0, idx)).to(dtype).unsqueeze(1)
-            if flag:  # [B,1,oh,H] @ [B,3,H,W] -> [B,3,oh,W], then @ [B,1,W,ow]
-                res = _round_clip(torch.matmul(_round_clip(torch.matmul(wy, x)), wx))
-            else:  # [B,3,H,W] @ [B,1,W,ow] -> [B,3,H,ow], then [B,1,oh,H] @ that
-                res = _round_clip(torch.matmul(wy, _round_clip(torch.matmul(x, wx))))
-            if whole:
-                return res.to(torch.uint8)
-            out.index_copy_(0, idx, res.to(torch.uint8))
+    for flag in (False, True):
+        sel = (vfirst == flag).nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        whole = sel.numel() == b
+        idx = sel.to(images.device)
+        x = (images if whole else images.index_select(0, idx)).to(dtype)
+        wx = (weights_x if whole else weights_x.index_select(0, idx)).to(dtype).transpose(1, 2).unsqueeze(1)
+        wy = (weights_y if whole else weights_y.index_select(0, idx)).to(dtype).unsqueeze(1)
+        if flag:  # [B,1,oh,H] @ [B,3,H,W] -> [B,3,oh,W], then @ [B,1,W,ow]
+            res = _round_clip(torch.matmul(_round_clip(torch.matmul(wy, x)), wx))
+        else:  # [B,3,H,W] @ [B,1,W,ow] -> [B,3,H,ow], then [B,1,oh,H] @ that
+            res = _round_clip(torch.matmul(wy, _round_clip(torch.matmul(x, wx))))
+        if whole:
+            return res.to(torch.uint8)
+        out.index_copy_(0, idx, res.to(torch.uint8))
     return out
 
 
@@ -308,17 +307,9 @@ def vertical_pass_first(in_h: Tensor, in_w: Tensor, out_h: int, out_w: int) -> T
     return (in_h > out_h) & ((in_h - out_h) > 2 * (in_w - out_w))
 
 
-class _full_precision_matmul:
-    """TF32 off for the float32 resampling matmuls on CUDA (a run may enable it for the model)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> None:
-        if self.cuda:
-            self.saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = self.saved
+def _resample_dtype(device: torch.device, exact: bool) -> torch.dtype:
+    """float64 for ``exact``; else float32, unless CUDA matmuls may use TF32 (10-bit mantissas would move
+    pixels by more than a level): float64 then, read from the flag, never set (it is process-wide)."""
+    if exact or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        return torch.float64
+    return torch.float32

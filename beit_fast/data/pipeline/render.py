@@ -13,7 +13,7 @@ batch the training step takes, ``(patch_images float32 [B, 3, S, S], tokenizer_i
    :func:`~beit_fast.data.pipeline.ops.contrast_means`).
 3. Each view by two batched matrix products with Pillow's resampling weights
    (:func:`~beit_fast.data.pipeline.ops.resample_weights`): the flip is folded into the weights.
-4. ``/255``, then ``Normalize`` (patch view) and ``map_pixels`` (tokenizer view) with the very functions
+4. ``/255``, then ``Normalize`` (patch view) and ``map_pixels`` (tokenizer view) with the very function
    the PIL pipeline calls.
 
 With the CPU decoder (bit-identical to Pillow's, both libjpeg-turbo) the views equal the PIL pipeline's
@@ -25,9 +25,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torchvision.transforms.functional as TF
 
-from ..transforms import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, TwoViewConfig, map_pixels
+from ..transforms import TwoViewConfig, TwoViewTransform
 from .encoded import EncodedBatch
 from .ops import FILTERS, color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first
 
@@ -90,6 +89,7 @@ class DeviceTwoViewTransform:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.cfg = cfg
+        self._normalize = TwoViewTransform(cfg).normalize  # the PIL pipeline's formula
         self.device = torch.device(device)
         self.exact = bool(exact)
         self.chunk_size = int(chunk_size)
@@ -102,8 +102,10 @@ class DeviceTwoViewTransform:
         device decoder rejects is decoded by Pillow; only one Pillow rejects too is a failure."""
         images: list[torch.Tensor | None] = [None] * len(batch)
         failures: list[tuple[int, str]] = []
-        for k in range(int(batch.pixel_rows.numel())):
-            images[int(batch.pixel_rows[k])] = batch.pixels(k).to(self.device, non_blocking=True)
+        if batch.pixel_rows.numel():  # one copy for every image the workers decoded, not one per image
+            shipped = batch.pixel_data.to(self.device, non_blocking=True)
+            for k in range(int(batch.pixel_rows.numel())):
+                images[int(batch.pixel_rows[k])] = batch.pixels(k, shipped)
         rows = [int(r) for r in batch.jpeg_rows]
         if not rows:
             return images, failures
@@ -148,9 +150,12 @@ class DeviceTwoViewTransform:
         patch = torch.empty(b, 3, s1, s1, dtype=torch.float32, device=dev)
         tok = torch.empty(b, 3, s2, s2, dtype=torch.float32, device=dev)
         order = torch.argsort(batch.boxes[:, 2] * batch.boxes[:, 3], stable=True).tolist()
+        # The batch's draws on the device once (from pinned memory, asynchronous), not a small copy per chunk.
+        on_device = {name: getattr(batch, name).to(dev, non_blocking=True)
+                     for name in ("sizes", "boxes", "flips", "jitter_ops", "jitter_factors")}
         for start in range(0, b, self.chunk_size):
             rows = order[start: start + self.chunk_size]
-            p, t = self._render_chunk([images[r] for r in rows], batch, rows)
+            p, t = self._render_chunk([images[r] for r in rows], batch, rows, on_device)
             if rows == list(range(rows[0], rows[0] + len(rows))):
                 patch[rows[0]: rows[0] + len(rows)] = p
                 tok[rows[0]: rows[0] + len(rows)] = t
@@ -160,7 +165,10 @@ class DeviceTwoViewTransform:
                 tok.index_copy_(0, index, t)
         return patch, tok
 
-    def _render_chunk(self, images: list[torch.Tensor], batch: EncodedBatch, rows: list[int]):
+    def _render_chunk(self, images: list[torch.Tensor], batch: EncodedBatch, rows: list[int],
+                      on_device: dict[str, torch.Tensor]):
+        """``rows``' views; ``on_device``: the batch's sizes, boxes, flips and jitter draws on the device
+        (the host ones give the shapes)."""
         cfg, dev = self.cfg, self.device
         sel = torch.tensor(rows, dtype=torch.int64)
         sizes, boxes, flips = batch.sizes[sel], batch.boxes[sel], batch.flips[sel]
@@ -170,14 +178,16 @@ class DeviceTwoViewTransform:
         x0 = torch.where(flips, sizes[:, 1] - left - bw, left)
         ops = batch.jitter_ops[sel]
         present = [set(ops[:, k].tolist()) for k in range(ops.shape[1])]
+        sel_dev = sel.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else sel
+        ops_dev, factors_dev, sizes_dev, boxes_dev, flips_dev = (
+            on_device[name][sel_dev] for name in ("jitter_ops", "jitter_factors", "sizes", "boxes", "flips"))
         means = None
         if any(1 in kinds for kinds in present):  # CONTRAST: its mean is over the whole image
             hmax, wmax = int(sizes[:, 0].max()), int(sizes[:, 1].max())
             whole = torch.zeros(len(rows), 3, hmax, wmax, dtype=torch.uint8, device=dev)
             for k, img in enumerate(images):
                 whole[k, :, : img.shape[1], : img.shape[2]].copy_(img)
-            means = contrast_means(whole, ops.to(dev), batch.jitter_factors[sel].to(dev),
-                                   (sizes[:, 0] * sizes[:, 1]).to(dev), present)
+            means = contrast_means(whole, ops_dev, factors_dev, sizes_dev[:, 0] * sizes_dev[:, 1], present)
             del whole
         hc, wc = int(bh.max()), int(bw.max())
         crops = torch.zeros(len(rows), 3, hc, wc, dtype=torch.uint8, device=dev)
@@ -185,21 +195,16 @@ class DeviceTwoViewTransform:
             t, x, h, w = int(top[k]), int(x0[k]), int(bh[k]), int(bw[k])
             crops[k, :, :h, :w].copy_(img[:, t: t + h, x: x + w])
         if ops.shape[1]:
-            crops = color_jitter(crops, ops.to(dev), batch.jitter_factors[sel].to(dev), None, present, means)
+            crops = color_jitter(crops, ops_dev, factors_dev, None, present, means)
         views = []
         zeros = torch.zeros(len(rows), dtype=torch.int64, device=dev)
+        bh_dev, bw_dev = boxes_dev[:, 2], boxes_dev[:, 3]
         for size, interp in ((cfg.input_size, cfg.interpolation), (cfg.second_input_size, cfg.second_interpolation)):
-            wy = resample_weights(bh.to(dev), zeros, torch.zeros(len(rows), dtype=torch.bool, device=dev), size, hc,
+            wy = resample_weights(bh_dev, zeros, torch.zeros(len(rows), dtype=torch.bool, device=dev), size, hc,
                                   interp)
-            wx = resample_weights(bw.to(dev), torch.where(flips, bw - 1, 0).to(dev), flips.to(dev), size, wc, interp)
+            wx = resample_weights(bw_dev, torch.where(flips_dev, bw_dev - 1, 0), flips_dev, size, wc, interp)
             views.append(resize_crops(crops, wy, wx, vertical_pass_first(bh, bw, size, size), self.exact))
-        patch = TF.normalize(views[0].to(torch.float32).div(255), list(cfg.mean), list(cfg.std))
-        second = views[1].to(torch.float32).div(255)
-        if cfg.tokenizer_view == "dall-e":
-            tok = map_pixels(second)
-        else:
-            tok = TF.normalize(second, list(IMAGENET_INCEPTION_MEAN), list(IMAGENET_INCEPTION_STD))
-        return patch, tok
+        return self._normalize(views[0], views[1])
 
     def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode and render a batch whose images all decode (raises naming the file otherwise; the loader

@@ -145,6 +145,9 @@ class TwoViewConfig:
     hflip_prob: float = 0.5  # 0 disables
     imagenet_default_mean_and_std: bool = False  # False: mean = std = 0.5 (official default)
     tokenizer_view: str = "dall-e"  # "dall-e": map_pixels; "customized": Normalize(0.5, 0.5)
+    # True: the views leave the transform as uint8 pixels (4x fewer bytes through the loader and to the
+    # GPU) and are normalised where they are used (:meth:`TwoViewTransform.normalize`, on the device).
+    uint8_views: bool = False
 
     def __post_init__(self) -> None:
         for name in ("interpolation", "second_interpolation"):
@@ -198,7 +201,9 @@ def _size_only(height: int, width: int) -> torch.Tensor:
 
 
 class TwoViewTransform:
-    """PIL image -> (patch_image [3, S, S] float32, tokenizer_image [3, S2, S2] float32).
+    """PIL image -> (patch_image [3, S, S] float32, tokenizer_image [3, S2, S2] float32), or with
+    ``cfg.uint8_views`` the same views as ``uint8`` pixels, which :meth:`normalize` turns into the float
+    views bit for bit (on any device, batched or not).
 
     All randomness comes from torch's global RNG (ColorJitter, RandomHorizontalFlip and
     ``RandomResizedCrop.get_params`` are torchvision's), so ``torch.manual_seed(s)`` before a call makes the
@@ -266,22 +271,42 @@ class TwoViewTransform:
             img = F.hflip(img)
         return self.render(img, params.box)
 
+    # -- normalisation: the one formula of both views, for the PIL and the device pipeline -------------------
+    def normalize_patch_view(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``uint8 [..., 3, S, S]`` -> ToTensor's ``/255`` -> ``Normalize(mean, std)``, float32."""
+        return F.normalize(pixels.to(torch.float32).div(255), self.mean, self.std)
+
+    def normalize_tokenizer_view(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``uint8 [..., 3, S2, S2]`` -> ``/255`` -> ``map_pixels`` ("dall-e") or Normalize(0.5, 0.5), float32."""
+        x = pixels.to(torch.float32).div(255)
+        if self.cfg.tokenizer_view == "dall-e":
+            return map_pixels(x)
+        # "customized" (official: IMAGENET_INCEPTION mean/std)
+        return F.normalize(x, list(IMAGENET_INCEPTION_MEAN), list(IMAGENET_INCEPTION_STD))
+
+    def normalize(self, patch: torch.Tensor, tokenizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views from their ``uint8`` pixels (what ``cfg.uint8_views`` yields), one image or a batch;
+        equal bit for bit to the float views the transform renders without ``uint8_views``."""
+        return self.normalize_patch_view(patch), self.normalize_tokenizer_view(tokenizer)
+
     def render_tokenizer_view(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
         """The tokenizer view of one box of an RGB PIL image (deterministic): ``second_input_size``
-        ``second_interpolation`` resize -> ToTensor -> ``map_pixels`` ("dall-e") or Normalize(0.5, 0.5)."""
+        ``second_interpolation`` resize -> ToTensor -> ``map_pixels`` ("dall-e") or Normalize(0.5, 0.5)
+        (``uint8`` pixels with ``cfg.uint8_views``)."""
         i, j, h, w = box
-        second_t = F.to_tensor(F.resized_crop(img, i, j, h, w, self.second_size, self.second_interpolation))
-        if self.cfg.tokenizer_view == "dall-e":
-            return map_pixels(second_t)
-        # "customized" (official: IMAGENET_INCEPTION mean/std)
-        return F.normalize(second_t, list(IMAGENET_INCEPTION_MEAN), list(IMAGENET_INCEPTION_STD))
+        view = F.resized_crop(img, i, j, h, w, self.second_size, self.second_interpolation)
+        pixels = F.pil_to_tensor(view).contiguous()
+        return pixels if self.cfg.uint8_views else self.normalize_tokenizer_view(pixels)
 
     def render(self, img: Image.Image, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views of one box of an RGB PIL image (deterministic)."""
+        """Both views of one box of an RGB PIL image (deterministic; ``uint8`` pixels with
+        ``cfg.uint8_views``)."""
         i, j, h, w = box
-        patch = F.resized_crop(img, i, j, h, w, self.patch_size, self.patch_interpolation)
-        patch_t = F.normalize(F.to_tensor(patch), self.mean, self.std)
-        return patch_t, self.render_tokenizer_view(img, box)
+        patch = F.pil_to_tensor(F.resized_crop(img, i, j, h, w, self.patch_size, self.patch_interpolation))
+        patch = patch.contiguous()
+        if not self.cfg.uint8_views:
+            patch = self.normalize_patch_view(patch)
+        return patch, self.render_tokenizer_view(img, box)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`augment`, one :meth:`sample_box`, :meth:`render`."""
