@@ -66,7 +66,7 @@ def build_ours(variant, model, images, labels):
     cfg = SegmentConfig(max_iters=10**6, eval_interval=10**6, batch_size=images.shape[0], fast="on" if fast else "off",
                         attn_backend=attention, amp="bf16" if CUDA else "none", compile=fast, lr=1e-4)
     engine = build_segmentation_engine(model.to(DEVICE), cfg, DEVICE)
-    return lambda i: engine.train_step((images, labels), i), f"{variant}: engine step, attention {attention}"
+    return lambda i: engine.train_step((images, labels), i).loss, f"{variant}: engine step, attention {attention}"
 
 
 def build_hf(variant, model, images, labels):
@@ -86,14 +86,16 @@ def build_hf(variant, model, images, labels):
 
     def step(i):
         opt.zero_grad(set_to_none=True)
-        fn(images, labels).backward()
+        loss = fn(images, labels)
+        loss.backward()
         opt.step()
+        return loss.detach()
 
     return step, f"{variant}: HF BeitForSemanticSegmentation, sdpa"
 
 
 def build_variant(variant, model, images, labels):
-    """``(step(i), description)`` of one row (what a gpu_stages stage would call, as for the fine-tuning step)."""
+    """``(step(i) -> loss, description)`` of one row (what the gpu_stages ``segmentation`` stage calls)."""
     return (build_hf if variant.startswith("seg_hf") else build_ours)(variant, model, images, labels)
 
 

@@ -163,6 +163,15 @@ def build_plans(args, cuda: bool = True) -> dict[int, list[Stage]]:
                "ladder if the default tiles fail)"),
             st("kernels", py + ["kernels"] + common, 25, 25, 60, "fused CE chunk sweep; patch embedding vs permute+GEMM"),
         ],
+        5: [
+            env,
+            st("segmentation", py + ["segmentation", "--variants", "seg_eager,seg_beit_fast,seg_beit_fast_triton,"
+                                     "seg_hf_eager,seg_hf_compiled"] + common, 260, 240, 330,
+               "BEiT-B + UperNet segmentation step at 512 px, batch 16, bf16: ours eager / compiled (attention auto, "
+               "triton) vs HF BeitForSemanticSegmentation eager and compiled"),
+            st("segmentation_tests", pytest_cmd + ["tests/test_segmentation_train.py", "-k", "lengths"], 60, 55, 120,
+               "the Triton attention with per-block tables at N = 1025 and 1601 against math, on the card"),
+        ],
     }
 
 
@@ -254,7 +263,7 @@ def source_shim(env: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", type=int, default=1, help="which plan (1-4, see --dry-plan; default 1)")
+    p.add_argument("--plan", type=int, default=1, help="which plan (1-5, see --dry-plan; default 1)")
     p.add_argument("--dry-plan", action="store_true", help="print the plans (planned seconds per card) and exit")
     p.add_argument("--out", default=os.environ.get("OUT"), help="also copy the report files here (default: $OUT)")
     p.add_argument("--budget", type=float, default=COMMAND_LIMIT_S,

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_lib import RowWriter  # noqa: E402
 
-STAGES = ("env", "step", "attention", "attention_table", "kernels", "fp8", "finetune")
+STAGES = ("env", "step", "attention", "attention_table", "kernels", "fp8", "finetune", "segmentation")
 
 
 def main(argv=None) -> int:

@@ -219,6 +219,11 @@ TABLES: dict[str, dict] = {
                  "drop path 0.1; same batch and optimizer in every row)",
         "cols": _STEP_COLUMNS,
     },
+    "segmentation_step": {
+        "title": "Whole semantic segmentation step, one optimizer update (BEiT-B + UperNet at 512 px, 150 classes, "
+                 "decode + 0.4 auxiliary cross-entropy, drop path 0.1; same batch in every row)",
+        "cols": _STEP_COLUMNS,
+    },
     "attention": {
         "title": "Attention with the relative position bias, forward + backward incl. the bias gradient (bias "
                  "\"table\": the model's path, table [T, H] + index, gradient to the table; \"dense\": an [H, N, N] "
@@ -392,6 +397,12 @@ def ratios(rows: list[dict]) -> list[dict]:
         for b in (FINETUNE_EAGER, FINETUNE_TIMM):
             if a in ft and b in ft:
                 out.append({"a": a, "b": b, "speedup": ft[b]["ms"] / ft[a]["ms"], "ranges_overlap": _overlap(ft[a], ft[b])})
+    seg = _ok_steps(rows, "segmentation_step")
+    for a in ("seg_beit_fast", "seg_beit_fast_triton"):
+        for b in ("seg_eager", "seg_hf_eager", "seg_hf_compiled"):  # target: seg_beit_fast >= 1.5x seg_hf_compiled
+            if a in seg and b in seg:
+                out.append({"a": a, "b": b, "speedup": seg[b]["ms"] / seg[a]["ms"],
+                            "ranges_overlap": _overlap(seg[a], seg[b])})
     return out
 
 

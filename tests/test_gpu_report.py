@@ -201,6 +201,24 @@ def test_finetune_stage_runs_on_cpu(tmp_path):
     assert "attention=sdpa" in rows[1]["runs"]
 
 
+def test_segmentation_stage_runs_on_cpu(tmp_path):
+    """gpu_stages.py segmentation at the CPU sizes (the uncompiled rows): our eager step and HF's model each write a
+    timed row with their first loss; the speed-ups against HF are derived from such rows."""
+    pytest.importorskip("transformers")
+    rows_file = tmp_path / "rows.jsonl"
+    r = subprocess.run([PY, str(BENCH / "gpu_stages.py"), "segmentation", "--variants", "seg_eager,seg_hf_eager",
+                        "--repeats", "1", "--rows", str(rows_file)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = R.read_rows(rows_file)
+    assert [row["name"] for row in rows] == ["seg_eager", "seg_hf_eager"]
+    for row in rows:
+        assert row["table"] == "segmentation_step" and row["ms"] > 0 and "error" not in row
+        assert 1.0 < row["first_loss"] < 4.0  # (1 + 0.4) x ln(5 classes) ~ 2.25 at init
+    fake = [dict(rows[1], name="seg_hf_compiled"), dict(rows[0], name="seg_beit_fast", ms=rows[1]["ms"] / 2)]
+    assert any(s["a"] == "seg_beit_fast" and s["b"] == "seg_hf_compiled" and s["speedup"] == pytest.approx(2.0)
+               for s in R.ratios(fake))
+
+
 def test_fast_stage_loss_curve_runs_on_cpu(tmp_path):
     """The headline stage's bf16 loss curve (what the fp8 curve is compared with) trains on fresh batches whose
     token ids reach the whole vocabulary: the stand-in tokenizer must say the model's vocabulary size, not the
