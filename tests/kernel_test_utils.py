@@ -1,11 +1,21 @@
-"""Helpers shared by the kernel tests (tests/test_ops_*.py)."""
+"""Helpers shared by the kernel tests (tests/test_ops_*.py) and the model-level parity tests."""
 import os
+import zlib
 
 import pytest
 import torch
 
 # CPU + Triton interpreter by default; the real kernels on CUDA with BEIT_FAST_REAL_GPU=1.
 DEVICE = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and torch.cuda.is_available() else "cpu")
+
+
+def seed_for_current_test() -> int:
+    """A fixed seed for the running test: crc32 of its node id (reproducible run to run, different from test
+    to test). Printed, so a failing test's captured output reports it."""
+    node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    seed = zlib.crc32(node.encode()) % 2**31
+    print(f"seed {seed} for {node}")
+    return seed
 
 
 class PoisonedTorch:

@@ -22,8 +22,7 @@ CLASSES = 5
 SMOOTHING = 0.1
 # On a GPU machine (BEIT_FAST_REAL_GPU=1) the same parity tests run on CUDA with the real kernels.
 DEV = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and torch.cuda.is_available() else "cpu")
-TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or DEV.type == "cuda"
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="the Triton attention needs CUDA or the interpreter")
+# The Triton attention runs on CUDA or under the interpreter (tests/conftest.py): never skipped.
 
 
 def make_model(drop_path: float = 0.0, **kw):
@@ -148,8 +147,8 @@ CASES = [
     pytest.param("math", "none", True, id="math-nockpt-mixup"),
     pytest.param("math", "all", True, id="math-ckpt-mixup"),
     pytest.param("sdpa", 2, False, id="sdpa-ckpt2-labels"),
-    pytest.param("triton", "none", True, id="triton-nockpt-mixup", marks=needs_triton),
-    pytest.param("triton", "all", False, id="triton-ckpt-labels", marks=needs_triton),
+    pytest.param("triton", "none", True, id="triton-nockpt-mixup"),
+    pytest.param("triton", "all", False, id="triton-ckpt-labels"),
 ]
 
 
@@ -166,16 +165,15 @@ def test_fast_matches_eager_step(attention, checkpointing, mixup):
 
 
 def test_compiled_fast_step_one_graph_matches_eager_and_does_not_recompile():
-    """torch.compile(fullgraph=True, dynamic=False) of the loss module with the fused attention ("triton"
-    where it runs, else "sdpa") and checkpointing: no graph break, the eager step's loss and gradients,
-    and a second batch reuses the graph."""
+    """torch.compile(fullgraph=True, dynamic=False) of the loss module with the Triton attention and
+    checkpointing: no graph break, the reference's loss and gradients, and a second batch reuses the graph."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     model = make_model()
     fast_model = copy.deepcopy(model)
     loss_fn = build_finetune_loss(fast_model, label_smoothing=SMOOTHING, fast=True,
-                                  attention="triton" if TRITON_OK else "sdpa", activation_checkpointing=1)
+                                  attention="triton", activation_checkpointing=1)
     batch = make_batch(3)
     explanation = torch._dynamo.explain(loss_fn)(*batch)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -207,12 +205,12 @@ def test_drop_path_and_checkpointing_compile_to_one_graph():
     torch._dynamo.reset()
     model = make_model(drop_path=0.1)
     loss_fn = build_finetune_loss(model, label_smoothing=SMOOTHING, fast=True,
-                                  attention="triton" if TRITON_OK else "sdpa", activation_checkpointing="all")
+                                  attention="triton", activation_checkpointing="all")
     explanation = torch._dynamo.explain(loss_fn)(*make_batch(6))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
-@pytest.mark.parametrize("attention", ["sdpa", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
 def test_fast_step_bf16_flash_attention_rule(attention):
     """bf16 autocast: the fast step's error against the fp64 reference is at most twice the eager bf16
     step's (plus 1e-3 x the tensor's largest magnitude), for the loss and every gradient."""

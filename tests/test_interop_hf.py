@@ -6,6 +6,7 @@ Tiny configs (hidden 32, 2 layers, 32x32 images, 8x8 patches, vocab 50), random 
 import copy
 import inspect
 import math
+import os
 
 import pytest
 import torch
@@ -276,10 +277,12 @@ def test_autocast_bf16_keeps_hf_dtypes():
 
 def test_triton_kernels_through_the_patch():
     """The Triton embedding and loss kernels (interpreted on CPU) inside the patched HF model."""
-    from beit_fast.ops.backend import triton_available, triton_interpreting
+    from beit_fast.ops.backend import triton_available
 
-    if not (triton_available() and triton_interpreting()):
-        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by the root conftest)")
+    if not triton_available():
+        pytest.skip("needs the optional triton package")
+    if os.environ.get("BEIT_FAST_REAL_GPU") == "1":
+        pytest.skip("CPU tensors through the Triton kernels need the interpreter, which BEIT_FAST_REAL_GPU=1 turns off")
     ref_model = mim_model()
     model = apply_beit_fast_to_hf(copy.deepcopy(ref_model), attention="math", fused_loss="triton",
                                   fused_embed="triton")
