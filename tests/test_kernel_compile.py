@@ -88,7 +88,9 @@ def test_gemm_operand_copies_are_16_byte_vectors(compiled, cap):
 def test_attention_kernels_compile_at_beit_shapes(compiled, cap):
     from beit_fast.kernels import attention as at
 
-    res = [r for r in compiled[cap] if r["kernel"] in ATTENTION_KERNELS + ("_table_grad_kernel",)]
+    # fp32 attention (IEEE products) takes no tensor cores: test_every_advertised_attention_dtype_and_head_dim_compiles
+    res = [r for r in compiled[cap] if r["kernel"] == "_table_grad_kernel"
+           or (r["kernel"] in ATTENTION_KERNELS and r["dtype"] != "float32")]
     names = {r["name"] for r in res}
     fam = at.arch_family(cap // 10)
     for n in (197, 577):
