@@ -183,7 +183,8 @@ def main(argv=None) -> int:
         return 0
     results = check(chosen, args.timeout, baseline=not args.no_baseline)
     missed = [n for n, r in results.items() if not r.startswith("caught")]
-    print(f"{len(results) - len(missed)}/{len(results)} mutations caught" + (f"; not caught: {missed}" if missed else ""))
+    print(f"{len(results) - len(missed)}/{len(results)} mutations caught"
+          + (f"; not caught: {missed}" if missed else ""))
     return 1 if missed else 0
 
 

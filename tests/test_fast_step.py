@@ -15,6 +15,7 @@ from beit_fast.masking import MaskingGenerator
 from beit_fast.model import build_model, masked_index
 from beit_fast.optim import build_optimizer
 from kernel_test_utils import assert_close_rel, assert_flash_rule
+from kernel_test_utils import exact_fp32_reference  # noqa: F401 (autouse: IEEE fp32 on CUDA)
 from reference_beit import grads_of, mim_loss, perturb_
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, vocab_size=40, drop_path_rate=0.0)

@@ -15,6 +15,7 @@ from beit_fast.loss import ClassificationLoss, build_finetune_loss, classificati
 from beit_fast.model import build_classifier
 from beit_fast.optim import apply_schedule, param_groups_layer_decay
 from kernel_test_utils import assert_close_rel, assert_flash_rule
+from kernel_test_utils import exact_fp32_reference  # noqa: F401 (autouse: IEEE fp32 on CUDA)
 from reference_beit import classifier_logits, grads_of, perturb_
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # 4x4 patches, 17 tokens

@@ -84,7 +84,8 @@ def test_forward_shapes_and_masked_only_head():
     feats = model.forward_features(x, mask)
     assert feats.shape == (3, 17, 32)
     p = _fp64_params(model)
-    want = torch.nn.functional.layer_norm(trunk(p, x.double(), 4, 8, mask), (32,), p["norm.weight"], p["norm.bias"], 1e-6)
+    want = torch.nn.functional.layer_norm(trunk(p, x.double(), 4, 8, mask), (32,), p["norm.weight"], p["norm.bias"],
+                                          1e-6)
     assert_close_rel(feats, want.detach(), 1e-5, "features")
     assert_close_rel(all_logits, (want[:, 1:] @ p["lm_head.weight"].t() + p["lm_head.bias"]).detach(), 1e-5, "logits")
 

@@ -20,7 +20,8 @@ import beit_fast.kernels.attention as KA
 from beit_fast.model import Attention, RelativePositionBias, build_classifier, relative_position_index
 from beit_fast.ops import attention as A
 from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_bias
-from kernel_test_utils import DEVICE, PoisonedTorch, assert_close_rel, exact_fp32_reference  # noqa: F401 (autouse fixture)
+from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
+from kernel_test_utils import assert_close_rel
 from reference_beit import classifier_logits, grads_of, perturb_
 
 CUDA = DEVICE.type == "cuda"  # else the interpreter (tests/conftest.py): never skipped, fails without either
