@@ -40,6 +40,8 @@ TABLES = "tests/test_ops_attention_triton.py::test_classifier_tables_match_refer
 TIMM = "tests/test_interop_timm.py::test_logits_and_gradients_match_unpatched[per_block-sdpa]"
 HF = "tests/test_interop_hf.py::test_classification_logits_loss_and_gradients_match[True]"
 SPEC = "tests/test_model.py::test_eager_models_are_the_spec_in_fp64"
+BF16_RULE = ("tests/test_finetune_fast.py::test_fast_step_bf16_flash_attention_rule",
+             "tests/test_fast_step.py::test_fast_step_bf16_close_to_fp32_reference")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("model-scale-x1.01", "beit_fast/model.py",
              "self.scale = head_dim**-0.5", "self.scale = head_dim**-0.5 * 1.01", (SPEC, FT_MATH, TABLES),
              fast=True),
+    Mutation("model-scale-x1.01-bf16", "beit_fast/model.py",  # the bf16 rule alone sees it too
+             "self.scale = head_dim**-0.5", "self.scale = head_dim**-0.5 * 1.01", BF16_RULE),
     Mutation("model-q-bias-dropped", "beit_fast/model.py",
              "bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))",
              "bias = torch.cat((0 * self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))", (STEP_MATH,)),
