@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from .utils.options import ArgumentParser
+
 EPILOG = """\
 formats:
   official   microsoft/unilm key names (= beit_fast's model): pretraining (lm_head, shared relative
@@ -35,7 +37,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m beit_fast.convert",
         description="Convert a BEiT checkpoint (official/beit_fast, HuggingFace or timm; .pt/.pth/.bin, "
                     ".safetensors or an HF model directory) to another layout. The source format is detected "
@@ -93,14 +95,10 @@ def convert(args: argparse.Namespace) -> str:
     """Run one conversion; returns the summary line. Raises FileNotFoundError / FileExistsError /
     ValueError on bad input."""
     from .interop.checkpoints import (
-        convert_state_dict,
-        same_family,
-        detect_format,
-        detect_layout,
-        hf_config_from_state_dict,
-        load_state_dict,
+        convert_state_dict, detect_format, detect_layout, hf_config_from_state_dict, load_state_dict,
         save_state_dict,
     )
+    from .interop.conversion import same_family
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():

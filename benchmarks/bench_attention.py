@@ -33,7 +33,7 @@ import os
 import pytest
 import torch
 
-from beit_fast.model import relative_position_index
+from beit_fast.model.beit import relative_position_index
 from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_bias, resolve_attention_backend
 from correctness import LOW_PRECISION, check, run_once
 
@@ -129,7 +129,8 @@ def test_attention_fwd_bwd(benchmark, device, shape, dtype, backend, kind, monke
     if backend == "triton" and device == "cuda":
         import beit_fast.kernels.attention as kernels
 
-        for label, tuned in (("fwd", kernels._FWD_TUNED), ("dq", kernels._DQ_TUNED), ("dkdv", kernels._DKDV_TUNED)):
+        for label, tuned in (("fwd", kernels._FWD_TUNED), ("dq", kernels._DQ_TUNED), ("dkdv", kernels._DKDV_TUNED),
+                             ("table_grad", kernels._TG_TUNED)):
             benchmark.extra_info[f"config_{label}"] = str(getattr(tuned, "best_config", None))
     if device == "cuda":
         import triton.testing

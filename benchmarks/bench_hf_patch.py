@@ -44,7 +44,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beit_fast.masking import MaskingGenerator
+from beit_fast.data.masking import MaskingGenerator
 from correctness import check, check_steps
 
 transformers = pytest.importorskip("transformers")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
-from beit_fast.masking import MaskingGenerator
-from beit_fast.model import build_model, masked_index
-from beit_fast.optim import build_optimizer
+from beit_fast.data.masking import MaskingGenerator
+from beit_fast.model.beit import build_model, masked_index
+from beit_fast.train.optim import build_optimizer
 from kernel_test_utils import assert_close_rel, assert_flash_rule
 from kernel_test_utils import exact_fp32_reference  # noqa: F401 (autouse: IEEE fp32 on CUDA)
 from reference_beit import grads_of, mim_loss, perturb_
@@ -190,7 +190,8 @@ def test_tokenizer_low_precision_agreement_and_choice():
     hand): fp32 tokens equal it wherever the top-2 logits are not tied; bf16 tokens equal it wherever the
     top-2 gap exceeds 3 % of the row's largest |logit| (far beyond bf16's rounding), so the agreement is at
     least that fraction; the engine's choice follows the agreement and its tokenize then uses bf16."""
-    from beit_fast.train.mim import token_agreement, tokenize
+    from beit_fast.train.mim import token_agreement
+    from beit_fast.tokenizer.base import tokenize
     from beit_fast.tokenizer import build_tokenizer
 
     torch.manual_seed(0)

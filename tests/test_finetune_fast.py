@@ -1,4 +1,4 @@
-"""The fine-tuning fast path (beit_fast.loss.ClassificationLoss over the classifier's fast path) and the
+"""The fine-tuning fast path (beit_fast.train.loss.ClassificationLoss over the classifier's fast path) and the
 eager fine-tuning step of beit_fast.finetune against an independent fp64 reference (tests/reference_beit.py,
 perturbed weights): same loss and every gradient (fp32 within 1e-5 of each tensor's largest magnitude, bf16
 by the flash-attention rule), compiled to one graph without graph breaks or recompilation (tiny config, CPU; the
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beit_fast.transforms import build_mixup
-from beit_fast.loss import ClassificationLoss, build_finetune_loss, classification_loss
-from beit_fast.model import build_classifier
-from beit_fast.optim import apply_schedule, param_groups_layer_decay
+from beit_fast.data.transforms import build_mixup
+from beit_fast.train.loss import ClassificationLoss, build_finetune_loss, classification_loss
+from beit_fast.model.beit import build_classifier
+from beit_fast.train.optim import apply_schedule, param_groups_layer_decay
 from kernel_test_utils import assert_close_rel, assert_flash_rule
 from kernel_test_utils import exact_fp32_reference  # noqa: F401 (autouse: IEEE fp32 on CUDA)
 from reference_beit import classifier_logits, grads_of, perturb_

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from beit_fast.model import (
+from beit_fast.model.beit import (
     BeitConfig, RelativePositionBias, build_classifier, build_model, get_config, relative_position_index,
 )
 from kernel_test_utils import assert_close_rel
@@ -216,7 +216,7 @@ def test_wrong_input_size_is_clear():
 def test_attention_is_the_eager_formula_bit_for_bit(amp, bias):
     """model.Attention calls ops.attention ("math" by default): values and gradients are those of the eager
     formula the model used to compute itself, bit for bit, in fp32 and under bf16 autocast (fp32 tables)."""
-    from beit_fast.model import Attention
+    from beit_fast.model.beit import Attention
 
     torch.manual_seed(0)
     attn = Attention(32, 4, window_size=(3, 4) if "own" in bias else None)
@@ -253,7 +253,7 @@ def test_attention_is_the_eager_formula_bit_for_bit(amp, bias):
 
 
 def test_attention_backend_names():
-    from beit_fast.model import Attention
+    from beit_fast.model.beit import Attention
 
     attn = Attention(16, 2)
     with pytest.warns(DeprecationWarning, match="deprecated alias of 'math'"):

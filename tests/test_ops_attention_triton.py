@@ -1,8 +1,9 @@
 """The "triton" attention backend (beit_fast/kernels/attention.py) against the math reference.
 
 CPU: the kernels run under Triton's interpreter (root conftest), at small shapes. CUDA: the same tests run
-the compiled kernels with ``BEIT_FAST_REAL_GPU=1`` (a trimmed set of cases, fixed configurations instead
-of autotuning so that each case compiles once; one test exercises the autotuner):
+the compiled kernels with ``BEIT_FAST_REAL_GPU=1`` (a trimmed set of cases plus BEiT-B's shapes at N 197 and
+577, fixed configurations instead of autotuning so that each case compiles once; one test exercises the
+autotuner, every configuration valid on the card; on CPU each configuration is forced in turn):
 
     BEIT_FAST_REAL_GPU=1 pytest tests/test_ops_attention_triton.py
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 import beit_fast.kernels.attention as KA
-from beit_fast.model import Attention, RelativePositionBias, build_classifier, relative_position_index
+from beit_fast.kernels.attention_plan import index_plan
+from beit_fast.model.beit import Attention, RelativePositionBias, build_classifier, relative_position_index
 from beit_fast.ops import attention as A
 from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_bias
 from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
@@ -47,7 +49,7 @@ def fixed_configs(monkeypatch):
 
 
 def _window(n: int) -> tuple[int, int]:
-    return {13: (3, 4), 17: (4, 4), 50: (7, 7), 197: (14, 14)}[n]
+    return {13: (3, 4), 17: (4, 4), 50: (7, 7), 197: (14, 14), 577: (24, 24)}[n]
 
 
 def _make(b, h, n, d, dv=None, seed=0):
@@ -135,6 +137,21 @@ def test_dense_bias_matches_reference(b, h, n, d, dtype):
     _check(dtype, q=q, k=k, v=v, dout=dout, bias=bias())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="BEiT-B sizes take minutes in the interpreter: CUDA only")
+@pytest.mark.parametrize("n", [197, 577])
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("mode", ["table", "dense"])
+def test_beit_b_shapes(mode, dtype, n):
+    """BEiT-B's attention (12 heads, head dim 64) at 224 px (N = 197) and 384 px (N = 577), table path (the
+    model's) and dense bias (the HF / timm patches'), bf16 and fp16."""
+    q, k, v, dout, table, index = _make(4 if n == 197 else 2, 12, n, 64, seed=13)
+    if mode == "table":
+        _check(dtype, q=q, k=k, v=v, dout=dout, table=table, index=index)
+    else:
+        _check(dtype, q=q, k=k, v=v, dout=dout, bias=table[index].permute(2, 0, 1).contiguous())
+
+
 @pytest.mark.parametrize("dtype", [_case(F32), _case(F16, cuda=True)], ids=str)
 def test_no_bias_and_distinct_value_head_dim(dtype):
     q, k, v, dout, _, _ = _make(3, 2, 17, 16, dv=32, seed=2)
@@ -207,7 +224,7 @@ def test_classifier_tables_match_reference(shared, per_block, monkeypatch):
     for name in want_grads:
         assert_close_rel(grads[name].cpu(), want_grads[name], 1e-5, f"math {name}")
     ref_out, ref_grads = want.detach(), want_grads
-    import beit_fast.model as M
+    import beit_fast.model.beit as M
 
     def no_dense_bias(*a, **k):
         raise AssertionError("the triton path gathered a dense bias")
@@ -250,10 +267,35 @@ def test_long_sequence_key_loop(monkeypatch):
     _check(F32, q=q, k=k, v=v, dout=dout, table=table, index=index)
 
 
+def _entries(name: str) -> list[dict]:
+    """Every entry of a GPU configuration list of the kernels (both architecture families), untagged."""
+    return [{k: v for k, v in d.items() if k != "archs"} for d in getattr(KA, name)]
+
+
+_TUNED_LISTS = (("INTERP_FWD", "GPU_FWD_CONFIGS"), ("INTERP_DQ", "GPU_DQ_CONFIGS"),
+                ("INTERP_DKDV", "GPU_DKDV_CONFIGS"), ("INTERP_TABLE_GRAD", "GPU_TABLE_GRAD_CONFIGS"))
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA test_cuda_autotuned_beit_shape runs every configuration valid on the card")
+@pytest.mark.parametrize("i", range(max(len(getattr(KA, gpu)) for _, gpu in _TUNED_LISTS)))
+def test_every_autotuner_configuration(i, monkeypatch):
+    """Each configuration the autotuner may pick, forced in turn (the interpreter runs one configuration per
+    kernel): entry i of every list (the shorter lists wrap around), table path at N = 50 (one to four blocks of
+    16-128, the last one padded) in fp32, and the dense bias in bf16 at N = 17: the reference's values and
+    gradients."""
+    for interp, gpu in _TUNED_LISTS:
+        entries = _entries(gpu)
+        monkeypatch.setattr(KA, interp, entries[i % len(entries)])
+    q, k, v, dout, table, index = _make(3, 2, 50, 16, seed=11)
+    _check(F32, q=q, k=k, v=v, dout=dout, table=table, index=index)
+    q, k, v, dout, table, index = _make(3, 2, 17, 16, seed=12)
+    _check(BF16, q=q, k=k, v=v, dout=dout, bias=table[index].permute(2, 0, 1).contiguous())
+
+
 def test_index_plan_positions_and_errors():
     index = relative_position_index((3, 4)).to(DEVICE)
     T = int(index.max()) + 1
-    compact, compact_t, positions = KA.index_plan(index, T)
+    compact, compact_t, positions = index_plan(index, T)
     assert compact.dtype == torch.int16 and torch.equal(compact.long(), index)
     assert torch.equal(compact_t.long(), index.t())
     flat = index.reshape(-1)
@@ -261,13 +303,13 @@ def test_index_plan_positions_and_errors():
         want = torch.nonzero(flat == t).flatten()
         got = positions[t][positions[t] >= 0].long()
         assert torch.equal(got, want), t
-    assert KA.index_plan(index, T)[2] is positions  # cached
-    assert KA.index_plan(index.clone(), T)[2] is positions  # an equal index (per-block buffers) shares the plan
+    assert index_plan(index, T)[2] is positions  # cached
+    assert index_plan(index.clone(), T)[2] is positions  # an equal index (per-block buffers) shares the plan
     other = index.flip(0).contiguous()
-    assert not torch.equal(KA.index_plan(other, T)[0].long(), index)  # a different one gets its own
-    assert torch.equal(KA.index_plan(other, T)[0].long(), other)
+    assert not torch.equal(index_plan(other, T)[0].long(), index)  # a different one gets its own
+    assert torch.equal(index_plan(other, T)[0].long(), other)
     with pytest.raises(ValueError, match=r"must be in \[0, 5\)"):
-        KA.index_plan(index.clone(), 5)
+        index_plan(index.clone(), 5)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
 def _torch_load(path: Path, map_location, trust_pickle: bool):
     """The package's one checkpoint reader; every failure as a ValueError naming the file (an unsafe
     pickle's message names the opt-in, ``trust_pickle=True`` / ``--trust-pickle``)."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..utils.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path, map_location, trust_pickle=trust_pickle)
@@ -84,7 +84,7 @@ def load_state_dict(
 
     Official checkpoints keep the weights under ``"model"`` (also accepted: ``module``, ``state_dict``,
     ``model_state``); a ``module.`` prefix (DDP) is stripped. Torch files are read by
-    :func:`beit_fast.checkpoint.load_checkpoint` (checksums, ``weights_only=True``) unless
+    :func:`beit_fast.utils.checkpoint.load_checkpoint` (checksums, ``weights_only=True``) unless
     ``trust_pickle=True`` (needed for files that pickle other objects, such as official training
     checkpoints with their ``args``; it can run code from the file: only for files you trust). Shards of
     an index must lie inside its folder. A file that cannot be read is a ValueError naming it.
@@ -133,7 +133,7 @@ def save_state_dict(
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path), metadata=meta)
         return path
-    from ..checkpoint import atomic_save
+    from ..utils.checkpoint import atomic_save
 
     # cloned so that views (split q/k/v) do not drag their whole storage into the file
     obj: Any = {k: v.clone() for k, v in tensors.items()}

@@ -11,7 +11,7 @@ named in the error, the decoder's classes), the ``torch.nn`` modules they contai
 refused.
 
 * A zip-format file (``torch.save`` since torch 1.6) is read by the package's one safe reader,
-  :func:`beit_fast.checkpoint.load_checkpoint` (``torch.load(weights_only=True)``), with that allow-list.
+  :func:`beit_fast.utils.checkpoint.load_checkpoint` (``torch.load(weights_only=True)``), with that allow-list.
 * The released ``encoder.pkl`` is in torch's older (legacy) format, in which pickled modules reference
   their classes through a kind of record that ``weights_only`` cannot read. :func:`_read_legacy_file` reads
   that format itself with :class:`_RestrictedUnpickler` (``find_class`` admits the allow-list only; tensors
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, UnsafeCheckpointError, is_zip_format, load_checkpoint
+from ..utils.checkpoint import CheckpointError, UnsafeCheckpointError, is_zip_format, load_checkpoint
 
 
 class _PickledDalleModule(nn.Module):
