@@ -144,6 +144,11 @@ def build_plans(args, cuda: bool = True) -> dict[int, list[Stage]]:
                  "(mode reduce-overhead)", extras="sync_free,curve"),
             st("fp8", py + ["fp8", "--curve-steps", str(args.curve_steps)] + common, 45, 40, 100,
                "--fp8 step and its loss curve vs the bf16 one"),
+            st("end_to_end_finetune", [sys.executable, str(HERE / "bench_end_to_end.py"), "--rows", "{rows}",
+                                       "--pipelines", "pil", "--finetune"] + (
+                ["--device", "cuda", "--images", "2048", "--batch", "256", "--steps", "15", "--warmup", "5"]
+                if cuda else ["--device", "cpu"]), 110, 105, 160,
+               "end to end with the defaults: python -m beit_fast.finetune's loop beside a pil pretraining row"),
         ],
         4: [
             env,
