@@ -29,9 +29,10 @@ setup(
     extras_require={
         # Tests exercise the HuggingFace/timm interop, the property-based input checks and the TensorBoard
         # scalars of --log_dir. simplejpeg: the decoder comparison of benchmarks/bench_input_pipeline.py and
-        # the decoder-tolerance test.
+        # the decoder-tolerance test. torchao: the FP8 conversion and emulated-parity tests (torchao 0.18.0
+        # with torch 2.14.1 on CPU: tests/test_fp8.py passes, nothing skipped).
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "timm", "safetensors", "simplejpeg",
-                "tensorboard"],
+                "tensorboard", "torchao>=0.13"],
         "tensorboard": ["tensorboard"],  # pretrain --log_dir
         "jpeg": ["simplejpeg"],  # --jpeg_decoder auto / simplejpeg: Pillow's pixels, faster decode
         "hf": ["transformers>=5", "safetensors"],

@@ -19,6 +19,11 @@ autotuner picked. On CUDA a round ends with a synchronize, and extra_info record
 step above the inputs (MiB) and triton.testing.do_bench's median (ms, CUDA events), the figure to quote.
 Use these numbers to order ``beit_fast.ops.attention.AUTO_PRIORITY["cuda"]`` (and record them there). On
 CPU "triton" runs under Triton's interpreter (tiny shape only): its time means nothing.
+
+Correctness gate (benchmarks/correctness.py): before timing, each row's output and gradients (q, k, v and
+the bias or table) are compared once with the "math" backend in fp64, by the tests' rule (fp32: 1e-5 x each
+tensor's scale; bf16: flash-attention's 2x rule against "math" in bf16); a wrong row fails ("WRONG ANSWER")
+and is not timed.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 
 from beit_fast.model.beit import relative_position_index
 from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_bias, resolve_attention_backend
+from correctness import LOW_PRECISION, check, run_once
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
@@ -105,6 +111,16 @@ def test_attention_fwd_bwd(benchmark, device, shape, dtype, backend, kind, monke
         sync()
         return grads
 
+    def forward(backend_name, q_, k_, v_, leaf_):
+        if kind == "table":
+            return attention_with_rel_pos_bias(q_, k_, v_, leaf_, index, backend=backend_name)
+        return attention_with_bias(q_, k_, v_, leaf_, backend=backend_name)
+
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    check(benchmark, run_once(lambda: forward(name, *inputs), inputs, dout),
+          run_once(lambda: forward("math", *exact), exact, dout.double()),
+          run_once(lambda: forward("math", *inputs), inputs, dout) if dtype in LOW_PRECISION else None,
+          ["out", "dq", "dk", "dv", f"d{kind}"])
     step()  # compile (flex) / autotune (triton) / first-call work outside the measurement
     benchmark.extra_info["backend"] = resolve_attention_backend(name, q)
     benchmark.extra_info["bias"] = kind

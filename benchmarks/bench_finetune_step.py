@@ -11,6 +11,8 @@ would run in Triton's interpreter), ``ft_timm_compiled`` (timm's beit_base_patch
 same step). ``extra_info``: images/s, MFU against ``BEIT_FAST_PEAK_TFLOPS`` (default 989), peak memory.
 Batch on CUDA: ``BEIT_FAST_BENCH_BATCH`` (default 256). Targets (issue 13): ft_beit_fast >= 2x ft_eager and
 >= 1.2x ft_timm_compiled, in the same run (``benchmarks/gpu_report.py``'s finetune stage records them).
+Every timed step's loss must be finite (benchmarks/correctness.py); the fast step's values are held to the
+eager step's by tests/test_finetune_fast.py.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from finetune_variants import (  # noqa: E402
     finetune_config,
     make_finetune_data,
 )
+from correctness import check_steps  # noqa: E402
 from step_common import finetune_flops_per_image, mfu_percent  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -54,13 +57,15 @@ def test_finetune_step(benchmark, variant):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     counter = iter(range(3, 10**6))
+    losses = []
 
     def timed():
-        step(next(counter))
+        losses.append(step(next(counter)))
         if CUDA:  # the fast steps never synchronise themselves
             torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=10 if CUDA else 3, iterations=1, warmup_rounds=1)
+    check_steps(benchmark, losses)
     images_per_s = batch_size / benchmark.stats.stats.median
     benchmark.extra_info.update({"batch": batch_size, "images_per_s": round(images_per_s, 1), "runs": desc,
                                  "device": torch.cuda.get_device_name() if CUDA else "cpu"})

@@ -29,6 +29,11 @@ A part whose rows are not faster than ``unpatched`` in both modes should be off 
 ``apply_beit_fast_to_hf`` (INTEROP.md lists the defaults and the measurement behind them).
 Cost on an H200 (estimate): eager rows a few seconds each, compiled rows ~1 minute each (compilation);
 ``-k eager`` for a quick look. Batch on CUDA: ``BEIT_FAST_BENCH_BATCH`` (default 64).
+
+Correctness gate (benchmarks/correctness.py): before timing, each row's first loss is compared with the
+unpatched eager model's in fp32 (same weights), by the tests' rule (fp32: 1e-5 of its value; bf16 on CUDA:
+flash-attention's 2x rule with the unpatched bf16 loss as PyTorch's own); a wrong row fails and is not
+timed. Every timed step's loss must be finite.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_fast.data.masking import MaskingGenerator
+from correctness import check, check_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,7 +117,7 @@ def make_batch(s: dict):
     return images.to(DEVICE), masks.to(DEVICE), tokens[masks].to(DEVICE), classes.to(DEVICE)
 
 
-def run_rows(benchmark, kind: str, mode: str, patch: str, model: torch.nn.Module, loss_fn) -> None:
+def run_rows(benchmark, kind: str, mode: str, patch: str, model: torch.nn.Module, loss_fn, unpatched) -> None:
     s = sizes()
     group = (f"{kind}_train_step {mode} {DEVICE.type} D{s['hidden']}xL{s['layers']} {s['image']}/{s['patch']} "
              f"batch {s['batch']}")
@@ -120,6 +126,8 @@ def run_rows(benchmark, kind: str, mode: str, patch: str, model: torch.nn.Module
     fn = torch.compile(model) if mode == "compiled" else model
     amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA)
 
+    losses = []
+
     def step():
         model.zero_grad(set_to_none=True)
         with amp:
@@ -127,15 +135,25 @@ def run_rows(benchmark, kind: str, mode: str, patch: str, model: torch.nn.Module
         loss.backward()
         if CUDA:
             torch.cuda.synchronize()
+        losses.append(loss.detach())
         return loss
 
     first_loss = step().item()  # compiles in "compiled" mode
+    with torch.no_grad():  # the gate: the unpatched eager model (same weights) in fp32, and in bf16 on CUDA
+        reference = unpatched()
+        want = loss_fn(reference).float()
+        with amp:
+            lowp = [loss_fn(reference).float()] if CUDA else None
+        del reference
+    check(benchmark, [torch.tensor(first_loss)], [want], lowp, ["first loss"])
     step()
     step()  # allocator / kernel / autotuning warm-up
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    losses.clear()
     benchmark.pedantic(step, rounds=10 if CUDA else 3, iterations=1, warmup_rounds=1)
+    check_steps(benchmark, losses)
     median = benchmark.stats.stats.median
     if patch == "unpatched":
         _BASELINE_MS[group] = median
@@ -157,7 +175,8 @@ def test_hf_mim_step(benchmark, mode, patch):
     model = build_hf(patch, s)
     images, masks, labels, _ = make_batch(s)
     run_rows(benchmark, "hf_mim", mode, patch, model,
-             lambda fn: fn(pixel_values=images, bool_masked_pos=masks, labels=labels).loss)
+             lambda fn: fn(pixel_values=images, bool_masked_pos=masks, labels=labels).loss,
+             lambda: build_hf("unpatched", s))
 
 
 @pytest.mark.parametrize("patch", TIMM_PATCHES)
@@ -167,4 +186,5 @@ def test_timm_beit_step(benchmark, mode, patch):
     s = sizes()
     model = build_timm(patch, s)
     images, _, _, classes = make_batch(s)
-    run_rows(benchmark, "timm_beit", mode, patch, model, lambda fn: F.cross_entropy(fn(images).float(), classes))
+    run_rows(benchmark, "timm_beit", mode, patch, model, lambda fn: F.cross_entropy(fn(images).float(), classes),
+             lambda: build_timm("unpatched", s))

@@ -18,6 +18,11 @@ On CUDA, ``benchmark.extra_info`` records the peak memory allocated above the in
 forward+backward. On CPU the Triton kernels would run in Triton's interpreter, hundreds of times slower
 than compiled code: those rows are left out unless ``BEIT_FAST_BENCH_INTERPRETED=1``, and then they are
 named ``..._INTERPRETED`` (at tiny sizes; they check that the harness works, their times mean nothing).
+
+Correctness gate (benchmarks/correctness.py): before timing, each row's loss / output and every gradient
+are compared once with an fp64 definition (F.linear + F.cross_entropy; F.conv2d + blend), by the tests'
+rule (fp32: 1e-5 x each tensor's scale; bf16: flash-attention's 2x rule, with the eager row's dtype path
+as PyTorch's own); a wrong row fails ("WRONG ANSWER") and is not timed.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from beit_fast.ops import (
     patch_embed_mask_reference,
 )
 from beit_fast.ops.backend import triton_available, triton_interpreting
+from correctness import LOW_PRECISION, check, run_once
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -147,6 +153,11 @@ def test_bench_linear_cross_entropy(benchmark, shape, variant):
     h, w, b, y = _ce_inputs(rows, D, V, dtype)
     y[::4] = IGN  # ignored rows on every path
     fn = _ce_fn(variant, h, w, b, y)
+    leaves64 = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    check(benchmark, run_once(fn, [h, w, b]),
+          run_once(lambda: F.cross_entropy(F.linear(*leaves64), y, ignore_index=IGN), leaves64),
+          run_once(_ce_fn("eager", h, w, b, y), [h, w, b]) if dtype in LOW_PRECISION else None,
+          ["loss", "grad hidden", "grad weight", "grad bias"])
     benchmark.group = f"linear_ce[{shape}: rows={rows} D={D} V={V} {_dt(dtype)} {DEV}]"
     benchmark.extra_info["interpreter"] = bool(interpreted and triton_interpreting())
     benchmark.extra_info["runs"] = _label(variant, dtype)
@@ -199,6 +210,16 @@ def test_bench_patch_embed_mask(benchmark, shape, variant):
     else:
         def fn():
             return patch_embed_mask(px, w, b, tok, mask, backend="triton")
+    px64, mask64 = px.double(), mask.unsqueeze(-1).double()
+    w64, b64, tok64 = (t.detach().double().requires_grad_() for t in (w, b, tok))
+
+    def definition():
+        x = F.conv2d(px64, w64, b64, stride=P).flatten(2).transpose(1, 2)
+        return x * (1 - mask64) + tok64 * mask64
+
+    check(benchmark, run_once(fn, [w, b, tok], grad_out), run_once(definition, [w64, b64, tok64], grad_out.double()),
+          run_once(lambda: patch_embed_mask_reference(px, w, b, tok, mask), [w, b, tok], grad_out)
+          if dtype in LOW_PRECISION else None, ["out", "grad weight", "grad bias", "grad mask_token"])
     benchmark.group = f"patch_embed_mask[{shape}: B={B} {H}x{H} P={P} D={D} {_dt(dtype)} {DEV}]"
     benchmark.extra_info["interpreter"] = bool(interpreted and triton_interpreting())
     benchmark.extra_info["runs"] = _label(variant, dtype)

@@ -14,6 +14,11 @@ Each runs with a fixed-token stand-in tokenizer (the model step alone); ``fast_w
 DALL-E-sized encoder forward. ``extra_info`` holds images/s, model FLOPs utilisation against the card's
 bf16 peak (``BEIT_FAST_PEAK_TFLOPS``, default 989 for H100/H200 SXM), and peak memory (CUDA).
 Batch on CUDA: ``BEIT_FAST_BENCH_BATCH`` (default 256).
+
+Correctness gate (benchmarks/correctness.py): before timing, each beit_fast row's loss on the batch (eval
+mode, no gradient) is compared with the eager reference's in fp32, by the tests' rule (fp32: 1e-5 of its
+value; bf16: flash-attention's 2x rule with the eager bf16 loss as PyTorch's own); a wrong row fails and
+is not timed. Every timed step (and the HF row's) must have a finite loss and not be skipped.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
 from beit_fast.data.masking import MaskingGenerator
 from beit_fast.model.beit import BeitConfig, build_model, get_config
 from beit_fast.train.optim import build_optimizer
+from correctness import check, check_steps
 from step_common import FixedTokens, mfu_percent, train_flops_per_image
 
 CUDA = torch.cuda.is_available()
@@ -68,17 +74,46 @@ def make_engine(variant: str, cfg: BeitConfig, tokens: torch.Tensor, tokenizer: 
     return FastPretrainEngine(*args, amp_dtype=amp, num_masked=NUM_MASKED, compile=True)
 
 
+@torch.no_grad()
+def eval_loss(engine, images, masks, tokens) -> torch.Tensor:
+    """The engine's loss on one batch in eval mode (no drop path), without gradients."""
+    engine.model.eval()
+    try:
+        return engine.compute_loss(images, masks, tokens)[0].float()
+    finally:
+        engine.model.train()
+
+
+def check_against_reference(benchmark, engine, cfg: BeitConfig, batch) -> None:
+    """The gate: this engine's loss against the eager reference step's from the same weights (fp32; bf16 by
+    the flash-attention rule)."""
+    images, tok_images, masks = batch
+    tokens = engine.tokenize(tok_images, masks)
+    got = eval_loss(engine, images, masks, tokens)
+    ref32 = make_engine("reference", cfg, tokens)
+    ref32.amp_dtype = None
+    want = eval_loss(ref32, images, masks, tokens)
+    lowp = None
+    if engine.amp_dtype is not None:
+        ref32.amp_dtype = engine.amp_dtype
+        lowp = [eval_loss(ref32, images, masks, tokens)]
+    del ref32
+    check(benchmark, [got], [want], lowp, ["loss"])
+
+
 def run_benchmark(benchmark, engine, batch, cfg: BeitConfig, batch_size: int) -> None:
     batch = tuple(t.to(DEVICE) for t in batch)
+    check_against_reference(benchmark, engine, cfg, batch)
     for step in range(3):  # compile, autotune, allocator warm-up
         engine.train_step(batch, step)
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     counter = iter(range(3, 10**6))
+    results = []
 
     def step():
-        engine.train_step(batch, next(counter))  # .item() inside synchronises
+        results.append(engine.train_step(batch, next(counter)))  # .item() inside synchronises
 
     rounds = 10 if CUDA else 3
     t0 = time.perf_counter()
@@ -94,6 +129,7 @@ def run_benchmark(benchmark, engine, batch, cfg: BeitConfig, batch_size: int) ->
     if CUDA:
         benchmark.extra_info["mfu_percent"] = round(mfu_percent(train_flops_per_image(cfg, NUM_MASKED), images_per_s), 1)
         benchmark.extra_info["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    check_steps(benchmark, results)
 
 
 @pytest.mark.parametrize("variant", ["reference", "fast", "fast_ckpt_all"],
@@ -151,16 +187,22 @@ def test_train_step_hf_sdpa(benchmark):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
-        loss.item()
+        losses.append(loss.item())
+
+    losses = []
 
     for _ in range(2):
         step()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=10 if CUDA else 3, iterations=1, warmup_rounds=1)
-    images_per_s = batch_size / benchmark.stats.stats.median
+    rounds = 10 if CUDA else 3
+    t0 = time.perf_counter()
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median if benchmark.stats else (time.perf_counter() - t0) / rounds
+    images_per_s = batch_size / seconds
     benchmark.extra_info.update({"batch": batch_size, "images_per_s": round(images_per_s, 1)})
     if CUDA:
         benchmark.extra_info["mfu_percent"] = round(
             mfu_percent(train_flops_per_image(cfg, NUM_MASKED), images_per_s), 1)
         benchmark.extra_info["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    check_steps(benchmark, losses)

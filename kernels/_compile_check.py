@@ -8,8 +8,9 @@ For each kernel at the configurations the launchers actually use at BEiT shapes 
 D = 768 / 1024, V = 8192; fp16 and bf16), it builds the launch arguments with the launchers' own
 argument builders (on meta tensors), derives the signature / specialisation exactly like Triton's
 runtime does, compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` and
-reports the shared memory, facts from the PTX (wgmma / mma.sync present, vector width of the
-global->shared copies), the registers and stack frame (spills) from the cubin and the compile time.
+reports the shared memory, facts from the PTX (wgmma / mma.sync present and counted, vector width of the
+global->shared copies), the registers, their margin under the per-thread limit and the stack frame
+(spills) from the cubin and the compile time.
 tests/test_kernel_compile.py checks these.
 """
 from __future__ import annotations
@@ -103,7 +104,7 @@ def specs(capability: int):
         out.append((f"ce_rows_train[V={V}]", dn, ce.rows_launch(lg, lab, f32, f32, None, -100, True, False)))
         out.append((f"ce_rows_nograd[V={V}]", dn, ce.rows_launch(lg, lab, f32, f32, None, -100, False, False)))
         out.append((f"ce_rows_none_bwd[V={V}]", dn, ce.rows_launch(lg, lab, f32, f32, f32, -100, True, False)))
-    return out + attention_specs(capability)
+    return out + attention_specs(capability) + attention_dtype_head_dim_specs(capability)
 
 
 def attention_specs(capability: int):
@@ -162,6 +163,57 @@ def attention_specs(capability: int):
     return out
 
 
+def attention_dtype_head_dim_specs(capability: int):
+    """The attention kernels at every advertised (dtype, head dim) besides bf16 / 64 (attention_specs):
+    fp16 and bf16 at head dims 64 and 128, fp32 at 64 and 128 (IEEE products: no tensor cores), with the
+    table at N 197, H 12, at the deterministic configurations (every card runs them) and, for fp16 and bf16,
+    the autotuner's entries of this family. Names carry ``Dh``; (bf16, 64) is left to attention_specs."""
+    import torch
+
+    from beit_fast.kernels import attention as at
+
+    fam = at.arch_family(capability // 10)
+    num_sms = 132 if capability >= 90 else 108
+    meta = torch.device("meta")
+    out = []
+
+    def tag(d):
+        return ",".join(f"{k}={v}" for k, v in d.items())
+
+    B, N, H, T = 256, 197, 12, 732
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        dn = str(dtype).replace("torch.", "")
+        tuned = dtype != torch.float32
+        kinds = (("attn_fwd", at.GPU_FWD_CONFIGS, at.DETERMINISTIC_FWD),
+                 ("attn_bwd_dq", at.GPU_DQ_CONFIGS, at.DETERMINISTIC_DQ),
+                 ("attn_bwd_dkdv", at.GPU_DKDV_CONFIGS, at.DETERMINISTIC_DKDV))
+        for D in (64, 128):
+            if (dtype, D) == (torch.bfloat16, 64):
+                continue
+            q = torch.empty((B, N, 3, H, D), dtype=dtype, device=meta).permute(2, 0, 3, 1, 4)[0]
+            o = torch.empty_strided((B, H, N, D), at.out_strides(B, H, N, D), dtype=dtype, device=meta)
+            g = torch.empty((B, H, N, D), dtype=dtype, device=meta)
+            lse = torch.empty((B, H, N), dtype=torch.float32, device=meta)
+            table_t = torch.empty((H, T), dtype=torch.float32, device=meta)
+            index = torch.empty((N, N), dtype=torch.int16, device=meta)
+            groups, per = at.batch_groups(B, H, N, False, num_sms=num_sms)
+            part = torch.empty((groups, H, N, N), dtype=torch.float32, device=meta)
+            scale = D**-0.5
+            for prefix, configs, fixed in kinds:
+                cfgs = [fixed] + [c for c in at.configs_for(configs, fam) if tuned and c != fixed]
+                for c in cfgs:
+                    name = f"{prefix}[table,N={N},Dh={D},{tag(c)}]"
+                    if prefix == "attn_fwd":
+                        spec = at.fwd_launch(q, q, q, o, lse, None, table_t, index, scale, False, c)
+                    elif prefix == "attn_bwd_dq":
+                        spec = at.dq_launch(q, q, q, o, g, lse, lse, g, part, None, table_t, index, scale, groups,
+                                            per, True, False, c)
+                    else:
+                        spec = at.dkdv_launch(q, q, q, g, lse, lse, g, g, None, table_t, index, scale, False, c)
+                    out.append((name, dn, spec))
+    return out
+
+
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers, stack bytes) of the one kernel in ``cubin``, from Triton's bundled cuobjdump. A stack
     frame is where ptxas puts register spills (these kernels have no local arrays)."""
@@ -198,14 +250,19 @@ def run(capability: int) -> list[dict]:
         compiled = triton.compile(src, target=target, options=dict(opts))
         ptx = compiled.asm["ptx"]
         regs, stack = _resource_usage(compiled.asm["cubin"])
+        # a thread may hold at most 255 registers, and a block's threads share 64K
+        reg_limit = min(255, 65536 // (opts["num_warps"] * 32))
         results.append(dict(
             name=name, dtype=dtype, capability=capability, kernel=kernel.__name__,
-            registers=regs, stack_bytes=stack,
+            registers=regs, stack_bytes=stack, register_limit=reg_limit, register_margin=reg_limit - regs,
             shared=int(compiled.metadata.shared),
             num_warps=opts["num_warps"], num_stages=opts["num_stages"],
             ptx_target=(re.search(r"\.target\s+(\S+)", ptx) or [None, None])[1],
             has_wgmma="wgmma" in ptx,
             has_mma_sync="mma.sync" in ptx,
+            # tensor-core instructions in the PTX: each tl.dot is at least one (more along K)
+            wgmma_count=len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
+            mma_sync_count=len(re.findall(r"\bmma\.sync\.", ptx)),
             cp_async_widths=_cp_async_widths(ptx),
             has_cubin=bool(compiled.asm.get("cubin")),
             seconds=round(time.time() - t0, 2),

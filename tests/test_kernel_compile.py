@@ -2,7 +2,10 @@
 without a GPU, at the configurations the launchers use at BEiT shapes (fp16 and bf16; D = 768 / 1024,
 P = 16, V = 8192; attention: every autotuner configuration of the card's family and the deterministic
 ones, bf16, H 12, Dh 64, N 197 and 577, relative-position table and dense bias; every table-gradient
-configuration).
+configuration; and every other advertised dtype and head dim: fp16 / bf16 / fp32 at Dh 64 and 128, N 197,
+the table, the deterministic configurations and, in fp16 / bf16, the autotuner's). The tensor-core
+instructions are counted per kernel, and each kernel's register margin (per-thread limit minus registers
+used) is reported.
 
 The root conftest runs this process under TRITON_INTERPRET=1, where ``@triton.jit`` objects are
 interpreter wrappers that cannot be compiled; so each target is compiled in a fresh subprocess with
@@ -86,7 +89,9 @@ def test_gemm_operand_copies_are_16_byte_vectors(compiled, cap):
 def test_attention_kernels_compile_at_beit_shapes(compiled, cap):
     from beit_fast.kernels import attention as at
 
-    res = [r for r in compiled[cap] if r["kernel"] in ATTENTION_KERNELS + ("_table_grad_kernel",)]
+    # fp32 attention (IEEE products) takes no tensor cores: test_every_advertised_attention_dtype_and_head_dim_compiles
+    res = [r for r in compiled[cap] if r["kernel"] == "_table_grad_kernel"
+           or (r["kernel"] in ATTENTION_KERNELS and r["dtype"] != "float32")]
     names = {r["name"] for r in res}
     fam = at.arch_family(cap // 10)
     for n in (197, 577):
@@ -147,6 +152,82 @@ def test_other_triton_compiles_every_kernel_for_sm90a(tmp_path):
 
 @pytest.mark.parametrize("cap", [80, 90])
 def test_no_register_spills(compiled, cap):
-    """ptxas puts spilled registers in a stack frame: every kernel must have none (cuobjdump's STACK)."""
+    """ptxas puts spilled registers in a stack frame: every kernel at BEiT's shapes (bf16 / fp16, Dh 64) must
+    have none (cuobjdump's STACK). The other head dims and fp32 are reported by
+    test_register_margins_and_spills_reported, not failed: a spilling configuration is still correct."""
     for r in compiled[cap]:
+        if "Dh=" in r["name"]:
+            continue
         assert r["stack_bytes"] == 0, f"{r['name']} {r['dtype']}: {r['stack_bytes']} bytes of stack (register spills)"
+
+
+def _dots_k(r) -> list[int]:
+    """The reduction length K of each tl.dot of an attention kernel, from its name (Dh 64 unless named)."""
+    cfg = dict(re.findall(r"(BLOCK_M|BLOCK_N|Dh)=(\d+)", r["name"]))
+    d, m, n = int(cfg.get("Dh", 64)), int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+    return {"_attn_fwd_kernel": [d, n],  # s = q k^T, acc += p v
+            "_attn_bwd_dq_kernel": [d, d, n],  # s = q k^T, dp = do v^T, dq += ds k
+            "_attn_bwd_dkdv_kernel": [d, m, d, m],  # s^T = k q^T, dv += p^T do, dp^T = v do^T, dk += ds^T q
+            }[r["kernel"]]
+
+
+# one wgmma instruction reduces K = 16 of a 16-bit tl.dot: the patch-embedding GEMMs' K step is 64
+GEMM_WGMMA_PER_DOT = 64 // 16
+
+
+def test_sm90_wgmma_counted_per_kernel(compiled):
+    """Not one wgmma somewhere but every dot on wgmma: each 16-bit kernel's PTX holds at least
+    sum(K / 16) wgmma.mma_async over its dots and no mma.sync (a dot that fell back would lower the count).
+    Attention tiles of fewer than 64 rows take mma.sync by design (wgmma's m64); fp32 (IEEE) takes neither."""
+    checked = set()
+    for r in compiled[90]:
+        if r["dtype"] not in ("float16", "bfloat16"):
+            continue
+        if r["kernel"] in GEMM_KERNELS:
+            want = GEMM_WGMMA_PER_DOT
+        elif r["kernel"] in ATTENTION_KERNELS:
+            rows = int(re.search(r"BLOCK_N=(\d+)" if r["kernel"] == "_attn_bwd_dkdv_kernel" else r"BLOCK_M=(\d+)",
+                                 r["name"]).group(1))
+            if rows < 64:
+                continue
+            want = sum(k // 16 for k in _dots_k(r))
+        else:
+            continue
+        assert r["wgmma_count"] >= want and r["mma_sync_count"] == 0, (
+            f"{r['name']} {r['dtype']}: {r['wgmma_count']} wgmma (want >= {want}), {r['mma_sync_count']} mma.sync")
+        checked.add((r["kernel"], r["dtype"], int((re.search(r"Dh=(\d+)", r["name"]) or [0, 64])[1])))
+    for k in ATTENTION_KERNELS:  # every advertised 16-bit dtype and head dim was compiled and counted
+        for dt in ("float16", "bfloat16"):
+            for d in (64, 128):
+                assert (k, dt, d) in checked, (k, dt, d)
+
+
+def test_sm80_tensor_core_instructions_counted(compiled):
+    """sm_80: each 16-bit dot is at least one mma.sync per warp tile: at least one per dot of the kernel."""
+    for r in compiled[80]:
+        if r["dtype"] in ("float16", "bfloat16") and r["kernel"] in ATTENTION_KERNELS:
+            assert r["mma_sync_count"] >= len(_dots_k(r)), (r["name"], r["dtype"], r["mma_sync_count"])
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_every_advertised_attention_dtype_and_head_dim_compiles(compiled, cap):
+    """fp16, bf16 and fp32 at head dims 64 and 128 (KERNELS.md: up to 128), each attention kernel."""
+    seen = {(r["kernel"], r["dtype"], int((re.search(r"Dh=(\d+)", r["name"]) or [0, 64])[1]))
+            for r in compiled[cap]}
+    for k in ATTENTION_KERNELS:
+        for dt in ("float16", "bfloat16", "float32"):
+            for d in (64, 128):
+                assert (k, dt, d) in seen, (k, dt, d)
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_register_margins_and_spills_reported(compiled, cap):
+    """Registers against the per-thread limit (min(255, 64K / threads)): never over it; the margin of every
+    kernel, and the spills of the configurations outside BEiT's shapes, printed (pytest -s / -rA)."""
+    rows = sorted(compiled[cap], key=lambda r: r["register_margin"])
+    for r in rows:
+        assert 0 <= r["registers"] <= r["register_limit"] and r["register_margin"] >= 0, r
+    print(f"\nsm_{cap}: register margin (limit - used) and stack (spills), tightest first")
+    for r in rows:
+        print(f"  {r['register_margin']:4d} ({r['registers']}/{r['register_limit']})  stack {r['stack_bytes']:6d}  "
+              f"{r['name']} {r['dtype']}")

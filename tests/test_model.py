@@ -3,7 +3,11 @@ import math
 import pytest
 import torch
 
-from beit_fast.model.beit import BeitConfig, RelativePositionBias, build_model, get_config, relative_position_index
+from beit_fast.model.beit import (
+    BeitConfig, RelativePositionBias, build_classifier, build_model, get_config, relative_position_index,
+)
+from kernel_test_utils import assert_close_rel
+from reference_beit import classifier_logits, grads_of, mim_loss, perturb_, trunk
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, vocab_size=50)
 
@@ -59,9 +63,16 @@ def test_bias_broadcast_matches_table():
     assert torch.equal(bias[2, 5, 9], rpb.relative_position_bias_table[idx[5, 9], 2])
 
 
+def _fp64_params(model):
+    return {n: p.detach().double().requires_grad_(True) for n, p in model.named_parameters()}
+
+
 def test_forward_shapes_and_masked_only_head():
-    model = build_model("tiny", **SMALL).eval()
-    x = torch.randn(3, 3, 32, 32)
+    """Shapes, and the values of the independent reference (tests/reference_beit.py) with perturbed weights:
+    the masked-only head, all tokens' logits, the final features."""
+    torch.manual_seed(0)
+    model = perturb_(build_model("tiny", **SMALL)).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(3, 16, dtype=torch.bool)
     mask[0, :5] = True
     mask[2, 3:10] = True
@@ -70,7 +81,47 @@ def test_forward_shapes_and_masked_only_head():
     all_logits = model(x, mask, return_all_tokens=True)
     assert all_logits.shape == (3, 16, 50)
     torch.testing.assert_close(all_logits[mask], logits)
-    assert model.forward_features(x, mask).shape == (3, 17, 32)
+    feats = model.forward_features(x, mask)
+    assert feats.shape == (3, 17, 32)
+    p = _fp64_params(model)
+    want = torch.nn.functional.layer_norm(trunk(p, x.double(), 4, 8, mask), (32,), p["norm.weight"], p["norm.bias"],
+                                          1e-6)
+    assert_close_rel(feats, want.detach(), 1e-5, "features")
+    assert_close_rel(all_logits, (want[:, 1:] @ p["lm_head.weight"].t() + p["lm_head.bias"]).detach(), 1e-5, "logits")
+
+
+@pytest.mark.parametrize("variant", ["default", "no-layerscale-no-shared", "abs-pos"])
+def test_eager_models_are_the_spec_in_fp64(variant):
+    """The eager pretraining model and classifier in fp64 against the independent reference, which shares
+    nothing with them but the weights: loss / logits and every gradient to 1e-10 of their scale, so the
+    model's own projections, scale, bias gather, LayerScale, mask token and heads are each checked."""
+    kw = {"default": {}, "no-layerscale-no-shared": dict(init_values=0.0, use_shared_rel_pos_bias=False),
+          "abs-pos": dict(use_abs_pos_emb=True)}[variant]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 16, generator=g) < 0.4
+    tokens = torch.randint(0, 50, (3, 16), generator=g)
+    torch.manual_seed(0)
+    model = perturb_(build_model("tiny", **SMALL, **kw)).double()
+    assert (model.blocks[0].gamma_1 is None) == ("no-layerscale" in variant)
+    p = _fp64_params(model)
+    want, _ = mim_loss(p, x, mask, tokens, 4, 8)
+    want.backward()
+    got = torch.nn.functional.cross_entropy(model(x, mask), tokens[mask])
+    got.backward()
+    assert_close_rel(got, want.detach(), 1e-10, "loss")
+    for name, param in model.named_parameters():
+        assert_close_rel(param.grad, grads_of(p)[name], 1e-10, name)
+    torch.manual_seed(0)
+    classifier = perturb_(build_classifier("tiny", 5, **SMALL, **kw)).double()
+    p = _fp64_params(classifier)
+    want = classifier_logits(p, x, 4, 8)
+    want.square().sum().backward()
+    got = classifier(x)
+    got.square().sum().backward()
+    assert_close_rel(got, want.detach(), 1e-10, "classifier logits")
+    for name, param in classifier.named_parameters():
+        assert_close_rel(param.grad, grads_of(p)[name], 1e-10, name)
 
 
 def test_mask_token_substituted_before_cls():
@@ -149,7 +200,7 @@ def test_no_layerscale_and_no_shared_bias():
     model = build_model("tiny", **SMALL, init_values=0.0, use_shared_rel_pos_bias=False)
     assert model.blocks[0].gamma_1 is None and model.rel_pos_bias is None
     out = model(torch.randn(1, 3, 32, 32), torch.ones(1, 16, dtype=torch.bool))
-    assert out.shape == (16, 50)
+    assert out.shape == (16, 50)  # values: test_eager_models_are_the_spec_in_fp64[no-layerscale-no-shared]
 
 
 def test_wrong_input_size_is_clear():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import beit_fast.kernels.cross_entropy as ce_kernels
 from beit_fast.ops import masked_linear_cross_entropy, masked_linear_cross_entropy_reference
-from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
+from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference, seed_for_current_test  # noqa: F401 (autouse fixture)
 
 LOWP = (torch.float16, torch.bfloat16)
 IGN = -100
@@ -26,11 +26,14 @@ def poison(monkeypatch):
 
 
 def _make(shape, D, V, dtype, ignore_frac=0.25, bias=True, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    g = torch.Generator().manual_seed(seed if seed is not None else seed_for_current_test())
     hidden = torch.randn(*shape, D, generator=g).to(dtype)
     weight = (torch.randn(V, D, generator=g) * (2.0 / D**0.5)).to(dtype)
     b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
     labels = torch.randint(0, V, shape, generator=g)
+    # half the labels are the argmax of the logits, so the accuracy is far from 0 and checked for real
+    predicted = F.linear(hidden.float(), weight.float(), b.float() if b is not None else None).argmax(-1)
+    labels = torch.where(torch.rand(shape, generator=g) < 0.5, predicted, labels)
     if ignore_frac >= 1.0:
         labels.fill_(IGN)
     elif ignore_frac > 0:
@@ -97,8 +100,8 @@ def _lowp_close(actual, torch_lowp, ref32, name, dtype, out_dtype=None):
 
 
 def _accuracy_ok(acc, acc_ref, hidden, weight, bias, labels, logit_err):
-    """Accuracy may differ from the fp32 reference only through rows whose top-2 fp32 logits are within
-    the logits error (near ties)."""
+    """Accuracy may differ from the fp32 reference, and the reference from the accuracy computed here from
+    fp32 logits, only through rows whose top-2 fp32 logits are within the logits error (near ties)."""
     D = hidden.shape[-1]
     logits = F.linear(hidden.reshape(-1, D).float(), weight.float(), bias.float() if bias is not None else None)
     y = labels.reshape(-1)
@@ -112,6 +115,8 @@ def _accuracy_ok(acc, acc_ref, hidden, weight, bias, labels, logit_err):
     near_ties = int(((gap <= 2 * logit_err + 1e-6) & counted).sum())
     assert acc.dtype == torch.float32 and acc.dim() == 0 and not acc.requires_grad
     assert abs(acc.item() - acc_ref.item()) * n <= near_ties + 1e-3, (acc.item(), acc_ref.item(), near_ties)
+    direct = int(((logits.argmax(-1) == y) & counted).sum()) / n
+    assert abs(acc_ref.item() - direct) * n <= near_ties + 1e-3, (acc_ref.item(), direct, near_ties)
 
 
 CASES = [
@@ -192,6 +197,7 @@ def test_no_bias_and_partial_requires_grad():
         loss, acc, grads = _run(_triton, h, w, None, y, "mean", torch.tensor(1.0), need=need + (False,))
         rloss, racc, rgrads = _run(_reference, h, w, None, y, "mean", torch.tensor(1.0), need=need + (False,))
         _close32(loss, rloss, "loss")
+        _accuracy_ok(acc, racc, h, w, None, y, logit_err=1e-5)
         for a, r, n in zip(grads, rgrads, need):
             if n:
                 _close32(a, r, "grad")
@@ -243,6 +249,7 @@ def test_noncontiguous_inputs():
     rloss, racc = masked_linear_cross_entropy_reference(h, w, b, y, reduction="none", return_accuracy=True)
     _close32(loss, rloss, "loss")
     assert loss.shape == (6, 5)
+    _accuracy_ok(acc, racc, h, w, b, y, logit_err=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -12,7 +12,7 @@ import torch
 
 import beit_fast.kernels.patch_embed as pe_kernels
 from beit_fast.ops import patch_embed_mask, patch_embed_mask_reference
-from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
+from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference, seed_for_current_test  # noqa: F401 (autouse fixture)
 
 LOWP = (torch.float16, torch.bfloat16)
 
@@ -26,7 +26,7 @@ def poison(monkeypatch):
 
 
 def _make(B, C, H, W, D, P, dtype, mask_kind="random", seed=None, bias=True):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    g = torch.Generator().manual_seed(seed if seed is not None else seed_for_current_test())
     N = (H // P) * (W // P)
     pixels = torch.randn(B, C, H, W, generator=g).to(dtype)
     weight = (torch.randn(D, C, P, P, generator=g) * (1.0 / (C * P * P) ** 0.5)).to(dtype)

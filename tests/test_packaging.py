@@ -39,6 +39,7 @@ def test_pyproject_agrees_with_setup_py():
     assert "dependencies" not in project and "optional-dependencies" not in project
     assert setup["package_dir"]["beit_fast.kernels"] == "kernels"  # installed as beit_fast.kernels, never bare
     assert "tensorboard" in " ".join(setup["extras_require"]["dev"])  # the --log_dir test runs in CI
+    assert "torchao" in " ".join(setup["extras_require"]["dev"])  # the FP8 parity tests run in CI
 
 
 def test_license_and_citation():
