@@ -153,6 +153,47 @@ def step_row(w: RowWriter, name: str, runs: str, per: list[float], cfg, batch: i
 
 
 
+def time_variants(w: RowWriter, table: str, names: list[str], build, warmup: int, repeats: int, inner: int,
+                  flops_per_image=None) -> int:
+    """The whole-step tables other than pretraining's (``finetune_step``, ``segmentation_step``): for each variant
+    ``build(name) -> (step(i) -> loss, description, batch, fields)`` is timed by :func:`measure` and written as a
+    row of ``table`` (median and spread, images/s, compile + warm-up seconds, first loss, peak memory, graph
+    breaks of compiled rows, MFU on CUDA when ``flops_per_image`` is given). A ``*_triton`` variant is not run on
+    a CPU (Triton's interpreter); a variant that fails writes its error and the others still run. Returns the
+    number of failures."""
+    failures = 0
+    for name in names:
+        if name.endswith("_triton") and not CUDA:
+            w.emit(table, name=name, error="not run: the Triton attention needs CUDA (on a CPU it would run in "
+                   "Triton's interpreter)")
+            continue
+        t0 = time.time()
+        try:
+            step, desc, batch, fields = build(name)
+            breaks0 = graph_breaks()
+            per, first, _ = measure(step, 0, warmup, repeats, inner)
+            s = spread(per)
+            ips = batch / (s["median"] / 1e3)
+            row = dict(name=name, runs=desc, batch=batch, **fields, ms=s["median"], ms_min=s["min"], ms_max=s["max"],
+                       ms_iqr=s["iqr"], repeats=s["n"], images_per_s=ips,
+                       setup_s=round(time.time() - t0 - sum(per) * inner / 1e3, 1), first_loss=first,
+                       peak_mem_gib=peak_gib(), device=torch.cuda.get_device_name() if CUDA else "cpu")
+            if "compiled" in name or "beit_fast" in name:
+                row["graph_breaks"] = graph_breaks() - breaks0
+            if CUDA and flops_per_image is not None:
+                row["mfu_percent"] = mfu_percent(flops_per_image, ips)
+            w.emit(table, **row)
+            del step
+        except Exception as e:  # one variant failing must not cost the others
+            failures += 1
+            import traceback
+
+            traceback.print_exc()
+            w.emit(table, name=name, error=f"{type(e).__name__}: {str(e)[:400]}", setup_s=round(time.time() - t0, 1))
+        free()
+    return failures
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
