@@ -314,7 +314,7 @@ def trim_jsonl(path: str | os.PathLike, key: str, last: int) -> None:
             try:
                 if json.loads(line)[key] <= last:
                     kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:

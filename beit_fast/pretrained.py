@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, extract_model_state, load_checkpoint
+from .limits import check_beit_config
 from .model import BeitConfig, VisionTransformerForClassification
 from .rel_pos import relative_position_table_size, square_grid_for_table_size
 
@@ -326,6 +327,11 @@ def classifier_config_from_checkpoint(source: str | os.PathLike | Mapping, **ove
     LayerNorm eps is then the official 1e-6). Image size: the checkpoint's unless overridden."""
     sd, config = load_state_dict_any(source)
     if config is not None:
+        try:
+            check_beit_config(config, sd.values(), str(source) if isinstance(source, (str, os.PathLike)) else
+                              "the checkpoint")
+        except ValueError as e:
+            raise PretrainedLoadError(str(e)) from None
         known = {f.name for f in fields(BeitConfig)}
         cfg = BeitConfig(**{k: v for k, v in config.items() if k in known})
     else:

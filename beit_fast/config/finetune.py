@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems
+from .base import (FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems,
+                   seed_problems)
 
 __all__ = ["FinetuneConfig", "FINETUNE_DEMO_DEFAULTS", "FINETUNE_OFFICIAL_DEFAULTS"]
 
@@ -174,6 +175,7 @@ class FinetuneConfig(ClassificationData):
 
         errors = positive_problems(self, ("epochs", "batch_size", "eval_freq", "input_size", "patch_size",
                                           "nb_classes", "labels_per_class", "max_image_pixels"))
+        errors += seed_problems(self.seed)
         if self.finetune and not os.path.isfile(self.finetune):
             errors.append(f"--finetune checkpoint not found: {self.finetune}")
         if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):

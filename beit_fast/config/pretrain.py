@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..options import DEFAULT_MAX_IMAGE_PIXELS
-from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
+from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems, seed_problems
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
            "INTERPOLATIONS"]
@@ -164,7 +164,8 @@ class PretrainConfig:
                                             "num_samples", "tokenizer_steps", "max_mask_patches_per_block",
                                             "vocab_size"))
         problems += positive_problems(self, ("warmup_epochs", "save_ckpt_steps", "stop_after_steps", "keep_last",
-                                             "seed", "num_workers"), strict=False)
+                                             "num_workers"), strict=False)
+        problems += seed_problems(self.seed)
         if self.warmup_steps < -1:
             problems.append(f"--warmup_steps must be a step count, or -1 to use --warmup_epochs; got {self.warmup_steps}")
         problems += finite_problems(self, ("lr", "min_lr", "warmup_lr", "weight_decay", "weight_decay_end",

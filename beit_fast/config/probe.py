@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .base import ClassificationData, jpeg_decoder_error, positive_problems
+from .base import ClassificationData, jpeg_decoder_error, positive_problems, seed_problems
 
 __all__ = ["ProbeConfig"]
 
@@ -39,6 +39,7 @@ class ProbeConfig(ClassificationData):
     def problems(self) -> list[str]:
         """Every problem seen without loading anything, each naming its flag."""
         problems = positive_problems(self, ("epochs", "batch_size", "max_image_pixels"))
+        problems += seed_problems(self.seed)
         if self.finetune and not os.path.isfile(self.finetune):
             problems.append(f"--finetune checkpoint not found: {self.finetune}")
         if self.data_path is not None and not os.path.isdir(self.data_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .base import positive_problems
+from .base import positive_problems, seed_problems
 
 __all__ = ["TokenizerConfig"]
 
@@ -43,6 +43,7 @@ class TokenizerConfig:
     def problems(self) -> list[str]:
         """Every problem seen without loading anything, each naming its flag (the folder first)."""
         problems = positive_problems(self, ("steps", "batch_size", "eval_images"))
+        problems += seed_problems(self.seed)
         if self.data_path is not None and not os.path.isdir(self.data_path):
             missing = not os.path.exists(self.data_path)
             problems.insert(0, f"--data_path {self.data_path}: image folder not found" if missing

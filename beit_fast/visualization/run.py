@@ -43,7 +43,10 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Pat
 
 
 def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
-    from ..checkpoint import CheckpointError, load_checkpoint
+    """The checkpoint's state, its model_config checked (:func:`beit_fast.limits.check_beit_config`) before
+    anything is built from it."""
+    from ..checkpoint import CheckpointError, extract_model_state, load_checkpoint
+    from ..limits import check_beit_config
 
     try:
         state = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -56,6 +59,10 @@ def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
     missing = [k for k in ("model", "model_config", "args") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path} is not a beit_fast pretraining checkpoint (missing {missing})")
+    if not isinstance(state["model_config"], dict) or not isinstance(extract_model_state(state), dict):
+        raise ValueError(f"{path} is not a beit_fast pretraining checkpoint (model_config and model are not dicts)")
+    check_beit_config(state["model_config"], extract_model_state(state).values(), str(path))
+    state["_path"] = str(path)
     return state
 
 
@@ -63,7 +70,10 @@ def _build_run_model(state: dict, device: torch.device):
     from ..checkpoint import extract_model_state
     from ..model import BeitConfig, VisionTransformerForMaskedImageModeling
 
-    cfg = BeitConfig(**state["model_config"])
+    try:
+        cfg = BeitConfig(**state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{state['_path']}: model_config: {e}") from None
     model = VisionTransformerForMaskedImageModeling(cfg)
     sd = extract_model_state(state)
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
