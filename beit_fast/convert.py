@@ -92,6 +92,7 @@ def _is_dir_target(dst: Path) -> bool:
 def convert(args: argparse.Namespace) -> str:
     """Run one conversion; returns the summary line. Raises FileNotFoundError / FileExistsError /
     ValueError on bad input."""
+    from .checkpoint import CheckpointError, atomic_write_text
     from .interop.checkpoints import (
         convert_state_dict,
         same_family,
@@ -144,9 +145,12 @@ def convert(args: argparse.Namespace) -> str:
         arch = {"pretrain": "BeitForMaskedImageModeling", "classification": "BeitForImageClassification",
                 "backbone": "BeitModel"}[layout]
         config.architectures = [arch]
-        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            dst.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the folder {dst}: {e.strerror or e}") from None
         save_state_dict(out, weights, format=fmt)
-        config.to_json_file(str(dst / "config.json"))
+        atomic_write_text(dst / "config.json", config.to_json_string())
     else:
         wrap = "model" if (args.to == "official" and fmt == "pt") else None
         save_state_dict(out, dst, format=fmt, wrap=wrap)
@@ -158,9 +162,11 @@ def convert(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+
     try:
         summary = convert(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, CheckpointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

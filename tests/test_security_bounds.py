@@ -223,3 +223,58 @@ def test_deeply_nested_json_line_in_a_log_is_skipped(tmp_path):
     assert [r["step"] for r in read_log(log)] == [1, 2]
     ck.trim_jsonl(log, "step", 5)
     assert [r["step"] for r in read_log(log)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU pipeline (here on the CPU) bounds each chunk's padded buffer by its own images' pixels
+# ---------------------------------------------------------------------------------------------------------
+def test_device_pipeline_never_pads_a_tall_image_to_a_wide_one(tmp_path, monkeypatch):
+    """A 1500x1 and a 1x1500 PNG in one batch: the padded buffers were 1500x1500 per image (43 GB at 60000);
+    now they are chunked apart, and the views equal the PIL pipeline's bit for bit."""
+    from PIL import Image
+
+    from beit_fast.data import ImageFolderDataset, PretrainDataset, ResumableSampler, build_pretrain_loader
+    from beit_fast.masking import MaskingGenerator
+    from beit_fast.pipeline import build_device_pretrain_loader
+    from beit_fast.transforms import TwoViewConfig, TwoViewTransform
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"tall": (1500, 1), "wide": (1, 1500), "a": (40, 30), "b": (30, 40)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    cfg = TwoViewConfig(input_size=32, second_input_size=16)
+    ds = PretrainDataset(ImageFolderDataset(folder), TwoViewTransform(cfg), MaskingGenerator(4, 4), seed=1)
+    pil = list(build_pretrain_loader(ds, 4, 0, ResumableSampler(len(ds), seed=ds.seed)))
+    biggest = []
+    zeros = torch.zeros
+
+    def recording_zeros(*shape, **kw):
+        out = zeros(*shape, **kw)
+        if out.dim() == 4:
+            biggest.append(out.numel())
+        return out
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    dev = list(build_device_pretrain_loader(ds, 4, "cpu", sampler=ResumableSampler(len(ds), seed=ds.seed)))
+    monkeypatch.undo()
+    assert biggest and max(biggest) <= 4 * 3 * (1500 + 2 * 1200), max(biggest)
+    for (p_patch, p_tok, p_mask), (d_patch, d_tok, d_mask) in zip(pil, dev):
+        assert torch.equal(p_patch, d_patch) and torch.equal(p_tok, d_tok) and torch.equal(p_mask, d_mask)
+
+
+def test_bounded_chunks_respect_the_padding_bound():
+    from beit_fast.pipeline.render import CHUNK_PIXELS, PAD_FACTOR, bounded_chunks
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 3000, (200, 2), generator=g)
+    sizes[::7, 0] = 1  # very wide and very tall ones among them
+    sizes[::11, 1] = 1
+    crops = (sizes * torch.rand(200, 2, generator=g)).clamp(min=1).long()
+    chunks = bounded_chunks(sizes, crops, 64)
+    assert sorted(r for c in chunks for r in c) == list(range(200))
+    for rows in chunks:
+        assert len(rows) <= 64
+        for t in (sizes[rows], crops[rows]):
+            pixels = int((t[:, 0] * t[:, 1]).sum())
+            padded = len(rows) * int(t[:, 0].max()) * int(t[:, 1].max())
+            assert len(rows) == 1 or (padded <= PAD_FACTOR * pixels and pixels <= CHUNK_PIXELS)

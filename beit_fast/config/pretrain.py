@@ -108,6 +108,7 @@ class PretrainConfig:
     resume: str = ""
     overwrite_output_dir: bool = False
     trust_pickle: bool = False
+    allow_tokenizer_change: bool = False
     save_ckpt_freq: int | None = None
     keep_last: int = DEFAULT_KEEP_LAST
     save_ckpt_steps: int = 0

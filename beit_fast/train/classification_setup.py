@@ -157,6 +157,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           overwrite_output_dir=cfg.overwrite_output_dir, run_args=dataclasses.asdict(cfg))
     except (ValueError, CheckpointError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
+    if result.get("best_top1") is None or result.get("final_top1") is None:  # stopped before an evaluation
+        print(f"stopped before the first evaluation ({result.get('interrupted') or 'no evaluation ran'}); checkpoints "
+              f"in {out}: continue with --resume auto")
+        return result
     print(f"best top-1 {100 * result['best_top1']:.2f}% (epoch {result['best_epoch']}); final top-1 "
           f"{100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; checkpoints in {out}")
     return result
