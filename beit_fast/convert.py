@@ -15,6 +15,7 @@ if __name__ == "__main__" and not __package__:  # run as a file (python beit_fas
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def convert(args: argparse.Namespace) -> str:
         save_state_dict,
     )
 
+    for flag, value in (("--num-heads", args.num_heads), ("--img-size", args.img_size)):
+        if value is not None and not 0 < value <= 1 << 16:
+            raise ValueError(f"{flag} must be a positive integer (at most 65536), got {value}")
+    eps = args.layer_norm_eps
+    if eps is not None and not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"--layer-norm-eps must be a finite number in (0, 1), got {eps}")
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise FileNotFoundError(f"SRC not found: {src}")

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..config.base import MAX_SEED
 from ..options import DEFAULT_DPI, PICTURE_PARTS
 from .curves import plot_curves
 from .figures import _check_dpi
@@ -25,6 +26,10 @@ VIEW_MIN_SCALE = 0.35
 #: Demo photographs in the order they are pictured (colourful, recognisable ones first).
 DEMO_ORDER = ("astronaut", "chelsea", "coffee", "motorcycle", "rocket", "immunohistochemistry", "retina",
               "camera", "coins", "moon", "clock", "cell", "brick", "grass", "gravel", "hubble_deep_field")
+
+
+#: Most images one picture shows.
+MAX_IMAGES = 64
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
@@ -171,7 +176,7 @@ def _parse_only(only: str | Sequence[str] | None) -> tuple[list[str], bool]:
     items = [s for s in items if s]
     unknown = [s for s in items if s not in PARTS]
     if unknown or not items:
-        raise ValueError(f"unknown picture(s) {unknown or items}; choose from {', '.join(PARTS)}")
+        raise ValueError(f"only: unknown picture(s) {unknown or items}; choose from {', '.join(PARTS)}")
     return [p for p in PARTS if p in items], True
 
 
@@ -197,8 +202,14 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(num_images, int) or num_images > MAX_IMAGES:
+        raise ValueError(f"num_images must be at most {MAX_IMAGES} (one picture holds them all), got {num_images!r}")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device ({e})") from None
     _check_dpi(dpi)
     parts, explicit = _parse_only(only)
     written: list[Path] = []
