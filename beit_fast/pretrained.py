@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, extract_model_state, load_checkpoint
-from .limits import check_beit_config
+from .limits import check_beit_config, check_tensors_hold_their_bytes
 from .model import BeitConfig, VisionTransformerForClassification
 from .rel_pos import relative_position_table_size, square_grid_for_table_size
 
@@ -166,6 +166,10 @@ def load_state_dict_any(
     sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise PretrainedLoadError(f"{where} holds no model weights (keys: {list(ckpt)[:8]})")
+    try:  # an architecture may be read off these shapes: each must be backed by its own bytes
+        check_tensors_hold_their_bytes(sd, where)
+    except ValueError as e:
+        raise PretrainedLoadError(str(e)) from None
     from .interop.checkpoints import detect_format, to_official
 
     try:

@@ -230,7 +230,8 @@ def test_deeply_nested_json_line_in_a_log_is_skipped(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 def test_device_pipeline_never_pads_a_tall_image_to_a_wide_one(tmp_path, monkeypatch):
     """A 1500x1 and a 1x1500 PNG in one batch: the padded buffers were 1500x1500 per image (43 GB at 60000);
-    now they are chunked apart, and the views equal the PIL pipeline's bit for bit."""
+    now they are chunked apart, and the views (jittered and resized in bands here) equal the PIL pipeline's
+    bit for bit."""
     from PIL import Image
 
     from beit_fast.data import ImageFolderDataset, PretrainDataset, ResumableSampler, build_pretrain_loader
@@ -255,6 +256,10 @@ def test_device_pipeline_never_pads_a_tall_image_to_a_wide_one(tmp_path, monkeyp
             biggest.append(out.numel())
         return out
     monkeypatch.setattr(torch, "zeros", recording_zeros)
+    from beit_fast.pipeline import ops, render
+
+    monkeypatch.setattr(ops, "BAND_ELEMENTS", 300)  # jitter and first resize pass in bands of a few rows
+    monkeypatch.setattr(render, "BAND_ELEMENTS", 300)
     dev = list(build_device_pretrain_loader(ds, 4, "cpu", sampler=ResumableSampler(len(ds), seed=ds.seed)))
     monkeypatch.undo()
     assert biggest and max(biggest) <= 4 * 3 * (1500 + 2 * 1200), max(biggest)
@@ -278,3 +283,35 @@ def test_bounded_chunks_respect_the_padding_bound():
             pixels = int((t[:, 0] * t[:, 1]).sum())
             padded = len(rows) * int(t[:, 0].max()) * int(t[:, 1].max())
             assert len(rows) == 1 or (padded <= PAD_FACTOR * pixels and pixels <= CHUNK_PIXELS)
+
+
+@pytest.mark.parametrize("vertical_first", [False, True])
+def test_resize_in_bands_equals_the_whole_image(monkeypatch, vertical_first):
+    """The first resampling pass converts a band of the image at a time (bounded float copies of a large
+    image): the same uint8 result as converting it whole."""
+    from beit_fast.pipeline import ops
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 61, 47), dtype=torch.uint8, generator=g)
+    length = torch.tensor([61, 40]), torch.tensor([47, 30])
+    zero, no = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool)
+    wy = ops.resample_weights(length[0], zero, no, 16, 61, "bicubic")
+    wx = ops.resample_weights(length[1], zero, no, 12, 47, "lanczos")
+    first = torch.full((2,), vertical_first)
+    whole = ops.resize_crops(images, wy, wx, first)
+    monkeypatch.setattr(ops, "BAND_ELEMENTS", 500)  # bands of a few rows / columns
+    assert torch.equal(ops.resize_crops(images, wy, wx, first), whole)
+
+
+def test_finetune_refuses_stride0_weights_whose_shapes_would_size_the_model(tmp_path):
+    """Without a model_config the architecture is read off the weights' shapes: a stride-0 tensor claiming
+    a huge one is refused before the classifier is built."""
+    from beit_fast import finetune
+
+    sd = dict(tiny_model().state_dict())
+    sd["pos_embed"] = torch.zeros(1).expand(1, 4097, 128)  # a 64x64 grid claimed on 4 bytes
+    torch.save({"model": sd}, tmp_path / "official.pth")
+    common = ["--input_size", "16", "--labels_per_class", "2", "--no_progress", "--epochs", "1", "--batch_size", "10",
+              "--output_dir", str(tmp_path / "ft")]
+    message = clean_exit(finetune.main, ["--finetune", str(tmp_path / "official.pth"), *common])
+    assert "pos_embed" in message and "stride 0" in message, message

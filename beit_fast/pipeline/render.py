@@ -31,7 +31,8 @@ import torchvision.transforms.functional as TF
 
 from ..transforms import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, TwoViewConfig, map_pixels
 from .encoded import EncodedBatch
-from .ops import FILTERS, color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first
+from .ops import (BAND_ELEMENTS, FILTERS, color_jitter, contrast_means, resample_weights, resize_crops,
+                  vertical_pass_first)
 
 
 def device_pipeline_problems(interpolation: str, second_interpolation: str) -> list[str]:
@@ -228,8 +229,12 @@ class DeviceTwoViewTransform:
         for k, img in enumerate(images):
             t, x, h, w = int(top[k]), int(x0[k]), int(bh[k]), int(bw[k])
             crops[k, :, :h, :w].copy_(img[:, t: t + h, x: x + w])
-        if ops.shape[1]:
-            crops = color_jitter(crops, ops.to(dev), batch.jitter_factors[sel].to(dev), None, present, means)
+        if ops.shape[1]:  # per pixel (the contrast means come from the whole images): in bands of rows
+            step = max(1, BAND_ELEMENTS // max(len(rows) * 3 * wc, 1))
+            ops_d, factors_d = ops.to(dev), batch.jitter_factors[sel].to(dev)
+            for i in range(0, hc, step):
+                crops[:, :, i: i + step] = color_jitter(crops[:, :, i: i + step], ops_d, factors_d, None, present,
+                                                        means)
         views = []
         zeros = torch.zeros(len(rows), dtype=torch.int64, device=dev)
         for size, interp in ((cfg.input_size, cfg.interpolation), (cfg.second_input_size, cfg.second_interpolation)):
