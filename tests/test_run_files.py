@@ -231,3 +231,28 @@ def test_convert_reads_a_symlinked_shard_as_the_hf_cache_lays_them_out(tmp_path)
     folder = _hf_folder(tmp_path / "snap", {"x": "model-00001.safetensors"})
     (folder / "model-00001.safetensors").symlink_to(blobs / "abc")
     assert torch.equal(load_state_dict(folder)["x"], torch.ones(2))
+
+
+def test_full_disk_at_the_lock_write_is_a_clear_error(toy, tmp_path, monkeypatch):
+    import beit_fast.checkpoint_folder as folder_module
+
+    monkeypatch.setattr(folder_module, "os", _FullDiskForLogs())
+    message = clean_exit(pretrain.main, pretrain_args(toy, tmp_path / "out"))
+    monkeypatch.undo()
+    assert f"could not write the lock file {tmp_path / 'out' / 'run.lock'}: No space left on device" in message
+    assert not (tmp_path / "out" / "run.lock").exists()
+
+
+def test_convert_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import beit_fast.checkpoint as ck
+    from beit_fast.convert import main as convert_main
+    from test_crash_safety import _FullDisk
+    from test_security import tiny_model
+
+    torch.save({"model": tiny_model().state_dict()}, tmp_path / "src.pt")
+    monkeypatch.setattr(ck, "os", _FullDisk(1000))
+    assert convert_main([str(tmp_path / "src.pt"), str(tmp_path / "out.safetensors")]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "error: could not write" in err and "No space left on device" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
