@@ -256,3 +256,16 @@ def test_convert_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert "error: could not write" in err and "No space left on device" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
+
+
+def test_tokenizer_identity_is_the_weights_not_the_file():
+    from torch import nn
+
+    from beit_fast.tokenizer.identity import weights_sha256
+
+    a = nn.BatchNorm1d(3).to(torch.bfloat16)  # bf16 weights and a 0-d int64 buffer
+    b = nn.BatchNorm1d(3).to(torch.bfloat16)
+    assert weights_sha256(a) == weights_sha256(b) and len(weights_sha256(a)) == 64
+    with torch.no_grad():
+        b.weight[0] = 2
+    assert weights_sha256(a) != weights_sha256(b)

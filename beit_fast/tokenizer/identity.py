@@ -15,7 +15,8 @@ def weights_sha256(module: nn.Module) -> str:
     same weights give the same hash whatever file format (or device) they came from."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        shape = tuple(t.shape)
+        t = t.detach().to("cpu").contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        h.update(f"{name}|{t.dtype}|{shape}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
