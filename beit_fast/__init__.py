@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 
 #: public name -> submodule that defines it
 _EXPORTS = {
-    "BeitConfig": "model",
-    "MODEL_CONFIGS": "model",
-    "get_config": "model",
-    "build_model": "model",
-    "VisionTransformerForMaskedImageModeling": "model",
-    "MaskingConfig": "masking",
-    "MaskingGenerator": "masking",
+    "BeitConfig": "model.beit",
+    "MODEL_CONFIGS": "model.beit",
+    "get_config": "model.beit",
+    "build_model": "model.beit",
+    "VisionTransformerForMaskedImageModeling": "model.beit",
+    "MaskingConfig": "data.masking",
+    "MaskingGenerator": "data.masking",
     "patch_embed_mask": "ops",
     "masked_linear_cross_entropy": "ops",
     "attention_with_bias": "ops",
@@ -29,25 +29,25 @@ _EXPORTS = {
     "set_backend": "ops",
     "get_backend": "ops",
     "use_backend": "ops",
-    "FusedLinearCrossEntropyLoss": "modules",
-    "PatchEmbedMask": "modules",
-    "RelPosBiasAttention": "modules",
+    "FusedLinearCrossEntropyLoss": "model.modules",
+    "PatchEmbedMask": "model.modules",
+    "RelPosBiasAttention": "model.modules",
     "apply_beit_fast_to_hf": "interop",
     "apply_beit_fast_to_timm": "interop",
     "revert_beit_fast": "interop",
     "convert_state_dict": "interop",
     "detect_format": "interop",
-    "VisionTransformerForClassification": "model",
-    "build_classifier": "model",
-    "load_pretrained": "pretrained",
-    "resize_rel_pos_bias_table": "pretrained",
-    "PretrainedLoadError": "pretrained",
-    "MIMLoss": "loss",
-    "ClassificationLoss": "loss",
-    "build_finetune_loss": "loss",
-    "param_groups_layer_decay": "optim",
-    "layer_id_for_vit": "optim",
-    "apply_schedule": "optim",
+    "VisionTransformerForClassification": "model.beit",
+    "build_classifier": "model.beit",
+    "load_pretrained": "interop.pretrained",
+    "resize_rel_pos_bias_table": "interop.pretrained",
+    "PretrainedLoadError": "interop.pretrained",
+    "MIMLoss": "train.loss",
+    "ClassificationLoss": "train.loss",
+    "build_finetune_loss": "train.loss",
+    "param_groups_layer_decay": "train.optim",
+    "layer_id_for_vit": "train.optim",
+    "apply_schedule": "train.optim",
 }
 
 __all__ = list(_EXPORTS)
@@ -69,12 +69,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .interop import (apply_beit_fast_to_hf, apply_beit_fast_to_timm, convert_state_dict, detect_format,
                           revert_beit_fast)
-    from .loss import ClassificationLoss, MIMLoss, build_finetune_loss
-    from .masking import MaskingConfig, MaskingGenerator
-    from .model import (MODEL_CONFIGS, BeitConfig, VisionTransformerForClassification,
-                        VisionTransformerForMaskedImageModeling, build_classifier, build_model, get_config)
-    from .modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
+    from .train.loss import ClassificationLoss, MIMLoss, build_finetune_loss
+    from .data.masking import MaskingConfig, MaskingGenerator
+    from .model.beit import (
+        MODEL_CONFIGS, BeitConfig, VisionTransformerForClassification, VisionTransformerForMaskedImageModeling,
+        build_classifier, build_model, get_config,
+    )
+    from .model.modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
     from .ops import (attention_with_bias, attention_with_rel_pos_bias, get_backend, masked_linear_cross_entropy,
                       patch_embed_mask, set_backend, use_backend)
-    from .optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
-    from .pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table
+    from .train.optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
+    from .interop.pretrained import PretrainedLoadError, load_pretrained, resize_rel_pos_bias_table

@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from .utils.options import ArgumentParser
+
 EPILOG = """\
 formats:
   official   microsoft/unilm key names (= beit_fast's model): pretraining (lm_head, shared relative
@@ -36,7 +38,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m beit_fast.convert",
         description="Convert a BEiT checkpoint (official/beit_fast, HuggingFace or timm; .pt/.pth/.bin, "
                     ".safetensors or an HF model directory) to another layout. The source format is detected "
@@ -93,16 +95,12 @@ def _is_dir_target(dst: Path) -> bool:
 def convert(args: argparse.Namespace) -> str:
     """Run one conversion; returns the summary line. Raises FileNotFoundError / FileExistsError /
     ValueError on bad input."""
-    from .checkpoint import CheckpointError, atomic_write_text
+    from .utils.checkpoint import CheckpointError, atomic_write_text
     from .interop.checkpoints import (
-        convert_state_dict,
-        same_family,
-        detect_format,
-        detect_layout,
-        hf_config_from_state_dict,
-        load_state_dict,
+        convert_state_dict, detect_format, detect_layout, hf_config_from_state_dict, load_state_dict,
         save_state_dict,
     )
+    from .interop.conversion import same_family
 
     for flag, value in (("--num-heads", args.num_heads), ("--img-size", args.img_size)):
         if value is not None and not 0 < value <= 1 << 16:
@@ -169,7 +167,7 @@ def convert(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .utils.checkpoint import CheckpointError
 
     try:
         summary = convert(args)

@@ -4,7 +4,7 @@
     python -m beit_fast.evidence --ablations          # + random masking, + pixel regression (Table 4)
     python -m beit_fast.evidence --seeds 5 --pretrain_epochs 200 --embed_dim 192   # scale up
 
-Data: scikit-learn's handwritten digits (``beit_fast.digits``: 1,797 real 8x8 scans, upsampled to
+Data: scikit-learn's handwritten digits (``beit_fast.data.digits``: 1,797 real 8x8 scans, upsampled to
 ``--image_size``), split 75/25 stratified. The whole chain of the method runs on it:
 
 1. a dVAE visual tokenizer trained on the training images (no labels);
@@ -33,9 +33,9 @@ if __name__ == "__main__" and not __package__:  # run as a file (python beit_fas
 import argparse
 from typing import Sequence
 
-from .logs import cli_logging
+from .utils.logs import cli_logging
 from .config import EVIDENCE_VARIANTS, EvidenceConfig, exit_on_problems, from_args
-from .options import HelpFormatter
+from .utils.options import ArgumentParser, HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
@@ -45,7 +45,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m beit_fast.evidence", description=__doc__, formatter_class=_Formatter)
+    p = ArgumentParser(prog="python -m beit_fast.evidence", description=__doc__, formatter_class=_Formatter)
     d = EvidenceConfig()
     helps = {
         "seeds": "seeds per variant (each seed pretrains, fine-tunes and probes anew)",

@@ -19,8 +19,8 @@ import argparse
 
 from .config import FinetuneConfig, defaults_of, exit_on_problems, from_args
 from .config.finetune import FINETUNE_DEMO_DEFAULTS
-from .logs import cli_logging
-from .options import MODEL_NAMES, RESIZE_FILTERS, HelpFormatter, add_classification_data_args
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, MODEL_NAMES, RESIZE_FILTERS, HelpFormatter, add_classification_data_args
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
@@ -33,7 +33,9 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--finetune",
                    help="pretraining checkpoint to start from: ours (beit_fast.pretrain), official, or HuggingFace/"
-                   "timm weights (torch file); omitted = train from scratch (with a warning)")
+                   "timm weights (torch file). Omitted: without --data_path and architecture flags, the "
+                   "pretraining demo's runs/beit_pretrain_demo/checkpoint-last.pt where it exists, else train from "
+                   "scratch (with a warning); '' trains from scratch")
     g.add_argument("--model", default=None, choices=MODEL_NAMES,
                    help="model size (default: the architecture of --finetune, else demo tiny / real base)")
     g.add_argument("--patch_size", type=int, default=None,
@@ -151,7 +153,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.finetune",
         description="BEiT fine-tuning for image classification (official recipe). Without --data_path, runs the "
         "embedded CPU-sized default on scikit-learn's handwritten digits. Defaults shown as 'demo/real' differ "

@@ -17,14 +17,14 @@ if __name__ == "__main__" and not __package__:  # run as a file (python beit_fas
 import argparse
 
 from .config import ProbeConfig, defaults_of, exit_on_problems, from_args
-from .logs import cli_logging
-from .options import MODEL_NAMES, HelpFormatter, add_classification_data_args
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, MODEL_NAMES, HelpFormatter, add_classification_data_args
 
 __all__ = ["get_args_parser", "main"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.linear_probe",
         description="Linear probe of a frozen BEiT backbone on average-pooled patch tokens of one block (--layer) "
         "or of every block (--sweep). Without --data_path: scikit-learn's handwritten digits.",

@@ -25,8 +25,8 @@ import argparse
 
 from .config import PretrainConfig, defaults_of, exit_on_problems, from_args
 from .config.pretrain import DALLE_ENCODER_URL, INTERPOLATIONS
-from .logs import cli_logging
-from .options import JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, JPEG_DECODER_HELP, JPEG_DECODERS, MODEL_NAMES, HelpFormatter
 
 __all__ = ["get_args_parser", "resolve_defaults", "main"]
 
@@ -47,7 +47,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color_jitter", type=float, help="brightness/contrast/saturation jitter (0: off)")
     g.add_argument("--imagenet_default_mean_and_std", action="store_true",
                    help="normalise the patch view with ImageNet mean/std instead of 0.5/0.5")
-    g.add_argument("--num_workers", type=int, help="DataLoader workers (default: min(8, cores))")
+    g.add_argument("--num_workers", type=int,
+                   help="DataLoader workers per process (default: on CUDA the cores available to the process, "
+                   "shared among the node's processes, less one; on CPU min(8, those cores))")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction,
                    help="pin host memory for faster copies to the GPU (default: on with CUDA)")
     g.add_argument("--data_pipeline", choices=["pil", "gpu"],
@@ -142,7 +144,7 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs (torchao float8 training, tensorwise scaling) for the blocks' QKV and MLP linears "
                    "in the fast step; needs a CUDA GPU of compute capability >= 8.9 (H100/H200) and torchao "
-                   "(pip install 'beit_fast[fp8]')")
+                   "(pip install -e '.[fp8]' in the clone)")
     g.add_argument("--tokenizer_precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="tokenizer forward precision (channels-last): auto tries fp16 then bf16 on CUDA and keeps "
                    "the first whose token ids agree with fp32 on >= 99%% of the first batch's positions, else fp32; "
@@ -158,6 +160,11 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("safety")
     g.add_argument("--max_bad_steps", type=int,
                    help="stop (with a checkpoint) after this many consecutive non-finite losses")
+    g.add_argument("--nonfinite_check", choices=["host", "device"],
+                   help="how a non-finite loss or gradient norm is caught (the step makes no update either way): "
+                   "host reads each loss before its backward (a GPU sync per step); device decides on the GPU "
+                   "(fused AdamW's found_inf) and reads the results every --log_freq steps (default: device on "
+                   "CUDA, host elsewhere)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -196,7 +203,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.pretrain",
         description="BEiT pretraining (masked image modeling with visual tokens). Without --data_path, runs "
         "the embedded CPU-sized demo on scikit-image's sample photographs. Defaults shown as 'demo/real' "

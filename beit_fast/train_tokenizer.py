@@ -4,7 +4,7 @@ With no ``--data_path`` it trains the ``tiny`` preset on random crops of scikit-
 photographs and runs on a laptop CPU in a minute or two; with ``--data_path DIR`` it uses every image file
 under DIR. Load the checkpoint (``--output``) with ``beit_fast.tokenizer.build_tokenizer("dvae", path)``.
 This module parses the flags into a :class:`beit_fast.config.TokenizerConfig` and calls
-:func:`beit_fast.tokenizer_training.run_tokenizer_training` (torch is imported after parsing, so ``--help``
+:func:`beit_fast.train.tokenizer_training.run_tokenizer_training` (torch is imported after parsing, so ``--help``
 is instant).
 """
 from __future__ import annotations
@@ -20,14 +20,14 @@ import argparse
 from typing import Sequence
 
 from .config import TokenizerConfig, defaults_of, exit_on_problems, from_args
-from .logs import cli_logging
-from .options import DVAE_PRESET_NAMES, DVAE_RECOMMENDED_LR, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, DVAE_PRESET_NAMES, DVAE_RECOMMENDED_LR, HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m beit_fast.train_tokenizer",
         description="Train a discrete VAE visual tokenizer (Gumbel-softmax relaxation, uniform prior) for BEiT. "
         "Without --data_path it trains on crops of scikit-image's sample photographs; with --data_path DIR on "
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Train a tokenizer with command-line flags ``argv``; returns its metrics."""
     cfg = from_args(TokenizerConfig, build_parser().parse_args(argv))
     exit_on_problems(cfg.problems())
-    from .tokenizer_training import run_tokenizer_training
+    from .train.tokenizer_training import run_tokenizer_training
 
     with cli_logging():
         return run_tokenizer_training(cfg)

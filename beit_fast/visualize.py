@@ -18,14 +18,14 @@ import argparse
 import os
 from pathlib import Path
 
-from .logs import cli_logging
-from .options import DEFAULT_DPI, PANEL_INCHES, PICTURE_PARTS, HelpFormatter
+from .utils.logs import cli_logging
+from .utils.options import ArgumentParser, DEFAULT_DPI, PANEL_INCHES, PICTURE_PARTS, HelpFormatter
 
 __all__ = ["get_args_parser", "main"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "python -m beit_fast.visualize",
         description="Pictures of a BEiT pretraining run: images with their blockwise masks (mask.png), the "
         "tokenizer's reconstructions (tokenizer_reconstruction.png), the model's predictions at masked "

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from beit_fast.ops import attention as A
+from beit_fast.ops import attention_backends as AB
 
 
 @dataclass
@@ -86,7 +87,7 @@ def flex_tiles_candidate(tiles: str) -> Candidate:
 
             _FLEX_FN = torch.compile(flex_attention)
         with A.autocast_off(q.device):
-            return _FLEX_FN(q, k, v, score_mod=A._bias_score_mod(bias), scale=scale, kernel_options=opts)
+            return _FLEX_FN(q, k, v, score_mod=AB._bias_score_mod(bias), scale=scale, kernel_options=opts)
 
     return Candidate(f"flex_tiles:{tiles}", f"FlexAttention score_mod, kernel_options {opts}", unavailable, fn)
 

@@ -28,7 +28,7 @@ import os
 import pytest
 import torch
 
-from beit_fast.model import relative_position_index
+from beit_fast.model.beit import relative_position_index
 from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_bias, resolve_attention_backend
 
 HAS_CUDA = torch.cuda.is_available()

@@ -1,8 +1,9 @@
-"""End to end: what ``python -m beit_fast.pretrain --data_path ...`` delivers, per input pipeline.
+"""End to end: what ``python -m beit_fast.pretrain --data_path ...`` delivers, per input pipeline, and
+(``--finetune``) what ``python -m beit_fast.finetune`` delivers, each with its defaults.
 
     python benchmarks/bench_end_to_end.py                                   # CPU: tiny sizes (a smoke run)
     python benchmarks/bench_end_to_end.py --device cuda --model base --batch 256 --images 4096 \\
-        --tokenizer dalle --steps 20 --warmup 5 --json e2e.json             # the GPU measurement
+        --tokenizer dalle --steps 20 --warmup 5 --finetune --json e2e.json  # the GPU measurement
 
 It runs ``beit_fast.pretrain.main`` itself (the real loop, loader, engine and tokenizer), once per
 ``--pipelines`` entry (``pil``, ``gpu``), on a folder of JPEGs it makes from the scikit-image photographs
@@ -13,8 +14,10 @@ weights). Measured over the steps after ``--warmup`` (compilation, autotuning, w
 * ``images_per_s``: global batch x measured steps / wall time of those steps;
 * ``data_wait_share``: the share of that time the training loop waited for the next batch (host time in
   the loop's ``next_batch``; with ``--data_pipeline gpu`` plus the time the compute stream waited on the
-  GPU for the batch's event). The engine synchronises every step (it reads the loss), so host waiting is
-  time the GPU had nothing to do;
+  GPU for the batch's event). With ``--nonfinite_check host`` the engine synchronises every step (it reads
+  the loss), so host waiting is time the GPU had nothing to do; with the device check (the CUDA default)
+  the GPU may still be running queued steps while the host waits: the share is then an upper bound. The
+  window's ends are synchronised (the GPU has finished the warm-up steps and the measured ones);
 * ``step_images_per_s``: the same steps without the waiting (the model step's own speed in this run);
 * ``cpu_cores_used``: CPU seconds of the process and its DataLoader workers / wall seconds.
 
@@ -46,7 +49,7 @@ __all__ = ["make_jpeg_folder", "run_end_to_end", "main"]
 # --------------------------------------------------------------------------------------------------------
 def _make_one(args) -> str:
     path, k, seed, min_side, max_side, quality = args
-    from beit_fast.sample_data import sample_photographs
+    from beit_fast.data.samples import sample_photographs
 
     photos = sample_photographs()
     rng = np.random.default_rng([seed, k])
@@ -152,10 +155,8 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     """One ``beit_fast.pretrain`` run with ``--data_pipeline pipeline``; returns the measured fields
     (module docstring). ``input_size`` / ``patch_size``: 224 / 16 for BEiT-B (the CPU smoke default is
     32 / 8, tokenizer view 32)."""
-    from beit_fast import pipeline as pipeline_mod
+    from beit_fast.data import pipeline as pipeline_mod
     from beit_fast import pretrain
-    from beit_fast.train import feed as loop_mod
-    from beit_fast.train import mim as engine_mod
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,9 +180,30 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
     argv += list(extra_args or [])
 
     probe = _Probe(warmup)
-    # the run imports build_loader_for from beit_fast.pipeline when it starts (after parsing its flags)
-    real_next, real_step, real_build = loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated, \
-        pipeline_mod.build_loader_for
+    # the run imports build_loader_for from beit_fast.data.pipeline when it starts (after parsing its flags)
+    real_build = pipeline_mod.build_loader_for
+
+    def build_loader_for(*a, **k):
+        probe.loader = real_build(*a, **k)
+        return probe.loader
+
+    pipeline_mod.build_loader_for = build_loader_for
+    try:
+        _timed_run(pretrain.main, argv, probe, total)
+    finally:
+        pipeline_mod.build_loader_for = real_build
+    row = _row(probe, warmup, total, batch)
+    return {"task": "pretrain", "pipeline": pipeline,
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": model,
+            "batch": batch, "tokenizer": tokenizer, "images": n_images, **row}
+
+
+def _timed_run(main, argv: list[str], probe: _Probe, total: int) -> None:
+    """``main(argv)`` with the loop's ``next_batch`` and the engine's ``train_accumulated`` timestamped."""
+    from beit_fast.train import engine as engine_mod
+    from beit_fast.train import feed as loop_mod
+
+    real_next, real_step = loop_mod.next_batch, engine_mod.Engine.train_accumulated
 
     def next_batch(*a, **k):
         t0 = probe.fetch_started()
@@ -191,53 +213,85 @@ def run_end_to_end(pipeline: str, data_dir: str | os.PathLike, out_dir: str | os
             probe.fetches.append((t0, time.perf_counter()))
 
     def train_accumulated(self, *a, **k):
-        result = real_step(self, *a, **k)  # synchronous: reads the loss
+        result = real_step(self, *a, **k)
+        if self.device.type == "cuda" and len(probe.steps_done) + 1 in (probe.warmup, total):
+            torch.cuda.synchronize(self.device)  # the device check reads nothing per step: the GPU may lag
         probe.steps_done.append(time.perf_counter())
         if len(probe.steps_done) == total:
             probe.cpu_end = _cpu_seconds_of_tree(os.getpid())
         return result
 
-    def build_loader_for(*a, **k):
-        probe.loader = real_build(*a, **k)
-        return probe.loader
-
-    loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated = next_batch, train_accumulated
-    pipeline_mod.build_loader_for = build_loader_for
+    loop_mod.next_batch, engine_mod.Engine.train_accumulated = next_batch, train_accumulated
     try:
-        pretrain.main(argv)
+        main(argv)
     finally:
-        loop_mod.next_batch, engine_mod.PretrainEngine.train_accumulated = real_next, real_step
-        pipeline_mod.build_loader_for = real_build
+        loop_mod.next_batch, engine_mod.Engine.train_accumulated = real_next, real_step
     if len(probe.steps_done) < total or probe.window_start is None:
         raise RuntimeError(f"the run made {len(probe.steps_done)} steps, expected {total}")
+
+
+def _row(probe: _Probe, warmup: int, total: int, batch: int) -> dict:
+    """The measured fields of a run (module docstring)."""
+    steps = total - warmup
     wall = probe.steps_done[total - 1] - probe.window_start
     host_wait = sum(b - a for a, b in probe.fetches[warmup:total])
     device_wait = 0.0
     stats = getattr(probe.loader, "stats", None)
-    if stats is not None and stats._events:
-        events = stats._events[warmup:total]
-        for start, end in events:
-            end.synchronize()
-            device_wait += start.elapsed_time(end) / 1e3
+    if stats is not None and hasattr(stats, "device_waits"):
+        device_wait = sum(stats.device_waits()[warmup:total])
     wait = min(wall, host_wait + device_wait)
     cpu = None if probe.cpu_start is None or getattr(probe, "cpu_end", None) is None else \
         (probe.cpu_end - probe.cpu_start) / wall
     return {
-        "pipeline": pipeline, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "model": model, "batch": batch, "tokenizer": tokenizer, "images": n_images, "measured_steps": steps,
-        "warmup_steps": warmup, "seconds": wall, "images_per_s": steps * batch / wall,
+        "measured_steps": steps, "warmup_steps": warmup, "seconds": wall, "images_per_s": steps * batch / wall,
         "data_wait_share": wait / wall, "host_wait_s": host_wait, "device_wait_s": device_wait,
         "step_images_per_s": steps * batch / max(wall - wait, 1e-9), "cpu_cores_used": cpu,
         "num_workers": getattr(probe.loader, "num_workers", None), "logical_cores": os.cpu_count(),
     }
 
 
+def run_finetune_end_to_end(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: str = "tiny",
+                            batch: int = 4, steps: int = 3, warmup: int = 1, device: str = "cpu",
+                            input_size: int = 32, num_workers: int | None = None,
+                            extra_args: list[str] | None = None) -> dict:
+    """One ``beit_fast.finetune`` run (from random weights: the speed is the same) on the JPEGs of
+    ``data_dir`` filed into two classes (hard links, ``train/`` and a small ``val/``), with its defaults
+    unless ``num_workers`` / ``extra_args`` say otherwise; the same measured fields as
+    :func:`run_end_to_end` (``pipeline``: the fine-tuning transforms' PIL pipeline)."""
+    from beit_fast import finetune
+
+    out_dir = Path(out_dir)
+    files = sorted(f for f in os.listdir(data_dir) if f.endswith(".jpg"))
+    total = warmup + steps
+    if len(files) < (total + 1) * batch + 2:
+        raise ValueError(f"{len(files)} images are too few for {total} steps of {batch} in one epoch")
+    root = out_dir / "labelled"
+    for k, name in enumerate(files):
+        split = "val" if k < 2 else "train"
+        target = root / split / f"c{k % 2}" / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(Path(data_dir) / name, target)
+    argv = ["--data_path", str(root), "--model", model, "--input_size", str(input_size), "--batch_size", str(batch),
+            "--epochs", "1", "--warmup_epochs", "0", "--stop_after_steps", str(total), "--no-save_ckpt",
+            "--no_progress", "--device", device, "--output_dir", str(out_dir / "finetune")]
+    if num_workers is not None:
+        argv += ["--num_workers", str(num_workers)]
+    argv += list(extra_args or [])
+    probe = _Probe(warmup)
+    _timed_run(finetune.main, argv, probe, total)
+    return {"task": "finetune", "pipeline": "pil", "model": model, "batch": batch, "tokenizer": None,
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "images": len(files),
+            **_row(probe, warmup, total, batch)}
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| pipeline | device | model | batch | images/s | step alone images/s | waiting for data | CPU cores used |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| task | pipeline | device | model | batch | images/s | step alone images/s | waiting for data | "
+             "CPU cores used |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         cpu = "" if r["cpu_cores_used"] is None else f"{r['cpu_cores_used']:.1f} of {r['logical_cores']}"
-        lines.append(f"| {r['pipeline']} | {r['device']} | {r['model']} | {r['batch']} | {r['images_per_s']:.1f} | "
+        lines.append(f"| {r.get('task', 'pretrain')} | {r['pipeline']} | {r['device']} | {r['model']} | {r['batch']} | "
+                     f"{r['images_per_s']:.1f} | "
                      f"{r['step_images_per_s']:.1f} | {100 * r['data_wait_share']:.1f}% | {cpu} |")
     return "\n".join(lines)
 
@@ -246,6 +300,8 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--pipelines", default="pil,gpu", help="comma-separated --data_pipeline values")
+    p.add_argument("--finetune", action="store_true",
+                   help="also a fine-tuning row (beit_fast.finetune with its defaults, the same JPEGs in two classes)")
     p.add_argument("--model", default=None, help="tiny on CPU, base on CUDA")
     p.add_argument("--batch", type=int, default=None, help="4 on CPU, 256 on CUDA")
     p.add_argument("--images", type=int, default=None, help="JPEGs to make (CPU 16, CUDA 4096)")
@@ -272,11 +328,17 @@ def main(argv=None) -> list[dict]:
     make_jpeg_folder(work / "jpegs", n, lo, hi)
     print(f"{n} JPEGs in {work / 'jpegs'} ({time.time() - t0:.0f} s)", flush=True)
     rows = []
-    for pipeline in filter(None, args.pipelines.split(",")):
-        row = run_end_to_end(pipeline, work / "jpegs", work / "runs", model=model, batch=batch, steps=steps,
-                             warmup=warmup, tokenizer=tokenizer, device=args.device, input_size=size,
-                             patch_size=patch, num_workers=args.num_workers if args.num_workers is not None else
-                             (None if cuda else 0), extra_args=args.extra)
+    workers = args.num_workers if args.num_workers is not None else (None if cuda else 0)
+    runs = [lambda p=p: run_end_to_end(p, work / "jpegs", work / "runs", model=model, batch=batch, steps=steps,
+                                       warmup=warmup, tokenizer=tokenizer, device=args.device, input_size=size,
+                                       patch_size=patch, num_workers=workers, extra_args=args.extra)
+            for p in filter(None, args.pipelines.split(","))]
+    if args.finetune:
+        runs.append(lambda: run_finetune_end_to_end(work / "jpegs", work / "runs", model=model, batch=batch,
+                                                    steps=steps, warmup=warmup, device=args.device, input_size=size,
+                                                    num_workers=workers))
+    for run in runs:
+        row = run()
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.rows:

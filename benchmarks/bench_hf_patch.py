@@ -39,7 +39,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beit_fast.masking import MaskingGenerator
+from beit_fast.data.masking import MaskingGenerator
 
 transformers = pytest.importorskip("transformers")
 

@@ -43,10 +43,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_end_to_end import make_jpeg_folder  # noqa: E402
 
-from beit_fast.data import ImageFolderDataset  # noqa: E402
-from beit_fast.masking import MaskingGenerator  # noqa: E402
-from beit_fast.pipeline.ops import color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first  # noqa: E402
-from beit_fast.transforms import TwoViewTransform, map_pixels, to_rgb  # noqa: E402
+from beit_fast.data.image_folder import ImageFolderDataset  # noqa: E402
+from beit_fast.data.masking import MaskingGenerator  # noqa: E402
+from beit_fast.data.pipeline.ops import (
+    color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first,
+)  # noqa: E402
+from beit_fast.data.transforms import TwoViewTransform, map_pixels, to_rgb  # noqa: E402
 
 
 def _pil_decode(data: bytes) -> Image.Image:

@@ -8,12 +8,14 @@ Inputs are real tokenizer views (the PIL pipeline's 112 px Lanczos views of rand
 scikit-image photographs), so the token agreement with fp32 is measured on photographs. The weights are
 random unless ``--weights`` gives DALL-E's ``encoder.pkl`` (or a state dict of its layout): speed does not
 depend on them, agreement does (a trained encoder has more decided argmaxes; report both when you can).
-Variants use the engine's own ``beit_fast.train.mim.tokenize`` (autocast + channels-last); ``compiled``
-wraps the encoder's ``encode_logits`` in ``torch.compile``.
+Variants use the engine's own ``beit_fast.tokenizer.base.tokenize`` (autocast + channels-last); "weights kept"
+casts the convolution weights once (``keep_weights_in``, as a pretraining run does); ``compiled`` wraps the
+encoder's ``encode_logits`` in ``torch.compile``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from beit_fast.train.mim import tokenize
-from beit_fast.sample_data import sample_photographs
-from beit_fast.transforms import TokenizerViewTransform, TwoViewConfig
+from beit_fast.tokenizer.base import tokenize
+from beit_fast.data.samples import sample_photographs
+from beit_fast.data.transforms import TokenizerViewTransform, TwoViewConfig
 
 __all__ = ["tokenizer_views", "measure_tokenizer", "main"]
 
@@ -72,22 +74,23 @@ def measure_tokenizer(device: str = "cpu", batch: int | None = None, kind: str |
     tok = _build(kind, dev, weights)
     views = tokenizer_views(batch, tok.input_size).to(dev)
     ref = tokenize(tok, views)
-    variants: list[tuple[str, torch.dtype | None, bool]] = [("fp32", None, False)]
+    variants: list[tuple[str, torch.dtype | None, bool, bool]] = [("fp32", None, False, False)]
     low = [torch.bfloat16] + ([torch.float16] if cuda else [])
-    variants += [(f"{str(d).split('.')[-1]} channels-last", d, False) for d in low]
+    variants += [(f"{str(d).split('.')[-1]} channels-last", d, False, False) for d in low]
+    # what a pretraining run uses: weights kept in the half precision (PretrainEngine.settle_tokenizer)
+    variants += [(f"{str(d).split('.')[-1]} channels-last, weights kept {str(d).split('.')[-1]}", d, False, True)
+                 for d in low]
     if compile:
-        variants += [(f"{str(d).split('.')[-1]} channels-last compiled", d, True) for d in low]
+        variants += [(f"{str(d).split('.')[-1]} channels-last, weights kept, compiled", d, True, True) for d in low]
     rows = []
-    eager = tok.encode_logits
-    for name, dtype, compiled in variants:
-        tok.encode_logits = torch.compile(eager) if compiled else eager
+    for name, dtype, compiled, kept in variants:
+        run_tok = copy.deepcopy(tok).keep_weights_in(dtype) if kept else tok
+        eager = run_tok.encode_logits
+        encode = torch.compile(eager) if compiled else eager
         if dtype is not None:
-            tok.to(memory_format=torch.channels_last)
-        try:
-            seconds = _time(lambda: tokenize(tok, views, dtype), dev, repeats)
-            ids = tokenize(tok, views, dtype)
-        finally:
-            tok.encode_logits = eager
+            run_tok.to(memory_format=torch.channels_last)
+        seconds = _time(lambda: tokenize(run_tok, views, dtype, encode), dev, repeats)
+        ids = tokenize(run_tok, views, dtype, encode)
         rows.append({"variant": name, "tokenizer": kind, "batch": batch, "device": device,
                      "ms": 1e3 * seconds, "images_per_s": batch / seconds,
                      "agreement_with_fp32": (ids == ref).float().mean().item(),

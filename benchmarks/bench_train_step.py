@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
-from beit_fast.masking import MaskingGenerator
-from beit_fast.model import BeitConfig, build_model, get_config
-from beit_fast.optim import build_optimizer
+from beit_fast.data.masking import MaskingGenerator
+from beit_fast.model.beit import BeitConfig, build_model, get_config
+from beit_fast.train.optim import build_optimizer
 from step_common import FixedTokens, mfu_percent, train_flops_per_image
 
 CUDA = torch.cuda.is_available()

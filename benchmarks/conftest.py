@@ -39,28 +39,30 @@ def _ms(seconds: float) -> str:
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
-    """One line per group from ``rows`` (dicts with group, name, median, min, max in seconds, extra_info)."""
+    """Per group of ``rows`` (dicts with group, name, median, min, max in seconds, extra_info): a header line
+    naming the baseline row (the first whose name holds one of BASELINE_KEYS, else the group's first row), then
+    one short line per row, fastest first: median [min-max] and the ratio to the baseline."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"] or "", []).append(r)
     lines = []
     for group, items in groups.items():
-        base = next((r for key in BASELINE_KEYS for r in items if key in r["name"]), None)
-        parts = []
+        base = next((r for key in BASELINE_KEYS for r in items if key in r["name"]), items[0])
+        note = " (times of interpreted rows mean nothing)" if any(
+            r.get("extra_info", {}).get("interpreter") for r in items) else ""
+        lines.append(f"summary {group}: ratios vs {_row_name(base['name'])}{note}")
         for r in sorted(items, key=lambda r: r["median"]):
             label = _row_name(r["name"])
-            interp = r.get("extra_info", {}).get("interpreter")
-            if interp and "INTERPRETED" not in label:
+            if r.get("extra_info", {}).get("interpreter") and "INTERPRETED" not in label:
                 label += " (Triton interpreter)"
-            s = f"{label} {_ms(r['median'])} ms [{_ms(r['min'])}-{_ms(r['max'])}]"
-            if base is not None and r is not base:
-                s += f" = {base['median'] / r['median']:.2f}x {_row_name(base['name'])}"
+            s = f"  {label} {_ms(r['median'])} ms [{_ms(r['min'])}-{_ms(r['max'])}]"
+            if r is base:
+                s += " = baseline"
+            else:
+                s += f" = {base['median'] / r['median']:.2f}x"
                 if r["min"] <= base["max"] and base["min"] <= r["max"]:
                     s += " (ranges overlap: order not established)"
-            parts.append(s)
-        note = " | times of interpreted rows mean nothing" if any(
-            r.get("extra_info", {}).get("interpreter") for r in items) else ""
-        lines.append(f"summary {group}: " + "; ".join(parts) + note)
+            lines.append(s)
     return lines
 
 

@@ -9,7 +9,7 @@ classes, batch 4 (the code paths, not the numbers).
   ft_eager              the eager fine-tuning step of beit_fast.finetune (``--fast off``): the classifier as
                         built (attention "math", the eager reference), forward under autocast, soft-target
                         cross-entropy, backward, fused AdamW, in the same engine, not compiled
-  ft_beit_fast          beit_fast.loss.build_finetune_loss(fast=True): the classifier's fast path (attention
+  ft_beit_fast          beit_fast.train.loss.build_finetune_loss(fast=True): the classifier's fast path (attention
                         "auto", no activation checkpointing) + the loss as one module, torch.compile
                         (fullgraph, static shapes), run by beit_fast.train.engine.Engine as the fine-tuning
                         run does (schedule, gradient norm, fused AdamW); no host sync in the step (a
@@ -31,7 +31,7 @@ LABEL_SMOOTHING = 0.1
 
 def finetune_config(cuda: bool, batch: int | None = None):
     """``(BeitConfig, batch, num_classes)`` of the benchmark."""
-    from beit_fast.model import get_config
+    from beit_fast.model.beit import get_config
 
     if cuda:
         return get_config("base", drop_path_rate=DROP_PATH), batch or 256, 1000
@@ -40,7 +40,7 @@ def finetune_config(cuda: bool, batch: int | None = None):
 
 def make_finetune_data(cfg, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> dict:
     """Images and mixup/cutmix soft targets (label smoothing folded in), as the fine-tuning loop makes them."""
-    from beit_fast.transforms import build_mixup
+    from beit_fast.data.transforms import build_mixup
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
@@ -51,7 +51,7 @@ def make_finetune_data(cfg, batch: int, num_classes: int, device: torch.device, 
 
 
 def _optimizer(model: nn.Module, cuda: bool) -> torch.optim.Optimizer:
-    from beit_fast.optim import apply_schedule, param_groups_layer_decay
+    from beit_fast.train.optim import apply_schedule, param_groups_layer_decay
 
     opt = torch.optim.AdamW(param_groups_layer_decay(model, 0.05, 0.65), lr=1e-4, fused=cuda or None)
     apply_schedule(opt, 1e-4, 0.05)
@@ -90,8 +90,8 @@ def build_finetune_variant(name: str, cfg, num_classes: int, data: dict, device:
                            seed: int = 0) -> tuple:
     """``(step(i) -> loss, description, keepalive)`` for a variant of the module docstring; ``compile_fn``
     compiles a module (``torch.compile`` with fullgraph/static shapes, or the identity for CPU smoke runs)."""
-    from beit_fast.loss import ClassificationLoss, build_finetune_loss
-    from beit_fast.model import build_classifier
+    from beit_fast.train.loss import ClassificationLoss, build_finetune_loss
+    from beit_fast.model.beit import build_classifier
 
     cuda = device.type == "cuda"
     amp_dtype = torch.bfloat16 if cuda else None

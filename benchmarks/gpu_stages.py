@@ -117,7 +117,7 @@ def amp():
 # sizes, data
 # --------------------------------------------------------------------------------------------------
 def config(batch: int | None):
-    from beit_fast.model import get_config
+    from beit_fast.model.beit import get_config
 
     if CUDA:
         return get_config("base"), batch or 256
@@ -126,7 +126,7 @@ def config(batch: int | None):
 
 def make_data(cfg, batch: int, seed: int = 0) -> dict:
     """Images, tokenizer-view images, a blockwise mask of exactly 75 patches (CPU: 40%) and random tokens."""
-    from beit_fast.masking import MaskingGenerator
+    from beit_fast.data.masking import MaskingGenerator
 
     g = torch.Generator().manual_seed(seed)
     grid = cfg.grid_size
@@ -152,8 +152,8 @@ def _schedule(lr: float = 1e-4, n: int = 10**6) -> np.ndarray:
 
 def _our_engine(cfg, data, *, fast: bool, **fast_kw):
     from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
-    from beit_fast.model import build_model
-    from beit_fast.optim import build_optimizer
+    from beit_fast.model.beit import build_model
+    from beit_fast.train.optim import build_optimizer
 
     torch.manual_seed(SEED)
     model = build_model(cfg).to(DEVICE)
@@ -165,7 +165,7 @@ def _our_engine(cfg, data, *, fast: bool, **fast_kw):
     model.configure_fast_path(attention="auto", fused_embed="auto")
     fp8 = fast_kw.pop("fp8", False)
     if fp8 and not CUDA:  # CPU smoke: the same conversion, emulated
-        from beit_fast.fp8 import convert_to_fp8_training
+        from beit_fast.model.fp8 import convert_to_fp8_training
         convert_to_fp8_training(model, emulate=True)
         fp8 = False
     return FastPretrainEngine(*args, amp_dtype=amp_dtype, num_masked=data["num_masked"],
@@ -220,7 +220,7 @@ class TimmMIM(nn.Module):
         self.num_masked = num_masked
 
     def forward(self, images, masks, tokens):
-        from beit_fast.model import masked_index
+        from beit_fast.model.beit import masked_index
         from beit_fast.ops.cross_entropy import masked_linear_cross_entropy
 
         b = self.body
@@ -723,7 +723,7 @@ def stage_kernels(args, w: RowWriter) -> int:
 # fp8
 # --------------------------------------------------------------------------------------------------
 def stage_fp8(args, w: RowWriter) -> int:
-    from beit_fast.fp8 import fp8_unavailable_reason
+    from beit_fast.model.fp8 import fp8_unavailable_reason
 
     why = fp8_unavailable_reason(DEVICE, emulate=not CUDA)
     if why:

@@ -43,8 +43,6 @@ name it held before the split stays importable from it.
 from __future__ import annotations
 
 import functools
-from importlib import import_module
-from typing import Any
 
 import torch
 import triton
@@ -147,7 +145,6 @@ else:
     _FWD_TUNED = _autotuned(_attn_fwd_kernel, GPU_FWD_CONFIGS, _TUNE_KEY)
     _DQ_TUNED = _autotuned(_attn_bwd_dq_kernel, GPU_DQ_CONFIGS, _TUNE_KEY + ["BIAS_GRAD"])
     _DKDV_TUNED = _autotuned(_attn_bwd_dkdv_kernel, GPU_DKDV_CONFIGS, _TUNE_KEY)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,18 +333,3 @@ def attention_backward(do, q, k, v, out, lse, bias4, table_t, index, index_t, po
         else:
             dbias = part
     return dq, dk, dv, dbias
-
-
-# The other names this module defined before the kernels moved out (the kernels' constants and helpers, the
-# index plan), still importable from here, resolved on first use (PEP 562).
-_MOVED = {
-    "attention_forward": ("LOG2E", "_dot", "_rtne_bf16", "_cast", "_bias_tile"),
-    "attention_plan": ("_PLAN_CACHE", "_PLAN_CACHE_SIZE", "index_plan"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(import_module(f".{module}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

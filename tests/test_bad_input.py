@@ -30,6 +30,7 @@ def toy(tmp_path_factory):
     make_toy_images(root / "images", n=8, size=40)
     make_toy_tokenizer(root / "tok.pt")
     (root / "junk.pt").write_bytes(b"not a tokenizer" * 20)
+    (root / "junk_zip.pt").write_bytes(b"PK\x03\x04" + b"not a tokenizer" * 20)  # passes the first-bytes check
     (root / "a_file").write_text("x")
     (root / "empty").mkdir()
     allbad = root / "allbad"
@@ -122,10 +123,12 @@ def assert_match(text, pattern):
 def test_bad_files_give_clear_errors(toy):
     cases = [
         (args(toy, tok=toy / "missing.pt"), "tokenizer weights not found"),
-        (args(toy, tok=toy / "junk.pt"), "cannot load the dvae tokenizer from .*junk.pt"),
+        (args(toy, tok=toy / "junk.pt"), "--discrete_vae_weight_path .*junk.pt is not a tokenizer weights file"),
+        (args(toy, tok=toy / "junk_zip.pt"), "cannot load the dvae tokenizer from .*junk_zip.pt"),
         (args(toy, "--tokenizer", "dalle"), "cannot load the dalle tokenizer from .*tok.pt: .*not a DALL-E"),
         (args(toy, "--output_dir", toy / "a_file"), "--output_dir .*a_file exists and is not a folder"),
-        (args(toy, "--resume", toy / "junk.pt"), "checkpoint .*junk.pt cannot be loaded"),
+        (args(toy, "--resume", toy / "junk.pt"), "--resume .*junk.pt is not a checkpoint: no zip archive"),
+        (args(toy, "--resume", toy / "junk_zip.pt"), "checkpoint .*junk_zip.pt cannot be loaded"),
         (args(toy, "--resume", toy / "tok.pt"), "not a beit_fast training checkpoint"),
         (args(toy, images=toy / "nope"), "image folder not found"),
         (args(toy, images=toy / "a_file"), "not a folder"),
@@ -419,6 +422,27 @@ def test_valid_flags_and_random_image_bytes_give_a_correct_run(toy, flags, files
         log = read_log(tmp / "out")
         assert log and all(math.isfinite(r["loss"]) and math.isfinite(r["mlm_acc"]) for r in log), log
         assert [r["step"] for r in log] == sorted({r["step"] for r in log}) and log[-1]["step"] <= summary["steps"]
+
+
+def test_a_folder_of_only_unreadable_files_names_them_not_the_batch_size(toy):
+    """With fewer files than one step, the error said '3 images give 3 per process, fewer than one step of
+    --batch_size 128': the real cause (no file can be read) only showed with --batch_size 1."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        message = run_expecting_error(args(toy, "--batch_size", 128, images=toy / "allbad"))
+    assert_match(message, r"^error: 3 of the 3 image files under .*allbad cannot be read")
+    assert "text.jpg" in message and "fewer than one step of --batch_size" not in message
+
+
+def test_an_empty_folder_and_missing_dalle_weights_are_reported_at_once(toy):
+    """Every problem found before training, in one message: the folder problem came one fix after the
+    DALL-E weights problem."""
+    argv = args(toy, images=toy / "empty")
+    tok = argv.index("--discrete_vae_weight_path")
+    argv = argv[:tok] + argv[tok + 2:]
+    argv[argv.index("dvae")] = "dalle"
+    message = run_expecting_error(argv)
+    assert "no image files found" in message and "DALL-E" in message, message
 
 
 # ---------------------------------------------------------------------------------------------------------

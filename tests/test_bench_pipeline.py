@@ -42,3 +42,12 @@ def test_end_to_end_runs_the_real_loop_for_both_pipelines(tmp_path):
         assert row["cpu_cores_used"] is None or row["cpu_cores_used"] >= 0
         assert (tmp_path / "runs" / row["pipeline"] / "checkpoint-last.pt").is_file()  # pretrain itself ran
     assert "| gpu | cpu | tiny |" in bench_end_to_end.markdown(rows)
+
+
+def test_end_to_end_fine_tuning_row_on_cpu(tmp_path):
+    bench_end_to_end.make_jpeg_folder(tmp_path / "jpegs", 14, 48, 96)
+    row = bench_end_to_end.run_finetune_end_to_end(tmp_path / "jpegs", tmp_path / "runs", batch=4, steps=1, warmup=1,
+                                                   num_workers=0)
+    assert row["task"] == "finetune" and row["measured_steps"] == 1 and row["images_per_s"] > 0
+    assert 0.0 <= row["data_wait_share"] <= 1.0
+    assert "| finetune | pil | cpu | tiny |" in bench_end_to_end.markdown([row])

@@ -88,9 +88,9 @@ def test_no_cli_imports_another_cli():
 
 def test_option_names_agree_with_the_library():
     from beit_fast.train.evidence import VARIANTS
-    from beit_fast.model import MODEL_CONFIGS
+    from beit_fast.model.beit import MODEL_CONFIGS
     from beit_fast.config import EVIDENCE_VARIANTS
-    from beit_fast.options import DVAE_PRESET_NAMES, MODEL_NAMES
+    from beit_fast.utils.options import DVAE_PRESET_NAMES, MODEL_NAMES
     from beit_fast.tokenizer.dvae import PRESETS
 
     assert MODEL_NAMES == tuple(sorted(MODEL_CONFIGS))
@@ -136,3 +136,46 @@ def test_bad_tokenizer_cli_paths_give_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--steps must be positive"):
         main(["--steps", "0", "--output", str(tmp_path / "t.pt")])
     assert not os.path.exists(tmp_path / "t.pt")
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_a_bad_flag_gets_one_line_and_a_pointer_to_help(cli, capsys):
+    """A mistyped flag value is one error line plus where to look, not ~50 lines of usage before it."""
+    with pytest.raises(SystemExit) as stop:
+        _parser(cli).parse_args({"convert": ["a", "b"], "visualize": ["a"]}.get(cli, []) + ["--no_such_flag"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "error:" in err[0] and "--no_such_flag" in err[0], err
+    assert err[1] == f"Run 'python -m beit_fast.{cli} --help' for every flag and its default."
+
+
+def test_an_unknown_model_names_the_choices_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.get_args_parser().parse_args(["--model", "nonexistent"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "--model" in first and "'nonexistent'" in first and "base" in first and "usage" not in first
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--discrete_vae_weight_path"])
+def test_a_text_file_as_a_checkpoint_is_refused_before_any_work(tmp_path, flag):
+    """The demo trained its tokenizer for ~30 s (leaving tokenizer.pt behind) before it found that --resume was
+    a text file; now the file's first bytes are checked with the other flags, before anything is done."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, not a checkpoint\n")
+    out = tmp_path / "out"
+    message = _error([flag, str(notes), "--output_dir", str(out)])
+    assert f"{flag} {notes} is not a" in message and "no zip archive" in message and "no pickle header" in message
+    assert "b'hell'" in message
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("cli, flag", [("finetune", "--resume"), ("finetune", "--finetune"),
+                                       ("linear_probe", "--finetune")])
+def test_finetune_and_probe_refuse_a_text_checkpoint_at_once(tmp_path, cli, flag):
+    module = importlib.import_module(f"beit_fast.{cli}")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        module.main([flag, str(empty), "--output_dir", str(tmp_path / "out")])
+    assert f"{flag} {empty} is not a checkpoint" in str(exc.value.code) and "an empty file" in str(exc.value.code)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -22,7 +22,7 @@ from beit_fast.interop import (
     timm_kwargs_from_state_dict,
     timm_to_official,
 )
-from beit_fast.model import VisionTransformerForMaskedImageModeling, build_model, relative_position_index
+from beit_fast.model.beit import VisionTransformerForMaskedImageModeling, build_model, relative_position_index
 
 transformers = pytest.importorskip("transformers")
 timm_beit = pytest.importorskip("timm.models.beit")

@@ -19,10 +19,9 @@ import pytest
 import torch
 
 from beit_fast import pretrain
-from beit_fast.checkpoint import (
-    CheckpointError, atomic_save, find_resume_checkpoint, load_checkpoint, validate_checkpoint,
-)
-from beit_fast.distributed import GracefulStop
+from beit_fast.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, validate_checkpoint
+from beit_fast.train.checkpoint_folder import find_resume_checkpoint
+from beit_fast.train.distributed import GracefulStop
 from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, run_forked, start_forked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,10 +237,19 @@ def main_here(argv):
 
 def _die_while_copying_to(name, argv):
     """Run ``pretrain.main(argv)`` in this (forked) process and SIGKILL it halfway through the first copy of
-    a checkpoint to a file called ``name`` (the data is half written to its temporary file)."""
+    a checkpoint to a file called ``name`` (the data is half written to its temporary file), or, for a file
+    published as a hard link (checkpoint-best.pt), between the link under its temporary name and the rename."""
     import shutil
 
     real = shutil.copyfileobj
+    real_link = os.link
+
+    def link(src, dst, *a, **k):
+        real_link(src, dst, *a, **k)
+        if os.path.basename(dst).startswith(f".{name}."):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.link = link
 
     def copyfileobj(src, dst, length=0):
         target = os.readlink(f"/proc/self/fd/{dst.fileno()}")
@@ -347,7 +355,7 @@ def test_fresh_run_into_a_finished_runs_folder_refuses_and_resume_says_complete(
 
 
 class _FullDisk:
-    """``os`` of beit_fast.checkpoint with a disk that fills up: the files it opens for writing accept
+    """``os`` of beit_fast.utils.checkpoint with a disk that fills up: the files it opens for writing accept
     ``budget`` bytes in all, then every write fails with ENOSPC (as a real full disk does)."""
 
     def __init__(self, budget):
@@ -385,7 +393,7 @@ class _FullDisk:
 @pytest.mark.parametrize("where", ["last", "copy"])
 def test_full_disk_at_save_stops_cleanly_and_keeps_the_previous_checkpoint(toy, reference, tmp_path, monkeypatch,
                                                                            where):
-    import beit_fast.checkpoint as ck
+    import beit_fast.utils.checkpoint as ck
 
     out = tmp_path / f"full_{where}"
     args = crash_args(toy, out, "--num_workers", 0)

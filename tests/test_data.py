@@ -1,4 +1,4 @@
-"""Tests of beit_fast.data (image folder, pretraining dataset, sampler, loader) and beit_fast.sample_data."""
+"""Tests of beit_fast.data (image folder, pretraining dataset, sampler, loader) and beit_fast.data.samples."""
 import io
 import os
 import pickle
@@ -13,26 +13,20 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, DistributedSampler
 
-from beit_fast import sample_data
-from beit_fast.data import (
-    ImageFolderDataset,
-    PretrainBatch,
-    PretrainDataset,
-    PretrainSample,
-    ResumableSampler,
-    SkippedImageWarning,
-    build_pretrain_loader,
-    collate_pretrain,
+from beit_fast.data import samples as sample_data
+from beit_fast.data.image_folder import ImageFolderDataset, SkippedImageWarning
+from beit_fast.data.pretraining import (
+    PretrainBatch, PretrainDataset, PretrainSample, ResumableSampler, build_pretrain_loader, collate_pretrain,
     sample_seed,
 )
-from beit_fast.transforms import TwoViewConfig, TwoViewTransform
+from beit_fast.data.transforms import TwoViewConfig, TwoViewTransform
 
 
 # --------------------------------------------------------------------------------------------------------
 # helpers (module level: picklable for DataLoader workers)
 # --------------------------------------------------------------------------------------------------------
 class StandInMask:
-    """Stand-in for beit_fast.masking.MaskingGenerator: gen(rng) -> bool [h, w] with k True."""
+    """Stand-in for beit_fast.data.masking.MaskingGenerator: gen(rng) -> bool [h, w] with k True."""
 
     def __init__(self, h=14, w=14, k=75):
         self.h, self.w, self.k = h, w, k

@@ -26,8 +26,8 @@ import torch.distributed as dist
 # Imported here, before forking, so that the forked ranks share them instead of importing them each.
 import torch.distributed.checkpoint.state_dict  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
-from beit_fast.checkpoint import load_checkpoint
-from beit_fast.data import ResumableSampler
+from beit_fast.utils.checkpoint import load_checkpoint
+from beit_fast.data.pretraining import ResumableSampler
 from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, run_forked, start_forked
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),

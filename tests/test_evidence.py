@@ -8,8 +8,8 @@ import torch
 from beit_fast.evidence import build_parser, main
 from beit_fast.config import EvidenceConfig
 from beit_fast.train.evidence import PixelRegressionLoss, RandomMaskingGenerator, summarize, table
-from beit_fast.digits import DigitsDataset
-from beit_fast.model import build_model
+from beit_fast.data.digits import DigitsDataset
+from beit_fast.model.beit import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

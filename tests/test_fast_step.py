@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from beit_fast.train.mim import FastPretrainEngine, PretrainEngine
-from beit_fast.masking import MaskingGenerator
-from beit_fast.model import build_model, masked_index
-from beit_fast.optim import build_optimizer
+from beit_fast.data.masking import MaskingGenerator
+from beit_fast.model.beit import build_model, masked_index
+from beit_fast.train.optim import build_optimizer
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, vocab_size=40, drop_path_rate=0.0)
 K = 6
@@ -149,7 +149,8 @@ def test_fast_step_bf16_close_to_fp32_reference():
 
 
 def test_tokenizer_low_precision_agreement_and_choice():
-    from beit_fast.train.mim import token_agreement, tokenize
+    from beit_fast.train.mim import token_agreement
+    from beit_fast.tokenizer.base import tokenize
     from beit_fast.tokenizer import build_tokenizer
 
     torch.manual_seed(0)

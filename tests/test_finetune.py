@@ -5,14 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from beit_fast.checkpoint import atomic_save, load_checkpoint
+from beit_fast.utils.checkpoint import atomic_save, load_checkpoint
 from beit_fast.finetune import main
 from beit_fast.config import FinetuneConfig
-from beit_fast.evaluation import accuracy, evaluate
-from beit_fast.loss import soft_target_cross_entropy
+from beit_fast.train.evaluation import accuracy, evaluate
+from beit_fast.train.loss import soft_target_cross_entropy
 from beit_fast.train.finetuning import default_layer_decay, finetune
-from beit_fast.transforms import build_mixup, build_transforms, parse_randaug
-from beit_fast.model import build_classifier, build_model
+from beit_fast.data.transforms import build_mixup, build_transforms, parse_randaug
+from beit_fast.model.beit import build_classifier, build_model
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -197,7 +197,7 @@ def test_cli_bad_inputs(tmp_path):
 
 
 def _hold_lock(folder, ready, release):
-    from beit_fast.checkpoint import OutputDirLock
+    from beit_fast.train.checkpoint_folder import OutputDirLock
 
     with OutputDirLock(folder):
         ready.set()
@@ -208,7 +208,7 @@ def test_output_folder_is_locked_and_a_fresh_run_does_not_overwrite_another(tmp_
     import logging
     import multiprocessing as mp
 
-    from beit_fast.checkpoint import CheckpointError, OutputDirInUseError
+    from beit_fast.utils.checkpoint import CheckpointError, OutputDirInUseError
 
     out = tmp_path / "ft"
     train, val = Prototypes(32), Prototypes(16, seed=1)
@@ -238,3 +238,27 @@ def test_output_folder_is_locked_and_a_fresh_run_does_not_overwrite_another(tmp_
     finetune(build_classifier("tiny", 4, **SMALL), train, val, _quiet(epochs=1), output_dir=out, progress=False,
              overwrite_output_dir=True)
     assert [json.loads(s)["epoch"] for s in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_demo_fine_tunes_the_pretraining_demos_model_when_it_is_there(tmp_path, monkeypatch, caplog):
+    """Right after ``python -m beit_fast.pretrain``, ``python -m beit_fast.finetune`` starts from its checkpoint
+    (it trained from scratch, with a warning) and says so; ``--finetune ''`` still trains from scratch."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    assert FinetuneConfig().resolved().finetune is None  # no pretraining demo yet: from scratch
+    demo = tmp_path / "runs" / "beit_pretrain_demo"
+    demo.mkdir(parents=True)
+    torch.manual_seed(0)
+    pre = build_model("tiny", img_size=16, patch_size=8, depth=2, vocab_size=32)
+    atomic_save({"model": pre.state_dict(), "model_config": pre.cfg.to_dict()}, demo / "checkpoint-last.pt")
+    assert FinetuneConfig().resolved().finetune == "runs/beit_pretrain_demo/checkpoint-last.pt"
+    assert FinetuneConfig(finetune="").resolved().finetune == ""
+    assert FinetuneConfig(patch_size=4).resolved().finetune is None  # an architecture flag: the user's model
+    caplog.set_level(logging.INFO, logger="beit_fast")
+    res = main(["--labels_per_class", "4", "--no_progress", "--batch_size", "20", "--epochs", "1"])
+    assert "fine-tuning the pretraining demo's model runs/beit_pretrain_demo/checkpoint-last.pt" in caplog.text
+    assert "training from scratch" not in caplog.text
+    state = load_checkpoint(tmp_path / "runs" / "beit_finetune_demo" / "checkpoint-best.pt")
+    assert state["model_config"]["patch_size"] == 8 and state["model_config"]["depth"] == 2  # the demo's model
+    assert res["best_top1"] is not None

@@ -9,15 +9,15 @@ import math
 import pytest
 import torch
 
-from beit_fast.checkpoint import load_checkpoint
+from beit_fast.utils.checkpoint import load_checkpoint
 from beit_fast.config import FinetuneConfig
-from beit_fast.loss import build_finetune_loss
-from beit_fast.model import build_classifier
-from beit_fast.optim import cosine_scheduler, param_groups_layer_decay
+from beit_fast.train.loss import build_finetune_loss
+from beit_fast.model.beit import build_classifier
+from beit_fast.train.optim import cosine_scheduler, param_groups_layer_decay
 from beit_fast.train.engine import Engine
 from beit_fast.train.finetuning import ClassificationBatches, finetune
 from beit_fast.train.loop import NonFiniteLossError
-from beit_fast.transforms import build_mixup
+from beit_fast.data.transforms import build_mixup
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 CLASSES = 5

@@ -1,4 +1,4 @@
-"""The fine-tuning fast path (beit_fast.loss.ClassificationLoss over the classifier's fast path) against the
+"""The fine-tuning fast path (beit_fast.train.loss.ClassificationLoss over the classifier's fast path) against the
 eager fine-tuning step of beit_fast.finetune: same loss and every gradient (fp32 tight, bf16 by the
 flash-attention rule), compiled to one graph without graph breaks or recompilation (tiny config, CPU; the
 Triton attention runs in the interpreter). Fused AdamW over the layer-decay groups: CUDA only."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beit_fast.transforms import build_mixup
-from beit_fast.loss import ClassificationLoss, build_finetune_loss, classification_loss
-from beit_fast.model import build_classifier
-from beit_fast.optim import apply_schedule, param_groups_layer_decay
+from beit_fast.data.transforms import build_mixup
+from beit_fast.train.loss import ClassificationLoss, build_finetune_loss, classification_loss
+from beit_fast.model.beit import build_classifier
+from beit_fast.train.optim import apply_schedule, param_groups_layer_decay
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # 4x4 patches, 17 tokens
 CLASSES = 5

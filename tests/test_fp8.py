@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from beit_fast.loss import MIMLoss
+from beit_fast.train.loss import MIMLoss
 from beit_fast.train.mim import FastPretrainEngine
-from beit_fast.fp8 import FP8_LINEAR_SUFFIXES, convert_to_fp8_training, fp8_unavailable_reason
-from beit_fast.masking import MaskingGenerator
-from beit_fast.model import build_model, get_config
-from beit_fast.optim import build_optimizer
+from beit_fast.model.fp8 import FP8_LINEAR_SUFFIXES, convert_to_fp8_training, fp8_unavailable_reason
+from beit_fast.data.masking import MaskingGenerator
+from beit_fast.model.beit import build_model, get_config
+from beit_fast.train.optim import build_optimizer
 
 K = 6  # masked patches per image
 

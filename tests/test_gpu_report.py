@@ -292,8 +292,8 @@ def test_component_rows_from_records_add_up_and_show_idle():
 
 def test_profile_of_a_tiny_cpu_step_is_classified(one_thread):
     """torch.profiler on a real (eager, CPU) BEiT step: the operators land in the expected components."""
-    from beit_fast.loss import MIMLoss
-    from beit_fast.model import build_model, get_config
+    from beit_fast.train.loss import MIMLoss
+    from beit_fast.model.beit import build_model, get_config
 
     torch.manual_seed(0)
     cfg = get_config("tiny", vocab_size=64, img_size=32, patch_size=8, depth=1)
@@ -362,11 +362,26 @@ def test_benchmark_summary_lines_label_interpreted_rows_and_overlap():
          "extra_info": {"interpreter": True}},
         {"group": "g", "name": "test_x[tiny-eager_fp32]", "median": 1.05, "min": 0.95, "max": 1.2, "extra_info": {}},
     ]
-    (line,) = bench_conftest.summary_lines(rows)
-    assert line.startswith("summary g: tiny-reference_fp32 1000 ms [900-1100]; tiny-eager_fp32 1050 ms")
-    assert "beit_fast_triton_INTERPRETED" in line and "times of interpreted rows mean nothing" in line
-    assert "0.95x tiny-reference_fp32 (ranges overlap: order not established)" in line
-    assert "lowp" not in line
+    head, *lines = bench_conftest.summary_lines(rows)
+    assert head == "summary g: ratios vs tiny-reference_fp32 (times of interpreted rows mean nothing)"
+    assert lines == ["  tiny-reference_fp32 1000 ms [900-1100] = baseline",
+                     "  tiny-eager_fp32 1050 ms [950-1200] = 0.95x (ranges overlap: order not established)",
+                     "  tiny-beit_fast_triton_INTERPRETED 100000 ms [90000-110000] = 0.01x"]
+    assert max(map(len, [head, *lines])) <= 120  # one short line per row (a group's line reached ~1,000 chars)
+
+
+def test_benchmark_summary_gives_ratios_in_a_group_without_a_reference_row():
+    """The timm compiled group has no 'reference'/'eager' row: its ratios are against its first row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", BENCH / "conftest.py")
+    bench_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conftest)
+    rows = [{"group": "t", "name": "test_t[timm_compiled]", "median": 2.0, "min": 1.9, "max": 2.1, "extra_info": {}},
+            {"group": "t", "name": "test_t[beit_fast]", "median": 1.0, "min": 0.9, "max": 1.1, "extra_info": {}}]
+    assert bench_conftest.summary_lines(rows) == ["summary t: ratios vs timm_compiled",
+                                                  "  beit_fast 1000 ms [900-1100] = 2.00x",
+                                                  "  timm_compiled 2000 ms [1900-2100] = baseline"]
 
 
 def test_cpu_benchmark_rows_are_named_by_what_they_run():
@@ -390,7 +405,10 @@ def test_benchmark_run_prints_the_summary_line():
                        cwd=BENCH.parent, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "benchmark summary" in r.stdout
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("summary attention fwd+bwd cpu B=8"))
-    assert "cpu-B8-N197-float32-math-dense" in line and "cpu-B8-N197-float32-sdpa-table" in line
-    assert "x cpu-B8-N197-float32-math-dense" in line
+    out = r.stdout.splitlines()
+    at = next(i for i, ln in enumerate(out) if ln.startswith("summary attention fwd+bwd cpu B=8"))
+    assert out[at].endswith("ratios vs cpu-B8-N197-float32-math-dense")
+    rows = [ln for ln in out[at + 1:] if ln.startswith("  ")][:8]
+    assert any("cpu-B8-N197-float32-math-dense" in ln and ln.endswith("= baseline") for ln in rows)
+    assert any("cpu-B8-N197-float32-sdpa-table" in ln and "x" in ln.rsplit("=", 1)[1] for ln in rows)
     assert "triton" not in r.stdout.split("benchmark summary")[1] or "INTERPRETED" in r.stdout  # never unlabelled

@@ -292,7 +292,7 @@ def test_triton_kernels_through_the_patch():
 
 def test_unknown_model_types_are_refused():
     timm_beit = pytest.importorskip("timm.models.beit")
-    from beit_fast.model import build_model
+    from beit_fast.model.beit import build_model
 
     for obj in (torch.nn.Linear(2, 2), build_model("tiny", img_size=32, patch_size=8, embed_dim=32, depth=1,
                                                    num_heads=2, vocab_size=8),

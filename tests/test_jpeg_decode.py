@@ -1,4 +1,4 @@
-"""The JPEG decoder of the image folders (``--jpeg_decoder``, beit_fast.data "JPEG decoding"): simplejpeg gives
+"""The JPEG decoder of the image folders (``--jpeg_decoder``, beit_fast.data.image_folder "JPEG decoding"): simplejpeg gives
 Pillow's pixels bit for bit for every kind of JPEG it is used for, everything else (and every file it finds a
 problem in) goes to Pillow, bad files fail and are skipped exactly as with Pillow, the pixel limit is checked
 before any decoding, and the choice reaches the datasets of pretraining and fine-tuning (and their workers)."""
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit_fast import jpeg as jpeg_mod
-from beit_fast.data import ImageFolderDataset, resolve_jpeg_decoder
+from beit_fast.data import jpeg as jpeg_mod
+from beit_fast.data.image_folder import ImageFolderDataset, resolve_jpeg_decoder
 
 load = ImageFolderDataset.load_image
 
@@ -191,9 +191,9 @@ def test_bad_jpegs_fail_or_decode_exactly_as_with_pillow(tmp_path, simplejpeg):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_bad_jpegs_are_skipped_and_counted_as_with_pillow(tmp_path, simplejpeg, workers):
-    from beit_fast.data import PretrainDataset, build_pretrain_loader
-    from beit_fast.masking import MaskingGenerator
-    from beit_fast.transforms import TwoViewConfig, TwoViewTransform
+    from beit_fast.data.pretraining import PretrainDataset, build_pretrain_loader
+    from beit_fast.data.masking import MaskingGenerator
+    from beit_fast.data.transforms import TwoViewConfig, TwoViewTransform
 
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -290,7 +290,7 @@ def test_finetune_config_validation_names_a_bad_decoder():
 
 
 def test_choice_survives_pickling_for_workers(tmp_path, simplejpeg):
-    from beit_fast.labelled_data import LabelledImageFolder
+    from beit_fast.data.labelled import LabelledImageFolder
 
     (tmp_path / "a").mkdir()
     _pil_jpeg(tmp_path / "a" / "x.jpg", 20, 20)
@@ -301,7 +301,8 @@ def test_choice_survives_pickling_for_workers(tmp_path, simplejpeg):
 
 def test_finetune_cli_choice_reaches_the_datasets(tmp_path, monkeypatch):
     """--jpeg_decoder pil on the fine-tuning command line: the train and val folders decode with Pillow."""
-    from beit_fast import finetune, labelled_data
+    from beit_fast import finetune
+    from beit_fast.data import labelled as labelled_data
 
     for split in ("train", "val"):
         for c in ("a", "b"):

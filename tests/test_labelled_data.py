@@ -1,4 +1,4 @@
-"""Labelled class folders for fine-tuning and linear probing (beit_fast.labelled_data): read through the same
+"""Labelled class folders for fine-tuning and linear probing (beit_fast.data.labelled): read through the same
 safe scanner as pretraining's image folders - symlink loops end, FIFOs are never opened, pixel bombs are
 skipped - and an unreadable image is replaced by the next readable one with that image's label."""
 import os
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from beit_fast.finetune import main as finetune_main
-from beit_fast.labelled_data import LabelledImageFolder, count_class_folders
+from beit_fast.data.labelled import LabelledImageFolder, count_class_folders
 from test_data import _in_child, save_png
 
 

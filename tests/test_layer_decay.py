@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from beit_fast.model import BeitConfig, build_classifier
-from beit_fast.optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
+from beit_fast.model.beit import BeitConfig, build_classifier
+from beit_fast.train.optim import apply_schedule, layer_id_for_vit, param_groups_layer_decay
 
 TINY = BeitConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from beit_fast.checkpoint import atomic_save
+from beit_fast.utils.checkpoint import atomic_save
 from beit_fast.linear_probe import main
 from beit_fast.train.probing import extract_features, sweep_layers, train_linear_probe
-from beit_fast.model import build_classifier, build_model
+from beit_fast.model.beit import build_classifier, build_model
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 

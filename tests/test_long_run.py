@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from beit_fast.checkpoint import load_checkpoint
+from beit_fast.utils.checkpoint import load_checkpoint
 from test_pretrain import join_all, make_toy_images, make_toy_tokenizer, read_log, start_forked
 
 STEPS = int(os.environ.get("BEIT_FAST_LONG_RUN_STEPS", 2000))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from beit_fast.masking import MaskingGenerator
+from beit_fast.data.masking import MaskingGenerator
 
 
 def _components(mask: np.ndarray) -> int:

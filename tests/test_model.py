@@ -3,9 +3,7 @@ import math
 import pytest
 import torch
 
-from beit_fast.model import (
-    BeitConfig, RelativePositionBias, build_model, get_config, relative_position_index,
-)
+from beit_fast.model.beit import BeitConfig, RelativePositionBias, build_model, get_config, relative_position_index
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, vocab_size=50)
 
@@ -167,7 +165,7 @@ def test_wrong_input_size_is_clear():
 def test_attention_is_the_eager_formula_bit_for_bit(amp, bias):
     """model.Attention calls ops.attention ("math" by default): values and gradients are those of the eager
     formula the model used to compute itself, bit for bit, in fp32 and under bf16 autocast (fp32 tables)."""
-    from beit_fast.model import Attention
+    from beit_fast.model.beit import Attention
 
     torch.manual_seed(0)
     attn = Attention(32, 4, window_size=(3, 4) if "own" in bias else None)
@@ -204,7 +202,7 @@ def test_attention_is_the_eager_formula_bit_for_bit(amp, bias):
 
 
 def test_attention_backend_names():
-    from beit_fast.model import Attention
+    from beit_fast.model.beit import Attention
 
     attn = Attention(16, 2)
     with pytest.warns(DeprecationWarning, match="deprecated alias of 'math'"):

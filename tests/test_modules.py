@@ -1,11 +1,11 @@
-"""beit_fast.modules: the nn.Module wrappers give the results of the plain PyTorch layers they replace."""
+"""beit_fast.model.modules: the nn.Module wrappers give the results of the plain PyTorch layers they replace."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit_fast.model import Attention, PatchEmbed, RelativePositionBias
-from beit_fast.modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
+from beit_fast.model.beit import Attention, PatchEmbed, RelativePositionBias
+from beit_fast.model.modules import FusedLinearCrossEntropyLoss, PatchEmbedMask, RelPosBiasAttention
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beit_fast.model import Attention, RelativePositionBias
+from beit_fast.model.beit import Attention, RelativePositionBias
 from beit_fast.ops import attention as A
 from beit_fast.ops import attention_backends as AB  # the backends' own module: monkeypatch their globals there
 from beit_fast.ops.attention import (
@@ -227,10 +227,10 @@ def test_aligned_bias_layout_values_and_gradient(n, dtype):
     b, h = 4, 3
     q = torch.empty(b, h, n, 8, dtype=dtype)
     bias = torch.randn(h, n, n, dtype=torch.float64, requires_grad=True)
-    aligned = A._aligned_bias(bias, q, q)
+    aligned = AB._aligned_bias(bias, q, q)
     assert aligned.shape == (b, h, n, n) and aligned.dtype == dtype
     assert aligned.stride(-1) == 1 and aligned.stride(0) == 0  # expanded over B, not materialised
-    assert all(s % A.BIAS_ALIGNMENT == 0 for s in aligned.stride()[:-1]), aligned.stride()
+    assert all(s % AB.BIAS_ALIGNMENT == 0 for s in aligned.stride()[:-1]), aligned.stride()
     assert aligned.data_ptr() % 16 == 0
     if n % 8:
         assert aligned.stride(-2) == n + (-n) % 8
@@ -245,7 +245,7 @@ def test_aligned_bias_is_a_view_when_already_aligned():
     h, n = 2, 16
     q = torch.empty(3, h, n, 8)
     bias = torch.randn(h, n, n)
-    aligned = A._aligned_bias(bias, q, q)
+    aligned = AB._aligned_bias(bias, q, q)
     assert aligned.data_ptr() == bias.data_ptr() and aligned.stride() == (0, n * n, n, 1)
 
 
@@ -255,7 +255,7 @@ def test_aligned_bias_through_sdpa_matches_math_cpu():
     ref = _fwd_bwd("math", q, k, v, dout, torch.float64, rpb, torch.float64)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     mod = copy.deepcopy(rpb).double()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=A._aligned_bias(mod(), q, k))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=AB._aligned_bias(mod(), q, k))
     out.backward(dout)
     got = [out, q.grad, k.grad, v.grad, mod.relative_position_bias_table.grad]
     for name, g, r in zip(NAMES, got, ref):

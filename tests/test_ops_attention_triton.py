@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import beit_fast.kernels.attention as KA
-from beit_fast.model import Attention, RelativePositionBias, build_classifier, relative_position_index
+from beit_fast.kernels.attention_plan import index_plan
+from beit_fast.model.beit import Attention, RelativePositionBias, build_classifier, relative_position_index
 from beit_fast.ops import attention as A
 from beit_fast.ops.attention import attention_with_bias, attention_with_rel_pos_bias
 from kernel_test_utils import DEVICE, PoisonedTorch, exact_fp32_reference  # noqa: F401 (autouse fixture)
@@ -201,7 +202,7 @@ def test_classifier_tables_match_reference(shared, per_block, monkeypatch):
                 p.normal_(0, 0.5)
     x = torch.randn(3, 3, 32, 32, device=DEVICE)
     ref_out, ref_grads = _model_grads(model.configure_fast_path("math"), x)
-    import beit_fast.model as M
+    import beit_fast.model.beit as M
 
     def no_dense_bias(*a, **k):
         raise AssertionError("the triton path gathered a dense bias")
@@ -247,7 +248,7 @@ def test_long_sequence_key_loop(monkeypatch):
 def test_index_plan_positions_and_errors():
     index = relative_position_index((3, 4)).to(DEVICE)
     T = int(index.max()) + 1
-    compact, compact_t, positions = KA.index_plan(index, T)
+    compact, compact_t, positions = index_plan(index, T)
     assert compact.dtype == torch.int16 and torch.equal(compact.long(), index)
     assert torch.equal(compact_t.long(), index.t())
     flat = index.reshape(-1)
@@ -255,13 +256,13 @@ def test_index_plan_positions_and_errors():
         want = torch.nonzero(flat == t).flatten()
         got = positions[t][positions[t] >= 0].long()
         assert torch.equal(got, want), t
-    assert KA.index_plan(index, T)[2] is positions  # cached
-    assert KA.index_plan(index.clone(), T)[2] is positions  # an equal index (per-block buffers) shares the plan
+    assert index_plan(index, T)[2] is positions  # cached
+    assert index_plan(index.clone(), T)[2] is positions  # an equal index (per-block buffers) shares the plan
     other = index.flip(0).contiguous()
-    assert not torch.equal(KA.index_plan(other, T)[0].long(), index)  # a different one gets its own
-    assert torch.equal(KA.index_plan(other, T)[0].long(), other)
+    assert not torch.equal(index_plan(other, T)[0].long(), index)  # a different one gets its own
+    assert torch.equal(index_plan(other, T)[0].long(), other)
     with pytest.raises(ValueError, match=r"must be in \[0, 5\)"):
-        KA.index_plan(index.clone(), 5)
+        index_plan(index.clone(), 5)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The device input pipeline (beit_fast.pipeline, ``--data_pipeline gpu``) against the PIL pipeline.
+"""The device input pipeline (beit_fast.data.pipeline, ``--data_pipeline gpu``) against the PIL pipeline.
 
 Stated tolerance, CPU tensors (the decoder is libjpeg-turbo, as Pillow's): the views equal the PIL views
 bit for bit (max and mean error 0, reported in the assertion messages). With a decoder that differs from
@@ -20,19 +20,19 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from beit_fast import pretrain
-from beit_fast.data import (
-    ImageFolderDataset, PretrainDataset, ResumableSampler, SkippedImageWarning, build_pretrain_loader,
-)
-from beit_fast.masking import MaskingGenerator
-from beit_fast.pipeline import (
+from beit_fast.data.image_folder import ImageFolderDataset, SkippedImageWarning
+from beit_fast.data.pretraining import PretrainDataset, ResumableSampler, build_pretrain_loader
+from beit_fast.data.masking import MaskingGenerator
+from beit_fast.data.pipeline import (
     DeviceTwoViewTransform, EncodedPretrainDataset, build_device_pretrain_loader, collate_encoded, color_jitter,
     resample_weights, resize_crops, vertical_pass_first,
 )
-from beit_fast.pipeline import render as render_mod  # the decoders live there: monkeypatch them there
-from beit_fast.pipeline.ops import contrast_means
-from beit_fast.sample_data import sample_photographs
-from beit_fast.tokenizer import DiscreteVAE, DVAEConfig, train_dvae
-from beit_fast.transforms import (
+from beit_fast.data.pipeline import render as render_mod  # the decoders live there: monkeypatch them there
+from beit_fast.data.pipeline.ops import contrast_means
+from beit_fast.data.samples import sample_photographs
+from beit_fast.tokenizer import DiscreteVAE, DVAEConfig
+from beit_fast.train.dvae import train_dvae
+from beit_fast.data.transforms import (
     BRIGHTNESS, CONTRAST, SATURATION, TokenizerViewTransform, TwoViewConfig, TwoViewTransform, unmap_pixels,
 )
 
@@ -453,7 +453,7 @@ def test_nvjpeg_views_within_tolerance_and_tokens(photo_folder, demo_tokenizer):
 def test_loader_side_tokens_equal_the_engines(photo_folder, demo_tokenizer):
     """``set_tokenizer``: each batch carries the tokens the engine would compute (here on CPU tensors; on
     CUDA the same code runs in the prefetch thread on the side stream)."""
-    from beit_fast.train.mim import tokenize
+    from beit_fast.tokenizer.base import tokenize
 
     ds = make_dataset(photo_folder)
     loader = build_device_pretrain_loader(ds, 5, "cpu", sampler=ResumableSampler(len(ds), seed=ds.seed))

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from beit_fast import pretrain
-from beit_fast.checkpoint import load_checkpoint
+from beit_fast.utils.checkpoint import load_checkpoint
 from beit_fast.tokenizer.dvae import DiscreteVAE, DVAEConfig
 
 

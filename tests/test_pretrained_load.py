@@ -4,9 +4,9 @@ import functools
 import pytest
 import torch
 
-from beit_fast.checkpoint import atomic_save
-from beit_fast.model import build_classifier, build_model
-from beit_fast.pretrained import (
+from beit_fast.utils.checkpoint import atomic_save
+from beit_fast.model.beit import build_classifier, build_model
+from beit_fast.interop.pretrained import (
     PretrainedLoadError, classifier_config_from_checkpoint, load_pretrained, resize_pos_embed,
     resize_rel_pos_bias_table,
 )

@@ -41,3 +41,22 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert probs.shape == (10,) and abs(float(probs.sum()) - 1) < 1e-5
     printed = capsys.readouterr().out
     assert "predicted" in printed and "dropped the pretraining-only" in printed
+
+
+def test_readme_drop_in_example_runs_from_the_clone_and_prints_equal_losses():
+    """The HF drop-in example, as a user pastes it into a script saved in the clone (the repository root on
+    sys.path, where our kernels/ folder once shadowed PyPI's ``kernels`` that transformers imports)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    section = README.read_text().split("## Drop-in fast backend for other trainers", 1)[1].split("\n## ", 1)[0]
+    code, = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    root = README.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = re.search(r"HuggingFace's loss (\S+), patched (\S+)", done.stdout)
+    assert printed, done.stdout
+    hf, ours = map(float, printed.groups())
+    assert abs(hf - ours) <= 1e-4 * max(1.0, abs(hf)) and hf > 1.0  # ~ln(50) = 3.9 for an untrained model

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from beit_fast import pretrain
-from beit_fast.checkpoint import atomic_save, load_checkpoint, validate_checkpoint
+from beit_fast.utils.checkpoint import atomic_save, load_checkpoint, validate_checkpoint
 from test_pretrain import make_toy_images, make_toy_tokenizer, read_log
 from test_security import clean_exit, pretrain_args
 
@@ -181,7 +181,7 @@ def test_finetune_stopped_before_its_first_evaluation_exits_cleanly(tmp_path, ca
     res = finetune.main(["--input_size", "16", "--labels_per_class", "2", "--no_progress", "--epochs", "2",
                          "--batch_size", "10", "--stop_after_steps", "1", "--output_dir", str(tmp_path / "ft")])
     assert res["best_top1"] is None and (tmp_path / "ft" / "checkpoint-last.pt").is_file()
-    assert "stopped before the first evaluation" in capsys.readouterr().out
+    assert "best top-1 n/a" in capsys.readouterr().out
 
 
 def _hf_folder(root, weight_map):
@@ -234,7 +234,7 @@ def test_convert_reads_a_symlinked_shard_as_the_hf_cache_lays_them_out(tmp_path)
 
 
 def test_full_disk_at_the_lock_write_is_a_clear_error(toy, tmp_path, monkeypatch):
-    import beit_fast.checkpoint_folder as folder_module
+    import beit_fast.train.checkpoint_folder as folder_module
 
     monkeypatch.setattr(folder_module, "os", _FullDiskForLogs())
     message = clean_exit(pretrain.main, pretrain_args(toy, tmp_path / "out"))
@@ -244,7 +244,7 @@ def test_full_disk_at_the_lock_write_is_a_clear_error(toy, tmp_path, monkeypatch
 
 
 def test_convert_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import beit_fast.checkpoint as ck
+    import beit_fast.utils.checkpoint as ck
     from beit_fast.convert import main as convert_main
     from test_crash_safety import _FullDisk
     from test_security import tiny_model

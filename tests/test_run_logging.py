@@ -24,6 +24,39 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _run_on_a_terminal(argv: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run ``argv`` with its stderr on a pseudo-terminal (progress bars are drawn only on a terminal); returns
+    the exit code and what it wrote there, with the terminal's CR LF line ends back to LF."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        returncode = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return returncode, b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+
+
 def test_messages_go_around_the_progress_bar_not_into_it(toy_setup, tmp_path):  # noqa: F811
     """A real terminal run (progress bar on) over a folder with an unreadable image: every message is a
     whole line of the package logger, written by tqdm.write (the bar is cleared first); the skipped image
@@ -36,10 +69,8 @@ def test_messages_go_around_the_progress_bar_not_into_it(toy_setup, tmp_path):  
     (folder / "img_003.png").write_bytes(b"not a png")  # hit in the middle of the first epoch
     argv = [a for a in toy_args(toy_setup, tmp_path / "out", "--epochs", "2", "--log_freq", "1") if a != "--no_progress"]
     argv[argv.index("--data_path") + 1] = str(folder)
-    r = subprocess.run([sys.executable, "-m", "beit_fast.pretrain", *argv], capture_output=True, text=True,
-                       timeout=300, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    err = r.stderr
+    returncode, err = _run_on_a_terminal([sys.executable, "-m", "beit_fast.pretrain", *argv])
+    assert returncode == 0, err
     assert "epoch 1/2" in err  # the bar was drawn
     assert "SkippedImageWarning" not in err and "self.skipped" not in err and "warnings.warn" not in err
     messages = []
@@ -49,28 +80,30 @@ def test_messages_go_around_the_progress_bar_not_into_it(toy_setup, tmp_path):  
             assert STAMP.match(visible), f"message not on a line of its own: {line!r}"
             messages.append(visible)
     skipped = [m for m in messages if "skipping unreadable image" in m]
-    assert len(skipped) == 1 and "WARNING beit_fast.data: skipping unreadable image" in skipped[0], messages
+    assert len(skipped) == 1 and "WARNING beit_fast.data.image_folder: skipping unreadable image" in skipped[0], messages
     assert any("img_003.png" in m for m in skipped)
     assert any("unigram baseline" in m for m in messages)
     assert not any(" root: " in line for line in err.splitlines())
 
 
-def test_nothing_goes_to_the_root_logger(tmp_path, caplog):
-    """The embedded demo path (it trains its tokenizer first), at a toy size."""
+def test_nothing_goes_to_the_root_logger(tmp_path, caplog, monkeypatch):
+    """The embedded demo path (it trains its tokenizer first), at a toy size; on a CPU it takes one thread."""
     caplog.set_level(logging.INFO)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     pretrain.main(["--input_size", "32", "--patch_size", "8", "--num_mask_patches", "6",
                    "--min_mask_patches_per_block", "2", "--batch_size", "4", "--num_samples", "8", "--epochs", "1",
                    "--tokenizer_steps", "2", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path)])
     names = {r.name for r in caplog.records}
     assert names and all(n.startswith("beit_fast") for n in names), names
     assert any("demo tokenizer" in r.getMessage() for r in caplog.records)
+    assert any("demo on CPU: 1 intra-op thread" in r.getMessage() for r in caplog.records)
     assert not logging.getLogger("beit_fast").handlers  # the CLI's handler is removed when it returns
 
 
 def test_no_autocast_warning_for_fp32_on_cpu():
-    from beit_fast.loss import MIMLoss
+    from beit_fast.train.loss import MIMLoss
     from beit_fast.train.mim import token_agreement
-    from beit_fast.model import build_model
+    from beit_fast.model.beit import build_model
     from beit_fast.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -89,8 +122,8 @@ def test_no_autocast_warning_for_fp32_on_cpu():
 
 def test_unigram_entropy_of_the_masked_targets():
     from beit_fast.train.mim import PretrainEngine
-    from beit_fast.model import build_model
-    from beit_fast.optim import build_optimizer
+    from beit_fast.model.beit import build_model
+    from beit_fast.train.optim import build_optimizer
     from beit_fast.tokenizer import build_tokenizer
 
     tok = build_tokenizer("dvae", random_init=True, preset="tiny", vocab_size=8, input_size=32)
@@ -155,3 +188,18 @@ def test_the_last_two_numbered_checkpoints_are_kept_by_default(toy_setup, tmp_pa
     assert json.loads((out / "args.json").read_text())["keep_last"] == 2
     pretrain.main(toy_args(toy_setup, tmp_path / "all", "--epochs", "3", "--save_ckpt_freq", "1", "--keep_last", "0"))
     assert len(list((tmp_path / "all").glob("checkpoint-[0-9]*.pt"))) == 3
+
+
+def test_a_log_file_gets_lines_not_bar_updates_or_routine_removals(toy_setup, tmp_path):  # noqa: F811
+    """stderr to a file or a pipe (nohup, a scheduler's log): no progress bar redraws (``\\r``), and the
+    routine removal of old numbered checkpoints (--keep_last) is not a line per epoch."""
+    argv = [a for a in toy_args(toy_setup, tmp_path / "out", "--epochs", "3", "--keep_last", "1", "--save_ckpt_freq",
+                                "1", "--log_freq", "1") if a != "--no_progress"]
+    r = subprocess.run([sys.executable, "-m", "beit_fast.pretrain", *argv], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "%|" not in r.stderr, r.stderr  # tqdm draws "NN%|####|"
+    assert "unigram baseline" in r.stderr  # the log lines are there
+    assert "removed checkpoint" not in r.stderr
+    numbered = [p.name for p in (tmp_path / "out").glob("checkpoint-*.pt") if p.stem.split("-")[1].isdigit()]
+    assert numbered == ["checkpoint-3.pt"]  # the others were removed, silently

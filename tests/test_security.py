@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from beit_fast import checkpoint as ck
+from beit_fast.utils import checkpoint as ck
 from beit_fast import pretrain
-from beit_fast.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, validate_checkpoint
-from beit_fast.model import build_model
+from beit_fast.utils.checkpoint import CheckpointError, load_checkpoint, validate_checkpoint
+from beit_fast.train.checkpoint_folder import find_resume_checkpoint
+from beit_fast.model.beit import build_model
 from test_pretrain import make_toy_images, make_toy_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,8 +110,8 @@ def clean_exit(fn, *args, **kwargs) -> str:
 # ---------------------------------------------------------------------------------------------------------
 def test_library_readers_refuse_crafted_pickles(evil, tmp_path):
     from beit_fast.interop.checkpoints import load_state_dict
-    from beit_fast.pretrained import PretrainedLoadError, load_pretrained, load_state_dict_any
-    from beit_fast.model import build_classifier
+    from beit_fast.interop.pretrained import PretrainedLoadError, load_pretrained, load_state_dict_any
+    from beit_fast.model.beit import build_classifier
 
     path, marker = evil
     with pytest.raises(ck.UnsafeCheckpointError, match="--trust-pickle"):
@@ -237,7 +238,7 @@ def test_finetune_cli_trust_pickle_loads_an_official_style_checkpoint(tmp_path, 
         warnings.simplefilter("always")
         res = finetune.main(["--finetune", str(official), "--trust-pickle", *common])
     assert res["final_top1"] is not None
-    # The CLI routes Python warnings into the package log (beit_fast.logs.cli_logging): the warning is a record
+    # The CLI routes Python warnings into the package log (beit_fast.utils.logs.cli_logging): the warning is a record
     warned = [r for r in caplog.records if r.name.startswith("beit_fast") and r.levelno == logging.WARNING]
     assert any("--trust-pickle" in r.getMessage() and "can run arbitrary code" in r.getMessage() for r in warned)
 
@@ -263,7 +264,7 @@ def test_previous_format_loads_without_opt_in_and_new_format_is_plain(tmp_path):
     torch.save(legacy, tmp_path / "old.pt")
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "old.pt")  # numpy globals inside
     state = validate_checkpoint(tmp_path / "old.pt")
-    from beit_fast.rng import rng_state, set_rng_state
+    from beit_fast.utils.rng import rng_state, set_rng_state
 
     np.random.seed(123)
     set_rng_state(state["rng"])
@@ -301,7 +302,7 @@ def _dotted(node) -> str:
 def test_no_unsafe_loader_in_the_package():
     """Read off the package's syntax trees (comments and docs do not count):
 
-    * ``torch.load`` is called only in ``beit_fast/checkpoint.py`` (the one reader), always with a literal
+    * ``torch.load`` is called only in ``beit_fast/utils/checkpoint.py`` (the one reader), always with a literal
       ``weights_only=True``, except once with ``weights_only=False`` in ``_load_trusting_pickle``, the
       function only the opt-in reaches, which warns;
     * nothing calls ``pickle.load(s)``, ``pickle.Unpickler(...)`` or ``torch.storage._load_from_bytes``;
@@ -332,12 +333,12 @@ def test_no_unsafe_loader_in_the_package():
                 methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
                 unpicklers.append((rel, node.name, "find_class" in methods))
     assert not bad, bad
-    assert {rel for rel, _, _ in loads} == {"beit_fast/checkpoint.py"}, loads
+    assert {rel for rel, _, _ in loads} == {"beit_fast/utils/checkpoint.py"}, loads
     unsafe = [(rel, fn, literal) for rel, fn, literal in loads if literal is not True]
-    assert unsafe == [("beit_fast/checkpoint.py", "_load_trusting_pickle", False)], loads
+    assert unsafe == [("beit_fast/utils/checkpoint.py", "_load_trusting_pickle", False)], loads
     assert unpicklers, "the DALL-E legacy reader's restricted unpickler was not found"
     assert all(rel == "beit_fast/tokenizer/dalle_file.py" and restricted for rel, _, restricted in unpicklers), unpicklers
-    source = (PACKAGE / "checkpoint.py").read_text()
+    source = (PACKAGE / "utils" / "checkpoint.py").read_text()
     fn = source[source.index("def _load_trusting_pickle"):]
     fn = fn[: fn.index("\ndef ", 1)]
     assert "warnings.warn" in fn

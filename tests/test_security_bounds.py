@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from beit_fast import checkpoint as ck
-from beit_fast.checkpoint import load_checkpoint
+from beit_fast.utils import checkpoint as ck
+from beit_fast.utils.checkpoint import load_checkpoint
 from test_pretrain import make_toy_images, make_toy_tokenizer
 from test_security import clean_exit, pretrain_args, tiny_model
 
@@ -221,7 +221,9 @@ def test_deeply_nested_json_line_in_a_log_is_skipped(tmp_path):
     log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + "[" * 200000 + "]" * 200000 + "\n"
                    + json.dumps({"step": 2, "loss": 1.0}) + "\n")
     assert [r["step"] for r in read_log(log)] == [1, 2]
-    ck.trim_jsonl(log, "step", 5)
+    from beit_fast.train.checkpoint_folder import trim_jsonl
+
+    trim_jsonl(log, "step", 5)
     assert [r["step"] for r in read_log(log)] == [1, 2]
 
 
@@ -234,10 +236,11 @@ def test_device_pipeline_never_pads_a_tall_image_to_a_wide_one(tmp_path, monkeyp
     bit for bit."""
     from PIL import Image
 
-    from beit_fast.data import ImageFolderDataset, PretrainDataset, ResumableSampler, build_pretrain_loader
-    from beit_fast.masking import MaskingGenerator
-    from beit_fast.pipeline import build_device_pretrain_loader
-    from beit_fast.transforms import TwoViewConfig, TwoViewTransform
+    from beit_fast.data.image_folder import ImageFolderDataset
+    from beit_fast.data.masking import MaskingGenerator
+    from beit_fast.data.pipeline import build_device_pretrain_loader
+    from beit_fast.data.pretraining import PretrainDataset, ResumableSampler, build_pretrain_loader
+    from beit_fast.data.transforms import TwoViewConfig, TwoViewTransform
 
     folder = tmp_path / "odd"
     folder.mkdir()
@@ -256,7 +259,7 @@ def test_device_pipeline_never_pads_a_tall_image_to_a_wide_one(tmp_path, monkeyp
             biggest.append(out.numel())
         return out
     monkeypatch.setattr(torch, "zeros", recording_zeros)
-    from beit_fast.pipeline import ops, render
+    from beit_fast.data.pipeline import ops, render
 
     monkeypatch.setattr(ops, "BAND_ELEMENTS", 300)  # jitter and first resize pass in bands of a few rows
     monkeypatch.setattr(render, "BAND_ELEMENTS", 300)
@@ -268,7 +271,7 @@ def test_device_pipeline_never_pads_a_tall_image_to_a_wide_one(tmp_path, monkeyp
 
 
 def test_bounded_chunks_respect_the_padding_bound():
-    from beit_fast.pipeline.render import CHUNK_PIXELS, PAD_FACTOR, bounded_chunks
+    from beit_fast.data.pipeline.render import CHUNK_PIXELS, PAD_FACTOR, bounded_chunks
 
     g = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, 3000, (200, 2), generator=g)
@@ -289,7 +292,7 @@ def test_bounded_chunks_respect_the_padding_bound():
 def test_resize_in_bands_equals_the_whole_image(monkeypatch, vertical_first):
     """The first resampling pass converts a band of the image at a time (bounded float copies of a large
     image): the same uint8 result as converting it whole."""
-    from beit_fast.pipeline import ops
+    from beit_fast.data.pipeline import ops
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 61, 47), dtype=torch.uint8, generator=g)

@@ -12,18 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from beit_fast.tokenizer import (
-    DiscreteVAE,
-    DVAEConfig,
-    VisualTokenizer,
-    build_tokenizer,
-    kl_weight_at,
-    map_pixels,
-    temperature_at,
-    train_dvae,
+    DiscreteVAE, DVAEConfig, VisualTokenizer, build_tokenizer, kl_weight_at, map_pixels, temperature_at,
 )
+from beit_fast.train.dvae import train_dvae
 from beit_fast.tokenizer import dvae as dvae_mod
 from beit_fast.tokenizer.dvae import gumbel_softmax
-from beit_fast.tokenizer.train import codebook_stats, evaluate_dvae
+from beit_fast.train.dvae import codebook_stats, evaluate_dvae
 
 SMALL = DVAEConfig(vocab_size=64, code_dim=16, hidden=8, channel_mult=(1, 1, 2), num_res_blocks=1, input_size=32)
 
@@ -122,7 +116,7 @@ def test_kl_weight_ramp():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from beit_fast.optim import warmup_cosine_schedule
+    from beit_fast.train.optim import warmup_cosine_schedule
 
     s = warmup_cosine_schedule(2e-3, 100, 5)
     assert s.dtype == np.float64 and s.shape == (100,)
@@ -136,7 +130,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_training_steps_follow_the_schedules():
     """The engine's step sets the lr, the Gumbel temperature and the KL weight of its step (the records hold
     them exactly), from the 5% warm-up + cosine of the peak lr."""
-    from beit_fast.optim import warmup_cosine_schedule
+    from beit_fast.train.optim import warmup_cosine_schedule
 
     metrics = train_dvae(SMALL, smooth_images(16), steps=12, batch_size=4, lr=3e-3, progress=False, eval_batches=1,
                          save_every=0, log_every=1, warmup_steps=3)
@@ -293,9 +287,9 @@ def test_tokenize_is_fp32_and_mode_preserving():
 def test_tokenizer_view_dataset(tmp_path):
     from PIL import Image
 
-    from beit_fast.data import ImageFolderDataset
-    from beit_fast.tokenizer_training import TokenizerViewDataset
-    from beit_fast.transforms import TokenizerViewTransform, TwoViewConfig
+    from beit_fast.data.image_folder import ImageFolderDataset
+    from beit_fast.train.tokenizer_training import TokenizerViewDataset
+    from beit_fast.data.transforms import TokenizerViewTransform, TwoViewConfig
 
     arr = (np.random.default_rng(0).random((90, 130, 3)) * 255).astype(np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")

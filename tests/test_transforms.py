@@ -1,4 +1,4 @@
-"""Tests of beit_fast.transforms: the BEiT two-view transform, its tokenizer-view-only variant and RGB conversion."""
+"""Tests of beit_fast.data.transforms: the BEiT two-view transform, its tokenizer-view-only variant and RGB conversion."""
 import io
 import random
 
@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as TF
 from PIL import Image
 
-from beit_fast.transforms import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    TokenizerViewTransform,
-    TwoViewConfig,
-    TwoViewTransform,
-    map_pixels,
-    to_rgb,
-    unmap_pixels,
+from beit_fast.data.transforms import (
+    IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TokenizerViewTransform, TwoViewConfig, TwoViewTransform,
+    map_pixels, to_rgb, unmap_pixels,
 )
 
 

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from beit_fast import pretrain, visualization, visualize
-from beit_fast.model import build_model
+from beit_fast.model.beit import build_model
+from beit_fast.visualization.curves import _kind
+from beit_fast.visualization.run import _run_images
 from beit_fast.tokenizer import build_tokenizer
 from test_pretrain import make_toy_images, make_toy_tokenizer, toy_args
 
@@ -143,11 +145,11 @@ def test_library_functions_and_an_encoder_only_tokenizer(tmp_path):
 
 
 def test_demo_run_pictures_the_sample_photographs():
-    images, names = visualization._run_images({"data_path": None}, 2, seed=0)
+    images, names = _run_images({"data_path": None}, 2, seed=0)
     assert names == ["astronaut", "chelsea"]
     assert all(im.mode == "RGB" and max(im.size) <= 512 for im in images)
 
 
 def test_curves_put_the_unigram_baseline_beside_loss_and_accuracy():
-    assert visualization._kind("unigram_entropy") == visualization._kind("loss") == "loss"
-    assert visualization._kind("unigram_acc") == visualization._kind("mlm_acc") == "accuracy"
+    assert _kind("unigram_entropy") == _kind("loss") == "loss"
+    assert _kind("unigram_acc") == _kind("mlm_acc") == "accuracy"

@@ -9,7 +9,7 @@ hands it to the library's run function. Python callers build the same dataclasse
 * :class:`ProbeConfig` - ``python -m beit_fast.linear_probe`` / :func:`beit_fast.train.probing.run_linear_probe`
 * :class:`EvidenceConfig` - ``python -m beit_fast.evidence`` / :func:`beit_fast.train.evidence.run_evidence`
 * :class:`TokenizerConfig` - ``python -m beit_fast.train_tokenizer`` /
-  :func:`beit_fast.tokenizer_training.run_tokenizer_training`
+  :func:`beit_fast.train.tokenizer_training.run_tokenizer_training`
 """
 from .base import FLOAT32_MAX, adamw_first_step, defaults_of, exit_on_problems, from_args
 from .evidence import EVIDENCE_VARIANTS, EvidenceConfig

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, TypeVar
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS, JPEG_DECODERS
+from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS, JPEG_DECODERS
 
 __all__ = ["ClassificationData", "from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
            "positive_problems", "finite_problems", "jpeg_decoder_error", "seed_problems", "MAX_SEED"]
@@ -120,7 +120,8 @@ class ClassificationData:
     """The labelled data of fine-tuning and linear probing (their flags: ``options.add_classification_data_args``):
     ``data_path`` (``train/<class>/*``, ``val/<class>/*``; None: the embedded digits), the class count to
     expect, the model's input size, the eval crop, the normalisation, the digits' few-label setting, loader
-    workers, the pixel limit of image files and who decodes JPEGs (``jpeg_decoder``: auto, pil, simplejpeg)."""
+    workers (``num_workers``; None: :func:`beit_fast.train.feed.default_num_workers` for the device), the pixel
+    limit of image files and who decodes JPEGs (``jpeg_decoder``: auto, pil, simplejpeg)."""
 
     data_path: str | None = None
     nb_classes: int | None = None
@@ -128,6 +129,6 @@ class ClassificationData:
     crop_pct: float | None = None
     imagenet_default_mean_and_std: bool = False
     labels_per_class: int | None = None
-    num_workers: int = 0
+    num_workers: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     jpeg_decoder: str = "auto"

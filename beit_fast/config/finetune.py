@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.options import torch_file_problem
+from .pretrain import DEMO_PRETRAINED_CHECKPOINT
 from .base import (FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems,
                    seed_problems)
 
@@ -116,8 +118,16 @@ class FinetuneConfig(ClassificationData):
         ``patch_size`` and ``input_size`` are left to the checkpoint's architecture)."""
         defaults = FINETUNE_DEMO_DEFAULTS if self.data_path is None else FINETUNE_OFFICIAL_DEFAULTS
         keep = ("model", "patch_size", "input_size")
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items()
-                                            if k not in keep and getattr(self, k) is None})
+        filled = {k: v for k, v in defaults.items() if k not in keep and getattr(self, k) is None}
+        if self.starts_from_the_pretraining_demo():
+            filled["finetune"] = DEMO_PRETRAINED_CHECKPOINT
+        return dataclasses.replace(self, **filled)
+
+    def starts_from_the_pretraining_demo(self) -> bool:
+        """The demo (no ``data_path``, no ``finetune`` given, no architecture flag) fine-tunes what the pretraining
+        demo trained when its checkpoint is there (``--finetune ''`` trains from scratch)."""
+        return (self.data_path is None and self.finetune is None and self.model is None and self.patch_size is None
+                and self.input_size is None and os.path.isfile(DEMO_PRETRAINED_CHECKPOINT))
 
     def validate(self) -> None:
         """The training settings: ValueError naming every bad one."""
@@ -146,7 +156,7 @@ class FinetuneConfig(ClassificationData):
             errors.append(f"clip_grad must be >= 0, got {self.clip_grad}")
         errors += self._choice_errors()
         for name in ("num_workers", "stop_after_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         beta1 = self.opt_betas[0]
         if not errors and 0 <= beta1 < 1 and adamw_first_step(self.effective_lr(), beta1) > FLOAT32_MAX:
@@ -171,15 +181,16 @@ class FinetuneConfig(ClassificationData):
     def problems(self) -> list[str]:
         """The command line's checks (paths, data folders, augmentation values), each naming its flag. Call
         on a :meth:`resolved` config."""
-        from ..transforms.classification import parse_randaug
+        from ..data.transforms.classification import parse_randaug
 
         errors = positive_problems(self, ("epochs", "batch_size", "eval_freq", "input_size", "patch_size",
                                           "nb_classes", "labels_per_class", "max_image_pixels"))
         errors += seed_problems(self.seed)
-        if self.finetune and not os.path.isfile(self.finetune):
-            errors.append(f"--finetune checkpoint not found: {self.finetune}")
-        if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
-            errors.append(f"--resume checkpoint not found: {self.resume}")
+        for flag, value in (("finetune", self.finetune), ("resume", "" if self.resume == "auto" else self.resume)):
+            if value and not os.path.exists(value):
+                errors.append(f"--{flag} checkpoint not found: {value}")
+            elif value and (problem := torch_file_problem(f"--{flag}", value)):
+                errors.append(problem)
         errors += self._data_path_problems()
         errors += [f"--{e}" for e in self._choice_errors()]
         if self.resume and self.overwrite_output_dir:

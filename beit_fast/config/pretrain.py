@@ -6,10 +6,10 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS, torch_file_problem
 from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems, seed_problems
 
-__all__ = ["PretrainConfig", "DEMO_DEFAULTS", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
+__all__ = ["PretrainConfig", "DEMO_DEFAULTS", "DEMO_PRETRAINED_CHECKPOINT", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
            "INTERPOLATIONS"]
 
 #: Numbered checkpoints kept by default (--keep_last): the newest two, besides checkpoint-last.pt and
@@ -28,6 +28,8 @@ DEMO_DEFAULTS = dict(
     lr=1.5e-3, warmup_epochs=2, num_samples=1024, tokenizer="dvae", tokenizer_steps=300,
     output_dir="runs/beit_pretrain_demo", save_ckpt_freq=1,
 )
+#: What the pretraining demo leaves behind for ``python -m beit_fast.finetune`` to start from by default.
+DEMO_PRETRAINED_CHECKPOINT = os.path.join(DEMO_DEFAULTS["output_dir"], "checkpoint-last.pt")
 OFFICIAL_DEFAULTS = dict(
     model="base", input_size=224, num_mask_patches=75, min_mask_patches_per_block=16, epochs=800, batch_size=128,
     lr=1.5e-3, warmup_epochs=10, num_samples=None, tokenizer="dalle", tokenizer_steps=None,
@@ -101,6 +103,7 @@ class PretrainConfig:
     # distributed, safety
     fsdp: bool = False
     max_bad_steps: int = 3
+    nonfinite_check: str | None = None
     # run
     output_dir: str | None = None
     device: str | None = None
@@ -149,10 +152,22 @@ class PretrainConfig:
                 problems.append(f"--data_path {self.data_path}: image folder not found")
             elif not os.path.isdir(self.data_path):
                 problems.append(f"--data_path {self.data_path} is not a folder")
-        if self.discrete_vae_weight_path and not os.path.isfile(self.discrete_vae_weight_path):
+            else:  # an empty or imageless folder is reported with the other problems, not after them
+                from ..data.image_folder import IMG_EXTENSIONS, iter_image_files
+
+                if next(iter_image_files(self.data_path), None) is None:
+                    problems.append(f"--data_path {self.data_path}: no image files found (searched recursively for "
+                                    f"{', '.join(IMG_EXTENSIONS)}; hidden files and folders are ignored)")
+        if self.discrete_vae_weight_path and not os.path.exists(self.discrete_vae_weight_path):
             problems.append(f"--discrete_vae_weight_path {self.discrete_vae_weight_path}: tokenizer weights not found")
-        if self.resume and self.resume != "auto" and not os.path.isfile(self.resume):
+        elif self.discrete_vae_weight_path:
+            problems.append(torch_file_problem("--discrete_vae_weight_path", self.discrete_vae_weight_path,
+                                               "tokenizer weights file"))
+        if self.resume and self.resume != "auto" and not os.path.exists(self.resume):
             problems.append(f"--resume checkpoint not found: {self.resume}")
+        elif self.resume and self.resume != "auto":
+            problems.append(torch_file_problem("--resume", self.resume))
+        problems = [p for p in problems if p]
         for flag in ("output_dir", "log_dir"):
             value = getattr(self, flag)
             if value is not None and os.path.exists(value) and not os.path.isdir(value):
@@ -222,7 +237,7 @@ class PretrainConfig:
             problems.append(f"--activation_checkpointing must be none, all or a positive integer, "
                             f"got {self.activation_checkpointing!r}")
         if self.data_pipeline == "gpu":
-            from ..pipeline import device_pipeline_problems
+            from ..data.pipeline import device_pipeline_problems
 
             problems += device_pipeline_problems(self.train_interpolation, self.second_interpolation)
         if jpeg_decoder_error(self.jpeg_decoder):
@@ -233,11 +248,23 @@ class PretrainConfig:
             problems.append("--fsdp does not support --amp fp16 (loss scaling of sharded gradients); use --amp bf16")
         if self.fp8 and self.fast == "off":
             problems.append("--fp8 needs the fast step; drop --fast off")
+        if self.fsdp and self.compile_mode == "reduce-overhead":
+            problems.append("--fsdp cannot run with --compile_mode reduce-overhead (CUDA graphs cannot capture FSDP2's "
+                            "all-gathers and reduce-scatters); use --compile_mode default or "
+                            "max-autotune-no-cudagraphs")
+        if self.nonfinite_check not in (None, "host", "device"):
+            problems.append(f"--nonfinite_check must be host or device, got {self.nonfinite_check!r}")
         if self.fp8 and self.fsdp:
             problems.append("--fp8 is not supported with --fsdp; use DDP (torchrun without --fsdp) or one GPU")
         if self.resume and self.overwrite_output_dir:
             problems.append("--resume continues the run in --output_dir, --overwrite_output_dir deletes it: choose one")
         return problems
+
+    def nonfinite_check_on(self, device_type: str) -> str:
+        """``--nonfinite_check`` for a run on ``device_type``: as given, else "device" on CUDA (nothing read on
+        the host per step, the GPU's queue never drains) and "host" elsewhere (the official check before each
+        backward; a CPU has no queue to keep full)."""
+        return self.nonfinite_check or ("device" if device_type == "cuda" else "host")
 
     def checkpointing_mode(self) -> str | int:
         """``--activation_checkpointing`` as the model takes it: "none", "all" or every k-th block."""

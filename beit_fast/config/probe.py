@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..utils.options import torch_file_problem
 from .base import ClassificationData, finite_problems, jpeg_decoder_error, positive_problems, seed_problems
 
 __all__ = ["ProbeConfig"]
@@ -43,8 +44,10 @@ class ProbeConfig(ClassificationData):
         problems += positive_problems(self, ("num_workers", "layer"), strict=False)
         problems += finite_problems(self, ("lr", "weight_decay"), nonnegative=("lr", "weight_decay"))
         problems += seed_problems(self.seed)
-        if self.finetune and not os.path.isfile(self.finetune):
+        if self.finetune and not os.path.exists(self.finetune):
             problems.append(f"--finetune checkpoint not found: {self.finetune}")
+        elif self.finetune and (problem := torch_file_problem("--finetune", self.finetune)):
+            problems.append(problem)
         if self.data_path is not None and not os.path.isdir(self.data_path):
             problems.append(f"--data_path {self.data_path} is not a folder")
         if jpeg_decoder_error(self.jpeg_decoder):

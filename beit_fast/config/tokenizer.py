@@ -42,7 +42,7 @@ class TokenizerConfig:
 
     def problems(self) -> list[str]:
         """Every problem seen without loading anything, each naming its flag (the folder first)."""
-        from ..limits import DVAE_LIMITS
+        from ..utils.limits import DVAE_LIMITS
 
         problems = positive_problems(self, ("steps", "batch_size", "eval_images", "threads", "input_size",
                                             "temperature_start", "temperature_end"))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..model import BeitConfig
+from ..model.beit import BeitConfig
 from .conversion import to_official
 from .formats import _num_blocks, detect_layout
 from .official_keys import _window_from_table
@@ -76,7 +76,7 @@ def official_config_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], *, num_heads: int | None = None, img_size: int | None = None,
     layer_norm_eps: float = 1e-6, **overrides,
 ) -> BeitConfig:
-    """A :class:`beit_fast.model.BeitConfig` for a *pretraining* state dict (any format), so that
+    """A :class:`beit_fast.model.beit.BeitConfig` for a *pretraining* state dict (any format), so that
     ``VisionTransformerForMaskedImageModeling(cfg).load_state_dict(convert_state_dict(sd, "official"))``
     works with ``strict=True``. ``layer_norm_eps`` is not in a state dict: 1e-6 is the official value; a
     model converted from HF needs the HF config's value (see ``official_config_from_hf``)."""
@@ -101,7 +101,7 @@ def official_config_from_state_dict(
 
 
 def official_config_from_hf(hf_config, **overrides) -> BeitConfig:
-    """A :class:`beit_fast.model.BeitConfig` equal in architecture to a ``transformers.BeitConfig`` of a
+    """A :class:`beit_fast.model.beit.BeitConfig` equal in architecture to a ``transformers.BeitConfig`` of a
     masked-image-modeling model, carrying its ``layer_norm_eps`` (HF's default 1e-12, not the official 1e-6:
     with it the converted model reproduces the HF model's outputs)."""
     if getattr(hf_config, "use_relative_position_bias", False):

@@ -28,12 +28,10 @@ This module is the entry point; the work is split by job: :mod:`.formats` (detec
 :mod:`.official_keys` (official order, index buffers, pretraining -> fine-tuning), :mod:`.hf_keys` and
 :mod:`.timm_keys` (the key mapping per library; the qkv split/concatenation is in ``hf_keys``),
 :mod:`.conversion` (any -> any), :mod:`.architecture` (hyper-parameters and configs), :mod:`.files`
-(reading and writing). Every name stays importable from here.
+(reading and writing). Their public names are importable from here.
 """
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
 
 from .architecture import (
     hf_config_from_state_dict,
@@ -49,24 +47,6 @@ from .hf_keys import hf_to_official, installed_hf_naming, official_to_hf
 from .official_keys import official_pretrain_to_finetune
 from .timm_keys import official_to_timm, timm_to_official
 
-# The other names this module defined before the split (helpers and tables), still importable from here,
-# resolved on first use (PEP 562).
-_MOVED = {
-    "formats": ("StateDict", "_BLOCK", "_sample", "_hf_prefix", "_num_blocks"),
-    "official_keys": ("_GLOBAL_ORDER", "_TAIL_ORDER", "_BLOCK_ORDER", "_official_order", "_window_from_table",
-                      "_add_index"),
-    "hf_keys": ("_BLOCK_MAP", "_QKV", "_K_BIAS", "_SHARED", "_LAYER", "_global_map"),
-    "conversion": ("_FAMILY", "same_family"),
-    "architecture": ("_resolve",),
-    "files": ("_WRAPPERS", "_HF_FILES", "_HF_INDEX", "_unwrap", "_torch_load", "_load_safetensors", "_shards"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(import_module(f".{module}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "FORMATS",

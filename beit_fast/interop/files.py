@@ -35,7 +35,7 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
 def _torch_load(path: Path, map_location, trust_pickle: bool):
     """The package's one checkpoint reader; every failure as a ValueError naming the file (an unsafe
     pickle's message names the opt-in, ``trust_pickle=True`` / ``--trust-pickle``)."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..utils.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(path, map_location, trust_pickle=trust_pickle)
@@ -105,7 +105,7 @@ def load_state_dict(
 
     Official checkpoints keep the weights under ``"model"`` (also accepted: ``module``, ``state_dict``,
     ``model_state``); a ``module.`` prefix (DDP) is stripped. Torch files are read by
-    :func:`beit_fast.checkpoint.load_checkpoint` (checksums, ``weights_only=True``) unless
+    :func:`beit_fast.utils.checkpoint.load_checkpoint` (checksums, ``weights_only=True``) unless
     ``trust_pickle=True`` (needed for files that pickle other objects, such as official training
     checkpoints with their ``args``; it can run code from the file: only for files you trust). Shards of
     an index must lie inside its folder. A file that cannot be read is a ValueError naming it.
@@ -139,8 +139,8 @@ def save_state_dict(
     checkpoint layout (safetensors files are always flat). safetensors files get the metadata
     ``{"format": "pt"}`` that ``transformers.from_pretrained`` requires, plus ``metadata``. Tensors are
     written contiguous and unshared (safetensors refuses views of one storage, e.g. split q/k/v). Both
-    formats are written atomically with the user's umask (:func:`beit_fast.checkpoint.atomic_save`); a failed
-    write is a :class:`beit_fast.checkpoint.CheckpointSaveError` naming the file."""
+    formats are written atomically with the user's umask (:func:`beit_fast.utils.checkpoint.atomic_save`); a failed
+    write is a :class:`beit_fast.utils.checkpoint.CheckpointSaveError` naming the file."""
     path = Path(path)
     if format is None:
         format = "safetensors" if path.suffix == ".safetensors" else "pt"
@@ -150,7 +150,7 @@ def save_state_dict(
     if format == "safetensors":
         from safetensors.torch import save
 
-        from ..checkpoint import _write_atomically
+        from ..utils.checkpoint import _write_atomically
 
         if wrap is not None:
             raise ValueError("safetensors files hold a flat state dict: wrap is for torch files only")
@@ -158,7 +158,7 @@ def save_state_dict(
         data = save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=meta)
         # the package's atomic writer: temp file + fsync + rename, the user's umask, CheckpointSaveError
         return _write_atomically(path, lambda f: f.write(data))
-    from ..checkpoint import atomic_save
+    from ..utils.checkpoint import atomic_save
 
     # cloned so that views (split q/k/v) do not drag their whole storage into the file
     obj: Any = {k: v.clone() for k, v in tensors.items()}

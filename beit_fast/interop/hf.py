@@ -42,8 +42,8 @@ from ..ops.attention import attention_with_bias
 from ..ops.backend import VALID_BACKENDS
 from ..ops.cross_entropy import masked_linear_cross_entropy
 from ..ops.patch_embed import patch_embed_mask
-from ..rel_pos import gather_relative_position_bias
-from . import _begin_patch
+from ..ops.rel_pos import gather_relative_position_bias
+from .patching import _begin_patch
 
 __all__ = ["apply_beit_fast_to_hf", "SUPPORTED_HF_MODELS"]
 
@@ -125,7 +125,7 @@ def _check_structure(model: nn.Module, beit: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Replacement methods, bound to one instance (interop._PatchedMethod: a functools.partial that is
+# Replacement methods, bound to one instance (interop.patching._PatchedMethod: a functools.partial that is
 # picklable, deep-copyable and shows the replaced method's signature)
 # --------------------------------------------------------------------------------------------------
 # The one HF attention implementation the fused attention stands in for (it computes what HF's SDPA path

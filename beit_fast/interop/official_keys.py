@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..rel_pos import relative_position_index, relative_position_table_size, square_grid_for_table_size
+from ..ops.rel_pos import relative_position_index, relative_position_table_size, square_grid_for_table_size
 from .formats import _BLOCK, StateDict, _num_blocks, detect_format, detect_layout
 
 _GLOBAL_ORDER = ("cls_token", "mask_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",

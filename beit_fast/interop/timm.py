@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..ops.attention import _VALID_NAMES as _ATTENTION_NAMES
 from ..ops.attention import attention_with_bias
-from . import _begin_patch
+from .patching import _begin_patch
 
 __all__ = ["apply_beit_fast_to_timm", "SUPPORTED_TIMM_MODELS"]
 

@@ -65,13 +65,12 @@ This module is the dispatch (names, availability, input checks, the public ops);
 from __future__ import annotations
 
 import warnings
-from importlib import import_module
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..rel_pos import gather_relative_position_bias
+from .rel_pos import gather_relative_position_bias
 from ._util import autocast_off, is_compiling
 from .attention_backends import (
     FLEX_KERNEL_OPTIONS,
@@ -391,20 +390,3 @@ def attention_reference(q, k, v, bias=None, scale=None) -> torch.Tensor:
     """The "math" backend: the eager reference (scores in the input dtype, the bias added with type
     promotion, see the module docstring)."""
     return attention_with_bias(q, k, v, bias, scale, backend="math")
-
-
-# The other names this module defined before the backends moved out (helpers, constants), still importable
-# from here, resolved on first use (PEP 562).
-_MOVED = {
-    "attention_backends": ("BIAS_ALIGNMENT", "_as_4d", "_XFORMERS", "_aligned_bias", "_FLEX_HOPPER_TILES",
-                           "_FLEX_COMPILED", "_compiled_flex", "_bias_score_mod"),
-    "attention_triton": ("_table_plan", "_unit_last_stride", "_triton_forward_op", "_triton_backward_op",
-                         "_triton_setup_context", "_triton_backward"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(import_module(f".{module}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 * ``dalle``: OpenAI's DALL-E dVAE encoder (:class:`DalleEncoder`), loaded from the released
   ``encoder.pkl`` or a state dict of the same layout, without the ``dall_e`` package.
-* ``dvae``: our own discrete VAE (:class:`DiscreteVAE`), trained with :func:`train_dvae` /
+* ``dvae``: our own discrete VAE (:class:`DiscreteVAE`), trained with :func:`beit_fast.train.dvae.train_dvae` /
   ``python -m beit_fast.train_tokenizer``.
 
 Both take the same tokenizer view (112x112 image in [0, 1] passed through :func:`map_pixels`) and return
@@ -18,12 +18,11 @@ import torch
 from .base import LOGIT_LAPLACE_EPS, VisualTokenizer, map_pixels, unmap_pixels
 from .dalle import DalleEncoder, DalleTokenizer, dalle_state_dict_from_file, load_dalle_encoder
 from .dvae import PRESETS, DiscreteVAE, DVAEConfig, kl_weight_at, temperature_at
-from .train import evaluate_dvae, train_dvae
 
 __all__ = [
     "VisualTokenizer", "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS", "build_tokenizer", "TOKENIZER_KINDS",
     "DalleEncoder", "DalleTokenizer", "load_dalle_encoder", "dalle_state_dict_from_file",
-    "DiscreteVAE", "DVAEConfig", "PRESETS", "temperature_at", "kl_weight_at", "train_dvae", "evaluate_dvae",
+    "DiscreteVAE", "DVAEConfig", "PRESETS", "temperature_at", "kl_weight_at",
 ]
 
 TOKENIZER_KINDS = ("dalle", "dvae")
@@ -35,7 +34,7 @@ def build_tokenizer(kind: str, path: str | os.PathLike | None = None, *, device:
 
     Args:
         kind: ``"dalle"`` (``path`` = OpenAI's ``encoder.pkl`` or a state dict with its keys) or ``"dvae"``
-            (``path`` = a checkpoint written by :func:`train_dvae` / ``python -m beit_fast.train_tokenizer``).
+            (``path`` = a checkpoint written by :func:`beit_fast.train.dvae.train_dvae` / ``python -m beit_fast.train_tokenizer``).
         path: weights file (required; a missing file raises ``FileNotFoundError`` naming it).
         device: where to put it (default: CPU).
         input_size: override the expected tokenizer-view side (default: 112 for DALL-E, the checkpoint's

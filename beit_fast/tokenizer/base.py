@@ -10,13 +10,16 @@ is doing (the pretraining loop runs under bf16/fp16 autocast: the targets must n
 from __future__ import annotations
 
 import abc
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VisualTokenizer", "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS"]
+from ..utils.amp import autocast_or_null
 
-# The one definition of DALL-E's pixel mapping; beit_fast.transforms (the data pipeline) re-exports it.
+__all__ = ["VisualTokenizer", "map_pixels", "unmap_pixels", "LOGIT_LAPLACE_EPS", "tokenize"]
+
+# The one definition of DALL-E's pixel mapping; beit_fast.data.transforms (the data pipeline) re-exports it.
 #: The ``eps`` of OpenAI's ``dall_e.utils.logit_laplace_eps``.
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -55,6 +58,19 @@ class VisualTokenizer(nn.Module, abc.ABC):
         """Tokens per image at ``input_size`` (196 for 112 / 8)."""
         gh, gw = self.token_grid()
         return gh * gw
+
+    #: Module types whose weights autocast casts to its lower precision on every call (their weights can be kept
+    #: in that precision instead, :meth:`keep_weights_in`).
+    _AUTOCAST_CAST = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+    def keep_weights_in(self, dtype: torch.dtype) -> "VisualTokenizer":
+        """Cast the weights that autocast to ``dtype`` would cast on every call (convolutions, linears) once,
+        now: the same token ids under ``autocast(dtype)``, without a cast of every weight each step. The module
+        then runs only under that autocast (its fp32 path, :meth:`get_codebook_indices`, no longer). Returns self."""
+        for module in self.modules():
+            if isinstance(module, self._AUTOCAST_CAST) or getattr(module, "autocast_lower_precision", False):
+                module.to(dtype)
+        return self
 
     def _param_device(self) -> torch.device:
         for p in self.parameters():
@@ -100,3 +116,23 @@ class VisualTokenizer(nn.Module, abc.ABC):
             if was_training:
                 self.train(True)
         return logits.float().argmax(dim=1).flatten(1)
+
+
+@torch.no_grad()
+def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None,
+             encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Token ids ``int64[B, h*w]``; ``dtype`` None: the tokenizer's own fp32 path, else its encoder under
+    autocast to ``dtype`` with channels-last activations, the argmax taken on the ``dtype`` logits (the same
+    ids as on their fp32 copy, ties included: the conversion is exact and monotone). ``encode``: the
+    tokenizer's ``encode_logits`` to call (e.g. compiled; default: the method itself)."""
+    if dtype is None:
+        return tokenizer.get_codebook_indices(images)
+    x = tokenizer._prepare_images(images).contiguous(memory_format=torch.channels_last)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    try:
+        with autocast_or_null(x.device.type, dtype):
+            logits = (encode or tokenizer.encode_logits)(x)
+    finally:
+        tokenizer.train(was_training)
+    return logits.argmax(dim=1).flatten(1)

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from importlib import import_module
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..limits import DALLE_LIMITS, check_config_limits, check_parameter_budget
+from ..utils.limits import DALLE_LIMITS, check_config_limits, check_parameter_budget
 from .base import VisualTokenizer
 from .dalle_file import dalle_state_dict_from_file
 
@@ -44,7 +43,10 @@ __all__ = ["DalleEncoder", "DalleTokenizer", "load_dalle_encoder", "dalle_state_
 
 
 class _Conv2d(nn.Module):
-    """``dall_e.utils.Conv2d`` without attrs: parameters ``w``/``b``, 'same' padding, always fp32."""
+    """``dall_e.utils.Conv2d`` without attrs: parameters ``w``/``b``, 'same' padding; fp32 (the encoder's
+    input is fp32), or autocast's precision (weights kept there by ``keep_weights_in``)."""
+
+    autocast_lower_precision = True  # a convolution: autocast casts its weights
 
     def __init__(self, n_in: int, n_out: int, kw: int):
         super().__init__()
@@ -57,7 +59,9 @@ class _Conv2d(nn.Module):
         self.b = nn.Parameter(torch.zeros((n_out,), dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x.float(), self.w.float(), self.b.float(), padding=(self.kw - 1) // 2)
+        # No .float() here: autocast casts to its precision anyway (a round trip of a fp16/bf16 value through
+        # fp32 is exact), and weights kept in that precision would be copied twice a call.
+        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
     def extra_repr(self) -> str:
         return f"{self.n_in}, {self.n_out}, kw={self.kw}"
@@ -161,7 +165,7 @@ class DalleEncoder(VisualTokenizer):
     def from_state_dict(cls, sd: Mapping[str, Tensor], input_size: int = 112) -> "DalleEncoder":
         """Build an encoder of the right size for ``sd`` and load it strictly (weights cast to fp32). The
         encoder is first built on the meta device (no memory): one much larger than ``sd``
-        (:func:`beit_fast.limits.check_parameter_budget`) is refused before it is allocated."""
+        (:func:`beit_fast.utils.limits.check_parameter_budget`) is refused before it is allocated."""
         config = cls.config_from_state_dict(sd)
         with torch.device("meta"):
             claimed = sum(p.numel() for p in cls(**config, input_size=input_size).parameters())
@@ -203,20 +207,3 @@ def load_dalle_encoder(path: str | os.PathLike, device: str | torch.device | Non
     if device is not None:
         model = model.to(device)
     return model.eval().requires_grad_(False)
-
-
-# The file-reading names this module defined before the split, still importable from here, resolved on first
-# use (PEP 562).
-_MOVED = {"dalle_file": (
-    "_PickledDalleModule", "_PickledConv2d", "_PickledEncoderBlock", "_PickledEncoder", "_PickledDecoder",
-    "_PickledDecoderBlock", "_DALLE_ALLOWED", "_LEGACY_MAGIC", "_LEGACY_PROTOCOL", "_STORAGE_DTYPES",
-    "_StorageType", "_rebuild_tensor", "_rebuild_parameter", "_legacy_allowed", "_RestrictedUnpickler",
-    "_NoGlobals", "_read_legacy_file", "_read_dalle_file", "_module_tensors", "_unwrap_state_dict",
-)}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(import_module(f".{module}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ named in the error, the decoder's classes), the ``torch.nn`` modules they contai
 refused.
 
 * A zip-format file (``torch.save`` since torch 1.6) is read by the package's one safe reader,
-  :func:`beit_fast.checkpoint.load_checkpoint` (``torch.load(weights_only=True)``), with that allow-list.
+  :func:`beit_fast.utils.checkpoint.load_checkpoint` (``torch.load(weights_only=True)``), with that allow-list.
 * The released ``encoder.pkl`` is in torch's older (legacy) format, in which pickled modules reference
   their classes through a kind of record that ``weights_only`` cannot read. :func:`_read_legacy_file` reads
   that format itself with :class:`_RestrictedUnpickler` (``find_class`` admits the allow-list only; tensors
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, UnsafeCheckpointError, is_zip_format, load_checkpoint
-from ..limits import check_tensors_hold_their_bytes, tensor_layout_problem
+from ..utils.checkpoint import CheckpointError, UnsafeCheckpointError, is_zip_format, load_checkpoint
+from ..utils.limits import check_tensors_hold_their_bytes, tensor_layout_problem
 
 
 class _PickledDalleModule(nn.Module):
@@ -302,7 +302,7 @@ def dalle_state_dict_from_file(path: str | os.PathLike) -> "OrderedDict[str, Ten
     """Read a DALL-E encoder state dict (on CPU) from the released ``encoder.pkl`` or a plain state dict
     file of the same layout. Raises ``FileNotFoundError`` (naming the path) if there is no such file, and
     ``ValueError`` for tensors that claim more than the file holds (stride-0 or overlapping views, more bytes
-    than the file: :func:`beit_fast.limits.check_tensors_hold_their_bytes`)."""
+    than the file: :func:`beit_fast.utils.limits.check_tensors_hold_their_bytes`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DALL-E encoder weights not found: {path!r} (expected OpenAI's encoder.pkl "

@@ -28,7 +28,7 @@ Objective (see :meth:`DiscreteVAE.loss`)
 
 Checkpoint
     ``dict(config=asdict(cfg), model=state_dict, step=int, metrics=dict)``, written atomically
-    (:func:`beit_fast.checkpoint.atomic_save`), read by :meth:`DiscreteVAE.from_checkpoint` through
+    (:func:`beit_fast.utils.checkpoint.atomic_save`), read by :meth:`DiscreteVAE.from_checkpoint` through
     :func:`load_dvae_checkpoint` (``weights_only=True`` and a layout check).
 """
 from __future__ import annotations
@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint
-from ..limits import DVAE_LIMITS, check_config_limits, check_parameter_budget, check_tensors_hold_their_bytes
-from ..options import DVAE_RECOMMENDED_LR
+from ..utils.checkpoint import CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint
+from ..utils.limits import DVAE_LIMITS, check_config_limits, check_parameter_budget, check_tensors_hold_their_bytes
+from ..utils.options import DVAE_RECOMMENDED_LR
 from .base import LOGIT_LAPLACE_EPS, VisualTokenizer
 
 __all__ = [
@@ -120,7 +120,7 @@ PRESETS: dict[str, DVAEConfig] = {
                        kl_weight=3e-4),
 }
 
-#: Peak AdamW learning rates used by the CLI when ``--lr`` is not given (defined in :mod:`beit_fast.options`).
+#: Peak AdamW learning rates used by the CLI when ``--lr`` is not given (defined in :mod:`beit_fast.utils.options`).
 RECOMMENDED_LR: dict[str, float] = DVAE_RECOMMENDED_LR
 
 
@@ -292,7 +292,7 @@ class DiscreteVAE(VisualTokenizer):
                     step=int(step), metrics=dict(metrics or {}))
 
     def save(self, path: str | os.PathLike, step: int = 0, metrics: Mapping[str, Any] | None = None) -> str:
-        """Atomically write the checkpoint (:func:`beit_fast.checkpoint.atomic_save`); returns the path."""
+        """Atomically write the checkpoint (:func:`beit_fast.utils.checkpoint.atomic_save`); returns the path."""
         return os.fspath(atomic_save(self.checkpoint_dict(step, metrics), path))
 
     @classmethod
@@ -311,7 +311,7 @@ class DiscreteVAE(VisualTokenizer):
 
 def _checked_config(ckpt: Mapping[str, Any], path: str) -> DVAEConfig:
     """The config of a dVAE checkpoint, checked before the model is allocated: each field within
-    :data:`beit_fast.limits.DVAE_LIMITS`, the weights backed by their own bytes, and a model (built on the
+    :data:`beit_fast.utils.limits.DVAE_LIMITS`, the weights backed by their own bytes, and a model (built on the
     meta device first) not much larger than the weights the file holds."""
     config, weights = ckpt["config"], ckpt["model"]
     if not isinstance(config, Mapping) or not isinstance(weights, Mapping):
@@ -332,7 +332,7 @@ def _checked_config(ckpt: Mapping[str, Any], path: str) -> DVAEConfig:
 
 
 def load_dvae_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a dVAE checkpoint (:func:`beit_fast.checkpoint.load_checkpoint`: checksums, ``weights_only=True``);
+    """Read a dVAE checkpoint (:func:`beit_fast.utils.checkpoint.load_checkpoint`: checksums, ``weights_only=True``);
     clear errors for a missing file, a corrupt one or a wrong layout."""
     path = os.fspath(path)
     if not os.path.isfile(path):

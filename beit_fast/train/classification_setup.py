@@ -12,6 +12,9 @@ import torch
 
 from ..config import FinetuneConfig
 from ..config.finetune import FINETUNE_DEMO_DEFAULTS, FINETUNE_OFFICIAL_DEFAULTS
+from ..config.pretrain import DEMO_PRETRAINED_CHECKPOINT
+from .engine import demo_cpu_threads
+from .feed import default_num_workers
 
 __all__ = ["build_classifier_for", "load_weights", "classification_transforms", "run_finetune", "pick_device"]
 
@@ -35,9 +38,9 @@ def build_classifier_for(checkpoint: str | None, num_classes: int, *, model: str
     config. ``rel_pos_bias`` None: per-block bias when the checkpoint has a relative position bias table (or
     without a checkpoint), none otherwise. The checkpoint is read once; pass the returned dict to
     :func:`load_weights`. The classifier's ``cfg`` holds the resolved image and patch size."""
-    from ..limits import check_beit_config
-    from ..model import build_classifier, get_config
-    from ..pretrained import PretrainedLoadError, classifier_config_from_checkpoint, load_state_dict_any
+    from ..utils.limits import check_beit_config
+    from ..model.beit import build_classifier, get_config
+    from ..interop.pretrained import PretrainedLoadError, classifier_config_from_checkpoint, load_state_dict_any
 
     defaults = FINETUNE_DEMO_DEFAULTS if demo else FINETUNE_OFFICIAL_DEFAULTS
     overrides: dict = {"drop_path_rate": drop_path, "use_shared_rel_pos_bias": False}
@@ -75,8 +78,8 @@ def build_classifier_for(checkpoint: str | None, num_classes: int, *, model: str
 
 
 def load_weights(model, ckpt: dict, path: str, rel_pos_resize: str = "bicubic") -> None:
-    """:func:`beit_fast.pretrained.load_pretrained` of a checkpoint read by :func:`build_classifier_for`."""
-    from ..pretrained import PretrainedLoadError, load_pretrained
+    """:func:`beit_fast.interop.pretrained.load_pretrained` of a checkpoint read by :func:`build_classifier_for`."""
+    from ..interop.pretrained import PretrainedLoadError, load_pretrained
 
     try:
         report = load_pretrained(model, ckpt, rel_pos_resize=rel_pos_resize)
@@ -89,8 +92,9 @@ def load_weights(model, ckpt: dict, path: str, rel_pos_resize: str = "bicubic") 
 
 def classification_transforms(cfg, input_size: int, train: bool = True):
     """``(train transform or None, eval transform)`` of a fine-tuning / probing config."""
-    from ..transforms.classification import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
-                                             build_transforms)
+    from ..data.transforms.classification import (
+        IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, build_transforms,
+    )
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.imagenet_default_mean_and_std else (INCEPTION_MEAN, INCEPTION_STD)
     eval_tf = build_transforms(input_size, train=False, crop_pct=cfg.crop_pct, mean=mean, std=std)
@@ -103,7 +107,7 @@ def classification_transforms(cfg, input_size: int, train: bool = True):
 def _num_classes_hint(cfg) -> int:
     """The class count before the data sets exist (the model needs it first): the digits' 10, or the class
     folders of ``data_path/train``; checked against the data sets once they are built."""
-    from ..labelled_data import count_class_folders
+    from ..data.labelled import count_class_folders
 
     if cfg.nb_classes is not None:
         return cfg.nb_classes
@@ -114,13 +118,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """What ``python -m beit_fast.finetune`` runs (``cfg`` resolved and validated): the classifier from
     ``--finetune`` (or ``--resume`` with ``--eval``), the data, then :func:`beit_fast.train.finetuning.finetune`
     (or, ``--eval``, one evaluation)."""
-    from ..checkpoint import CheckpointError
-    from ..labelled_data import load_classification_data
-    from ..rng import seed_everything
+    from ..utils.checkpoint import CheckpointError
+    from ..data.labelled import load_classification_data
+    from ..utils.rng import seed_everything
     from .finetuning import default_layer_decay, finetune
     from .loop import NonFiniteLossError
 
     device = pick_device(cfg.device)
+    if cfg.data_path is None:  # the embedded demo
+        demo_cpu_threads(device)
     weights = cfg.finetune or (cfg.resume if cfg.eval and cfg.resume not in ("", "auto") else None)
     num_classes = _num_classes_hint(cfg)
     seed_everything(cfg.seed)
@@ -135,6 +141,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if len(classes) != num_classes:
         raise SystemExit(f"error: {len(classes)} classes in the data, {num_classes} expected")
     if weights:
+        if cfg.data_path is None and cfg.finetune == DEMO_PRETRAINED_CHECKPOINT:
+            log.info("fine-tuning the pretraining demo's model %s (--finetune '' trains from scratch)", cfg.finetune)
         load_weights(model, ckpt, weights, cfg.rel_pos_resize)
     else:
         log.warning("no --finetune checkpoint: training from scratch (random init), not fine-tuning")
@@ -157,17 +165,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                           overwrite_output_dir=cfg.overwrite_output_dir, run_args=dataclasses.asdict(cfg))
     except (ValueError, CheckpointError, NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
-    if result.get("best_top1") is None or result.get("final_top1") is None:  # stopped before an evaluation
-        print(f"stopped before the first evaluation ({result.get('interrupted') or 'no evaluation ran'}); checkpoints "
-              f"in {out}: continue with --resume auto")
-        return result
-    print(f"best top-1 {100 * result['best_top1']:.2f}% (epoch {result['best_epoch']}); final top-1 "
-          f"{100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; checkpoints in {out}")
+    # no best epoch when the run stopped (--stop_after_steps, a signal) before its first epoch end
+    best = "n/a" if result["best_top1"] is None else f"{100 * result['best_top1']:.2f}% (epoch {result['best_epoch']})"
+    print(f"best top-1 {best}; final top-1 {100 * result['final_top1']:.2f}%, top-5 {100 * result['final_top5']:.2f}%; "
+          f"checkpoints in {out}")
     return result
 
 
 def _evaluate_only(model, val_set, cfg: FinetuneConfig, device: torch.device) -> dict:
-    from ..evaluation import evaluate
+    from .evaluation import evaluate
     from .engine import resolve_amp_dtype
 
     try:
@@ -177,8 +183,9 @@ def _evaluate_only(model, val_set, cfg: FinetuneConfig, device: torch.device) ->
     if cfg.attn_backend != "auto":
         model.configure_fast_path(attention=cfg.attn_backend)
     model.to(device)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type, on_cpu=0)
     res = evaluate(model, val_set, batch_size=max(1, int(1.5 * cfg.batch_size)), device=device, amp_dtype=amp_dtype,
-                   num_workers=cfg.num_workers, progress=not cfg.no_progress)
+                   num_workers=workers, progress=not cfg.no_progress)
     print(f"Accuracy on the {res['n']} val images: top-1 {100 * res['top1']:.2f}%, top-5 {100 * res['top5']:.2f}%")
     return {"best_top1": res["top1"], "best_epoch": None, "final_top1": res["top1"], "final_top5": res["top5"],
             "history": [], "eval": res}

@@ -1,16 +1,17 @@
 """The training engine: one optimizer step of a task module, for every kind of training.
 
 A *task module* is the model and its loss as one ``nn.Module``, ``forward(*inputs) -> (loss, metric)``
-(0-dim tensors): :class:`beit_fast.loss.MIMLoss` for pretraining, the classification loss for
+(0-dim tensors): :class:`beit_fast.train.loss.MIMLoss` for pretraining, the classification loss for
 fine-tuning, a linear probe's loss. The engine calls the model only through it, so a DDP wrapper sees
 every forward, FSDP2 shards it as its root, and ``torch.compile`` compiles it (or the wrapper) as one
 graph. The engine owns everything around that call:
 
-* per-step lr / weight-decay schedules (:func:`beit_fast.optim.apply_schedule`: each group's lr is
+* per-step lr / weight-decay schedules (:func:`beit_fast.train.optim.apply_schedule`: each group's lr is
   ``lr_schedule[t] * group["lr_scale"]``, the decaying groups get ``wd_schedule[t]``);
 * autocast (the task module's ``amp_dtype``) and a loss scaler for fp16;
 * gradient accumulation over micro-batches (``loss / n`` each, gradients synchronised across ranks only
-  on the last one), gradient clipping (the norm is computed, and logged, even without a clip);
+  on the last one), gradient clipping (the norm is computed, and logged, even without a clip; without a
+  clip the gradients are not rescaled);
 * the non-finite policy: a step whose loss (mean over ranks) or, without a loss scaler, whose gradient
   norm is not finite makes no update and is reported ``skipped`` (the loop stops the run, with a
   checkpoint, after ``max_bad_steps`` of them in a row; see :mod:`beit_fast.train.loop`);
@@ -22,18 +23,23 @@ How a non-finite step is detected (``nonfinite_check``):
     Each micro-batch's loss is read on the host before its backward (the official
     ``engine_for_pretraining.py`` behaviour): a non-finite loss never reaches the gradients (or, under
     DDP, the all-reduce), and the step returns host floats. One device synchronisation per micro-batch
-    and one for the gradient norm. Pretraining uses this.
+    and one for the gradient norm. Pretraining on CPU and the dVAE's training use this.
 ``"device"``
     Nothing is read on the host: the skip decision is a device tensor, ``~isfinite(loss) |
     ~isfinite(grad_norm)``, handed to the optimizer as ``found_inf`` (the mechanism a GradScaler uses
     with fused optimizers: fused AdamW then leaves the parameters, the moments and its step count
     untouched). The step returns device tensors; the loop reads them back at its logging intervals.
-    An optimizer without ``found_inf`` support falls back to one host read of the flag. Fine-tuning and
-    linear probing use this.
+    The losses are averaged over ranks once, after the backward (no collective before it). An optimizer
+    without ``found_inf`` support falls back to one host read of the flag. Pretraining on CUDA,
+    fine-tuning and linear probing use this.
+
+Every host read goes through :mod:`beit_fast.train.host_reads` (counted).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -41,14 +47,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..loss import autocast_or_null
-from ..optim import apply_schedule
+from ..utils.amp import autocast_or_null
+from .optim import apply_schedule
+from . import host_reads
 
 __all__ = ["resolve_amp_dtype", "autocast_or_null", "StepResult", "Engine", "NONFINITE_CHECKS"]
 
 NONFINITE_CHECKS = ("host", "device")
 #: Optimizer group options that say how the update is computed, not what it is.
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def demo_cpu_threads(device: torch.device | str) -> None:
+    """One intra-op thread for an embedded demo on a CPU unless ``OMP_NUM_THREADS`` says otherwise. Its model is
+    tiny: a second thread buys little on an idle machine and costs most when the machine is busy, because the
+    threads wait for each other (measured on a 2-core machine at load ~10: 60 tokenizer steps took 27 s with
+    one thread, 807 s with two)."""
+    if torch.device(device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+        logging.getLogger("beit_fast.train").info("demo on CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -149,7 +166,7 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         if parallel == "ddp":
-            from ..distributed import wrap_ddp
+            from .distributed import wrap_ddp
 
             self.train_module: nn.Module = wrap_ddp(task_module, self.device)
         else:
@@ -200,7 +217,7 @@ class Engine:
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.dist_info is None:
             return values
-        from ..distributed import all_reduce_mean
+        from .distributed import all_reduce_mean
 
         return all_reduce_mean(values, self.dist_info)
 
@@ -208,10 +225,13 @@ class Engine:
         return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
 
     def _clip(self) -> torch.Tensor:
-        """Unscale (fp16), clip, and return the total gradient norm (a device tensor)."""
+        """Unscale (fp16), clip, and return the total gradient norm (a device tensor). Without a clip the
+        norm is only computed (for the log and the non-finite check): no pass rescales the gradients."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.clip_grad if self.clip_grad else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        if self.clip_grad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         return grad_norm
@@ -228,12 +248,12 @@ class Engine:
         is that of the mean of the micro-batch losses; gradients are synchronised across ranks only on
         the last micro-batch. The loss of each micro-batch is averaged over ranks before anything else, so
         a non-finite loss on any rank makes every rank skip the step (``"host"``: at once, with no further
-        micro-batch; ``"device"``: at the update).
+        micro-batch; ``"device"``: at the update, the losses averaged over ranks once, after the backward).
         """
         n = len(batches)
         if n < 1:
             raise ValueError("train_accumulated needs at least one micro-batch")
-        from ..distributed import no_grad_sync
+        from .distributed import no_grad_sync
 
         self.apply_schedule(step)
         self.model.train()
@@ -246,9 +266,9 @@ class Engine:
             inputs = self.prepare(batch)
             with no_grad_sync(self.train_module, skip=i < n - 1):
                 loss, metric = self.compute_loss(*inputs)
-                reduced = self._reduce(torch.stack([loss.detach().float(), metric.detach().float()]))
+                reduced = torch.stack([loss.detach().float(), metric.detach().float()])
                 if host:
-                    reduced = reduced.tolist()
+                    reduced = host_reads.values(self._reduce(reduced))
                     if not math.isfinite(reduced[0]):
                         self.optimizer.zero_grad(set_to_none=True)
                         return StepResult(reduced[0], math.nan, math.nan, self._scale(), *sched, True)
@@ -260,7 +280,7 @@ class Engine:
         return self._finish_on_device(stats, grad_norm, sched)
 
     def _finish_on_host(self, stats: list, grad_norm: torch.Tensor, sched: tuple) -> StepResult:
-        grad_norm_value = grad_norm.item()
+        grad_norm_value = host_reads.values(grad_norm)
         loss_value, metric_value = (float(np.mean([s[k] for s in stats])) for k in (0, 1))
         if not self.scaler.is_enabled() and not math.isfinite(grad_norm_value):
             # Without a loss scaler nothing else would stop a non-finite update from wrecking the weights.
@@ -271,8 +291,9 @@ class Engine:
         return StepResult(loss_value, metric_value, grad_norm_value, self._scale(), *sched)
 
     def _finish_on_device(self, stats: list, grad_norm: torch.Tensor, sched: tuple) -> StepResult:
-        loss, metric = torch.stack(stats).mean(0) if len(stats) > 1 else stats[0]
-        bad_loss = ~torch.isfinite(torch.stack([s[0] for s in stats])).all()
+        stats = self._reduce(torch.stack(stats))  # [micro-batches, 2]: one collective, after the backward
+        loss, metric = stats.mean(0) if len(stats) > 1 else stats[0]
+        bad_loss = ~torch.isfinite(stats[:, 0]).all()
         skip = bad_loss | ~torch.isfinite(grad_norm)
         self._step_unless(skip)
         if self.scaler.is_enabled():
@@ -292,21 +313,21 @@ class Engine:
                 self.optimizer.step()
             finally:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
-        elif not bool(skip):  # no device-side skip in this optimizer: one host read
+        elif not host_reads.values(skip):  # no device-side skip in this optimizer: one host read
             self.optimizer.step()
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def model_state_dict(self) -> dict:
         """Collective under FSDP: the full model state dict (on rank 0; ``{}`` elsewhere under FSDP)."""
         if self.parallel == "fsdp":
-            from ..distributed import full_model_state_dict
+            from .distributed import full_model_state_dict
 
             return full_model_state_dict(self.task_module)
         return self.model.state_dict()
 
     def load_model_state_dict(self, state: dict) -> None:
         if self.parallel == "fsdp":
-            from ..distributed import load_full_model_state_dict
+            from .distributed import load_full_model_state_dict
 
             load_full_model_state_dict(self.task_module, state)
         else:
@@ -316,7 +337,7 @@ class Engine:
         """Optimizer and loss-scaler state, in ``optimizer.state_dict()`` layout whatever the parallelism
         (collective under FSDP, full on rank 0)."""
         if self.parallel == "fsdp":
-            from ..distributed import full_optimizer_state_dict
+            from .distributed import full_optimizer_state_dict
 
             optimizer = full_optimizer_state_dict(self.task_module, self.optimizer)
         else:
@@ -325,7 +346,7 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         if self.parallel == "fsdp":
-            from ..distributed import load_full_optimizer_state_dict
+            from .distributed import load_full_optimizer_state_dict
 
             load_full_optimizer_state_dict(self.task_module, self.optimizer, state["optimizer"])
         else:

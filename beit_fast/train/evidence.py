@@ -22,15 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import atomic_save, atomic_write_text
+from ..utils.logs import bar_disable
+from ..utils.checkpoint import atomic_save, atomic_write_text
 from ..config import EvidenceConfig
-from ..data import PretrainDataset, ResumableSampler, collate_pretrain
-from ..digits import DigitsDataset
-from ..loss import MIMLoss
-from ..masking import MaskingGenerator
-from ..model import build_model
-from ..optim import build_optimizer, cosine_scheduler
-from ..transforms import TokenizerViewTransform, TwoViewConfig, TwoViewTransform
+from ..data.pretraining import PretrainDataset, ResumableSampler, collate_pretrain
+from ..data.digits import DigitsDataset
+from .loss import MIMLoss
+from ..data.masking import MaskingGenerator
+from ..model.beit import build_model
+from .optim import build_optimizer, cosine_scheduler
+from ..data.transforms import TokenizerViewTransform, TwoViewConfig, TwoViewTransform
 from .loop import LoopConfig, LoopHooks, TrainLoop
 from .mim import PretrainEngine
 
@@ -44,7 +45,7 @@ __all__ = ["EvidenceConfig", "RandomMaskingGenerator", "PixelRegressionLoss", "V
 # --------------------------------------------------------------------------------------------------------
 class RandomMaskingGenerator:
     """Masks exactly ``num_masking_patches`` patches drawn uniformly at random (the ablation of blockwise
-    masking); same call convention as :class:`beit_fast.masking.MaskingGenerator`."""
+    masking); same call convention as :class:`beit_fast.data.masking.MaskingGenerator`."""
 
     def __init__(self, input_size: int | tuple[int, int], num_masking_patches: int) -> None:
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
@@ -116,8 +117,8 @@ def two_view_config(cfg: EvidenceConfig) -> TwoViewConfig:
 def train_tokenizer(cfg: EvidenceConfig, seed: int = 0):
     """A dVAE (tiny preset, ``cfg.vocab_size`` codes) on tokenizer views of the training digits."""
     from ..tokenizer.dvae import RECOMMENDED_LR, DiscreteVAE, DVAEConfig
-    from ..tokenizer.train import train_dvae
-    from ..tokenizer_training import TokenizerViewDataset
+    from .dvae import train_dvae
+    from .tokenizer_training import TokenizerViewDataset
 
     train = DigitsDataset("train", cfg.image_size)
     view = TokenizerViewTransform(two_view_config(cfg))
@@ -186,9 +187,9 @@ class _EpochOfData(LoopHooks):
 
 def downstream(cfg: EvidenceConfig, pretrained: nn.Module | None, seed: int) -> dict:
     """Fine-tune and linear-probe one backbone (None: random initialisation) with few labels."""
-    from ..model import build_classifier
-    from ..pretrained import load_pretrained
-    from ..transforms.classification import build_transforms
+    from ..model.beit import build_classifier
+    from ..interop.pretrained import load_pretrained
+    from ..data.transforms.classification import build_transforms
     from .finetuning import FinetuneConfig, finetune
     from .probing import sweep_layers
 
@@ -248,7 +249,7 @@ def run_evidence(cfg: EvidenceConfig, *, progress: bool = True) -> dict:
     runs: list[dict] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.seeds * len(variants), desc="evidence", disable=not progress)
+    bar = tqdm(total=cfg.seeds * len(variants), desc="evidence", disable=bar_disable(progress))
     for seed in range(cfg.seeds):
         for name in variants:
             t = time.time()

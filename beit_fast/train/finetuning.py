@@ -6,7 +6,7 @@ pooling + ``fc_norm`` (or [CLS]), layer-wise lr decay, label smoothing, mixup / 
 the step), drop path, linear warmup + cosine per step, AdamW (fused, over the layer-decay groups); evaluation
 with the ``crop_pct`` center crop, top-1 / top-5; the best checkpoint kept.
 
-The step: :func:`beit_fast.loss.build_finetune_loss` (the classifier + its loss as one task module) run by
+The step: :func:`beit_fast.train.loss.build_finetune_loss` (the classifier + its loss as one task module) run by
 :class:`~beit_fast.train.engine.Engine` with the non-finite check on the device (no host read per step; a
 non-finite loss or gradient skips the update inside fused AdamW). ``fast``: the classifier's fast path (fused
 attention with each block's relative position bias, optional activation checkpointing) compiled with static
@@ -32,15 +32,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, Checkpointer, CheckpointSaveError, atomic_write_text
+from ..utils.checkpoint import CheckpointError, CheckpointSaveError, atomic_write_text
+from .checkpoint_folder import Checkpointer
 from ..config import FinetuneConfig
-from ..data import ResumableSampler
-from ..evaluation import evaluate
-from ..loss import build_finetune_loss
-from ..optim import cosine_scheduler, param_groups_layer_decay
-from ..rng import seed_everything
-from ..transforms.classification import build_mixup
+from ..data.pretraining import ResumableSampler
+from .evaluation import evaluate
+from .loss import build_finetune_loss
+from .optim import cosine_scheduler, param_groups_layer_decay
+from ..utils.rng import seed_everything
+from ..data.transforms.classification import build_mixup
 from .engine import Engine, resolve_amp_dtype
+from .epoch_seeds import EpochSeeded
+from .feed import default_num_workers
 from .loop import EpochEnd, LoopConfig, LoopHooks, TrainLoop
 from .run_dir import choose_resume_state, claim_output_dir
 
@@ -59,7 +62,7 @@ def finetune(
     output_dir: str | os.PathLike | None = None, progress: bool = True, num_classes: int | None = None,
     trust_pickle: bool = False, overwrite_output_dir: bool = False, run_args: dict | None = None,
 ) -> dict:
-    """Fine-tune ``model`` (a :class:`~beit_fast.model.VisionTransformerForClassification`, already loaded
+    """Fine-tune ``model`` (a :class:`~beit_fast.model.beit.VisionTransformerForClassification`, already loaded
     with pretrained weights) on ``train_set``, evaluating on ``val_set`` every ``cfg.eval_freq`` epochs
     and after the last. Data sets yield ``(float tensor [3, H, W] already transformed, int label)``.
 
@@ -73,9 +76,9 @@ def finetune(
     for files you trust); a resumed run is bit for bit the uninterrupted one (with ``num_workers=0`` also
     from a checkpoint in the middle of an epoch; data workers draw their augmentation seeds per epoch).
 
-    The output folder is locked for the run (:class:`~beit_fast.checkpoint.OutputDirLock`: a second run
+    The output folder is locked for the run (:class:`~beit_fast.train.checkpoint_folder.OutputDirLock`: a second run
     on it raises, naming the first). A fresh run (``cfg.resume == ""``) into a folder holding another run's
-    checkpoints raises :class:`~beit_fast.checkpoint.CheckpointError`, unless ``overwrite_output_dir``
+    checkpoints raises :class:`~beit_fast.utils.checkpoint.CheckpointError`, unless ``overwrite_output_dir``
     (which deletes them and the log first). ``max_bad_steps`` consecutive non-finite steps save a checkpoint
     and raise :class:`~beit_fast.train.loop.NonFiniteLossError`.
     """
@@ -141,17 +144,21 @@ def _build_engine(model: nn.Module, cfg: FinetuneConfig, device: torch.device, n
 
 
 class _FinetuneHooks(LoopHooks):
-    """Fine-tuning's part of the loop: per-epoch worker seeds, evaluation at epoch ends (top-1 picks
+    """Fine-tuning's part of the loop: per-epoch augmentation seeds, evaluation at epoch ends (top-1 picks
     checkpoint-best.pt), one log record per epoch, what checkpoints add."""
 
-    def __init__(self, model, cfg: FinetuneConfig, engine: Engine, loader, val_set, device, steps_per_epoch) -> None:
+    def __init__(self, model, cfg: FinetuneConfig, engine: Engine, loader, val_set, device, steps_per_epoch,
+                 num_workers: int = 0) -> None:
         self.model, self.cfg, self.engine, self.loader, self.val_set = model, cfg, engine, loader, val_set
-        self.device, self.steps_per_epoch = device, steps_per_epoch
+        self.device, self.steps_per_epoch, self.num_workers = device, steps_per_epoch, num_workers
         self.last_eval: dict | None = None
         self.t0 = time.time()
 
     def start_epoch(self, epoch: int) -> None:
-        # Data workers take their base seed from this generator: each epoch's augmentations are fixed.
+        # Data workers draw epoch e's augmentations from seeds of (seed, e, worker): fixed per epoch, whether the
+        # (persistent) workers are new or not. The iterator's base seed comes from this generator, not the global
+        # RNG, so that a run resumed mid-epoch consumes the global RNG as the uninterrupted one did.
+        self.loader.dataset.set_epoch(epoch)
         self.loader.generator = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         self.t0 = time.time()
 
@@ -161,7 +168,7 @@ class _FinetuneHooks(LoopHooks):
     def evaluate(self) -> dict:
         cfg = self.cfg
         return evaluate(self.model, self.val_set, batch_size=cfg.eval_batch_size or max(1, int(1.5 * cfg.batch_size)),
-                        device=self.device, amp_dtype=self.engine.amp_dtype, num_workers=cfg.num_workers)
+                        device=self.device, amp_dtype=self.engine.amp_dtype, num_workers=self.num_workers)
 
     def end_epoch(self, epoch: int, train_loss: float) -> EpochEnd:
         cfg = self.cfg
@@ -199,9 +206,12 @@ def _finetune(model: nn.Module, train_set, val_set, cfg: FinetuneConfig, *, devi
     steps_per_epoch = len(train_set) // cfg.batch_size
     engine = _build_engine(model, cfg, device, num_classes, steps_per_epoch)
     sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    hooks = _FinetuneHooks(model, cfg, engine, loader, val_set, device, steps_per_epoch)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type, on_cpu=0)
+    # Persistent workers (no start-up each epoch), reseeded per epoch by EpochSeeded.
+    loader = torch.utils.data.DataLoader(EpochSeeded(train_set, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+                                         drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0)
+    hooks = _FinetuneHooks(model, cfg, engine, loader, val_set, device, steps_per_epoch, num_workers)
     loop = TrainLoop(engine, loader, sampler, LoopConfig(
         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=cfg.batch_size, images_per_step=cfg.batch_size,
         log_freq=cfg.log_freq, step_records=False, save=cfg.save_ckpt and out is not None, save_ckpt_freq=0,

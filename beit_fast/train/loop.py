@@ -1,11 +1,11 @@
 """The one training loop: epochs of engine steps, with everything a run needs around them.
 
 :class:`TrainLoop` drives an :class:`~beit_fast.train.engine.Engine` over a loader whose sampler can start
-mid-epoch (:class:`beit_fast.data.ResumableSampler`) and owns, for every kind of training:
+mid-epoch (:class:`beit_fast.data.pretraining.ResumableSampler`) and owns, for every kind of training:
 
 * progress (a tqdm bar per epoch), a JSON-lines log ``log.jsonl`` (step records every ``log_freq`` steps
   and/or one record per epoch) and the same scalars as TensorBoard events (``log_dir``);
-* checkpoints through :class:`~beit_fast.checkpoint.Checkpointer` (``checkpoint-last.pt`` at every epoch end,
+* checkpoints through :class:`~beit_fast.train.checkpoint_folder.Checkpointer` (``checkpoint-last.pt`` at every epoch end,
   every ``save_ckpt_steps`` steps and at a stop; numbered ones every ``save_ckpt_freq`` epochs and at the end,
   pruned to ``keep_last``; ``checkpoint-best.pt`` at each new best epoch score) and exact resume
   (:meth:`TrainLoop.restore`: weights, optimizer, scaler, RNG states of every rank, the epoch's running sums);
@@ -14,7 +14,9 @@ mid-epoch (:class:`beit_fast.data.ResumableSampler`) and owns, for every kind of
   on the host are checked every step, those that check on the device when their results are read: every
   ``log_freq`` steps and at epoch ends);
 * a graceful stop on SIGTERM / SIGINT (the step in progress is finished, a checkpoint written), and the same
-  stop on every rank of a distributed run.
+  stop on every rank of a distributed run (the ranks agree every ``log_freq`` steps and at epoch ends);
+* no host read of a device value between logging intervals with a ``"device"`` engine (the reads go through
+  :mod:`beit_fast.train.host_reads`).
 
 What differs between tasks - what goes into a checkpoint besides the training state, what a step record adds,
 what happens at an epoch end (pretraining: the epoch's mean loss is the score; fine-tuning: an evaluation,
@@ -33,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpointer
-from ..distributed import GracefulStop, any_rank
-from ..run_files import RunFileError, open_run_file, write_error
+from ..utils.logs import bar_disable
+from ..utils.run_files import RunFileError, open_run_file, write_error
+from .checkpoint_folder import Checkpointer
+from .distributed import GracefulStop, any_rank
 from . import feed
 from .loop_state import LoopCheckpoints
 from .meters import BadStepRun, Meter, Window
@@ -43,6 +46,9 @@ from .meters import BadStepRun, Meter, Window
 __all__ = ["LoopConfig", "LoopHooks", "EpochEnd", "TrainLoop", "NonFiniteLossError"]
 
 log = logging.getLogger("beit_fast.train")
+
+#: The share of a logging window's time spent waiting for data above which the loop warns (once a run).
+DATA_BOUND_SHARE = 0.2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,6 +156,8 @@ class TrainLoop(LoopCheckpoints):
         self._bad = BadStepRun()
         self._log_file = None
         self._tensorboard = None
+        self._windows_read = 0
+        self._warned_data_bound = False
 
     @property
     def step(self) -> int:
@@ -167,7 +175,11 @@ class TrainLoop(LoopCheckpoints):
             while self.step < self.cfg.total_steps and self.stop_reason is None:
                 if not self._run_epoch(stopper):
                     break
+            self.finish_saves()
         finally:
+            error = self._saver.wait()  # an error on the way out: the file in progress is finished first
+            if error is not None:
+                log.error("the checkpoint being written failed too: %s", error)
             stopper.restore()
             self._close_logs()
             feed.shutdown_workers(self.loader)
@@ -194,7 +206,7 @@ class TrainLoop(LoopCheckpoints):
             self._log_file = open_run_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0),
                                            "log")
         if self.log_dir is not None:
-            from ..logs import TensorBoardWriter
+            from ..utils.logs import TensorBoardWriter
 
             self._tensorboard = TensorBoardWriter(self.log_dir, purge_step=self.step + 1 if self.step else None)
 
@@ -228,7 +240,7 @@ class TrainLoop(LoopCheckpoints):
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_in_epoch * cfg.update_freq * cfg.batch_size)
         bar = tqdm(total=cfg.steps_per_epoch, initial=start_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or not self.is_main, dynamic_ncols=True, leave=False)
+                   disable=bar_disable(cfg.progress and self.is_main), dynamic_ncols=True, leave=False)
         window = Window()
         it = iter(self.loader)
         try:
@@ -251,11 +263,13 @@ class TrainLoop(LoopCheckpoints):
         """Fetch a step's micro-batches, run it, account for it; False at the end of the epoch or a stop."""
         cfg = self.cfg
         micro = []
+        waited = time.perf_counter()
         for _ in range(cfg.update_freq):
             batch = feed.next_batch(it, stopper, self.world)
             if batch is None or batch is feed.WORKERS_GONE:
                 break
             micro.append(batch)
+        window.data_wait_s += time.perf_counter() - waited
         if batch is feed.WORKERS_GONE:
             self.stop_reason = f"{stopper.signal_name}, data workers gone"
             return False
@@ -267,12 +281,14 @@ class TrainLoop(LoopCheckpoints):
         self.progress.epoch_meter.add(result)
         self._bad.add(result)
         bar.update(1)
-        if window.host or self.step % max(cfg.log_freq, 1) == 0 or self.step % cfg.steps_per_epoch == 0:
+        at_interval = self.step % max(cfg.log_freq, 1) == 0 or self.step % cfg.steps_per_epoch == 0
+        if window.host or at_interval:
             self._read(window, bar)
-        # Every rank must stop at the same step: a signal seen by any rank stops all of them.
+        # Every rank must stop at the same step: a signal seen by any rank stops all of them. The ranks agree
+        # at each logging interval (one tiny all-reduce there, none per step: it would wait for the GPU).
         signalled = stopper.requested is not None
-        if self.dist_info is not None:
-            signalled = any_rank(signalled, self.dist_info, self.device)
+        if self.dist_info is not None and self.world > 1:
+            signalled = any_rank(signalled, self.dist_info, self.device) if at_interval else False
         if signalled:
             self.stop_reason = stopper.signal_name or "a signal on another rank"
         elif cfg.stop_after_steps and self.step >= cfg.stop_after_steps:
@@ -299,6 +315,7 @@ class TrainLoop(LoopCheckpoints):
         if worst >= cfg.max_bad_steps:
             self.save()
             where = f"state saved to {self.ckpt.last}" if self.ckpt is not None and cfg.save else "nothing saved"
+            self.finish_saves()
             raise NonFiniteLossError(f"{worst} consecutive non-finite losses at step {self.step}; {where}. "
                                      f"{cfg.nonfinite_hint}")
         if last["bad"]:
@@ -306,7 +323,10 @@ class TrainLoop(LoopCheckpoints):
         loss, metric, good = window.means()
         if not good:
             return
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metric:.3f}", lr=f"{last['lr']:.2e}")
+        data_wait = window.data_wait_share()
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metric:.3f}", lr=f"{last['lr']:.2e}", data=f"{data_wait:.0%}")
+        if self.step % max(cfg.log_freq, 1) == 0:
+            self._warn_if_data_bound(data_wait, window)
         if self.is_main and cfg.step_records and cfg.log_freq and (
                 self.step % cfg.log_freq == 0 or self.step == cfg.total_steps):
             elapsed, steps = window.elapsed()
@@ -314,10 +334,24 @@ class TrainLoop(LoopCheckpoints):
                       **{k: v for k, v in last.items() if k not in ("bad", "metric")}, "loss": loss,
                       cfg.metric_name: metric,
                       "images_per_s": steps * cfg.images_per_step / max(elapsed, 1e-9), "step_time_s": elapsed / steps,
+                      "data_wait": data_wait,
                       **self.hooks.step_record_extras()}
             self._write(record)
             self.step_records.append(record)
             window.reset()
+
+    def _warn_if_data_bound(self, share: float, window: "Window") -> None:
+        """Once a run: a warning when the loop waited for data for ``DATA_BOUND_SHARE`` or more of the window's
+        time, at a logging interval (not the run's first: workers starting, compilation)."""
+        self._windows_read += 1
+        if self._warned_data_bound or self._windows_read < 2 or share < DATA_BOUND_SHARE or not self.is_main:
+            return
+        self._warned_data_bound = True
+        workers = getattr(self.loader, "num_workers", None)
+        log.warning("the loader is the bottleneck: the step waited for data %.0f%% of the time over the last %d steps "
+                    "(%s data workers in this process). Give it more workers (--num_workers, more cores), cheaper "
+                    "decoding (--jpeg_decoder simplejpeg, --data_pipeline gpu), or smaller images on disk",
+                    100 * share, window.steps, workers)
 
     def _end_epoch(self, window: "Window") -> None:
         p, cfg = self.progress, self.cfg

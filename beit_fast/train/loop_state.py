@@ -1,14 +1,17 @@
 """The checkpoint side of :class:`beit_fast.train.loop.TrainLoop`: what a checkpoint holds besides the
 task's extras (weights, optimizer and loss-scaler state, step, RNG states of every rank, the best epoch score,
-the epoch's running sums, the epoch records), writing it on rank 0 (a failed write stops every rank cleanly),
-and restoring all of it for an exact resume."""
+the epoch's running sums, the epoch records), writing it on rank 0 in the background (a snapshot in host
+memory, written while the training goes on: :mod:`beit_fast.train.checkpoint_writer`; a failed write stops
+every rank cleanly at the next save or at the end), and restoring all of it for an exact resume."""
 from __future__ import annotations
 
 import logging
 
-from ..checkpoint import CheckpointError, CheckpointSaveError, trim_jsonl
-from ..distributed import all_gather_object, broadcast_object
-from ..rng import rng_state, seed_everything, set_rng_state
+from ..utils.checkpoint import CheckpointError, CheckpointSaveError
+from .checkpoint_folder import trim_jsonl
+from .distributed import all_gather_object, broadcast_object
+from ..utils.rng import rng_state, seed_everything, set_rng_state
+from .checkpoint_writer import BackgroundSaver, snapshot_to_host
 from .meters import Meter
 
 __all__ = ["LoopCheckpoints"]
@@ -35,22 +38,51 @@ class LoopCheckpoints:
                 "best_epoch": p.best_epoch, "epoch_loss_sum": sums[0], "epoch_loss_count": sums[2],
                 "history": list(p.history), **self.hooks.checkpoint_extras()}
 
-    def save(self, numbered: str | None = None, best: bool = False) -> None:
-        """Write checkpoint-last.pt (+ numbered / best copies) on rank 0; a failed write (disk full,
-        permissions) stops every rank with :class:`CheckpointSaveError`, the last good file intact."""
+    def save(self, numbered: str | None = None, best: bool = False, wait: bool = False) -> None:
+        """Write checkpoint-last.pt (+ numbered / best copies) on rank 0, in the background (``wait``: before
+        returning); a failed write (disk full, permissions) stops every rank with :class:`CheckpointSaveError`
+        at this save or the next one (or :meth:`finish_saves`), the last good file intact."""
         if not (self.cfg.save and (self.ckpt is not None or not self.is_main)):
             return
         state = self.checkpoint_state()
         error = None
         if self.is_main:
-            try:
-                self.ckpt.save(state, numbered, best)
-            except CheckpointSaveError as e:  # disk full, permissions: stop cleanly, the last good file stays
-                error = (f"{e}. The run stopped at step {self.step}; make room (or fix the permissions) and "
-                         "continue with --resume auto")
+            error = self._save_failure(self._saver.wait())  # the previous save's
+            if error is None:
+                snapshot = snapshot_to_host(state)
+                del state
+                self._saver.submit(lambda: self.ckpt.save(snapshot, numbered, best))
+                if wait:
+                    error = self._save_failure(self._saver.wait())
         error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
         if error:
             raise CheckpointSaveError(error)
+
+    def finish_saves(self) -> None:
+        """Collective: wait for the save in progress; :class:`CheckpointSaveError` on every rank if it failed."""
+        if not (self.cfg.save and (self.ckpt is not None or not self.is_main)):
+            return
+        error = self._save_failure(self._saver.wait()) if self.is_main else None
+        error = broadcast_object(error, self.dist_info) if self.dist_info is not None else error
+        if error:
+            raise CheckpointSaveError(error)
+
+    def _save_failure(self, e: BaseException | None) -> str | None:
+        """The message of a failed save (None: it succeeded); anything but a failed write is raised."""
+        if e is None:
+            return None
+        if not isinstance(e, CheckpointSaveError):
+            raise e
+        # disk full, permissions: stop cleanly, the last good file stays
+        return (f"{e}. The run stopped at step {self.step}; make room (or fix the permissions) and continue with "
+                "--resume auto")
+
+    @property
+    def _saver(self) -> BackgroundSaver:
+        saver = self.__dict__.get("_background_saver")
+        if saver is None:
+            saver = self.__dict__["_background_saver"] = BackgroundSaver()
+        return saver
 
     def restore(self, state: dict | None) -> None:
         """Continue from a checkpoint (:func:`beit_fast.train.run_dir.choose_resume_state`'s): its missing

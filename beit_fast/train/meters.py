@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from . import host_reads
+
 __all__ = ["Meter", "BadStepRun", "Window"]
 
 
@@ -20,7 +22,7 @@ def _read(values: list) -> list[float]:
     if not tensors:
         return [float(v) for v in values]
     device = tensors[0].device
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).tolist()
+    stacked = host_reads.values(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]))
     return [float(v) for v in stacked]
 
 
@@ -100,7 +102,8 @@ class BadStepRun:
 
 
 class Window(Meter):
-    """The results since the last step record: sums over good steps, the last step's values, wall time."""
+    """The results since the last step record: sums over good steps, the last step's values, wall time, and
+    the part of it the loop spent waiting for the loader (``data_wait_s``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,6 +113,7 @@ class Window(Meter):
         Meter.__init__(self)
         self.t0 = time.time()
         self.steps = 0
+        self.data_wait_s = 0.0
 
     def add(self, result) -> None:
         super().add(result)
@@ -124,10 +128,14 @@ class Window(Meter):
         r = self.last
         values = [r.loss, r.metric, r.grad_norm, r.loss_scale, r.bad]
         if not self.host:
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
-                                  for v in values]).tolist()
+            values = host_reads.values(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=r.loss.device)
+                                                    for v in values]))
         return {"loss": values[0], "metric": values[1], "grad_norm": values[2], "loss_scale": values[3],
                 "lr": r.lr, "min_lr": r.min_lr, "weight_decay": r.weight_decay, "bad": bool(values[4])}
 
     def elapsed(self) -> tuple[float, int]:
         return time.time() - self.t0, self.steps
+
+    def data_wait_share(self) -> float:
+        """The share of the window's wall time spent waiting for batches (0 when the loader keeps up)."""
+        return min(1.0, self.data_wait_s / max(time.time() - self.t0, 1e-9))

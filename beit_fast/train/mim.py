@@ -1,39 +1,27 @@
 """Pretraining on the engine: the visual tokens of a frozen tokenizer, and :class:`PretrainEngine` /
-:class:`FastPretrainEngine` over the masked-image-modeling task module (:class:`beit_fast.loss.MIMLoss`).
+:class:`FastPretrainEngine` over the masked-image-modeling task module (:class:`beit_fast.train.loss.MIMLoss`).
 
 The step is the official ``engine_for_pretraining.py`` one: logits for masked positions only, mean
 cross-entropy over all masked positions of the batch, MIM accuracy, AdamW under per-step lr/wd schedules,
 gradient clipping, autocast with a loss scaler for fp16 - run by :class:`beit_fast.train.engine.Engine`
-(accumulation, clipping, the non-finite policy with ``nonfinite_check="host"``, DDP/FSDP, compile). What
+(accumulation, clipping, the non-finite policy - ``nonfinite_check`` "host" or "device" -, DDP/FSDP, compile). What
 this module adds is the batch preparation: the visual tokens of the tokenizer view (unless the loader
 computed them), their counts (the unigram baseline), and the fast step's static-shape checks.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..loss import MIMLoss, autocast_or_null
+from ..tokenizer.base import tokenize
+from . import host_reads
 from .engine import Engine
+from .loss import MIMLoss
 
-__all__ = ["PretrainEngine", "FastPretrainEngine", "tokenize", "token_agreement"]
-
-
-@torch.no_grad()
-def tokenize(tokenizer: nn.Module, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Token ids ``int64[B, h*w]``; ``dtype`` None: the tokenizer's own fp32 path, else its encoder under
-    autocast to ``dtype`` with channels-last activations (argmax taken in fp32)."""
-    if dtype is None:
-        return tokenizer.get_codebook_indices(images)
-    x = tokenizer._prepare_images(images).contiguous(memory_format=torch.channels_last)
-    was_training = tokenizer.training
-    tokenizer.eval()
-    try:
-        with autocast_or_null(x.device.type, dtype):
-            logits = tokenizer.encode_logits(x)
-    finally:
-        tokenizer.train(was_training)
-    return logits.float().argmax(dim=1).flatten(1)
+__all__ = ["PretrainEngine", "FastPretrainEngine", "token_agreement"]
 
 
 @torch.no_grad()
@@ -51,8 +39,10 @@ class PretrainEngine(Engine):
 
     Parallel training: pass ``loss_module`` (a :class:`MIMLoss` over ``model``, already ``fully_shard``-ed
     for FSDP2 before the optimizer was built) and ``parallel="ddp"`` (the engine wraps it in DDP) or
-    ``"fsdp"``; ``dist_info`` (:class:`beit_fast.distributed.DistInfo`) makes the logged loss and accuracy
-    means over all ranks, and every rank take the same skip decision.
+    ``"fsdp"``; ``dist_info`` (:class:`beit_fast.train.distributed.DistInfo`) makes the logged loss and accuracy
+    means over all ranks, and every rank take the same skip decision. ``nonfinite_check``: how a non-finite
+    step is detected (:class:`~beit_fast.train.engine.Engine`: "host" reads each loss before its backward,
+    "device" reads nothing per step and skips through fused AdamW's ``found_inf``).
     """
 
     def __init__(
@@ -69,6 +59,7 @@ class PretrainEngine(Engine):
         loss_module: MIMLoss | None = None,
         parallel: str = "none",
         dist_info=None,
+        nonfinite_check: str = "host",
         **engine_kwargs,
     ) -> None:
         loss_module = loss_module if loss_module is not None else self._default_loss_module(model)
@@ -76,10 +67,11 @@ class PretrainEngine(Engine):
             raise ValueError("loss_module must wrap the engine's model")
         loss_module.amp_dtype = amp_dtype
         super().__init__(loss_module, optimizer, device, lr_schedule, wd_schedule, clip_grad=clip_grad,
-                         parallel=parallel, dist_info=dist_info, nonfinite_check="host", **engine_kwargs)
+                         parallel=parallel, dist_info=dist_info, nonfinite_check=nonfinite_check, **engine_kwargs)
         self.loss_module = loss_module
         self.tokenizer = tokenizer
         self.tokenizer_dtype: torch.dtype | None = None  # None: fp32 tokenizer (see choose_tokenizer_precision)
+        self._encode: Callable | None = None  # the compiled encode_logits (settle_tokenizer)
         # How often each visual token was a masked (predicted) target so far, int64 [vocab] on the device: the
         # unigram baseline (see unigram_entropy). None when the tokenizer does not say its vocabulary size.
         vocab = getattr(tokenizer, "vocab_size", None)
@@ -93,16 +85,27 @@ class PretrainEngine(Engine):
         self, tokenizer_images: torch.Tensor, dtype: torch.dtype = torch.bfloat16, min_agreement: float = 0.99
     ) -> float:
         """Run the tokenizer in ``dtype`` (channels-last) from now on if, on these images, its token ids
-        agree with fp32 on at least ``min_agreement`` of the positions; returns the measured agreement."""
+        agree with fp32 on at least ``min_agreement`` of the positions; returns the measured agreement.
+        Call :meth:`settle_tokenizer` once the choice is final."""
         agreement = token_agreement(self.tokenizer, tokenizer_images.to(self.device), dtype)
         self.tokenizer.to(memory_format=torch.channels_last)
         self.tokenizer_dtype = dtype if agreement >= min_agreement else None
         return agreement
 
+    def settle_tokenizer(self, compile: bool = False) -> None:
+        """The tokenizer as the run keeps it: in :attr:`tokenizer_dtype` its convolution weights are kept in
+        that precision (not cast by autocast every step; the same ids); ``compile``: its ``encode_logits``
+        compiled with static shapes (``torch.compile``), called by :meth:`tokenize`."""
+        if self.tokenizer_dtype is not None and hasattr(self.tokenizer, "keep_weights_in"):
+            self.tokenizer.keep_weights_in(self.tokenizer_dtype)
+        if compile:
+            self._encode = torch.compile(self.tokenizer.encode_logits, dynamic=False)
+
     @torch.no_grad()
     def tokenize(self, tokenizer_images: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """Visual tokens of every patch, ``int64[B, N]``, row-major."""
-        tokens = tokenize(self.tokenizer, tokenizer_images, self.tokenizer_dtype).flatten(1)
+        encode = self._encode if self.tokenizer_dtype is not None else None
+        tokens = tokenize(self.tokenizer, tokenizer_images, self.tokenizer_dtype, encode).flatten(1)
         if tokens.shape != bool_masked_pos.shape:
             raise ValueError(
                 f"tokenizer grid ({tokens.shape[1]} tokens) does not match the mask ({bool_masked_pos.shape[1]} "
@@ -126,12 +129,12 @@ class PretrainEngine(Engine):
         Reads the counts back to the host."""
         if self.token_counts is None:
             return None
-        counts = self.token_counts.double().cpu()
+        counts = host_reads.tensor(self.token_counts).double().numpy()
         total = counts.sum()
         if total <= 0:
             return None
         p = counts[counts > 0] / total
-        return float(-(p * p.log()).sum()), float(p.max())
+        return float(-(p * np.log(p)).sum()), float(p.max())
 
     def unigram_entropy(self) -> float | None:
         """The entropy part of :meth:`unigram_baseline` (nats), or None."""
@@ -179,7 +182,7 @@ class FastPretrainEngine(PretrainEngine):
     and the FSDP hooks, the embedding and the fused head + loss run eagerly between them.
     ``compile_mode``: torch.compile's ``mode`` (None: the default; e.g. "max-autotune-no-cudagraphs" lets
     inductor autotune the GEMMs with their bias/GELU epilogues, "reduce-overhead" adds CUDA graphs).
-    ``fp8=True``: the blocks' QKV and MLP linears run as FP8 GEMMs (:func:`beit_fast.fp8.convert_to_fp8_training`;
+    ``fp8=True``: the blocks' QKV and MLP linears run as FP8 GEMMs (:func:`beit_fast.model.fp8.convert_to_fp8_training`;
     CUDA compute capability >= 8.9 and torchao; not with FSDP).
     """
 
@@ -193,7 +196,7 @@ class FastPretrainEngine(PretrainEngine):
             if kwargs.get("parallel") == "fsdp":
                 raise ValueError("fp8 is not supported with FSDP (the linears would have to be converted before "
                                  "sharding); use DDP or one GPU")
-            from ..fp8 import convert_to_fp8_training
+            from ..model.fp8 import convert_to_fp8_training
 
             convert_to_fp8_training(args[0] if args else kwargs["model"])
         super().__init__(*args, compile=compile, compile_backend=compile_backend, compile_mode=compile_mode,

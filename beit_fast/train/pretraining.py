@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, Checkpointer, atomic_write_text
+from ..utils.checkpoint import CheckpointError, atomic_write_text
+from .checkpoint_folder import Checkpointer
 from ..config import PretrainConfig, exit_on_problems
 from .loop import EpochEnd, LoopConfig, LoopHooks, NonFiniteLossError, TrainLoop
 from .pretraining_setup import (build_pretrain_data, build_pretrain_engine, build_pretrain_model,
@@ -34,11 +35,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     ``steps``, ``minutes``, ``checkpoint``, ``history`` (the logged step records), ``interrupted`` (why it
     stopped early, or None), ``best_loss`` / ``best_epoch`` (lowest epoch-mean loss), ``epoch_losses``,
     ``world_size``, ``unigram_entropy`` / ``unigram_acc`` (the baseline of the masked targets seen)."""
-    from ..distributed import cleanup_distributed, init_distributed
+    from .distributed import cleanup_distributed, init_distributed
 
     cfg = cfg.resolved()
     exit_on_problems(cfg.problems())
     dist_info, device = init_distributed(cfg.device)
+    if cfg.demo:
+        from .engine import demo_cpu_threads
+
+        demo_cpu_threads(device)
     lock = None
     try:
         try:
@@ -64,7 +69,7 @@ def _amp_dtype(cfg: PretrainConfig, dist_info, device: torch.device) -> torch.dt
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if cfg.fp8:
-        from ..fp8 import fp8_unavailable_reason
+        from ..model.fp8 import fp8_unavailable_reason
 
         on_fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
         why = fp8_unavailable_reason(device) if on_fast else "it needs the fast step, which --fast auto uses only on CUDA"
@@ -107,12 +112,14 @@ class _PretrainHooks(LoopHooks):
 
 
 def _run(cfg: PretrainConfig, dist_info, device: torch.device) -> dict:
-    from ..rng import seed_everything
+    from ..utils.rng import seed_everything
 
     is_main, world = dist_info.is_main, dist_info.world_size
     if not is_main:  # one rank speaks
         logging.getLogger("beit_fast").setLevel(logging.WARNING)
     amp_dtype = _amp_dtype(cfg, dist_info, device)
+    if device.type == "cuda":  # fixed shapes: cuDNN picks the fastest convolutions (the tokenizer's) once
+        torch.backends.cudnn.benchmark = True
     cfg.world_size = world
     cfg.global_batch_size = cfg.batch_size * world * cfg.update_freq
     seed_everything(cfg.seed)
@@ -153,7 +160,7 @@ def _run(cfg: PretrainConfig, dist_info, device: torch.device) -> dict:
 
 
 def _train(loop: TrainLoop) -> dict:
-    from ..logs import TensorBoardMissing
+    from ..utils.logs import TensorBoardMissing
 
     try:
         return loop.run()

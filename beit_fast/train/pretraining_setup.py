@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import PretrainConfig
-from .feed import data_error
+from .feed import data_error, default_num_workers
 
 __all__ = ["PretrainData", "build_pretrain_data", "build_tokenizer_for_run", "build_pretrain_model",
            "build_pretrain_engine", "choose_tokenizer_precision", "DEMO_PHOTO_SIDE_PER_VIEW"]
@@ -36,12 +36,13 @@ class PretrainData:
 
 def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) -> PretrainData:
     """Images (the demo's photographs or ``data_path``) -> two views + a mask per sample -> the loader."""
-    from ..data import ImageFolderDataset, PretrainDataset, ResumableSampler
-    from ..distributed import isolate_worker_from_signals
-    from ..masking import MaskingGenerator
-    from ..pipeline import build_loader_for
-    from ..sample_data import SampleImages
-    from ..transforms import TwoViewConfig, TwoViewTransform
+    from ..data.image_folder import ImageFolderDataset
+    from ..data.pretraining import PretrainDataset, ResumableSampler
+    from .distributed import isolate_worker_from_signals
+    from ..data.masking import MaskingGenerator
+    from ..data.pipeline import build_loader_for
+    from ..data.samples import SampleImages
+    from ..data.transforms import TwoViewConfig, TwoViewTransform
 
     grid = cfg.input_size // cfg.patch_size
     if cfg.demo:
@@ -54,10 +55,11 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
                                         jpeg_decoder=cfg.jpeg_decoder)
         except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as e:
             raise SystemExit(f"error: {e}") from None
+    # The PIL pipeline's workers hand over uint8 views, normalised on the device (train.device_feed).
     transform = TwoViewTransform(TwoViewConfig(
         input_size=cfg.input_size, second_input_size=cfg.second_input_size, interpolation=cfg.train_interpolation,
         second_interpolation=cfg.second_interpolation, color_jitter=cfg.color_jitter,
-        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std,
+        imagenet_default_mean_and_std=cfg.imagenet_default_mean_and_std, uint8_views=cfg.data_pipeline == "pil",
     ))
     masking = MaskingGenerator((grid, grid), cfg.num_mask_patches, min_num_patches=cfg.min_mask_patches_per_block,
                                max_num_patches=cfg.max_mask_patches_per_block, fixed_count=cfg.fixed_mask_count)
@@ -73,16 +75,21 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
                                drop_last=False)
     steps_per_epoch = sampler.num_samples // (cfg.batch_size * cfg.update_freq)
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} images give {sampler.num_samples} per process, fewer than one "
-                         f"step of --batch_size {cfg.batch_size} x --update_freq {cfg.update_freq}"
-                         + (f" on each of {world} processes" if world > 1 else ""))
+        too_few = (f"{len(dataset)} images give {sampler.num_samples} per process, fewer than one step of "
+                   f"--batch_size {cfg.batch_size} x --update_freq {cfg.update_freq}"
+                   + (f" on each of {world} processes" if world > 1 else ""))
+        raise SystemExit(f"error: {_unreadable_cause(images) or too_few}")
     if steps_per_epoch * cfg.epochs > 2**31:
         raise SystemExit(f"error: {steps_per_epoch * cfg.epochs} steps ({cfg.epochs} epochs of {steps_per_epoch}) is "
                          "not a plausible run")
-    num_workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device.type)
     pin = cfg.pin_mem if cfg.pin_mem is not None else device.type == "cuda"
     loader = build_loader_for(cfg.data_pipeline, dataset, cfg.batch_size, device, num_workers=num_workers,
                               sampler=sampler, pin_memory=pin, drop_last=True, persistent_workers=num_workers > 0)
+    if transform.cfg.uint8_views:
+        from .device_feed import DeviceFeed
+
+        loader.device_feed = DeviceFeed(device, transform.normalize)
     loader.worker_init_fn = isolate_worker_from_signals  # group signals reach only the main process
     # Each new iterator draws its base seed from this generator, not the global RNG, so that a run resumed
     # mid-epoch consumes the global RNG (drop path) exactly like the uninterrupted run.
@@ -90,10 +97,25 @@ def build_pretrain_data(cfg: PretrainConfig, dist_info, device: torch.device) ->
     return PretrainData(dataset, sampler, loader, masking, steps_per_epoch)
 
 
+def _unreadable_cause(images, shown: int = 3) -> str | None:
+    """The real cause when a folder too small for one step holds unreadable files (None when all read), told
+    before the count: with every file unreadable, 'fewer than one step' alone points the wrong way."""
+    if not hasattr(images, "unreadable_files"):  # the demo's photographs
+        return None
+    bad = images.unreadable_files()
+    if not bad:
+        return None
+    probed = min(len(images), 64)
+    first = "; ".join(f"{path}: {reason}" for path, reason in bad[:shown])
+    of = "" if probed == len(images) else f" (of the first {probed} tried)"
+    return (f"{len(bad)} of the {len(images)} image files under {images.root}{of} cannot be read, which leaves "
+            f"fewer readable images than one step needs; first failures: {first}")
+
+
 def build_tokenizer_for_run(cfg: PretrainConfig, device: torch.device, dist_info=None):
     """The frozen visual tokenizer of this run, on ``device`` in eval mode. The demo trains a small dVAE once
     (rank 0; the other ranks wait) and reuses it afterwards; ``cfg.discrete_vae_weight_path`` is set to it."""
-    from ..distributed import barrier
+    from .distributed import barrier
     from ..tokenizer import build_tokenizer
 
     demo_tokenizer = cfg.discrete_vae_weight_path is None
@@ -120,7 +142,7 @@ def _demo_tokenizer(cfg: PretrainConfig, path: str, device: torch.device) -> Non
     if os.path.isfile(path):
         log.info("reusing the demo dVAE tokenizer %s", path)
         return
-    from ..tokenizer_training import train_tokenizer
+    from .tokenizer_training import train_tokenizer
 
     log.info("training the demo dVAE tokenizer (%d steps) -> %s", cfg.tokenizer_steps, path)
     metrics = train_tokenizer(path, preset="tiny", steps=cfg.tokenizer_steps, input_size=cfg.second_input_size,
@@ -132,8 +154,8 @@ def _demo_tokenizer(cfg: PretrainConfig, path: str, device: torch.device) -> Non
 
 def build_pretrain_model(cfg: PretrainConfig, tokenizer, device: torch.device, rank: int = 0):
     """The MIM model of this run (its vocabulary the tokenizer's), the same initial weights on every rank."""
-    from ..model import build_model, get_config
-    from ..rng import seed_everything
+    from ..model.beit import build_model, get_config
+    from ..utils.rng import seed_everything
 
     grid = cfg.input_size // cfg.patch_size
     if cfg.vocab_size is not None and cfg.vocab_size != tokenizer.vocab_size:
@@ -180,9 +202,9 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
                           steps_per_epoch: int):
     """The engine of this run: the eager reference step, or (``--fast``) the fast static-shape step; DDP for
     several processes, FSDP2 with ``--fsdp``. Returns ``(engine, fast)``."""
-    from ..distributed import apply_fsdp
-    from ..optim import build_optimizer, cosine_scheduler
-    from ..loss import MIMLoss
+    from .distributed import apply_fsdp
+    from .optim import build_optimizer, cosine_scheduler
+    from .loss import MIMLoss
     from .mim import FastPretrainEngine, PretrainEngine
 
     fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
@@ -194,16 +216,19 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
                           ops_backend=cfg.kernel_backend if fast else None)
     parallel = "fsdp" if cfg.fsdp else ("ddp" if dist_info.active and dist_info.world_size > 1 else "none")
     if parallel == "fsdp":
-        apply_fsdp(loss_module, model.blocks)  # before the optimizer: parameters become sharded DTensors
+        # before the optimizer: parameters become sharded DTensors; bf16 all-gathers in a bf16 run
+        apply_fsdp(loss_module, model.blocks, param_dtype=amp_dtype if amp_dtype == torch.bfloat16 else None)
+    nonfinite_check = cfg.nonfinite_check_on(device.type)
+    # The device check skips through fused AdamW's found_inf (any other optimizer would read the flag each step).
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.opt_betas), cfg.opt_eps,
-                                cfg.decay_mask_and_bias_table)
+                                cfg.decay_mask_and_bias_table, fused=True if nonfinite_check == "device" else None)
     lr_schedule = cosine_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                                    cfg.warmup_lr, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd_schedule = cosine_scheduler(cfg.weight_decay, wd_end, cfg.epochs, steps_per_epoch)
     engine_args = (model, tokenizer, optimizer, device, lr_schedule, wd_schedule)
     engine_kwargs = dict(amp_dtype=amp_dtype, clip_grad=cfg.clip_grad or None, loss_module=loss_module,
-                         parallel=parallel, dist_info=dist_info)
+                         parallel=parallel, dist_info=dist_info, nonfinite_check=nonfinite_check)
     if not fast:
         return PretrainEngine(*engine_args, **engine_kwargs), False
     return FastPretrainEngine(*engine_args, **engine_kwargs, num_masked=cfg.num_mask_patches, compile=cfg.compile,
@@ -213,11 +238,14 @@ def build_pretrain_engine(cfg: PretrainConfig, model, tokenizer, device: torch.d
 
 def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: torch.device) -> None:
     """``--tokenizer_precision``: fp16 / bf16 (channels-last) when its token ids agree with fp32 on the first
-    batch (auto: on >= 99% of the positions, fp16 tried first; CUDA only), else fp32."""
+    batch (auto: on >= 99% of the positions, fp16 tried first; CUDA only), else fp32. Then the tokenizer is
+    settled: its convolution weights kept in that precision, its forward compiled where the step is."""
     if not (cfg.tokenizer_precision in ("fp16", "bf16") or (cfg.tokenizer_precision == "auto" and device.type == "cuda")):
         return
     try:
         probe = torch.stack([dataset.get(i, epoch=0)[1] for i in range(min(cfg.batch_size, len(dataset)))])
+        if probe.dtype == torch.uint8:
+            probe = dataset.transform.normalize_tokenizer_view(probe)
     except RuntimeError as e:
         err = data_error(e)
         if err is None:
@@ -230,4 +258,6 @@ def choose_tokenizer_precision(cfg: PretrainConfig, engine, dataset, device: tor
         log.info("tokenizer in %s agrees with fp32 on %.2f%% of token positions", name, 100 * agreement)
         if engine.tokenizer_dtype is not None:
             break
-    log.info("tokenizer runs in %s", engine.tokenizer_dtype or torch.float32)
+    engine.settle_tokenizer(compile=engine.compiled)
+    log.info("tokenizer runs in %s%s", engine.tokenizer_dtype or torch.float32,
+             ", compiled" if engine.compiled and engine.tokenizer_dtype is not None else "")

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..utils.logs import bar_disable
+
 __all__ = ["extract_features", "train_linear_probe", "sweep_layers", "LinearProbe", "ProbeLoss", "run_linear_probe"]
 
 log = logging.getLogger("beit_fast.linear_probing")
@@ -48,7 +50,7 @@ def extract_features(
     feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     labels: list[torch.Tensor] = []
     try:
-        for images, y in tqdm(loader, desc="features", disable=not progress, leave=False, dynamic_ncols=True):
+        for images, y in tqdm(loader, desc="features", disable=bar_disable(progress), leave=False, dynamic_ncols=True):
             outs = model.forward_layer_features(images.to(device), layers, include_cls=include_cls)
             for layer, f in zip(layers, outs):
                 feats[layer].append(f.float().cpu())
@@ -113,13 +115,13 @@ def train_linear_probe(
     """Train a linear classifier (:class:`LinearProbe`) on cached features; returns ``{"top1", "top5",
     "train_top1", "train_loss"}`` (accuracies as fractions in [0, 1], top-5 capped at the class count; val metrics of
     the final classifier; ``train_loss`` the last epoch's mean). AdamW, lr cosine-annealed per step from ``lr`` to
-    0 (:func:`beit_fast.optim.cosine_scheduler`), no warmup; the one engine and loop run the steps (no output
+    0 (:func:`beit_fast.train.optim.cosine_scheduler`), no warmup; the one engine and loop run the steps (no output
     folder, no checkpoints). Epochs are seeded permutations of the features; a last batch of one sample is
     dropped when the BatchNorm is on (it needs two)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ..data import ResumableSampler
-    from ..optim import cosine_scheduler
+    from ..data.pretraining import ResumableSampler
+    from .optim import cosine_scheduler
     from .engine import Engine
     from .loop import LoopConfig, TrainLoop
 
@@ -192,7 +194,7 @@ def run_linear_probe(cfg) -> dict:
     import json
     from pathlib import Path
 
-    from ..labelled_data import load_classification_data
+    from ..data.labelled import load_classification_data
     from .classification_setup import build_classifier_for, classification_transforms, load_weights, pick_device
 
     device = pick_device(cfg.device)
@@ -229,7 +231,7 @@ def run_linear_probe(cfg) -> dict:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         per_layer = {str(k): v for k, v in result["per_layer"].items()}
-        from ..checkpoint import CheckpointError, atomic_write_text
+        from ..utils.checkpoint import CheckpointError, atomic_write_text
 
         try:  # atomically: a link planted under the name is replaced, never followed
             atomic_write_text(out / "linear_probe.json", json.dumps(

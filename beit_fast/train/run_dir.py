@@ -1,6 +1,6 @@
 """A training run's output folder: claiming it (one run per folder) and choosing the checkpoint to resume.
 
-Shared by every training run (pretraining, fine-tuning). Errors are :class:`~beit_fast.checkpoint.CheckpointError`
+Shared by every training run (pretraining, fine-tuning). Errors are :class:`~beit_fast.utils.checkpoint.CheckpointError`
 (the same message on every rank of a distributed run; the CLIs print them as ``error: ...``).
 """
 from __future__ import annotations
@@ -9,9 +9,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..checkpoint import (
-    LAST_NAME, CheckpointError, OutputDirLock, existing_checkpoints, find_resume_checkpoint, list_checkpoints,
-    load_checkpoint, remove_run_outputs, remove_stale_temp_files, validate_checkpoint,
+from ..utils.checkpoint import LAST_NAME, CheckpointError, load_checkpoint, validate_checkpoint
+from .checkpoint_folder import (
+    OutputDirLock, existing_checkpoints, find_resume_checkpoint, list_checkpoints, remove_run_outputs,
+    remove_stale_temp_files,
 )
 
 __all__ = ["claim_output_dir", "choose_resume_state"]
@@ -23,7 +24,7 @@ def _same_error_everywhere(error: CheckpointError | None, dist_info) -> None:
     """Raise ``error`` (rank 0's) on every rank: the original on rank 0 (and in one process), its message
     elsewhere."""
     if dist_info is not None and dist_info.active and dist_info.world_size > 1:
-        from ..distributed import broadcast_object
+        from .distributed import broadcast_object
 
         message = broadcast_object(None if error is None else str(error), dist_info)
         if message is not None and error is None:
@@ -117,7 +118,7 @@ def choose_resume_state(resume: str, out: str | os.PathLike, *, trust_pickle: bo
             error = e
     _same_error_everywhere(error, dist_info)
     if dist_info is not None and dist_info.active and dist_info.world_size > 1:
-        from ..distributed import broadcast_object
+        from .distributed import broadcast_object
 
         path = broadcast_object(None if path is None else str(path), dist_info)
     if path is None:

@@ -15,7 +15,7 @@ checkpoint, its ``log.jsonl`` and the tokenizer it was trained with) it writes f
   ``top1``/``top5`` and ``lr`` keys).
 
 The views are those of the run's data pipeline (same sizes, resize filters and normalisation, masks from
-the run's :class:`~beit_fast.masking.MaskingGenerator` settings) but without colour jitter or flips and
+the run's :class:`~beit_fast.data.masking.MaskingGenerator` settings) but without colour jitter or flips and
 with crops of at least 35% of the image, so that the pictures show recognisable content; they are drawn
 from the run's ``--data_path`` (or ``--data_path`` given here) or, for the embedded demo, from the
 scikit-image photographs. Everything is seeded (``--seed``): the same command draws the same pictures.
@@ -27,10 +27,8 @@ pixels. ``palette=True`` (``--palette``) stores 256-colour PNGs, about a third o
 """
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
 
-from ..options import PANEL_INCHES
+from ..utils.options import PANEL_INCHES
 from .curves import CURVE_PANEL_INCHES, plot_curves, read_log
 from .pictures import mim_predictions, plot_mask, plot_predictions, plot_reconstruction
 from .run import FILENAMES, PARTS, visualize_run
@@ -40,20 +38,3 @@ __all__ = [
     "plot_predictions", "plot_curves", "mim_predictions", "read_log", "visualize_run",
 ]
 
-# The other names this module defined before it became a package (helpers and constants), still importable
-# from here, resolved on first use (PEP 562).
-_MOVED = {
-    "figures": ("_MASK_GREY", "_TITLE_SIZE", "_figure", "_save", "_check_dpi", "_to_hwc", "_mask_grid", "_cell",
-                "_grey_out", "_outline", "_grid_lines", "_show", "_as_list", "_mask_list"),
-    "pictures": ("_titles", "_require_decoder", "_tokenizer_views", "_as_batch"),
-    "curves": ("_X_KEYS", "_SKIP_KEYS", "_numeric", "_series", "_kind"),
-    "run": ("log", "VIEW_MIN_SCALE", "DEMO_ORDER", "_find_checkpoint", "_load_run_state", "_build_run_model",
-            "_find_tokenizer", "_run_images", "_run_views", "_parse_only"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(import_module(f".{module}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

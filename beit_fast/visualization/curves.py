@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..options import DEFAULT_DPI
+from ..utils.options import DEFAULT_DPI
 from .figures import _TITLE_SIZE, _check_dpi, _figure, _save
 
 #: (width, height) of one panel of the curves figure (loss | accuracy | learning rate), inches.

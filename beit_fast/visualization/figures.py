@@ -57,7 +57,7 @@ def _to_hwc(image: Any) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        from ..transforms import to_rgb
+        from ..data.transforms import to_rgb
 
         return np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     if isinstance(image, torch.Tensor):

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..options import DEFAULT_DPI, PANEL_INCHES
+from ..utils.options import DEFAULT_DPI, PANEL_INCHES
 from .figures import (
     _MASK_GREY,
     _TITLE_SIZE,
@@ -37,7 +37,7 @@ def plot_mask(image: Any, mask: Any, out: str | os.PathLike, *, patch_size: int 
 
     ``image``: a PIL image, a ``[3, H, W]`` tensor in [0, 1], an ``[H, W, 3]`` array (float in [0, 1] or
     uint8), or a list of them (or a ``[B, 3, H, W]`` batch). ``mask``: bool ``[h, w]`` or ``[h * w]``
-    (row-major, as :class:`~beit_fast.data.PretrainDataset` yields), or a list / batch of them.
+    (row-major, as :class:`~beit_fast.data.pretraining.PretrainDataset` yields), or a list / batch of them.
     ``patch_size``: pixels per patch (default: image side / mask side). ``title``: a title per image.
     Writes a PNG of ``n * PANEL_INCHES * dpi`` by ``2 * PANEL_INCHES * dpi`` pixels; returns its path.
     """
@@ -93,7 +93,7 @@ def _tokenizer_views(tokenizer, images: Any) -> torch.Tensor:
         if isinstance(im, Image.Image):
             import torchvision.transforms.functional as TF
 
-            from ..transforms import to_rgb
+            from ..data.transforms import to_rgb
 
             s = tokenizer.input_size
             im = map_pixels(TF.to_tensor(TF.resize(to_rgb(im), [s, s], interpolation=TF.InterpolationMode.LANCZOS)))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..config.base import MAX_SEED
-from ..options import DEFAULT_DPI, PICTURE_PARTS
+from ..utils.options import DEFAULT_DPI, PICTURE_PARTS
 from .curves import plot_curves
 from .figures import _check_dpi
 from .pictures import plot_mask, plot_predictions, plot_reconstruction
@@ -33,7 +33,7 @@ MAX_IMAGES = 64
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
-    from ..checkpoint import list_checkpoints
+    from ..train.checkpoint_folder import list_checkpoints
 
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -48,10 +48,10 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Pat
 
 
 def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
-    """The checkpoint's state, its model_config checked (:func:`beit_fast.limits.check_beit_config`) before
-    anything is built from it."""
-    from ..checkpoint import CheckpointError, extract_model_state, load_checkpoint
-    from ..limits import check_beit_config
+    """The checkpoint's state, its model_config checked (:func:`beit_fast.utils.limits.check_beit_config`)
+    before anything is built from it."""
+    from ..utils.checkpoint import CheckpointError, extract_model_state, load_checkpoint
+    from ..utils.limits import check_beit_config
 
     try:
         state = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -72,8 +72,8 @@ def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
 
 
 def _build_run_model(state: dict, device: torch.device):
-    from ..checkpoint import extract_model_state
-    from ..model import BeitConfig, VisionTransformerForMaskedImageModeling
+    from ..utils.checkpoint import extract_model_state
+    from ..model.beit import BeitConfig, VisionTransformerForMaskedImageModeling
 
     try:
         cfg = BeitConfig(**state["model_config"])
@@ -116,13 +116,13 @@ def _run_images(args: Mapping[str, Any], num_images: int, seed: int,
     :data:`DEMO_ORDER` for a demo run, else a seeded choice from the image folder."""
     data_path = data_path if data_path is not None else args.get("data_path")
     if data_path is None:
-        from ..sample_data import sample_photographs
+        from ..data.samples import sample_photographs
 
         photos = dict(sample_photographs(with_names=True, max_side=512))
         names = [n for n in DEMO_ORDER if n in photos] + [n for n in photos if n not in DEMO_ORDER]
         names = [names[k % len(names)] for k in range(num_images)]
         return [photos[n] for n in names], names
-    from ..data import ImageFolderDataset
+    from ..data.image_folder import ImageFolderDataset
 
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"the run's data folder {data_path} is not here; pass --data_path DIR")
@@ -140,8 +140,8 @@ def _run_views(args: Mapping[str, Any], images: list,
                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """The run's two views of each image (no jitter or flip, crops of >= :data:`VIEW_MIN_SCALE` of the image)
     and a mask from the run's generator: ``(patch [B,3,S,S], tokenizer view [B,3,s,s], masks [B,N], means/stds)``."""
-    from ..masking import MaskingGenerator
-    from ..transforms import TwoViewConfig, TwoViewTransform
+    from ..data.masking import MaskingGenerator
+    from ..data.transforms import TwoViewConfig, TwoViewTransform
 
     input_size = int(args.get("input_size", 224))
     patch_size = int(args.get("patch_size", 16))
@@ -194,7 +194,7 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
     ``run_dir/log.jsonl``. ``only``: a subset of :data:`PARTS` (comma-separated or a list); by default all,
     skipping ``reconstruction`` with a warning when the tokenizer has no decoder (asked for explicitly, that
     is a ``ValueError``). Missing checkpoint / log / tokenizer: ``FileNotFoundError`` naming what is missing.
-    The checkpoint is read safely (:func:`beit_fast.checkpoint.load_checkpoint`); ``trust_pickle=True``
+    The checkpoint is read safely (:func:`beit_fast.utils.checkpoint.load_checkpoint`); ``trust_pickle=True``
     also reads one that pickles other objects, which can run code from the file: only for files you trust.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)

@@ -1,0 +1,1 @@
+"""Data: image folders, samples, JPEG decoding, masking, transforms and the GPU input pipeline."""

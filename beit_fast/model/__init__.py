@@ -1,0 +1,1 @@
+"""The BEiT model, its modules and FP8 training."""

@@ -1,0 +1,1 @@
+"""Helpers every stage uses: seeding, logging, option names, the checkpoint file reader and writer."""
