@@ -30,6 +30,10 @@ formats:
              a from_pretrained() directory: model.safetensors (or pytorch_model.bin) + config.json.
   timm       timm's Beit (beit_* models): classification/backbone only (no mask token, no MIM head).
 
+  Segmentation checkpoints (backbone.* / decode_head.*: official mmseg = beit_fast.segment; or HF
+  BeitForSemanticSegmentation) convert between official and hf as files; official torch files are written
+  as {"state_dict": ...}, like mmseg's.
+
 examples:
   python -m beit_fast.convert checkpoint-799.pth beit_hf/ --to hf
   python -m beit_fast.convert beit_hf/ beit_official.pth --to official
@@ -112,6 +116,10 @@ def convert(args: argparse.Namespace) -> str:
     if not src.exists():
         raise FileNotFoundError(f"SRC not found: {src}")
     sd = load_state_dict(src, trust_pickle=args.trust_pickle)
+    from .segmentation.keys import is_segmentation_state_dict
+
+    if is_segmentation_state_dict(sd):
+        return _convert_segmentation(args, src, dst, sd)
     detected = detect_format(sd)
     if args.src_format != "auto" and not same_family(args.src_format, detected):
         raise ValueError(f"--from {args.src_format}: but {src} looks like {detected!r}")
@@ -162,6 +170,29 @@ def convert(args: argparse.Namespace) -> str:
     naming = {"hf_legacy": "HF, Hub names", "hf": "HF, transformers>=5 names"}.get(target, target)
     return (f"{src} ({detected}, {layout} layout, {len(sd)} tensors) -> {dst} ({naming}, {fmt}, "
             f"{len(out)} tensors)")
+
+
+def _convert_segmentation(args: argparse.Namespace, src: Path, dst: Path, sd: dict) -> str:
+    """A segmentation state dict (official mmseg / ours, or HF ``BeitForSemanticSegmentation``) to a file."""
+    from .interop.checkpoints import save_state_dict
+    from .segmentation.keys import convert_segmentation_state_dict, detect_segmentation_format
+
+    detected = detect_segmentation_format(sd)
+    if args.to == "timm":
+        raise ValueError("timm has no segmentation model: use --to official or --to hf")
+    if args.src_format not in ("auto", detected) and {args.src_format, detected} != {"hf", "hf_legacy"}:
+        raise ValueError(f"--from {args.src_format}: but {src} looks like {detected!r}")
+    if _is_dir_target(dst):
+        raise ValueError(f"DST {dst}: a segmentation checkpoint converts to a file (.pt/.pth/.bin/.safetensors); an HF "
+                         "config cannot be read off its weights (HF's out_indices differ from the official ones, "
+                         "see beit_fast.segmentation.keys.hf_config_for)")
+    target = "official" if args.to == "official" else ("hf_legacy" if args.hf_naming == "legacy" else "hf")
+    out = convert_segmentation_state_dict(sd, target)
+    fmt = args.format or ("safetensors" if dst.suffix == ".safetensors" else "pt")
+    if dst.exists() and not args.overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    save_state_dict(out, dst, format=fmt, wrap="state_dict" if (target == "official" and fmt == "pt") else None)
+    return f"{src} ({detected} segmentation, {len(sd)} tensors) -> {dst} ({target}, {fmt}, {len(out)} tensors)"
 
 
 def main(argv: list[str] | None = None) -> int:

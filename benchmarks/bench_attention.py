@@ -113,7 +113,8 @@ def test_attention_fwd_bwd(benchmark, device, shape, dtype, backend, kind, monke
     if backend == "triton" and device == "cuda":
         import beit_fast.kernels.attention as kernels
 
-        for label, tuned in (("fwd", kernels._FWD_TUNED), ("dq", kernels._DQ_TUNED), ("dkdv", kernels._DKDV_TUNED)):
+        for label, tuned in (("fwd", kernels._FWD_TUNED), ("dq", kernels._DQ_TUNED), ("dkdv", kernels._DKDV_TUNED),
+                             ("table_grad", kernels._TG_TUNED)):
             benchmark.extra_info[f"config_{label}"] = str(getattr(tuned, "best_config", None))
     if device == "cuda":
         import triton.testing

@@ -1,55 +1,53 @@
-"""One call on a lent GPU: every number of issue 11 in one run, written after every stage.
+"""A lent GPU's quarter-hour, in plans ordered by value: every number that matters, written as it is measured.
 
-    python benchmarks/gpu_report.py --out $OUT                  # the whole plan, ~9 minutes on an H200
-    python benchmarks/gpu_report.py --only attention,kernels    # some stages (names below)
-    python benchmarks/gpu_report.py --cpu-smoke --budget 900    # the same stages at tiny sizes on CPU
+    python benchmarks/gpu_report.py --dry-plan                   # the plans, planned seconds per card (no GPU)
+    python benchmarks/gpu_report.py --plan 1 --out $OUT          # call 1: <= 540 s on an H100
+    python benchmarks/gpu_report.py --plan 2 --budget 400        # call 2, in what is left of the session
+    python benchmarks/gpu_report.py --only attention_table,steps # some stages (names: --dry-plan)
+    python benchmarks/gpu_report.py --cpu-smoke --plan 1         # the same stages at tiny sizes on CPU, compiling
 
-Each stage is its own process (``benchmarks/gpu_stages.py``), killed at its time limit (cut to what is
-left of ``--budget``); the rows it wrote before a crash or a kill are kept, and the report
-(``benchmarks/results/<date>-<card>.{md,json,log,profile.txt}`` + LATEST.md, copied to ``--out``) is
-rewritten after every stage. Nothing is installed from a network: wheels the device image lacks are
-carried in ``.whl/`` (``benchmarks/fetch_gpu_wheels.sh``) and installed with ``pip --target`` into a
-folder put on PYTHONPATH; beit_fast runs from this source tree (``beit_fast/kernels`` is linked to
-``kernels/`` when the package is not installed).
+Each stage is its own process (``benchmarks/gpu_stages.py`` and ``benchmarks/stages/``, or a test/bench
+script), killed at its limit (cut to what is left of ``--budget``); a stage that would start with less than its
+minimum left is skipped and named in the report. The rows it wrote before a crash or a kill are kept, and the
+report (``benchmarks/results/<date>-<card>-plan<N>.{md,json,log,profile.txt}`` + LATEST.md, copied to
+``--out``) is rewritten after every stage. Nothing is installed from a network: wheels the device image
+lacks are carried in ``.whl/`` (``benchmarks/fetch_gpu_wheels.sh``) and installed with ``pip --target``
+into a folder put on PYTHONPATH. beit_fast runs from this source tree through a folder holding only a link
+to ``beit_fast/`` (``beit_fast/kernels`` is itself a link to ``kernels/``): the repository root is never on
+PYTHONPATH, so the top-level ``kernels/`` folder cannot shadow PyPI's ``kernels`` package.
 
-Plan (the device image: torch 2.11, triton 3.6; a whole-step compile costs 30-60 s; planned seconds
-assume the warm phase filled inductor's caches):
+Plans (``--dry-plan`` prints them with each stage's planned seconds on an H100 and an H200 and its limit).
+Compile time is the cost that cannot be measured away: every whole-step compile costs 30-60 s of CPU time
+(the same on both cards); the stages compile each variant once in one process (mode "default" except the
+autotune row), time it there, and report what the compile cost (``setup_s`` of each row). No warm-up stage:
+a stage that only fills inductor's caches pays for itself only if the same variant is compiled again in the
+same call, and none is. Stages run one at a time, so none is capped to a share of the card's memory (the
+eager reference peaks at 28.8 GiB at batch 256; an H100 has 80 GB).
 
-  stage          planned  limit  what
-  setup               10      -  wheels, source shim, environment (versions, card, clocks)
-  warm               170    170  compile 6 step variants, 3 processes in parallel (fills the caches)
-  fast                60    150  beit_fast step (headline) + sync-free variant + profile + bf16 loss curve
-  eager               50    110  eager reference, HF eager (SDPA), HF patched: one process
-  attention           50    150  math, sdpa, triton (incl. its autotuning), cudnn, xformers @ B256/N197, B64/N577
-  timm                30    100  timm Beit body + our head, compiled
-  hf_compiled         30    100  HF BeitForMaskedImageModeling under torch.compile
-  ref_compiled        30    100  the eager reference under torch.compile
-  kernels             20     60  fused CE chunk sweep; patch embedding vs permute + cuBLAS GEMM
-  fp8                 40    120  --fp8 step + its loss curve against the bf16 one
-  cudagraphs          25     90  sync-free step with mode="reduce-overhead"
-  attention_flex      45    120  FlexAttention with Hopper-sized tiles (a ladder if they fail)
-                   -----
-                     555  (default --budget 560: the device command limit is 600 s)
-  finetune           200    300  BEiT-B/16 fine-tuning step, 1000 classes: eager vs beit_fast compiled
-                                 (auto, triton) vs timm beit_base_patch16_224 compiled (issue 13's
-                                 targets; three whole-step compiles do not fit the budget above)
-  gpu_tests          200    270  kernel (incl. Triton attention) + fast-step + fast fine-tuning + nvJPEG tests
-                                 on CUDA (after the budget unless stages run short)
-  end_to_end         300    420  the real pretraining loop on JPEGs: --data_pipeline pil vs gpu (issue 14)
-  tokenizer          120    180  DALL-E-sized tokenizer, fp32 vs bf16/fp16 channels-last, compiled (issue 14)
-  hf_patched_compiled 55    100
-  autotune           150    240  mode="max-autotune-no-cudagraphs"
+  1  the numbers that decide (H100 <= 540 s): environment; the CUDA correctness tests of our Triton attention
+     (table and dense bias, bf16/fp16, BEiT-B shapes at N 197 and 577); attention candidates on the model's
+     table path, forward + backward incl. the table gradient, each checked against an fp32 reference (so the
+     autotuner's choices are checked at the real shapes), and each of our kernels alone with the autotuner's
+     choice (B256/N197, B64/N577); the headline step table in one process (beit_fast with
+     attention triton and sdpa, the eager reference, HF eager SDPA, HF patched, timm compiled + our head,
+     HF compiled) and the profile of the fastest of our steps.
+  2  fine-tuning step vs eager and timm compiled; end to end (--data_pipeline pil vs gpu).
+  3  tokenizer; HF patched compiled vs HF compiled; the step's options (sync-free, CUDA graphs) and FP8 with
+     its loss curve.
+  4  GEMM autotuning (max-autotune-no-cudagraphs); the remaining GPU tests; the dense-bias attention
+     candidates (cuDNN, FlexAttention and its tile ladder); CE chunk sweep and patch embedding.
 
-What did not fit is listed as skipped in the report; run it in a second call right after (the machine
-stays warm for 30 s, and inductor's caches with it): ``--only finetune --budget 400``, then
-``--only gpu_tests,end_to_end --budget 560``, then ``--only tokenizer,autotune --budget 400`` (a session
-has 15 minutes of device time: the first call is the session; the others belong to later sessions)
-(cudagraphs, fp8 and autotune run without "fast" get a baseline beit_fast row first, so their ratios
-stay within one call).
+A session has 15 minutes of device time, start-up (about 1.5 min) included: call 1, then call 2 with
+``--budget`` set to what is left (its stages run in order until the budget ends); plans 3 and 4 belong to
+later sessions. With the device tool, after ``bash benchmarks/fetch_gpu_wheels.sh`` here:
+``run(command="python3 benchmarks/gpu_report.py --plan 1 --out $OUT", carry=[".whl"], timeout_s=600)``;
+then commit the files that come back into ``benchmarks/results/`` (card, versions and date are in them). Option rows (sync-free, CUDA graphs, autotune, FP8) are compared with a beit_fast row of the
+same call: their stages measure it first.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import re
@@ -57,7 +55,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -76,102 +73,157 @@ from report_lib import (  # noqa: E402
 )
 
 WHEEL_DIR = ROOT / ".whl"
+# what benchmarks/fetch_gpu_wheels.sh downloads (not xformers: no wheel loads with torch 2.11 + CUDA 13)
+CARRIED_WHEELS = ("torchao", "nvidia-cudnn-frontend")
+COMMAND_LIMIT_S = 540  # a plan's planned seconds on an H100 fit this (the device's command limit is 600 s)
+SETUP_S = {"H100": 15, "H200": 15}  # wheels, source link, imports: before the first stage
+SESSION_S, START_S = 900, 90  # a session's device time; a machine's start-up, out of it
+CPU_LIMIT_FACTOR = 4  # --cpu-smoke: stage limits x this
+STEP_VARIANTS_CALL1 = "beit_fast_triton,beit_fast_sdpa,reference_eager,hf_eager,hf_patched,timm_compiled,hf_compiled"
+GPU_TESTS_REST = ["tests/test_ops_attention.py", "tests/test_ops_cross_entropy.py", "tests/test_ops_patch_embed.py",
+                  "tests/test_fast_step.py", "tests/test_finetune_fast.py",
+                  "tests/test_pipeline.py::test_nvjpeg_views_within_tolerance_and_tokens",
+                  "tests/test_ops_attention_triton.py::test_cuda_autotuned_beit_shape"]
 
 
-def build_plan(args) -> tuple[list[Stage], list[Stage]]:
-    """(warm stages, run in parallel first; measuring stages, in order)."""
+def build_plans(args, cuda: bool = True) -> dict[int, list[Stage]]:
+    """The plans of the module docstring: {plan number: stages in order}. Planned seconds: ``expect_s`` on an
+    H100, ``expect_h200_s`` on an H200 (from the 2026-11-27 H200 run's compile and step times; an H100's
+    slower memory makes its steps about 10% slower, compiles cost the same)."""
     py = [sys.executable, str(HERE / "gpu_stages.py")]
-    import torch
-
-    cuda = torch.cuda.is_available()  # the stages that are plain scripts get CPU sizes in a --cpu-smoke run
     common = ["--rows", "{rows}"] + (["--batch", str(args.batch)] if args.batch else []) + \
         ["--repeats", str(args.repeats)]
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"]
 
-    def step(name, variants, limit, expect, what, extras=""):
+    def st(name, cmd, h100, h200, limit, what, min_s=20.0):
+        return Stage(name, cmd, limit, h100, what, min_s=min_s, expect_h200_s=h200)
+
+    def step(name, variants, h100, h200, limit, what, extras=""):
         cmd = py + ["step", "--variants", variants] + common
         if extras:
-            cmd += ["--extras", extras, "--curve-steps", str(args.curve_steps),
-                    "--profile-out", "{results}/profile.txt"]
-        return Stage(name, cmd, limit, expect, what)
+            cmd += ["--extras", extras, "--curve-steps", str(args.curve_steps), "--profile-out", "{results}/profile.txt"]
+        return st(name, cmd, h100, h200, limit, what)
 
-    warm = [Stage(f"warm{i}", py + ["warm", "--variants", v] + common, args.warm_limit, args.warm_limit,
-                  f"compile {v} (parallel warm-up)", min_s=30)
-            for i, v in enumerate(["beit_fast,beit_fast_fp8", "timm_compiled,beit_fast_cudagraphs",
-                                   "hf_compiled,reference_compiled"])]
-    stages = [
-        Stage("env", py + ["env", "--rows", "{rows}"], 60, 8, "versions, card, clocks", min_s=5),
-        step("fast", "beit_fast", 150, 60, "beit_fast step (headline), sync-free, profile, bf16 loss curve",
-             extras="sync_free,profile,curve"),
-        step("eager", "reference_eager,hf_eager,hf_patched,hf_patched_fused", 110, 50,
-             "eager reference, HF eager (SDPA), HF patched (default, and with the opt-in fused loss)"),
-        Stage("attention", py + ["attention", "--candidates", "math,sdpa,triton,cudnn,xformers"] + common, 150, 50,
-              "attention candidates fwd+bwd with bias gradient, B256/N197 and B64/N577"),
-        step("timm", "timm_compiled", 100, 30, "timm Beit body + beit_fast head, compiled"),
-        step("hf_compiled", "hf_compiled", 100, 30, "HF BeitForMaskedImageModeling, compiled"),
-        step("ref_compiled", "reference_compiled", 100, 30, "eager reference under torch.compile"),
-        Stage("kernels", py + ["kernels"] + common, 60, 20, "fused CE chunk sweep; patch embedding vs permute+GEMM"),
-        Stage("fp8", py + ["fp8", "--curve-steps", str(args.curve_steps)] + common, 120, 40,
-              "--fp8 step and its loss curve vs bf16"),
-        step("cudagraphs", "beit_fast_cudagraphs", 90, 25, "sync-free step, compile mode reduce-overhead"),
-        Stage("attention_flex", py + ["attention", "--candidates", "flex,flex_ladder"] + common, 120, 45,
-              "FlexAttention with Hopper-sized kernel_options (ladder if they fail)"),
-        Stage("finetune", py + ["finetune", "--variants", "ft_eager,ft_beit_fast,ft_beit_fast_triton,ft_timm_compiled"]
-              + common, 300, 200, "BEiT-B/16 fine-tuning step: eager vs beit_fast compiled (auto, triton) vs timm "
-              "compiled"),
-        Stage("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                            "tests/test_ops_attention.py", "tests/test_ops_cross_entropy.py",
-                            "tests/test_ops_patch_embed.py", "tests/test_ops_attention_triton.py",
-                            "tests/test_fast_step.py", "tests/test_finetune_fast.py",
-                            "tests/test_pipeline.py::test_nvjpeg_views_within_tolerance_and_tokens"], 270, 200,
-              "the kernels' (incl. the Triton attention), the fast step's, the fast fine-tuning step's and the "
-              "nvJPEG pipeline's tests on the card (BEIT_FAST_REAL_GPU=1)"),
-        Stage("end_to_end", [sys.executable, str(HERE / "bench_end_to_end.py"), "--rows", "{rows}"] + (
-                  ["--device", "cuda", "--images", "2048", "--batch", "256", "--steps", "15", "--warmup", "5"]
-                  if cuda else ["--device", "cpu"]), 420, 300,
-              "the real pretraining loop on 2,048 JPEGs, BEiT-B, batch 256, DALL-E-sized tokenizer: "
-              "--data_pipeline pil vs gpu (images/s, share of time waiting for data, CPU cores)"),
-        Stage("tokenizer", [sys.executable, str(HERE / "bench_tokenizer.py"), "--device", "cuda" if cuda else "cpu",
-                            "--rows", "{rows}"],
-              180, 120, "DALL-E-sized tokenizer at batch 256: fp32 vs bf16/fp16 channels-last, compiled; agreement"),
-        step("hf_patched_compiled", "hf_patched_compiled", 100, 55, "HF patched, compiled"),
-        step("autotune", "beit_fast_autotune", 240, 150, "GEMM/epilogue autotuning (max-autotune-no-cudagraphs)"),
-    ]
-    names = [s.name for s in stages]
+    env = st("env", py + ["env", "--rows", "{rows}"], 10, 10, 30, "versions, card, clocks", min_s=5)
+    return {
+        1: [
+            env,
+            # the autotuned configurations are checked against the fp32 reference by attention_table, at the
+            # real shapes: their test (which tunes again at its own shape) waits for plan 4
+            st("attention_tests", pytest_cmd + ["tests/test_ops_attention_triton.py", "-k", "not autotuned"], 70, 65,
+               110, "CUDA correctness tests of our Triton attention (table and dense bias, bf16/fp16, BEiT-B shapes "
+               "at N 197 and 577), BEIT_FAST_REAL_GPU=1"),
+            st("attention_table", py + ["attention_table", "--candidates", "math,sdpa,triton"] + common, 60, 55, 110,
+               "attention on the table path (the model's): fwd+bwd incl. the table gradient, B256/N197 and B64/N577; "
+               "each Triton kernel alone with the autotuner's choice"),
+            step("steps", STEP_VARIANTS_CALL1, 235, 225, 270,
+                 "the headline step table in one process: beit_fast (attention triton, sdpa), eager reference, HF "
+                 "eager (SDPA), HF patched, timm compiled + our head, HF compiled; profile of the fastest of ours",
+                 extras="profile"),
+        ],
+        2: [
+            env,
+            st("finetune", py + ["finetune", "--variants", "ft_beit_fast_triton,ft_beit_fast,ft_eager,ft_timm_compiled"]
+               + common, 200, 190, 260, "BEiT-B/16 fine-tuning step: beit_fast compiled (attention triton, auto) vs "
+               "the eager step vs timm beit_base_patch16_224 compiled"),
+            st("end_to_end", [sys.executable, str(HERE / "bench_end_to_end.py"), "--rows", "{rows}"] + (
+                ["--device", "cuda", "--images", "2048", "--batch", "256", "--steps", "15", "--warmup", "5"]
+                if cuda else ["--device", "cpu"]), 300, 280, 330,
+               "the real pretraining loop on 2,048 JPEGs, BEiT-B, batch 256, DALL-E-sized tokenizer: --data_pipeline "
+               "pil vs gpu (images/s, share of time waiting for data, CPU cores)"),
+        ],
+        3: [
+            env,
+            st("tokenizer", [sys.executable, str(HERE / "bench_tokenizer.py"), "--device", "cuda" if cuda else "cpu",
+                             "--rows", "{rows}"], 120, 110, 180,
+               "DALL-E-sized tokenizer at batch 256: fp32 vs bf16/fp16 channels-last, compiled; agreement"),
+            step("hf_patched_compiled", "hf_compiled,hf_patched_compiled", 110, 105, 160,
+                 "HF compiled and HF patched compiled, one process"),
+            step("options", "beit_fast,beit_fast_cudagraphs", 110, 100, 160,
+                 "beit_fast (attention auto) with its sync-free row and bf16 loss curve; CUDA graphs "
+                 "(mode reduce-overhead)", extras="sync_free,curve"),
+            st("fp8", py + ["fp8", "--curve-steps", str(args.curve_steps)] + common, 45, 40, 100,
+               "--fp8 step and its loss curve vs the bf16 one"),
+            st("end_to_end_finetune", [sys.executable, str(HERE / "bench_end_to_end.py"), "--rows", "{rows}",
+                                       "--pipelines", "pil", "--finetune"] + (
+                ["--device", "cuda", "--images", "2048", "--batch", "256", "--steps", "15", "--warmup", "5"]
+                if cuda else ["--device", "cpu"]), 110, 105, 160,
+               "end to end with the defaults: python -m beit_fast.finetune's loop beside a pil pretraining row"),
+        ],
+        4: [
+            env,
+            step("autotune", "beit_fast,beit_fast_autotune", 200, 190, 260,
+                 "beit_fast and GEMM/epilogue autotuning (max-autotune-no-cudagraphs), one process"),
+            st("gpu_tests", pytest_cmd + GPU_TESTS_REST, 200, 180, 240,
+               "the other kernels', the fast step's, the fast fine-tuning step's and the nvJPEG pipeline's tests on "
+               "the card (BEIT_FAST_REAL_GPU=1)"),
+            st("attention_dense", py + ["attention", "--candidates", "math,sdpa,triton,cudnn,flex,flex_ladder"]
+               + common, 80, 75, 120,
+               "dense-bias attention candidates (the HF / timm patches' path): cuDNN, FlexAttention (its tile "
+               "ladder if the default tiles fail)"),
+            st("kernels", py + ["kernels"] + common, 25, 25, 60, "fused CE chunk sweep; patch embedding vs permute+GEMM"),
+        ],
+    }
+
+
+def select_stages(args, plans: dict[int, list[Stage]]) -> list[Stage]:
+    """The stages to run: ``--only`` (names from any plan, in the plans' order, env first) or ``--plan``,
+    less ``--skip``. fp8 compares with the options stage's bf16 curve: it brings that stage along."""
+    all_stages = [s for n in sorted(plans) for s in plans[n]]
+    names = list(dict.fromkeys(s.name for s in all_stages))
     only = [x for x in args.only.split(",") if x]
     skip = set(x for x in args.skip.split(",") if x)
-    unknown = [x for x in only + sorted(skip) if x not in names and x != "warm"]
+    unknown = [x for x in only + sorted(skip) if x not in names]
     if unknown:
-        raise SystemExit(f"error: unknown stage(s) {', '.join(unknown)}; stages: warm, {', '.join(names)}")
+        raise SystemExit(f"error: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
+    if args.plan not in plans:
+        raise SystemExit(f"error: --plan {args.plan}: plans are {', '.join(map(str, sorted(plans)))}")
     if only:
         wanted = set(only) | {"env"}
-        # an option stage compares with the beit_fast row of the same call
-        if wanted & {"cudagraphs", "fp8", "autotune"} and "fast" not in wanted:
-            wanted.add("fast")
-        stages = [s for s in stages if s.name in wanted]
-        if "fast" in wanted and "fast" not in only:  # the baseline row alone
-            for s in stages:
-                if s.name == "fast":
-                    s.cmd = py + ["step", "--variants", "beit_fast"] + common
-                    s.what, s.expect_s = "beit_fast step (baseline of the option stages)", 30
-    stages = [s for s in stages if s.name not in skip]
-    if args.no_warm or "warm" in skip or (only and "warm" not in only):
-        warm = []
-    else:  # warm only what will be measured
-        measured = {v for s in stages if "step" in s.cmd for v in s.cmd[s.cmd.index("--variants") + 1].split(",")}
-        measured |= {"beit_fast_fp8"} if any(s.name == "fp8" for s in stages) else set()
-        for s in warm:
-            i = s.cmd.index("--variants") + 1
-            keep = [v for v in s.cmd[i].split(",") if v in measured]
-            s.cmd[i] = ",".join(keep)
-        warm = [s for s in warm if s.cmd[s.cmd.index("--variants") + 1]]
-    return warm, stages
+        if "fp8" in wanted:
+            wanted.add("options")
+        by_name = {s.name: s for s in all_stages}
+        stages = [by_name[n] for n in names if n in wanted]
+    else:
+        stages = list(plans[args.plan])
+    return [s for s in stages if s.name not in skip]
+
+
+def planned_total(stages: list[Stage], card: str = "H100") -> float:
+    return SETUP_S[card] + sum(s.planned(card) for s in stages)
+
+
+def plan_text(plans: dict[int, list[Stage]], which: list[int] | None = None) -> str:
+    """The plans as a table: planned seconds per card, limits, cumulative H100 seconds."""
+    lines = []
+    for n in which or sorted(plans):
+        stages = plans[n]
+        when = {0: "the stages asked for", 1: "call 1", 2: "call 2, in what is left of the session"}.get(n, "a later session")
+        lines += [f"plan {n} ({when}; planned on an H100 <= {COMMAND_LIMIT_S} s)",
+                  f"  {'stage':<20} {'H100 s':>7} {'H200 s':>7} {'limit':>6} {'cum. H100':>9}  what",
+                  f"  {'setup':<20} {SETUP_S['H100']:>7} {SETUP_S['H200']:>7} {'-':>6} {SETUP_S['H100']:>9}  "
+                  "carried wheels, link to this tree's beit_fast, imports"]
+        cum = SETUP_S["H100"]
+        for s in stages:
+            cum += s.planned("H100")
+            lines.append(f"  {s.name:<20} {s.planned('H100'):>7.0f} {s.planned('H200'):>7.0f} {s.limit_s:>6.0f} "
+                         f"{cum:>9.0f}  {s.what}")
+        limits = SETUP_S["H100"] + sum(s.limit_s for s in stages)
+        lines += [f"  {'total':<20} {planned_total(stages, 'H100'):>7.0f} {planned_total(stages, 'H200'):>7.0f} "
+                  f"{limits:>6.0f}", ""]
+    if 1 in plans and (which is None or 1 in which):
+        left = SESSION_S - START_S - planned_total(plans[1])
+        lines.append(f"a session: {SESSION_S} s of device time - {START_S} s start-up - call 1 "
+                     f"({planned_total(plans[1]):.0f} s planned on an H100) leaves about {left:.0f} s: "
+                     f"`--plan 2 --budget {max(0, int(left) - 30)}` (30 s for the transfers)")
+    return "\n".join(lines)
 
 
 def install_wheels(env: dict, log) -> str:
     """pip-install the carried wheels (``.whl/``) into a folder on PYTHONPATH; returns a note."""
     wheels = sorted(WHEEL_DIR.glob("*.whl")) if WHEEL_DIR.is_dir() else []
     if not wheels:
-        return "no .whl/ folder: xformers, torchao and nvidia-cudnn-frontend only if the image has them"
+        return f"no .whl/ folder: {' and '.join(CARRIED_WHEELS)} only if the image has them"
     target = Path(tempfile.gettempdir()) / "beit_fast_site"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", str(target), *map(str, wheels)]
@@ -184,36 +236,48 @@ def install_wheels(env: dict, log) -> str:
 
 
 def source_shim(env: dict) -> str:
-    """Make ``import beit_fast`` (with ``beit_fast.kernels``) work from this tree in the stage processes and
-    in pytest, without installing: the lent machine has no network for pip's build dependencies. When the
-    package is not installed from this tree, ``beit_fast/kernels`` becomes a link to ``kernels/`` (a path
-    git ignores) and the tree goes on PYTHONPATH."""
+    """Make ``import beit_fast`` (with ``beit_fast.kernels``) work from this tree in the stage processes and in
+    pytest, without installing (the lent machine has no network for pip's build dependencies) and without the
+    repository root on PYTHONPATH (its ``kernels/`` folder would be importable as the top-level ``kernels``,
+    the name of PyPI's package that transformers loads): a temporary folder holding only a link named
+    ``beit_fast`` to this tree's package goes on PYTHONPATH."""
     probe = [sys.executable, "-c", "import beit_fast.kernels.cross_entropy, beit_fast; print(beit_fast.__file__)"]
     # from benchmarks/, as the stage scripts run: only an installed beit_fast (or PYTHONPATH) is found
     r = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
     if r.returncode == 0 and str(ROOT) in r.stdout:
         return f"beit_fast from {r.stdout.strip()}"
-    link = ROOT / "beit_fast" / "kernels"
-    if not link.exists():
-        link.symlink_to(Path("..") / "kernels", target_is_directory=True)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return f"beit_fast from this tree on PYTHONPATH ({link} -> kernels/)"
+    site = Path(tempfile.mkdtemp(prefix="beit_fast_src_"))
+    (site / "beit_fast").symlink_to(ROOT / "beit_fast", target_is_directory=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return f"beit_fast from this tree through {site}/beit_fast (a link; the repository root is not on PYTHONPATH)"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", type=int, default=1, help="which plan (1-4, see --dry-plan; default 1)")
+    p.add_argument("--dry-plan", action="store_true", help="print the plans (planned seconds per card) and exit")
     p.add_argument("--out", default=os.environ.get("OUT"), help="also copy the report files here (default: $OUT)")
-    p.add_argument("--budget", type=float, default=560, help="seconds for everything (default 560)")
+    p.add_argument("--budget", type=float, default=COMMAND_LIMIT_S,
+                   help=f"seconds for everything (default {COMMAND_LIMIT_S})")
     p.add_argument("--batch", type=int, default=None, help="batch of the step stages (CUDA default 256)")
-    p.add_argument("--only", default="", help="comma-separated stages to run (see the plan)")
+    p.add_argument("--only", default="", help="comma-separated stages to run, from any plan (see --dry-plan)")
     p.add_argument("--skip", default="", help="comma-separated stages to leave out")
-    p.add_argument("--no-warm", action="store_true", help="no parallel warm-up compile phase")
-    p.add_argument("--warm-limit", type=float, default=170, help="seconds of the parallel warm-up phase")
     p.add_argument("--curve-steps", type=int, default=120, help="steps of the bf16/fp8 loss curves")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median, min-max)")
-    p.add_argument("--cpu-smoke", action="store_true", help="run on CPU at tiny sizes (checks the code paths)")
+    p.add_argument("--cpu-smoke", action="store_true", help="run on CPU at tiny sizes (the code paths and compiles)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="replace every torch.compile of the stages by the eager module (a quicker CPU smoke run)")
     p.add_argument("--results-dir", default=str(HERE / "results"), help="where the report files go")
     args = p.parse_args(argv)
+    if args.dry_plan:
+        plans = build_plans(args)
+        only = [x for x in args.only.split(",") if x]
+        if only:
+            stages = select_stages(args, plans)
+            print(plan_text({0: stages}))
+        else:
+            print(plan_text(plans))
+        return 0
     t_start = time.time()
     deadline = t_start + args.budget
 
@@ -221,37 +285,44 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu_smoke:
-        print("no CUDA device: this script is for a lent GPU (--cpu-smoke runs it on CPU at tiny sizes)")
+        print("no CUDA device: this script is for a lent GPU (--cpu-smoke runs it on CPU at tiny sizes, "
+              "--dry-plan prints the plans)")
         return 2
+    plan = select_stages(args, build_plans(args, cuda))
+    if not cuda:  # a CPU's compiles (2 loaded cores in CI) and the interpreted kernels take longer than the card's
+        plan = [dataclasses.replace(s, limit_s=s.limit_s * CPU_LIMIT_FACTOR) for s in plan]
     card = torch.cuda.get_device_name() if cuda else "cpu-smoke"
-    meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "cuda": torch.version.cuda or "none", "batch": args.batch or (256 if cuda else 4),
-            "budget_s": args.budget}
+    import triton
+
+    meta = {"card": card, "date": datetime.date.today().isoformat(), "plan": args.only or args.plan,
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "none",
+            "python": sys.version.split()[0], "batch": args.batch or (256 if cuda else 4), "budget_s": args.budget}
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}"
-    n = 1
+    tag = f"plan{args.plan}" if not args.only else "stages"
+    stem0 = f"{meta['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}-{tag}"
+    stem, n = stem0, 1
     while (results / f"{stem}.json").exists():
         n += 1
-        stem = f"{meta['date']}-{re.sub(r'[^A-Za-z0-9]+', '-', card).strip('-')}-run{n}"
+        stem = f"{stem0}-run{n}"
     rows_dir = Path(tempfile.mkdtemp(prefix="beit_report_rows_"))
     log = (results / f"{stem}.log").open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BEIT_FAST_REAL_GPU": "1" if cuda else "0",
            "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "beit_fast_inductor_cache"),
            "TRITON_CACHE_DIR": str(Path(tempfile.gettempdir()) / "beit_fast_triton_cache")}
     env["TRITON_INTERPRET"] = "0" if cuda else "1"
-    if args.cpu_smoke:
-        env.setdefault("BEIT_FAST_SMOKE_NO_COMPILE", "1")
+    if args.no_compile:
+        env["BEIT_FAST_SMOKE_NO_COMPILE"] = "1"
     meta["wheels"] = install_wheels(env, log) if cuda else "not installed (CPU smoke run; the wheels are for the device)"
     meta["source"] = source_shim(env)
-    print(f"[setup] {meta['wheels']}\n[setup] {meta['source']}", flush=True)
-    warm, plan = build_plan(args)
+    print(f"[setup] {meta['wheels']}\n[setup] {meta['source']}\n[setup] planned: "
+          f"{planned_total(plan, 'H200' if 'H200' in card else 'H100'):.0f} s", flush=True)
     results_done: list[StageResult] = []
     profile_txt = rows_dir / "profile.txt"
 
     def write() -> None:
         rows = [r for f in sorted(rows_dir.glob("*.jsonl")) for r in read_rows(f)]
-        write_report(results, stem, meta, results_done, rows, warm + plan)
+        write_report(results, stem, meta, results_done, rows, plan)
         if profile_txt.exists():
             shutil.copy(profile_txt, results / f"{stem}.profile.txt")
         shutil.copy(results / f"{stem}.md", results / "LATEST.md")
@@ -264,25 +335,11 @@ def main(argv=None) -> int:
                         or f.name == "LATEST.md":
                     shutil.copy(f, out / f.name)
 
-    # the warm phase: compiles in parallel (each stage under a share of the card's memory)
-    if warm:
-        warm_deadline = min(deadline, time.time() + args.warm_limit)
-        logs = {s.name: open(rows_dir / f"{s.name}.log", "w") for s in warm}
-        threads = [threading.Thread(target=lambda s=s: results_done.append(
-            run_stage(s, rows_dir / f"{s.name}.jsonl", warm_deadline, ROOT, env, logs[s.name]))) for s in warm]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for name, f in logs.items():
-            f.close()
-            log.write((rows_dir / f"{name}.log").read_text())
-        write()
     for stage in plan:
         results_done.append(run_stage(stage, rows_dir / f"{stage.name}.jsonl", deadline, ROOT, env, log))
         write()
     rows = [r for f in sorted(rows_dir.glob("*.jsonl")) for r in read_rows(f)]
-    md = write_report(results, stem, meta, results_done, rows, warm + plan)
+    md = write_report(results, stem, meta, results_done, rows, plan)
     write()
     print("\n" + md)
     print("\nSUMMARY\n" + "\n".join(summary_lines(rows)))

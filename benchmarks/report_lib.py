@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -83,6 +84,11 @@ class Stage:
     what: str
     min_s: float = 20.0
     env: dict = field(default_factory=dict)
+    expect_h200_s: float | None = None  # planned seconds on an H200 (``expect_s``: on an H100), None: the same
+
+    def planned(self, card: str = "H100") -> float:
+        """Planned seconds on ``card`` ("H100" or "H200")."""
+        return self.expect_h200_s if card == "H200" and self.expect_h200_s is not None else self.expect_s
 
 
 @dataclass
@@ -136,6 +142,8 @@ def run_stage(stage: Stage, rows_path: Path, deadline: float, cwd: Path, env: di
     log.write(out + f"\n[{stage.name}] {status} rc={rc} after {secs:.1f} s\n")
     log.flush()
     tail = [ln for ln in out.splitlines() if not ln.startswith("ROW ")]
+    if any(Path(c).name == "pytest" or c == "pytest" for c in cmd):
+        RowWriter(rows_path).emit("tests", **pytest_outcome(out, stage.name, status))
     note = ""
     if status != "ok":
         errs = [ln.strip() for ln in tail if "Error" in ln or "error:" in ln]
@@ -146,6 +154,19 @@ def run_stage(stage: Stage, rows_path: Path, deadline: float, cwd: Path, env: di
     n_rows = len(read_rows(rows_path))
     print(f"[{stage.name}] {status} in {secs:.0f} s, {n_rows} rows", flush=True)
     return StageResult(stage.name, status, rc, round(secs, 1), round(limit, 1), n_rows, note)
+
+
+def pytest_outcome(out: str, stage: str, status: str) -> dict:
+    """A pytest run's counts (passed, failed, skipped, errors) and the ids of its failures, from its output
+    (``-q -rfE``); a run killed at its limit has no summary line: then the counts are None."""
+    counts: dict[str, int | None] = {"passed": None, "failed": None, "skipped": None, "errors": None}
+    summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b", ln)
+               and (" in " in ln or ln.startswith("="))]
+    if summary:
+        for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", summary[-1]):
+            counts["errors" if what.startswith("error") else what] = int(n)
+    failures = [ln.split(" ", 1)[1].split(" - ")[0] for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return {"stage": stage, "status": status, **counts, "failures": failures[:30]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +202,9 @@ _STEP_COLUMNS = [
     ("ms/step (median)", lambda r: _fmt(r.get("ms"))), ("min-max", _range),
     ("images/s", lambda r: _fmt(r.get("images_per_s"))), ("MFU %", lambda r: _fmt(r.get("mfu_percent"), 1)),
     ("peak GiB", lambda r: _fmt(r.get("peak_mem_gib"))),
-    ("setup s", lambda r: _fmt(r.get("setup_s"), 1)), ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
+    ("compile + warm-up s", lambda r: _fmt(r.get("setup_s"), 1)),
+    ("graphs compiled", lambda r: _fmt(r.get("compiled_graphs"), 0)),
+    ("first loss", lambda r: _fmt(r.get("first_loss"), 3)),
     ("note", lambda r: r.get("error") or r.get("note", "")),
 ]
 
@@ -197,15 +220,27 @@ TABLES: dict[str, dict] = {
         "cols": _STEP_COLUMNS,
     },
     "attention": {
-        "title": "Attention with the relative position bias, forward + backward incl. the bias gradient",
+        "title": "Attention with the relative position bias, forward + backward incl. the bias gradient (bias "
+                 "\"table\": the model's path, table [T, H] + index, gradient to the table; \"dense\": an [H, N, N] "
+                 "bias, the HF / timm patches' path)",
         "cols": [
-            ("shape", lambda r: r.get("shape")), ("candidate", lambda r: r.get("candidate")),
+            ("bias", lambda r: r.get("path", "dense")), ("shape", lambda r: r.get("shape")),
+            ("candidate", lambda r: r.get("candidate")),
             ("ms fwd+bwd (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
             ("ms fwd", lambda r: _fmt(r.get("fwd_ms"), 3)),
             ("TFLOP/s", lambda r: _fmt(r.get("tflops"), 1)),
             ("max rel. error vs fp32", lambda r: _fmt(r.get("max_rel_err"))),
             ("within tolerance", lambda r: _fmt(r.get("ok"))),
             ("note", lambda r: r.get("error") or r.get("skip") or r.get("note", "")),
+        ],
+    },
+    "attention_kernels": {
+        "title": "Our Triton attention kernels, each timed alone on the table path (the autotuner's choice)",
+        "cols": [
+            ("shape", lambda r: r.get("shape")), ("kernel", lambda r: r.get("kernel")),
+            ("ms (median)", lambda r: _fmt(r.get("ms"), 3)), ("min-max", _range),
+            ("configuration chosen", lambda r: r.get("config")),
+            ("note", lambda r: r.get("error") or r.get("programs_note", "")),
         ],
     },
     "profile": {
@@ -249,6 +284,15 @@ TABLES: dict[str, dict] = {
             ("loss fp8", lambda r: _fmt(r.get("fp8"), 4)), ("difference", lambda r: _fmt(r.get("diff"), 4)),
         ],
     },
+    "tests": {
+        "title": "Tests run on the card (BEIT_FAST_REAL_GPU=1)",
+        "cols": [
+            ("stage", lambda r: r.get("stage")), ("status", lambda r: r.get("status")),
+            ("passed", lambda r: _fmt(r.get("passed"))), ("failed", lambda r: _fmt(r.get("failed"))),
+            ("skipped", lambda r: _fmt(r.get("skipped"))), ("errors", lambda r: _fmt(r.get("errors"))),
+            ("failures", lambda r: ", ".join(r.get("failures") or [])[:400]),
+        ],
+    },
     "env": {
         "title": "Environment",
         "cols": [("what", lambda r: r.get("key")), ("value", lambda r: r.get("value"))],
@@ -277,7 +321,9 @@ def markdown_table(table: str, rows: list[dict]) -> list[str]:
 # what the numbers say
 # --------------------------------------------------------------------------------------------------
 
-HEADLINE = "beit_fast"  # the step row the ratios are about
+HEADLINE = "beit_fast"  # the default step row (attention "auto"): the option rows are compared with it
+OURS = ("beit_fast", "beit_fast_triton", "beit_fast_sdpa")  # the headline is the fastest of these in the run
+OPTIONS = ("beit_fast_sync_free", "beit_fast_cudagraphs", "beit_fast_autotune", "beit_fast_fp8")  # vs beit_fast
 EAGER_REFERENCE = "reference_eager"
 COMPILED_PEERS = ("hf_compiled", "timm_compiled")
 TARGETS = {"images_per_s": 4500.0, "vs_eager_reference": 2.5, "vs_best_compiled_peer": 1.3,
@@ -317,15 +363,25 @@ def _overlap(a: dict, b: dict) -> bool:
             and a["ms_min"] <= b["ms_max"] and b["ms_min"] <= a["ms_max"])
 
 
+def headline(rows: list[dict]) -> str:
+    """The name of the fastest of our step rows (:data:`OURS`) that ran in this run, else :data:`HEADLINE`."""
+    steps = _ok_steps(rows)
+    ours = [steps[n] for n in OURS if n in steps]
+    return min(ours, key=lambda r: r["ms"])["name"] if ours else HEADLINE
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """Speed ratios between step rows of this run (``a`` over ``b`` = b's ms / a's ms), with a flag when
     the two rows' min-max ranges overlap (then the order is not established by this run)."""
     steps = _ok_steps(rows)
-    pairs = [(HEADLINE, EAGER_REFERENCE), (HEADLINE, "reference_compiled"), (HEADLINE, "hf_eager"),
-             (HEADLINE, "hf_compiled"), (HEADLINE, "timm_compiled"), ("hf_patched", "hf_eager"),
+    top = headline(rows)
+    base = HEADLINE if HEADLINE in steps else top  # the option rows run on the default (attention "auto") step
+    pairs = [(top, EAGER_REFERENCE), (top, "reference_compiled"), (top, "hf_eager"),
+             (top, "hf_compiled"), (top, "timm_compiled"), ("beit_fast_triton", "beit_fast_sdpa"),
+             ("hf_patched", "hf_eager"),
              ("hf_patched_compiled", "hf_compiled"), ("reference_compiled", EAGER_REFERENCE),
-             ("hf_compiled", "hf_eager"), ("beit_fast_sync_free", HEADLINE), ("beit_fast_cudagraphs", HEADLINE),
-             ("beit_fast_autotune", HEADLINE), ("beit_fast_fp8", HEADLINE)]
+             ("hf_compiled", "hf_eager"), ("beit_fast_sync_free", base), ("beit_fast_cudagraphs", base),
+             ("beit_fast_autotune", base), ("beit_fast_fp8", base)]
     out = []
     for a, b in pairs:
         if a in steps and b in steps:
@@ -349,9 +405,9 @@ def summary_lines(rows: list[dict]) -> list[str]:
     """The few numbers that matter, each from this run, against the targets of issue 11."""
     steps = _ok_steps(rows)
     lines = []
-    fast = steps.get(HEADLINE)
+    fast = steps.get(headline(rows))
     if fast:
-        s = (f"beit_fast step: {fast['ms']:.1f} ms [{_range(fast)}], {fast.get('images_per_s', 0):,.0f} images/s"
+        s = (f"{fast['name']} step: {fast['ms']:.1f} ms [{_range(fast)}], {fast.get('images_per_s', 0):,.0f} images/s"
              f" (target {TARGETS['images_per_s']:,.0f})")
         if fast.get("mfu_percent") is not None:
             s += f", {fast['mfu_percent']:.1f}% of the bf16 peak"
@@ -367,17 +423,22 @@ def summary_lines(rows: list[dict]) -> list[str]:
     hp, he = steps.get("hf_patched"), steps.get("hf_eager")
     if hp and he:
         lines.append(f"HF patched vs HF (eager, SDPA): {he['ms'] / hp['ms']:.2f}x (target {TARGETS['hf_patched_vs_hf']}x)")
-    att = [r for r in rows if r.get("table") == "attention" and r.get("ms") and r.get("ok") is not False
+    att = [r for r in _attention_rows(rows) if r.get("ms") and r.get("ok") is not False
            and str(r.get("shape", "")).startswith("B256") and "N197" in str(r.get("shape", ""))]
     if att:
         best = min(att, key=lambda r: r["ms"])
-        lines.append(f"attention B256 N197 fwd+bwd: best {best['candidate']} {best['ms']:.3f} ms "
-                     f"(target <= {TARGETS['attention_ms_b256_n197']} ms)")
+        lines.append(f"attention B256 N197 fwd+bwd ({best.get('path', 'dense')} bias): best {best['candidate']} "
+                     f"{best['ms']:.3f} ms (target <= {TARGETS['attention_ms_b256_n197']} ms)")
     for r in ratios(rows):
-        if r["a"].startswith("beit_fast_"):
-            lines.append(f"option {r['a']}: {r['speedup']:.3f}x the default step"
-                         + (" [ranges overlap: not a measured difference]" if r["ranges_overlap"] else ""))
+        overlap = " [ranges overlap: not a measured difference]" if r["ranges_overlap"] else ""
+        if r["a"] in OPTIONS:
+            lines.append(f"option {r['a']}: {r['speedup']:.3f}x the default step{overlap}")
+        elif (r["a"], r["b"]) == ("beit_fast_triton", "beit_fast_sdpa"):
+            lines.append(f"attention triton vs sdpa in the whole step: {r['speedup']:.3f}x{overlap}")
     lines += finetune_lines(rows)
+    setups = [r["setup_s"] for r in rows if r.get("table") in ("step", "finetune_step") and r.get("setup_s") is not None]
+    if setups:
+        lines.append(f"compile + warm-up of the {len(setups)} step rows: {sum(setups):.0f} s in all (their setup_s)")
     fp8 = [r for r in rows if r.get("table") == "fp8_summary"]
     if fp8:
         r = fp8[-1]
@@ -404,6 +465,13 @@ def derived_rows(rows: list[dict], every: int = 10, last_n: int = 50) -> list[di
     return out
 
 
+def _attention_rows(rows: list[dict]) -> list[dict]:
+    """The attention rows that decide: the table path's (the model's) when the run has them, else the dense."""
+    att = [r for r in rows if r.get("table") == "attention"]
+    table = [r for r in att if r.get("path") == "table"]
+    return table or att
+
+
 def attention_backends(rows: list[dict]) -> tuple[str, ...]:
     """beit_fast's attention backends as the env stage found them (empty when it did not run)."""
     for r in rows:
@@ -414,11 +482,12 @@ def attention_backends(rows: list[dict]) -> tuple[str, ...]:
 
 # backends of beit_fast.ops.attention_with_bias that auto may pick (benchmark-only candidates excluded)
 def propose_auto_priority(rows: list[dict], backends: tuple[str, ...], shape_prefix: str = "B256") -> dict:
-    """An ``AUTO_PRIORITY["cuda"]`` order from this run's attention rows: the candidates that are real
+    """An ``AUTO_PRIORITY["cuda"]`` order from this run's attention rows (the table path's, the model's, when
+    the run has them): the candidates that are real
     backends, ran and stayed within tolerance, fastest first at the primary shape (then the other shapes'
     mean rank as a tie-break), followed by the backends that did not run or failed, "math" before those
     that failed. Returns ``{"order": (...), "measurements": {shape: {candidate: ms or reason}}}``."""
-    att = [r for r in rows if r.get("table") == "attention"]
+    att = _attention_rows(rows)
     measurements: dict[str, dict] = {}
     for r in att:
         if r.get("ms") is not None:
@@ -485,7 +554,8 @@ def write_report(out_dir: Path, stem: str, meta: dict, stages: list[StageResult]
         if table in ("step", "finetune_step"):
             trs = sorted(trs, key=lambda r: (r.get("ms") is None, r.get("ms") or 0))
         if table == "attention":
-            trs = sorted(trs, key=lambda r: (str(r.get("shape")), r.get("ms") is None, r.get("ms") or 0))
+            trs = sorted(trs, key=lambda r: (r.get("path") != "table", str(r.get("shape")), r.get("ms") is None,
+                                             r.get("ms") or 0))
         if trs:
             lines += markdown_table(table, trs)
     md = "\n".join(lines)

@@ -1,4 +1,4 @@
-"""What the step benchmarks share (bench_train_step.py, bench_finetune_step.py, gpu_stages.py): the FLOP
+"""What the step benchmarks share (bench_train_step.py, bench_finetune_step.py, stages/): the FLOP
 count behind every MFU figure, the peak it is divided by, and the stand-in tokenizer that times the model
 step alone. One formula, one place."""
 from __future__ import annotations

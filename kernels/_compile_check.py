@@ -131,6 +131,7 @@ def attention_specs(capability: int):
     fwd = unique(at.configs_for(at.GPU_FWD_CONFIGS, fam) + [at.DETERMINISTIC_FWD])
     dq = unique(at.configs_for(at.GPU_DQ_CONFIGS, fam) + [at.DETERMINISTIC_DQ])
     dkdv = unique(at.configs_for(at.GPU_DKDV_CONFIGS, fam) + [at.DETERMINISTIC_DKDV])
+    table_grad = unique(at.configs_for(at.GPU_TABLE_GRAD_CONFIGS, fam) + [at.DETERMINISTIC_TABLE_GRAD])
     for N, B, T in ((197, 256, 732), (577, 64, 2212)):
         H, D = 12, 64
         q = torch.empty((B, N, 3, H, D), dtype=dtype, device=meta).permute(2, 0, 3, 1, 4)[0]  # the model's views
@@ -155,7 +156,9 @@ def attention_specs(capability: int):
                             at.dkdv_launch(q, q, q, g, lse, lse, g, g, b4, tb, ix, 0.125, False, c)))
         positions = torch.empty((T, N - 1), dtype=torch.int32, device=meta)
         dtable = torch.empty((T, H), dtype=torch.float32, device=meta)
-        out.append((f"attn_table_grad[N={N}]", "float32", at.table_grad_launch(part, positions, dtable, False)))
+        for c in table_grad:
+            out.append((f"attn_table_grad[N={N},{tag(c)}]", "float32",
+                        at.table_grad_launch(part, positions, dtable, False, c)))
     return out
 
 

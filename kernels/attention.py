@@ -68,18 +68,45 @@ GPU_FWD_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, archs=(80, 90)),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, archs=(80, 90)),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, archs=(90,)),
+    # less padding at N = 197: keys in blocks of 32 (224 computed columns instead of 256), a deeper pipeline
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, archs=(80, 90)),
+    # 32-row query tiles (224 computed rows instead of 256): too short for wgmma (m64 per warpgroup), so
+    # mma.sync; the autotuner weighs the padding saved against the slower instruction
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, archs=(80, 90)),
 ]
 GPU_DQ_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, archs=(80, 90)),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, archs=(90,)),
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1, archs=(90,)),
     dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=1, archs=(80,)),
+    # pipelined: the next key/value block is loaded while this one is multiplied (64x32 tiles need 8 warps
+    # then: with 4 they spill registers)
+    dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, archs=(80, 90)),
+    dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=3, archs=(80, 90)),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, archs=(80, 90)),
+    dict(BLOCK_M=128, BLOCK_N=16, num_warps=8, num_stages=2, archs=(80, 90)),
+    # 32-row query tiles (less padding at N = 197; mma.sync, see the forward's)
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, archs=(80, 90)),
 ]
 # dk/dv: BLOCK_N keys per program (rows of the transposed scores), BLOCK_M queries per step.
 GPU_DKDV_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2, archs=(80, 90)),
     dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=2, archs=(80, 90)),
     dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, archs=(90,)),
+    # queries in steps of 16 (208 computed query columns at N = 197 instead of 224 / 256), deeper pipeline
+    dict(BLOCK_N=64, BLOCK_M=16, num_warps=4, num_stages=3, archs=(80, 90)),
+    # 32-key programs (224 computed key rows instead of 256; mma.sync)
+    dict(BLOCK_N=32, BLOCK_M=32, num_warps=2, num_stages=2, archs=(80, 90)),
+]
+# Table gradient: BLOCK_T table rows per program, BLOCK_C positions per step. BEiT-B's table has T = 732 rows
+# (2,212 at 384 px): 16 rows a program is 46 programs, a third of an H100's 132 SMs; 8, 4 and 2 rows a program
+# spread the same reads over 92, 183 and 366 programs (the sums per row keep their order within a program).
+GPU_TABLE_GRAD_CONFIGS = [
+    dict(BLOCK_T=16, BLOCK_C=16, num_warps=4, num_stages=1, archs=(80, 90)),
+    dict(BLOCK_T=8, BLOCK_C=32, num_warps=4, num_stages=1, archs=(80, 90)),
+    dict(BLOCK_T=4, BLOCK_C=32, num_warps=4, num_stages=1, archs=(80, 90)),
+    dict(BLOCK_T=2, BLOCK_C=64, num_warps=4, num_stages=1, archs=(90,)),  # spills 8 bytes on sm_80
+    dict(BLOCK_T=4, BLOCK_C=64, num_warps=8, num_stages=1, archs=(80, 90)),
 ]
 # deterministic=True (or AUTOTUNE = False): one fixed configuration per kernel (no timing-dependent
 # choice): the first entry of each list above (valid on both families), with one pipeline stage for the
@@ -88,7 +115,7 @@ AUTOTUNE = True
 DETERMINISTIC_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 DETERMINISTIC_DQ = dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)
 DETERMINISTIC_DKDV = dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2)
-GPU_TABLE_GRAD = dict(BLOCK_T=16, BLOCK_C=16, num_warps=4, num_stages=1)
+DETERMINISTIC_TABLE_GRAD = dict(BLOCK_T=16, BLOCK_C=16, num_warps=4, num_stages=1)
 # Interpreter (CPU tests): one configuration per kernel. Python overhead is per program and per block
 # step, so blocks are large (BEiT's N = 197 still spans 4 of them; tests that want several blocks at
 # small N patch these).
@@ -121,7 +148,7 @@ def configs_for(dicts, family: int) -> list[dict]:
     return [{k: v for k, v in d.items() if k != "archs"} for d in dicts if family in d["archs"]]
 
 
-def _autotuned(kernel, dicts, key):
+def _autotuned(kernel, dicts, key, device_arg: str = "Q"):
     configs, archs = [], {}
     for d in dicts:
         d = dict(d)
@@ -131,7 +158,7 @@ def _autotuned(kernel, dicts, key):
         configs.append(c)
 
     def prune(configs, named_args, **kwargs):
-        dev = named_args["Q"].device
+        dev = named_args[device_arg].device
         fam = _device_family(dev.index if dev.index is not None else torch.cuda.current_device())
         return [c for c in configs if fam in archs[id(c)]]
 
@@ -140,11 +167,12 @@ def _autotuned(kernel, dicts, key):
 
 _INTERPRETED = is_interpreted(_attn_fwd_kernel)
 if _INTERPRETED:  # one configuration under the interpreter: no autotuner object at all
-    _FWD_TUNED = _DQ_TUNED = _DKDV_TUNED = None
+    _FWD_TUNED = _DQ_TUNED = _DKDV_TUNED = _TG_TUNED = None
 else:
     _FWD_TUNED = _autotuned(_attn_fwd_kernel, GPU_FWD_CONFIGS, _TUNE_KEY)
     _DQ_TUNED = _autotuned(_attn_bwd_dq_kernel, GPU_DQ_CONFIGS, _TUNE_KEY + ["BIAS_GRAD"])
     _DKDV_TUNED = _autotuned(_attn_bwd_dkdv_kernel, GPU_DKDV_CONFIGS, _TUNE_KEY)
+    _TG_TUNED = _autotuned(_table_grad_kernel, GPU_TABLE_GRAD_CONFIGS, ["G", "H", "T", "MAXC"], device_arg="PART")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,14 +263,13 @@ def dkdv_launch(q, k, v, do, lse, delta, dk, dv, bias4, table_t, index_t, scale,
                  args, constexprs, INTERP_DKDV if interpret else cfg)
 
 
-def table_grad_launch(part, positions, out, interpret):
+def table_grad_launch(part, positions, out, interpret, cfg=None):
     G, H, NQ, NK = part.shape
     T, C = positions.shape
-    cfg = dict(INTERP_TABLE_GRAD if interpret else GPU_TABLE_GRAD)
-    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     args = [part, positions, out, G, H, NQ * NK, T, C, out.stride(0), out.stride(1)]
-    constexprs = dict(BLOCK_H=max(2, next_pow2(H)), **cfg)
-    return _table_grad_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),), args, constexprs, opts
+    constexprs = dict(BLOCK_H=max(2, next_pow2(H)))
+    return _spec(_table_grad_kernel, _TG_TUNED, lambda m: (triton.cdiv(T, m["BLOCK_T"]),), args, constexprs,
+                 INTERP_TABLE_GRAD if interpret else cfg)
 
 
 def _spec(kernel, tuned, grid_fn, args, constexprs, cfg):
@@ -329,7 +356,8 @@ def attention_backward(do, q, k, v, out, lse, bias4, table_t, index, index_t, po
         if table_t is not None:
             T = table_t.shape[1]
             dbias = torch.empty((T, H), dtype=torch.float32, device=dev)
-            _launch(table_grad_launch(part, positions, dbias, interpret))
+            _launch(table_grad_launch(part, positions, dbias, interpret,
+                                      DETERMINISTIC_TABLE_GRAD if deterministic or not AUTOTUNE else None))
         else:
             dbias = part
     return dq, dk, dv, dbias

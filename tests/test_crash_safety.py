@@ -219,7 +219,7 @@ def test_keep_last_best_and_fallback_past_corrupt_checkpoints(toy, tmp_path, cap
 
     # An explicit --resume of a broken file is refused; so is auto when no candidate loads.
     (out / "broken.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"^error: checkpoint .*broken.pt is empty"):
+    with pytest.raises(SystemExit, match=r"^error: --resume .*broken.pt is empty"):
         pretrain.main(args(5, "--resume", str(out / "broken.pt")))
     for p in out.glob("checkpoint-*.pt"):
         p.write_bytes(b"not a checkpoint")

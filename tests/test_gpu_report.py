@@ -55,6 +55,26 @@ def test_failing_stage_and_budget(tmp_path):
     assert res.status == "timed out" and res.limit_s <= 3
 
 
+def test_pytest_stage_writes_its_outcome_as_a_row(tmp_path):
+    """A stage that runs pytest leaves its counts and failing ids in the report (not only in the log), also
+    when it is killed before pytest's summary."""
+    test_file = tmp_path / "test_x.py"
+    test_file.write_text("import pytest\ndef test_a(): pass\ndef test_b(): assert 0\n"
+                         "@pytest.mark.skip\ndef test_c(): pass\n")
+    cmd = [PY, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", str(test_file)]
+    with open(tmp_path / "log", "w") as log:
+        res = R.run_stage(R.Stage("t", cmd, 120, 1, "x", min_s=1), tmp_path / "t.jsonl", time.time() + 200,
+                          tmp_path, {**__import__("os").environ, "PYTEST_ADDOPTS": ""}, log)
+    assert res.status == "failed"
+    (row,) = R.read_rows(tmp_path / "t.jsonl")
+    assert (row["table"], row["passed"], row["failed"], row["skipped"]) == ("tests", 1, 1, 1)
+    assert row["failures"] == [f"{test_file.name}::test_b"] or row["failures"][0].endswith("test_x.py::test_b")
+    cut = R.pytest_outcome("..F.s", "t", "timed out")
+    assert cut["passed"] is None and cut["status"] == "timed out"
+    md = "\n".join(R.markdown_table("tests", [row]))
+    assert "| t | failed | 1 | 1 | 1 |" in md
+
+
 def test_read_rows_skips_a_line_cut_short(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text('{"table": "step", "name": "a"}\n{"table": "step", "na')
@@ -107,6 +127,37 @@ def test_ratios_summary_and_overlap():
     assert "best cudnn 0.700 ms" in text  # cudnn is the fastest candidate within tolerance ("bad" is not)
     assert "beit_fast_sync_free" in text and "ranges overlap" in text
     assert "fp8 loss curve" in "\n".join(R.summary_lines(rows + R.derived_rows(rows)))
+
+
+def test_headline_is_the_fastest_of_ours_and_the_table_path_decides_attention(tmp_path):
+    """Call 1 measures beit_fast with attention triton and sdpa: the ratios are about the faster one; the
+    attention rows of the model's path (table) decide the proposed AUTO_PRIORITY and the summary's best,
+    the dense rows are shown too; each kernel's own row and the autotuner's choice are in the report."""
+    step = lambda name, ms: {"table": "step", "name": name, "runs": name, "ms": ms, "ms_min": ms - 1,  # noqa
+                             "ms_max": ms + 1, "images_per_s": 256 / ms * 1e3}
+    att = lambda path, cand, ms: {"table": "attention", "path": path, "shape": "B256 H12 N197 Dh64",  # noqa
+                                  "candidate": cand, "ms": ms, "ms_min": ms, "ms_max": ms, "ok": True}
+    rows = [step("beit_fast_triton", 80.0), step("beit_fast_sdpa", 95.0), step("reference_eager", 200.0),
+            step("timm_compiled", 100.0), att("table", "triton", 0.9), att("table", "sdpa", 2.8),
+            att("dense", "sdpa", 0.5), att("dense", "triton", 1.5),
+            {"table": "attention_backends", "backends": ["math", "sdpa", "flex", "xformers", "triton"]},
+            {"table": "attention_kernels", "shape": "B256 H12 N197 Dh64", "kernel": "table gradient", "ms": 0.05,
+             "ms_min": 0.05, "ms_max": 0.06, "config": "BLOCK_T: 4, BLOCK_C: 32, num_warps: 4",
+             "configs_ms": {"BLOCK_T: 16": 0.09}}]
+    assert R.headline(rows) == "beit_fast_triton" and R.headline(rows[1:]) == "beit_fast_sdpa"
+    text = "\n".join(R.summary_lines(rows))
+    assert "beit_fast_triton step: 80.0 ms" in text and "vs eager reference: 2.50x" in text
+    assert "vs best compiled peer (timm_compiled): 1.25x" in text
+    assert "attention B256 N197 fwd+bwd (table bias): best triton 0.900 ms" in text
+    rat = {(r["a"], r["b"]): r["speedup"] for r in R.ratios(rows)}
+    assert rat[("beit_fast_triton", "beit_fast_sdpa")] == pytest.approx(95 / 80)
+    assert "attention triton vs sdpa in the whole step: 1.188x" in text and "option beit_fast_triton" not in text
+    prop = R.propose_auto_priority(rows, R.attention_backends(rows))
+    assert prop["order"][:2] == ("triton", "sdpa")  # the table path's order, not the dense one's
+    md = R.write_report(tmp_path, "stem", {"card": "Fake GPU"}, [], rows, [])
+    assert "| table | B256 H12 N197 Dh64 | triton | 0.900 |" in md and "| dense | B256 H12 N197 Dh64 | sdpa |" in md
+    assert md.index("| table | B256") < md.index("| dense | B256")
+    assert "| B256 H12 N197 Dh64 | table gradient | 0.050 |" in md and "BLOCK_T: 4, BLOCK_C: 32" in md
 
 
 def _finetune_rows() -> list[dict]:
@@ -167,6 +218,28 @@ def test_fast_stage_loss_curve_runs_on_cpu(tmp_path):
     assert all(0 < x < 20 for x in curve["losses"])
 
 
+def test_cpu_smoke_compiles_the_headline_steps(tmp_path):
+    """Call 1's headline rows as the GPU runs them, at CPU sizes: beit_fast with attention triton (its kernels in
+    Triton's interpreter) and sdpa, each through inductor's torch.compile on the CPU (a compile-time failure
+    shows here, not first on the card), then the profile of the faster one (about 60 s of CPU time)."""
+    rows_file = tmp_path / "rows.jsonl"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "BEIT_FAST_SMOKE_NO_COMPILE"}
+    r = subprocess.run([PY, str(BENCH / "gpu_stages.py"), "step", "--variants", "beit_fast_triton,beit_fast_sdpa",
+                        "--extras", "profile", "--repeats", "1", "--rows", str(rows_file)], capture_output=True,
+                       text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = R.read_rows(rows_file)
+    steps = [row for row in rows if row["table"] == "step"]
+    assert [row["name"] for row in steps] == ["beit_fast_triton", "beit_fast_sdpa"]
+    assert all("error" not in row and row["ms"] > 0 for row in steps), steps
+    assert "attention=triton" in steps[0]["runs"] and "attention=sdpa" in steps[1]["runs"]
+    assert all(row["compiled_graphs"] >= 1 for row in steps)  # inductor compiled each (not the eager fallback)
+    assert steps[0]["first_loss"] == pytest.approx(steps[1]["first_loss"], rel=1e-3)  # same init, same batch
+    fastest = min(steps, key=lambda row: row["ms"])["name"]
+    profile = [row for row in rows if row["table"] == "profile"]
+    assert profile and {row["variant"] for row in profile} == {fastest}
+
+
 def test_proposed_auto_priority_keeps_only_backends_and_ranks_failures_last():
     rows = _rows()
     prop = R.propose_auto_priority(rows, R.attention_backends(rows))
@@ -203,7 +276,7 @@ def test_gpu_report_main_runs_stages_and_writes_after_each(tmp_path, monkeypatch
     fake = [R.Stage("env", _emit_cmd(1), 30, 1, "first", min_s=1),
             R.Stage("hang", _emit_cmd(1, "import time; time.sleep(60)"), 4, 1, "hangs", min_s=1),
             R.Stage("never", _emit_cmd(1), 30, 1, "needs more budget", min_s=500)]
-    monkeypatch.setattr(gpu_report, "build_plan", lambda args: ([], fake))
+    monkeypatch.setattr(gpu_report, "build_plans", lambda args, cuda=True: {1: fake})
     monkeypatch.setattr(gpu_report, "WHEEL_DIR", tmp_path / "no-wheels")
     monkeypatch.setattr(gpu_report, "source_shim", lambda env: "this tree")
     out = tmp_path / "out"
@@ -211,33 +284,121 @@ def test_gpu_report_main_runs_stages_and_writes_after_each(tmp_path, monkeypatch
     assert rc == 0
     md = (out / "LATEST.md").read_text()
     assert "| env | first | ok |" in md and "| hang | hangs | timed out |" in md and "| never | needs more budget | skipped |" in md
-    data = json.loads(next(out.glob("*-cpu-smoke.json")).read_text())
+    data = json.loads(next(out.glob("*-cpu-smoke-plan1.json")).read_text())
     assert len([r for r in data["rows"] if r["table"] == "step"]) == 2
 
 
-def test_default_plan_order_and_only():
+def _args(**kw):
     import argparse
+
+    return argparse.Namespace(**{**dict(batch=None, repeats=5, curve_steps=120, only="", skip="", plan=1), **kw})
+
+
+def test_call1_fits_the_command_limit_on_an_h100_in_order():
+    """Call 1: environment, the CUDA tests of our attention, the table-path attention candidates, then the
+    headline step table in one process (beit_fast triton and sdpa, the eager reference, HF eager, timm compiled,
+    HF compiled) with the profile; planned seconds on an H100 and its stage limits within 540 s."""
+    import gpu_report
+
+    plans = gpu_report.build_plans(_args())
+    call1 = plans[1]
+    assert [s.name for s in call1] == ["env", "attention_tests", "attention_table", "steps"]
+    assert gpu_report.planned_total(call1, "H100") <= gpu_report.COMMAND_LIMIT_S <= 540
+    assert gpu_report.SETUP_S["H100"] + sum(s.limit_s for s in call1) <= 540
+    assert gpu_report.planned_total(call1, "H200") <= gpu_report.planned_total(call1, "H100")
+    tests, table, steps = call1[1:]
+    assert "tests/test_ops_attention_triton.py" in tests.cmd and tests.planned("H100") <= 75
+    cands = table.cmd[table.cmd.index("--candidates") + 1].split(",")
+    assert table.cmd[2] == "attention_table" and "triton" in cands and "sdpa" in cands
+    variants = steps.cmd[steps.cmd.index("--variants") + 1].split(",")
+    assert variants[:2] == ["beit_fast_triton", "beit_fast_sdpa"]
+    assert {"reference_eager", "hf_eager", "timm_compiled", "hf_compiled"} <= set(variants)
+    assert "profile" in steps.cmd[steps.cmd.index("--extras") + 1]
+    # call 2 and the later plans hold the rest, each within the limit too
+    rest = {s.name for n in (2, 3, 4) for s in plans[n]}
+    assert {"finetune", "end_to_end", "tokenizer", "hf_patched_compiled", "fp8", "options", "autotune",
+            "gpu_tests"} <= rest
+    assert [s.name for s in plans[2]][1] == "finetune"
+    for n in (2, 3, 4):
+        assert gpu_report.planned_total(plans[n], "H100") <= 540, n
+    text = gpu_report.plan_text(plans)
+    assert "plan 1 (call 1;" in text and f"{gpu_report.planned_total(call1):>7.0f}" in text
+
+
+def test_stage_selection_only_skip_and_errors():
+    import gpu_report
+
+    plans = gpu_report.build_plans(_args())
+    assert [s.name for s in gpu_report.select_stages(_args(only="fp8"), plans)] == ["env", "options", "fp8"]
+    assert [s.name for s in gpu_report.select_stages(_args(only="steps,finetune"), plans)] == ["env", "steps",
+                                                                                              "finetune"]
+    assert [s.name for s in gpu_report.select_stages(_args(plan=2, skip="end_to_end"), plans)] == ["env", "finetune"]
+    with pytest.raises(SystemExit, match="unknown stage"):
+        gpu_report.select_stages(_args(only="nonsense"), plans)
+    with pytest.raises(SystemExit, match="plans are 1, 2, 3, 4"):
+        gpu_report.select_stages(_args(plan=9), plans)
+
+
+def test_dry_plan_needs_no_gpu(capsys):
+    import gpu_report
+
+    assert gpu_report.main(["--dry-plan"]) == 0
+    out = capsys.readouterr().out
+    for text in ("plan 1 (call 1;", "attention_table", "H100 s", "H200 s", "plan 2 (call 2", "a session: 900 s"):
+        assert text in out, text
+
+
+def test_source_shim_never_puts_the_repository_root_on_the_path(tmp_path, monkeypatch):
+    """Without an installed beit_fast, the stages see this tree's package through a folder holding only a link
+    to it: ``import kernels`` does not find our kernels/ folder, beit_fast.kernels is ours."""
+    import gpu_report
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["PYTHONNOUSERSITE"] = "1"
+    monkeypatch.setattr(gpu_report.subprocess, "run", _fail_first_probe(gpu_report.subprocess.run))
+    note = gpu_report.source_shim(env)
+    assert "not on PYTHONPATH" in note
+    paths = env["PYTHONPATH"].split(__import__("os").pathsep)
+    assert str(gpu_report.ROOT) not in paths
+    site = Path(paths[0])
+    assert [p.name for p in site.iterdir()] == ["beit_fast"]
+    code = ("import importlib.util, beit_fast, beit_fast.kernels.attention as ka; "
+            "print(beit_fast.__file__); print(ka.__file__); "
+            "s = importlib.util.find_spec('kernels'); print(s and list(s.submodule_search_locations or []))")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pkg, kern, spec = r.stdout.splitlines()
+    assert pkg.startswith(str(site)) and "kernels/attention.py" in kern
+    assert str(gpu_report.ROOT / "kernels") not in spec
+
+
+def test_fetch_gpu_wheels_script_carries_what_the_report_expects():
+    """benchmarks/fetch_gpu_wheels.sh downloads one pinned wheel of each package gpu_report names (no xformers:
+    none loads with the device image's torch 2.11 + CUDA 13), and checks each name once."""
+    import re as _re
 
     import gpu_report
 
-    args = argparse.Namespace(batch=None, repeats=5, curve_steps=120, warm_limit=170, only="", skip="", no_warm=False)
-    warm, plan = gpu_report.build_plan(args)
-    names = [s.name for s in plan]
-    assert names[:3] == ["env", "fast", "eager"] and names[-1] == "autotune"
-    assert {"attention", "timm", "hf_compiled", "ref_compiled", "kernels", "fp8", "cudagraphs", "attention_flex"} <= set(names)
-    assert names.index("finetune") == names.index("attention_flex") + 1  # first after the budget line
-    assert sum(s.expect_s for s in plan if s.name not in ("finetune", "gpu_tests", "end_to_end", "tokenizer", "hf_patched_compiled",
-                                                        "autotune")) \
-        + 10 + args.warm_limit <= 600
-    warmed = ",".join(s.cmd[s.cmd.index("--variants") + 1] for s in warm)
-    assert "beit_fast_fp8" in warmed and "timm_compiled" in warmed and "autotune" not in warmed
-    args.only, args.no_warm = "cudagraphs", False
-    warm, plan = gpu_report.build_plan(args)
-    assert [s.name for s in plan] == ["env", "fast", "cudagraphs"] and warm == []
-    assert "--extras" not in plan[1].cmd  # the baseline row alone
-    args.only = "nonsense"
-    with pytest.raises(SystemExit, match="unknown stage"):
-        gpu_report.build_plan(args)
+    text = (BENCH / "fetch_gpu_wheels.sh").read_text()
+    specs = _re.search(r"^WHEELS=\(([^)]*)\)", text, _re.M).group(1).split()
+    assert [x.split("==")[0] for x in specs] == list(gpu_report.CARRIED_WHEELS)
+    assert all(_re.fullmatch(r"[\w.-]+==[\d.]+", x) for x in specs), specs
+    checked = _re.search(r"^for name in ([^;]*); do", text, _re.M).group(1).split()
+    assert checked == [n.replace("-", "_") for n in gpu_report.CARRIED_WHEELS]
+    assert "xformers==" not in text
+
+
+def _fail_first_probe(run):
+    """subprocess.run whose first call (the 'is beit_fast installed from this tree' probe) says no."""
+    calls = []
+
+    def fake(*a, **k):
+        calls.append(a)
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(a[0], 1, "", "not installed")
+        return run(*a, **k)
+
+    return fake
 
 
 # --------------------------------------------------------------------------------------------------

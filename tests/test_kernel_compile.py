@@ -1,7 +1,8 @@
 """Ahead-of-time compile of every Triton kernel for A100 (sm_80) and H100 (sm_90a), on a machine
 without a GPU, at the configurations the launchers use at BEiT shapes (fp16 and bf16; D = 768 / 1024,
 P = 16, V = 8192; attention: every autotuner configuration of the card's family and the deterministic
-ones, bf16, H 12, Dh 64, N 197 and 577, relative-position table and dense bias).
+ones, bf16, H 12, Dh 64, N 197 and 577, relative-position table and dense bias; every table-gradient
+configuration).
 
 The root conftest runs this process under TRITON_INTERPRET=1, where ``@triton.jit`` objects are
 interpreter wrappers that cannot be compiled; so each target is compiled in a fresh subprocess with
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,10 +96,53 @@ def test_attention_kernels_compile_at_beit_shapes(compiled, cap):
                 for c in at.configs_for(configs, fam):
                     tag = ",".join(f"{k}={v}" for k, v in c.items())
                     assert f"{prefix}[{mode},N={n},{tag}]" in names, (prefix, mode, n, tag)
-        assert f"attn_table_grad[N={n}]" in names
+        for c in at.configs_for(at.GPU_TABLE_GRAD_CONFIGS, fam) + [at.DETERMINISTIC_TABLE_GRAD]:
+            tag = ",".join(f"{k}={v}" for k, v in c.items())
+            assert f"attn_table_grad[N={n},{tag}]" in names, (n, tag)
     for r in res:
         if r["kernel"] in ATTENTION_KERNELS:
-            assert r["has_wgmma"] if cap == 90 else r["has_mma_sync"], f"{r['name']}: no tensor-core instructions"
+            # wgmma takes 64 rows per warpgroup: a tile with fewer rows (the 32-row configurations that cut the
+            # padding at N = 197) gets mma.sync, tensor cores still
+            rows = int(re.search(r"BLOCK_N=(\d+)" if r["kernel"] == "_attn_bwd_dkdv_kernel" else r"BLOCK_M=(\d+)",
+                                 r["name"]).group(1))
+            want = "has_wgmma" if cap == 90 and rows >= 64 else "has_mma_sync"
+            assert r[want], f"{r['name']}: no {want[4:]} (tensor-core) instructions"
+
+
+OTHER_TRITON = os.environ.get("BEIT_FAST_TRITON_SITE")  # a folder holding another Triton (pip install --target)
+
+
+@pytest.mark.skipif(not OTHER_TRITON, reason="set BEIT_FAST_TRITON_SITE to a folder holding another Triton (the "
+                    "GPU image's 3.6: a 188 MB wheel, not downloaded by CI)")
+def test_other_triton_compiles_every_kernel_for_sm90a(tmp_path):
+    """The lent GPU's image runs Triton 3.6, CI 3.8: every kernel at every configuration also compiles for
+    sm_90a with the Triton in BEIT_FAST_TRITON_SITE, within the shared memory, with tensor-core instructions.
+    Register spills are reported, not failed: a spilling configuration is still correct, and the autotuner
+    times it against the others on the card.
+
+        pip download --no-deps --only-binary=:all: triton==3.6.0 -d /tmp/t36
+        pip install --no-deps --target /tmp/t36site /tmp/t36/triton-3.6.0-*.whl
+        BEIT_FAST_TRITON_SITE=/tmp/t36site pytest tests/test_kernel_compile.py -k other_triton
+    """
+    path = tmp_path / "sm90.json"
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [OTHER_TRITON, os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__, triton.__file__)"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split()[1].startswith(OTHER_TRITON), r.stdout + r.stderr
+    p = subprocess.run([sys.executable, "-m", "beit_fast.kernels._compile_check", "--capability", "90", "--json",
+                        str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, f"Triton {r.stdout.split()[0]}: compile for sm_90a failed:\n{p.stderr[-4000:]}"
+    res = json.loads(path.read_text())
+    assert {x["kernel"] for x in res} >= set(ALL_KERNELS + ATTENTION_KERNELS + ("_table_grad_kernel",))
+    for x in res:
+        assert x["has_cubin"] and x["ptx_target"] == "sm_90a" and 0 <= x["shared"] <= SHARED_LIMIT[90], x
+        if x["kernel"] in GEMM_KERNELS:
+            assert x["has_wgmma"], x["name"]
+        if x["kernel"] in ATTENTION_KERNELS:
+            assert x["has_wgmma"] or x["has_mma_sync"], x["name"]
+    spills = [f"{x['name']} {x['dtype']}: {x['stack_bytes']} B" for x in res if x["stack_bytes"]]
+    print(f"Triton {r.stdout.split()[0]}: {len(res)} kernels for sm_90a; register spills: {spills or 'none'}")
 
 
 @pytest.mark.parametrize("cap", [80, 90])

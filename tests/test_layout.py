@@ -18,10 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "beit_fast"
 
 #: ``python -m beit_fast.<name>``
-ENTRY_POINTS = {"pretrain", "finetune", "linear_probe", "train_tokenizer", "visualize", "convert", "evidence"}
+ENTRY_POINTS = {"pretrain", "finetune", "linear_probe", "train_tokenizer", "visualize", "convert", "evidence", "segment"}
 
 #: Stage folders, bottom-up: a module of a stage imports only its own stage and those before it.
-STAGES = ["utils", "kernels", "ops", "tokenizer", "data", "model", "interop", "config", "train", "visualization"]
+STAGES = ["utils", "kernels", "ops", "tokenizer", "data", "model", "interop", "config", "train", "visualization",
+          "segmentation"]
 
 
 def _modules() -> dict[str, Path]:

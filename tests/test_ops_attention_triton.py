@@ -1,8 +1,9 @@
 """The "triton" attention backend (beit_fast/kernels/attention.py) against the math reference.
 
 CPU: the kernels run under Triton's interpreter (root conftest), at small shapes. CUDA: the same tests run
-the compiled kernels with ``BEIT_FAST_REAL_GPU=1`` (a trimmed set of cases, fixed configurations instead
-of autotuning so that each case compiles once; one test exercises the autotuner):
+the compiled kernels with ``BEIT_FAST_REAL_GPU=1`` (a trimmed set of cases plus BEiT-B's shapes at N 197 and
+577, fixed configurations instead of autotuning so that each case compiles once; one test exercises the
+autotuner, every configuration valid on the card; on CPU each configuration is forced in turn):
 
     BEIT_FAST_REAL_GPU=1 pytest tests/test_ops_attention_triton.py
 
@@ -49,7 +50,7 @@ def fixed_configs(monkeypatch):
 
 
 def _window(n: int) -> tuple[int, int]:
-    return {13: (3, 4), 17: (4, 4), 50: (7, 7), 197: (14, 14)}[n]
+    return {13: (3, 4), 17: (4, 4), 50: (7, 7), 197: (14, 14), 577: (24, 24)}[n]
 
 
 def _make(b, h, n, d, dv=None, seed=0):
@@ -135,6 +136,21 @@ def test_dense_bias_matches_reference(b, h, n, d, dtype):
     with torch.no_grad():
         bias.relative_position_bias_table.copy_(table)
     _check(dtype, q=q, k=k, v=v, dout=dout, bias=bias())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="BEiT-B sizes take minutes in the interpreter: CUDA only")
+@pytest.mark.parametrize("n", [197, 577])
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("mode", ["table", "dense"])
+def test_beit_b_shapes(mode, dtype, n):
+    """BEiT-B's attention (12 heads, head dim 64) at 224 px (N = 197) and 384 px (N = 577), table path (the
+    model's) and dense bias (the HF / timm patches'), bf16 and fp16."""
+    q, k, v, dout, table, index = _make(4 if n == 197 else 2, 12, n, 64, seed=13)
+    if mode == "table":
+        _check(dtype, q=q, k=k, v=v, dout=dout, table=table, index=index)
+    else:
+        _check(dtype, q=q, k=k, v=v, dout=dout, bias=table[index].permute(2, 0, 1).contiguous())
 
 
 @pytest.mark.parametrize("dtype", [_case(F32), _case(F16, cuda=True)], ids=str)
@@ -243,6 +259,31 @@ def test_long_sequence_key_loop(monkeypatch):
         monkeypatch.setattr(KA, name, dict(cfg, **small))
     q, k, v, dout, table, index = _make(3, 1, 50, 16, seed=7)
     _check(F32, q=q, k=k, v=v, dout=dout, table=table, index=index)
+
+
+def _entries(name: str) -> list[dict]:
+    """Every entry of a GPU configuration list of the kernels (both architecture families), untagged."""
+    return [{k: v for k, v in d.items() if k != "archs"} for d in getattr(KA, name)]
+
+
+_TUNED_LISTS = (("INTERP_FWD", "GPU_FWD_CONFIGS"), ("INTERP_DQ", "GPU_DQ_CONFIGS"),
+                ("INTERP_DKDV", "GPU_DKDV_CONFIGS"), ("INTERP_TABLE_GRAD", "GPU_TABLE_GRAD_CONFIGS"))
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA test_cuda_autotuned_beit_shape runs every configuration valid on the card")
+@pytest.mark.parametrize("i", range(max(len(getattr(KA, gpu)) for _, gpu in _TUNED_LISTS)))
+def test_every_autotuner_configuration(i, monkeypatch):
+    """Each configuration the autotuner may pick, forced in turn (the interpreter runs one configuration per
+    kernel): entry i of every list (the shorter lists wrap around), table path at N = 50 (one to four blocks of
+    16-128, the last one padded) in fp32, and the dense bias in bf16 at N = 17: the reference's values and
+    gradients."""
+    for interp, gpu in _TUNED_LISTS:
+        entries = _entries(gpu)
+        monkeypatch.setattr(KA, interp, entries[i % len(entries)])
+    q, k, v, dout, table, index = _make(3, 2, 50, 16, seed=11)
+    _check(F32, q=q, k=k, v=v, dout=dout, table=table, index=index)
+    q, k, v, dout, table, index = _make(3, 2, 17, 16, seed=12)
+    _check(BF16, q=q, k=k, v=v, dout=dout, bias=table[index].permute(2, 0, 1).contiguous())
 
 
 def test_index_plan_positions_and_errors():

@@ -183,7 +183,7 @@ def load_state_dict_any(
 
 def load_pretrained(
     model: VisionTransformerForClassification, source: str | os.PathLike | Mapping, *, strict_backbone: bool = True,
-    rel_pos_resize: str = "bicubic", trust_pickle: bool = False,
+    rel_pos_resize: str = "bicubic", trust_pickle: bool = False, optional: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load pretrained weights into ``model`` the way the official fine-tuning does; returns
     ``{"missing": [...], "unexpected": [...], "notes": [...]}`` (keys of the model left at their init,
@@ -198,8 +198,10 @@ def load_pretrained(
     mean pooling; ``head.*`` dropped when its shape differs. ``fc_norm`` and ``head`` of a fine-tuned
     checkpoint load when their shapes fit.
 
+    ``optional``: more key prefixes that may stay at their init (the segmenter's neck: ``fpn1.``, ``fpn2.``).
+
     Raises :class:`PretrainedLoadError` (a ValueError) before touching the model when a backbone weight
-    (anything but ``head``, ``fc_norm``, index buffers) is missing and ``strict_backbone``, or when a shape
+    (anything but ``head``, ``fc_norm``, ``optional``, index buffers) is missing and ``strict_backbone``, or when a shape
     differs in a way not handled above.
     """
     sd, _ = load_state_dict_any(source, trust_pickle=trust_pickle)
@@ -211,7 +213,7 @@ def load_pretrained(
     _resize_rel_pos_tables(sd, own, grid, rel_pos_resize, notes)
     _fit_pos_embed(sd, own, grid, notes)
     _drop_unfit_norm_and_head(model, sd, own, notes)
-    missing, unexpected = _check_fit(sd, own, strict_backbone)
+    missing, unexpected = _check_fit(sd, own, strict_backbone, optional)
     if unexpected:
         notes.append(f"{len(unexpected)} checkpoint keys not used: {unexpected[:8]}")
     with torch.no_grad():
@@ -303,7 +305,7 @@ def _drop_unfit_norm_and_head(model: VisionTransformerForClassification, sd: dic
 
 
 def _check_fit(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
-               strict_backbone: bool) -> tuple[list[str], list[str]]:
+               strict_backbone: bool, optional: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """``(missing, unexpected)`` keys of the adapted state dict; raises for a shape that still differs and,
     with ``strict_backbone``, for a missing backbone weight."""
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -313,7 +315,7 @@ def _check_fit(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
                                   "check --model / embed_dim / depth / patch_size):\n  " + "\n  ".join(mismatched))
     missing = [k for k in own if k not in sd and not k.endswith("relative_position_index")]
     unexpected = [k for k in sd if k not in own]
-    optional = ("head.", "fc_norm.")
+    optional = ("head.", "fc_norm.") + tuple(optional)
     backbone_missing = [k for k in missing if not k.startswith(optional)]
     if backbone_missing and strict_backbone:
         raise PretrainedLoadError(

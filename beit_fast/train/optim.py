@@ -114,7 +114,7 @@ def layer_id_for_vit(name: str, num_layers: int) -> int:
 
 
 def param_groups_layer_decay(
-    model: nn.Module, weight_decay: float, layer_decay: float, no_weight_decay=(),
+    model: nn.Module, weight_decay: float, layer_decay: float, no_weight_decay=(), *, layer_id=None,
 ) -> list[dict]:
     """Parameter groups for fine-tuning with layer-wise lr decay (official ``get_parameter_groups``).
 
@@ -125,7 +125,10 @@ def param_groups_layer_decay(
     ending in ``.bias``, ``model.no_weight_decay()`` and the names in ``no_weight_decay`` (exact names, as
     officially); everything else, including the relative position bias tables, decays (official default).
     Apply a schedule with :func:`apply_schedule`, which multiplies the lr by ``lr_scale``.
+    ``layer_id``: ``(name, num_layers) -> layer`` in place of :func:`layer_id_for_vit` (a model whose trunk
+    is under a prefix, e.g. the segmenter's ``backbone.``).
     """
+    layer_id_fn = layer_id or layer_id_for_vit
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if hasattr(model, "get_num_layers"):
@@ -140,12 +143,12 @@ def param_groups_layer_decay(
         if not param.requires_grad:
             continue
         exempt = param.ndim == 1 or name.endswith(".bias") or name in skip
-        layer_id = layer_id_for_vit(name, num_layers)
-        key = (layer_id, "no_decay" if exempt else "decay")
+        layer = layer_id_fn(name, num_layers)
+        key = (layer, "no_decay" if exempt else "decay")
         if key not in groups:
             groups[key] = {
                 "params": [], "param_names": [], "weight_decay": 0.0 if exempt else weight_decay,
-                "lr_scale": layer_decay ** (num_layers + 1 - layer_id), "layer_id": layer_id,
+                "lr_scale": layer_decay ** (num_layers + 1 - layer), "layer_id": layer,
             }
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)

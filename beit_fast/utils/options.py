@@ -32,9 +32,10 @@ def torch_file_problem(flag: str, path: str, what: str = "checkpoint") -> str | 
         return None if isinstance(e, FileNotFoundError) else f"{flag} {path}: cannot be read ({e.strerror or e})"
     if head.startswith(TORCH_ZIP_MAGIC) or head[:1] == b"\x80":
         return None
-    shown = repr(head) if head else "an empty file"
+    if not head:
+        return f"{flag} {path} is empty: not a {what}"
     return (f"{flag} {path} is not a {what}: no zip archive (torch.save's format) and no pickle header "
-            f"(its first bytes are {shown})")
+            f"(its first bytes are {head!r})")
 
 #: Named model sizes: the keys of :data:`beit_fast.model.beit.MODEL_CONFIGS` (a test checks they agree).
 MODEL_NAMES: tuple[str, ...] = ("base", "large", "small", "tiny")
