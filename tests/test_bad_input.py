@@ -55,7 +55,8 @@ def run_expecting_error(argv):
         pretrain.main(argv)
     code = exc.value.code
     if code == 2:  # argparse: usage + "prog: error: ..." on stderr
-        message = err.getvalue().strip().splitlines()[-1]
+        lines = err.getvalue().strip().splitlines()  # the usage error, then a pointer to --help
+        message = next((line for line in lines if ": error: " in line), lines[-1])
         assert ": error: " in message, message
         return message
     assert isinstance(code, str) and code.startswith("error: "), code
