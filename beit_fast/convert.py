@@ -15,6 +15,7 @@ if __name__ == "__main__" and not __package__:  # run as a file (python beit_fas
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -98,12 +99,19 @@ def _is_dir_target(dst: Path) -> bool:
 def convert(args: argparse.Namespace) -> str:
     """Run one conversion; returns the summary line. Raises FileNotFoundError / FileExistsError /
     ValueError on bad input."""
+    from .utils.checkpoint import CheckpointError, atomic_write_text
     from .interop.checkpoints import (
         convert_state_dict, detect_format, detect_layout, hf_config_from_state_dict, load_state_dict,
         save_state_dict,
     )
     from .interop.conversion import same_family
 
+    for flag, value in (("--num-heads", args.num_heads), ("--img-size", args.img_size)):
+        if value is not None and not 0 < value <= 1 << 16:
+            raise ValueError(f"{flag} must be a positive integer (at most 65536), got {value}")
+    eps = args.layer_norm_eps
+    if eps is not None and not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"--layer-norm-eps must be a finite number in (0, 1), got {eps}")
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise FileNotFoundError(f"SRC not found: {src}")
@@ -150,9 +158,12 @@ def convert(args: argparse.Namespace) -> str:
         arch = {"pretrain": "BeitForMaskedImageModeling", "classification": "BeitForImageClassification",
                 "backbone": "BeitModel"}[layout]
         config.architectures = [arch]
-        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            dst.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the folder {dst}: {e.strerror or e}") from None
         save_state_dict(out, weights, format=fmt)
-        config.to_json_file(str(dst / "config.json"))
+        atomic_write_text(dst / "config.json", config.to_json_string())
     else:
         wrap = "model" if (args.to == "official" and fmt == "pt") else None
         save_state_dict(out, dst, format=fmt, wrap=wrap)
@@ -187,9 +198,11 @@ def _convert_segmentation(args: argparse.Namespace, src: Path, dst: Path, sd: di
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .utils.checkpoint import CheckpointError
+
     try:
         summary = convert(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, CheckpointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

@@ -183,6 +183,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="allow --resume checkpoints that pickle Python objects beyond tensors and plain values "
                    "(old or foreign files): they are read with Python's full unpickler, which can run arbitrary "
                    "code stored in the file; only for files you trust")
+    g.add_argument("--allow_tokenizer_change", action="store_true",
+                   help="resume although the tokenizer's weights differ from those the checkpoint was trained with "
+                   "(recorded as a SHA-256 of its weights): the MIM targets change from that step on")
     g.add_argument("--save_ckpt_freq", type=int, help="save a numbered checkpoint every N epochs")
     g.add_argument("--keep_last", type=int,
                    help="keep only the K newest numbered checkpoints (default: %(default)s; 0: keep all); "

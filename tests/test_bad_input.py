@@ -55,7 +55,8 @@ def run_expecting_error(argv):
         pretrain.main(argv)
     code = exc.value.code
     if code == 2:  # argparse: usage + "prog: error: ..." on stderr
-        message = err.getvalue().strip().splitlines()[-1]
+        lines = err.getvalue().strip().splitlines()  # the usage error, then a pointer to --help
+        message = next((line for line in lines if ": error: " in line), lines[-1])
         assert ": error: " in message, message
         return message
     assert isinstance(code, str) and code.startswith("error: "), code
@@ -443,3 +444,121 @@ def test_an_empty_folder_and_missing_dalle_weights_are_reported_at_once(toy):
     argv[argv.index("dvae")] = "dalle"
     message = run_expecting_error(argv)
     assert "no image files found" in message and "DALL-E" in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other command lines: every invalid flag named in a clear error, before any work (few examples each)
+# ---------------------------------------------------------------------------------------------------------
+BIG_SEED = str(2**64 + 1)
+
+
+def _validate_finetune(argv, _root):
+    """What ``python -m beit_fast.finetune`` checks before building anything: the flags, then the config."""
+    import dataclasses
+
+    from beit_fast import finetune
+
+    cfg = finetune.resolve_defaults(finetune.get_args_parser().parse_args(argv))
+    if cfg.layer_decay is None:  # set from the model's depth by the run
+        cfg = dataclasses.replace(cfg, layer_decay=0.65)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _validate_probe(argv, _root):
+    from beit_fast import linear_probe
+    from beit_fast.config import ProbeConfig, exit_on_problems, from_args
+
+    exit_on_problems(from_args(ProbeConfig, linear_probe.get_args_parser().parse_args(argv)).problems())
+
+
+def _validate_tokenizer(argv, root):
+    from beit_fast import train_tokenizer
+    from beit_fast.config import TokenizerConfig, exit_on_problems, from_args
+
+    args = train_tokenizer.build_parser().parse_args([*argv, "--output", str(root / "tok_out.pt")])
+    exit_on_problems(from_args(TokenizerConfig, args).problems())
+
+
+def _run_visualize(argv, root):
+    from beit_fast import visualize
+
+    visualize.main([str(root / "empty_run"), "--only", "mask", "--out_dir", str(root / "pics"), *argv])
+
+
+def _run_convert(argv, root):
+    from beit_fast import convert
+
+    raise SystemExit(convert.main([str(root / "missing.pt"), str(root / "out.pt"), *argv]))  # errors: stderr
+
+
+#: Per command line: how to run it up to its validation, valid flag values (may be combined), invalid ones
+#: (each must be named in the error; one per example, since some commands stop at the first).
+OTHER_CLIS = {
+    "finetune": (_validate_finetune, {
+        "--epochs": st.sampled_from(["1", "3"]), "--batch_size": st.just("8"), "--lr": st.sampled_from(["1e-3", "0"]),
+        "--seed": st.sampled_from(["0", "7"]), "--drop_path": st.just("0.1"), "--smoothing": st.just("0.1"),
+        "--reprob": st.just("0.25"), "--mixup": st.sampled_from(["0", "0.8"])}, {
+        "--epochs": st.sampled_from(["0", "-1"]), "--batch_size": st.just("-1"), "--lr": st.sampled_from(["nan", "1e39"]),
+        "--seed": st.sampled_from([BIG_SEED, "-1"]), "--drop_path": st.just("1"), "--reprob": st.just("2"),
+        "--hflip": st.just("-1"), "--min_crop_scale": st.just("0"), "--crop_pct": st.just("0"),
+        "--smoothing": st.just("1.5"), "--mixup": st.just("-1"), "--layer_decay": st.just("0"),
+        "--eval_freq": st.just("0"), "--nb_classes": st.just("0"), "--max_image_pixels": st.just("0"),
+        "--weight_decay": st.just("nan"), "--num_workers": st.just("-1"), "--aa": st.just("bogus"),
+        "--clip_grad": st.just("-1"), "--stop_after_steps": st.just("-1"), "--labels_per_class": st.just("0"),
+        "--input_size": st.just("0"), "--patch_size": st.just("0"), "--finetune": st.just("/nonexistent/x.pt")}),
+    "linear_probe": (_validate_probe, {
+        "--epochs": st.just("2"), "--lr": st.just("1e-3"), "--seed": st.just("3"), "--batch_size": st.just("16")}, {
+        "--epochs": st.just("0"), "--batch_size": st.just("-1"), "--seed": st.sampled_from([BIG_SEED, "-1"]),
+        "--lr": st.sampled_from(["nan", "-1"]), "--weight_decay": st.just("inf"), "--num_workers": st.just("-1"),
+        "--labels_per_class": st.just("0"), "--input_size": st.just("0"), "--max_image_pixels": st.just("0"),
+        "--finetune": st.just("/nonexistent/x.pt"), "--layer": st.just("-2")}),
+    "train_tokenizer": (_validate_tokenizer, {
+        "--steps": st.just("5"), "--batch_size": st.just("4"), "--seed": st.just("1"), "--vocab_size": st.just("64"),
+        "--input_size": st.just("32"), "--lr": st.just("1e-3")}, {
+        "--steps": st.just("0"), "--batch_size": st.just("0"), "--eval_images": st.just("-1"),
+        "--seed": st.sampled_from([BIG_SEED, "-1"]), "--lr": st.sampled_from(["nan", "-1", "0"]),
+        "--vocab_size": st.sampled_from(["1", str(2**26)]), "--input_size": st.sampled_from(["30", "0", "100000"]),
+        "--temperature_start": st.just("0"), "--kl_weight": st.just("-1"), "--save_every": st.just("-1"),
+        "--workers": st.just("-1"), "--threads": st.just("0")}),
+    "visualize": (_run_visualize, {}, {
+        "--num_images": st.sampled_from(["0", "100000000"]), "--seed": st.sampled_from(["-1", BIG_SEED]),
+        "--dpi": st.just("0"), "--only": st.just("bogus"), "--device": st.just("gpu0")}),
+    "convert": (_run_convert, {}, {
+        "--num-heads": st.sampled_from(["0", "-3"]), "--img-size": st.just("0"),
+        "--layer-norm-eps": st.sampled_from(["nan", "-1"]), "--to": st.just("x"), "--from": st.just("y")}),
+}
+N_OTHER = int(os.environ.get("BEIT_FAST_FUZZ_EXAMPLES_OTHER", 25))
+
+
+@pytest.mark.parametrize("cli", sorted(OTHER_CLIS))
+@settings(max_examples=N_OTHER, deadline=None, database=None,
+          derandomize=os.environ.get("BEIT_FAST_FUZZ_EXAMPLES_OTHER") is None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_other_clis_name_every_invalid_flag(cli, data, tmp_path):
+    """Random valid flags plus (usually) one invalid value: with it, a clear error naming that flag (argparse's
+    usage error for values it cannot parse) and no traceback; without, validation passes."""
+    run, valid, invalid = OTHER_CLIS[cli]
+    (tmp_path / "empty_run").mkdir(exist_ok=True)
+    flags = data.draw(st.dictionaries(st.sampled_from(sorted(valid)), st.none(), max_size=4).flatmap(
+        lambda keys: st.fixed_dictionaries({k: valid[k] for k in keys}))) if valid else {}
+    bad = data.draw(st.sampled_from(sorted(invalid)) if not valid else st.one_of(st.none(), st.sampled_from(sorted(invalid))))
+    if bad is not None:
+        flags = {**flags, bad: data.draw(invalid[bad])}
+    err = io.StringIO()
+    with redirect_stderr(err):
+        try:
+            run(_argv([], flags), tmp_path)
+            code = None
+        except SystemExit as e:
+            code = e.code
+    if bad is None:
+        assert code in (None, 0), f"{cli}: a valid flag set was refused: {flags}: {code}"
+        return
+    assert code not in (None, 0), f"{cli}: {bad} {flags[bad]} was accepted"
+    message = err.getvalue().strip() if isinstance(code, int) else str(code)  # int: argparse's / convert's stderr
+    assert "Traceback" not in message and "error" in message, message
+    assert bad in message or bad.lstrip("-").replace("-", "_") in message, f"{cli}: {bad} not named in {message!r}"

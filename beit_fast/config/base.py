@@ -11,7 +11,7 @@ from typing import Any, Iterable, TypeVar
 from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS, JPEG_DECODERS
 
 __all__ = ["ClassificationData", "from_args", "defaults_of", "exit_on_problems", "adamw_first_step", "FLOAT32_MAX", "lr_overflow_problems",
-           "positive_problems", "finite_problems", "jpeg_decoder_error"]
+           "positive_problems", "finite_problems", "jpeg_decoder_error", "seed_problems", "MAX_SEED"]
 
 T = TypeVar("T")
 
@@ -90,6 +90,19 @@ def finite_problems(cfg: Any, names: Iterable[str], prefix: str = "--", nonnegat
         elif name in nonnegative and value < 0:
             problems.append(f"{prefix}{name} must be >= 0, got {value}")
     return problems
+
+
+#: Largest --seed: torch's generators take a 64-bit seed, and runs derive per-epoch / per-rank seeds from it.
+MAX_SEED = 2**63 - 1
+
+
+def seed_problems(seed: int | None, prefix: str = "--") -> list[str]:
+    """``--seed`` out of ``[0, MAX_SEED]``."""
+    if seed is not None and seed < 0:
+        return [f"{prefix}seed must be >= 0, got {seed}"]
+    if seed is not None and seed > MAX_SEED:
+        return [f"{prefix}seed must be at most 2**63 - 1 = {MAX_SEED}, got {seed}"]
+    return []
 
 
 def jpeg_decoder_error(value: str) -> str | None:

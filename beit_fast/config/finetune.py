@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..utils.options import torch_file_problem
 from .pretrain import DEMO_PRETRAINED_CHECKPOINT
-from .base import FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems
+from .base import (FLOAT32_MAX, ClassificationData, adamw_first_step, jpeg_decoder_error, positive_problems,
+                   seed_problems)
 
 __all__ = ["FinetuneConfig", "FINETUNE_DEMO_DEFAULTS", "FINETUNE_OFFICIAL_DEFAULTS"]
 
@@ -184,6 +185,7 @@ class FinetuneConfig(ClassificationData):
 
         errors = positive_problems(self, ("epochs", "batch_size", "eval_freq", "input_size", "patch_size",
                                           "nb_classes", "labels_per_class", "max_image_pixels"))
+        errors += seed_problems(self.seed)
         for flag, value in (("finetune", self.finetune), ("resume", "" if self.resume == "auto" else self.resume)):
             if value and not os.path.exists(value):
                 errors.append(f"--{flag} checkpoint not found: {value}")

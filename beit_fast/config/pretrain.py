@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..utils.options import DEFAULT_MAX_IMAGE_PIXELS, torch_file_problem
-from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems
+from .base import finite_problems, jpeg_decoder_error, lr_overflow_problems, positive_problems, seed_problems
 
 __all__ = ["PretrainConfig", "DEMO_DEFAULTS", "DEMO_PRETRAINED_CHECKPOINT", "OFFICIAL_DEFAULTS", "DALLE_ENCODER_URL", "DEFAULT_KEEP_LAST",
            "INTERPOLATIONS"]
@@ -111,6 +111,7 @@ class PretrainConfig:
     resume: str = ""
     overwrite_output_dir: bool = False
     trust_pickle: bool = False
+    allow_tokenizer_change: bool = False
     save_ckpt_freq: int | None = None
     keep_last: int = DEFAULT_KEEP_LAST
     save_ckpt_steps: int = 0
@@ -179,7 +180,8 @@ class PretrainConfig:
                                             "num_samples", "tokenizer_steps", "max_mask_patches_per_block",
                                             "vocab_size"))
         problems += positive_problems(self, ("warmup_epochs", "save_ckpt_steps", "stop_after_steps", "keep_last",
-                                             "seed", "num_workers"), strict=False)
+                                             "num_workers"), strict=False)
+        problems += seed_problems(self.seed)
         if self.warmup_steps < -1:
             problems.append(f"--warmup_steps must be a step count, or -1 to use --warmup_epochs; got {self.warmup_steps}")
         problems += finite_problems(self, ("lr", "min_lr", "warmup_lr", "weight_decay", "weight_decay_end",

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 from ..utils.options import torch_file_problem
-from .base import ClassificationData, jpeg_decoder_error, positive_problems
+from .base import ClassificationData, finite_problems, jpeg_decoder_error, positive_problems, seed_problems
 
 __all__ = ["ProbeConfig"]
 
@@ -39,7 +39,11 @@ class ProbeConfig(ClassificationData):
 
     def problems(self) -> list[str]:
         """Every problem seen without loading anything, each naming its flag."""
-        problems = positive_problems(self, ("epochs", "batch_size", "max_image_pixels"))
+        problems = positive_problems(self, ("epochs", "batch_size", "max_image_pixels", "input_size", "patch_size",
+                                            "labels_per_class", "nb_classes"))
+        problems += positive_problems(self, ("num_workers", "layer"), strict=False)
+        problems += finite_problems(self, ("lr", "weight_decay"), nonnegative=("lr", "weight_decay"))
+        problems += seed_problems(self.seed)
         if self.finetune and not os.path.exists(self.finetune):
             problems.append(f"--finetune checkpoint not found: {self.finetune}")
         elif self.finetune and (problem := torch_file_problem("--finetune", self.finetune)):

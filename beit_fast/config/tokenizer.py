@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .base import positive_problems
+from .base import finite_problems, positive_problems, seed_problems
 
 __all__ = ["TokenizerConfig"]
 
@@ -42,7 +42,20 @@ class TokenizerConfig:
 
     def problems(self) -> list[str]:
         """Every problem seen without loading anything, each naming its flag (the folder first)."""
-        problems = positive_problems(self, ("steps", "batch_size", "eval_images"))
+        from ..utils.limits import DVAE_LIMITS
+
+        problems = positive_problems(self, ("steps", "batch_size", "eval_images", "threads", "input_size",
+                                            "temperature_start", "temperature_end"))
+        problems += positive_problems(self, ("save_every", "workers", "kl_weight"), strict=False)
+        problems += finite_problems(self, ("lr", "temperature_start", "temperature_end", "kl_weight"))
+        problems += seed_problems(self.seed)
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.vocab_size is not None and not 2 <= self.vocab_size <= DVAE_LIMITS["vocab_size"]:
+            problems.append(f"--vocab_size must be in [2, {DVAE_LIMITS['vocab_size']}], got {self.vocab_size}")
+        if self.input_size is not None and (self.input_size % 8 or self.input_size > DVAE_LIMITS["input_size"]):
+            problems.append(f"--input_size must be a multiple of 8 and at most {DVAE_LIMITS['input_size']}, got "
+                            f"{self.input_size}")
         if self.data_path is not None and not os.path.isdir(self.data_path):
             missing = not os.path.exists(self.data_path)
             problems.insert(0, f"--data_path {self.data_path}: image folder not found" if missing

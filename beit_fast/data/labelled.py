@@ -64,8 +64,11 @@ def load_classification_data(cfg, train_transform, eval_transform):
     if cfg.data_path is None:
         from .digits import DigitsDataset
 
-        train = DigitsDataset("train", image_size=cfg.input_size, transform=train_transform,
-                              labels_per_class=cfg.labels_per_class, seed=cfg.seed)
+        try:
+            train = DigitsDataset("train", image_size=cfg.input_size, transform=train_transform,
+                                  labels_per_class=cfg.labels_per_class, seed=cfg.seed)
+        except ValueError as e:
+            raise SystemExit(f"error: --labels_per_class {cfg.labels_per_class}: {e}") from None
         val = DigitsDataset("val", image_size=cfg.input_size, transform=eval_transform, seed=cfg.seed)
         classes = list(DigitsDataset.classes)
     else:

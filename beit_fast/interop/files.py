@@ -59,7 +59,10 @@ def _load_safetensors(path: Path, map_location) -> StateDict:
 
 def _shards(folder: Path, index_file: Path) -> list[Path]:
     """The shard files of an HF ``*.index.json``: relative paths inside ``folder`` only (a crafted index must
-    not make us read ``../outside.safetensors`` or an absolute path)."""
+    not make us read ``../outside.safetensors`` or an absolute path), each a regular file that is not itself
+    an index (``.``, ``./``, a folder, a nested index or a FIFO would recurse or hang: refused). A shard may
+    be a symbolic link (the Hugging Face cache links its snapshot files to ``../../blobs/``): the index is
+    what is untrusted, and it can only name files that whoever wrote the folder put there."""
     try:
         index = json.loads(index_file.read_text())
         names = sorted(set(index["weight_map"].values()))
@@ -72,8 +75,26 @@ def _shards(folder: Path, index_file: Path) -> list[Path]:
         parts = Path(name).parts
         if not name or os.path.isabs(name) or ".." in parts:
             raise ValueError(f"{index_file} names the shard {name!r}, outside {folder}: refusing to read it")
-        shards.append(folder / name)
+        if not parts or name.endswith(_HF_INDEX) or name.endswith(".index.json"):
+            raise ValueError(f"{index_file} names the shard {name!r}, which is not a weights file: refusing it")
+        shard = folder / name
+        _check_regular_file(shard, f"the shard {name!r} of {index_file}")
+        shards.append(shard)
     return shards
+
+
+def _check_regular_file(path: Path, what: str) -> None:
+    """``ValueError`` unless ``path`` (links followed) is a regular file: a FIFO would hang the read, a
+    folder would recurse."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"{what} cannot be read: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ValueError(f"{what} ({path}) is {kind}: refusing to read it")
 
 
 def load_state_dict(
@@ -103,6 +124,7 @@ def load_state_dict(
                     sd.update(load_state_dict(shard, map_location, trust_pickle))
                 return sd
         raise FileNotFoundError(f"{path} is a directory without {' or '.join(_HF_FILES + _HF_INDEX)}")
+    _check_regular_file(path, "the checkpoint")
     if path.suffix == ".safetensors":
         return _unwrap(_load_safetensors(path, map_location), path)
     return _unwrap(_torch_load(path, map_location, trust_pickle), path)
@@ -116,8 +138,9 @@ def save_state_dict(
     safetensors, else pt). ``wrap="model"`` stores ``{"model": state_dict}`` in a torch file, the official
     checkpoint layout (safetensors files are always flat). safetensors files get the metadata
     ``{"format": "pt"}`` that ``transformers.from_pretrained`` requires, plus ``metadata``. Tensors are
-    written contiguous and unshared (safetensors refuses views of one storage, e.g. split q/k/v). Torch
-    files are written atomically."""
+    written contiguous and unshared (safetensors refuses views of one storage, e.g. split q/k/v). Both
+    formats are written atomically with the user's umask (:func:`beit_fast.utils.checkpoint.atomic_save`); a failed
+    write is a :class:`beit_fast.utils.checkpoint.CheckpointSaveError` naming the file."""
     path = Path(path)
     if format is None:
         format = "safetensors" if path.suffix == ".safetensors" else "pt"
@@ -125,14 +148,16 @@ def save_state_dict(
         raise ValueError(f"format must be 'pt' or 'safetensors', got {format!r}")
     tensors = {k: v.detach() for k, v in state_dict.items()}
     if format == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..utils.checkpoint import _write_atomically
 
         if wrap is not None:
             raise ValueError("safetensors files hold a flat state dict: wrap is for torch files only")
         meta = {"format": "pt", **(metadata or {})}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path), metadata=meta)
-        return path
+        data = save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=meta)
+        # the package's atomic writer: temp file + fsync + rename, the user's umask, CheckpointSaveError
+        return _write_atomically(path, lambda f: f.write(data))
     from ..utils.checkpoint import atomic_save
 
     # cloned so that views (split q/k/v) do not drag their whole storage into the file

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.checkpoint import CheckpointError, extract_model_state, load_checkpoint
+from ..utils.limits import check_beit_config, check_tensors_hold_their_bytes
 from ..model.beit import BeitConfig, VisionTransformerForClassification
 from ..ops.rel_pos import relative_position_table_size, square_grid_for_table_size
 
@@ -165,6 +166,10 @@ def load_state_dict_any(
     sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise PretrainedLoadError(f"{where} holds no model weights (keys: {list(ckpt)[:8]})")
+    try:  # an architecture may be read off these shapes: each must be backed by its own bytes
+        check_tensors_hold_their_bytes(sd, where)
+    except ValueError as e:
+        raise PretrainedLoadError(str(e)) from None
     from .checkpoints import detect_format, to_official
 
     try:
@@ -328,6 +333,11 @@ def classifier_config_from_checkpoint(source: str | os.PathLike | Mapping, **ove
     LayerNorm eps is then the official 1e-6). Image size: the checkpoint's unless overridden."""
     sd, config = load_state_dict_any(source)
     if config is not None:
+        try:
+            check_beit_config(config, sd.values(), str(source) if isinstance(source, (str, os.PathLike)) else
+                              "the checkpoint")
+        except ValueError as e:
+            raise PretrainedLoadError(str(e)) from None
         known = {f.name for f in fields(BeitConfig)}
         cfg = BeitConfig(**{k: v for k, v in config.items() if k in known})
     else:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..train.checkpoint_folder import Checkpointer
-from ..utils.checkpoint import CheckpointError, load_checkpoint
+from ..utils.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from ..config.segment import SegmentConfig
 from ..utils.amp import autocast_or_null
 from ..train.optim import layer_id_for_vit, param_groups_layer_decay
@@ -277,8 +277,8 @@ def train_segmentation(model: BeitForSegmentation, train_set, val_set, cfg: Segm
     lock = claim_output_dir(out, resume=cfg.resume, overwrite=overwrite_output_dir) if out is not None else None
     try:
         if out is not None and run_args is not None:
-            with open(out / "args.json", "w") as f:
-                json.dump(run_args, f, indent=1, default=str)
+            # atomically (a link planted under the name is replaced, never followed); CheckpointSaveError on failure
+            atomic_write_text(out / "args.json", json.dumps(run_args, indent=1, default=str))
         seed_everything(cfg.seed)
         model.backbone.set_drop_path_rate(cfg.drop_path)
         model.to(device)

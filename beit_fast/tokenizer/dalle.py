@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.limits import DALLE_LIMITS, check_config_limits, check_parameter_budget
 from .base import VisualTokenizer
 from .dalle_file import dalle_state_dict_from_file
 
@@ -155,15 +156,26 @@ class DalleEncoder(VisualTokenizer):
         n_blk = len({k.split(".")[2] for k in sd if k.startswith("blocks.group_1.block_")})
         if group_count < 1 or n_blk < 1 or w_in.dim() != 4 or w_out.dim() != 4:
             raise ValueError("not a DALL-E encoder state dict: no blocks.group_*.block_* parameters")
-        return dict(group_count=group_count, n_hid=int(w_in.shape[0]), n_blk_per_group=n_blk,
-                    input_channels=int(w_in.shape[1]), vocab_size=int(w_out.shape[0]))
+        config = dict(group_count=group_count, n_hid=int(w_in.shape[0]), n_blk_per_group=n_blk,
+                      input_channels=int(w_in.shape[1]), vocab_size=int(w_out.shape[0]))
+        check_config_limits(config, DALLE_LIMITS, "DALL-E encoder state dict")
+        return config
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Tensor], input_size: int = 112) -> "DalleEncoder":
-        """Build an encoder of the right size for ``sd`` and load it strictly (weights cast to fp32)."""
-        model = cls(**cls.config_from_state_dict(sd), input_size=input_size)
+        """Build an encoder of the right size for ``sd`` and load it strictly (weights cast to fp32). The
+        encoder is first built on the meta device (no memory): one much larger than ``sd``
+        (:func:`beit_fast.utils.limits.check_parameter_budget`) is refused before it is allocated."""
+        config = cls.config_from_state_dict(sd)
+        with torch.device("meta"):
+            claimed = sum(p.numel() for p in cls(**config, input_size=input_size).parameters())
+        check_parameter_budget(claimed, sd.values(), "DALL-E encoder state dict")
+        model = cls(**config, input_size=input_size)
         sd32 = OrderedDict((k, v.detach().to(torch.float32)) for k, v in sd.items())
-        missing, unexpected = model.load_state_dict(sd32, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd32, strict=False)
+        except RuntimeError as e:  # shapes that differ
+            raise ValueError(f"state dict does not match the DALL-E encoder layout: {str(e).strip()[:500]}") from None
         if missing or unexpected:
             raise ValueError(
                 "state dict does not match the DALL-E encoder layout: "

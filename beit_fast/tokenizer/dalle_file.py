@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.checkpoint import CheckpointError, UnsafeCheckpointError, is_zip_format, load_checkpoint
+from ..utils.limits import check_tensors_hold_their_bytes, tensor_layout_problem
 
 
 class _PickledDalleModule(nn.Module):
@@ -112,10 +113,17 @@ def _rebuild_tensor(storage: Tensor, storage_offset: int, size, stride, *_ignore
     if not isinstance(storage, Tensor) or storage.dim() != 1:
         raise pickle.UnpicklingError("a tensor record does not refer to a storage")
     size, stride = tuple(int(v) for v in size), tuple(int(v) for v in stride)
+    if len(size) != len(stride) or any(n < 0 for n in size):
+        raise pickle.UnpicklingError(f"a tensor record has a malformed shape {size} / stride {stride}")
     needed = int(storage_offset) + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if all(size) else 0
     if storage_offset < 0 or any(st < 0 for st in stride) or needed > storage.numel():
         raise pickle.UnpicklingError("a tensor record reaches past its storage")
-    return storage.as_strided(size, stride, storage.storage_offset() + int(storage_offset))
+    t = storage.as_strided(size, stride, storage.storage_offset() + int(storage_offset))
+    problem = tensor_layout_problem(t)
+    if problem is not None:
+        raise pickle.UnpicklingError(f"a tensor record of shape {size} has {problem}: it claims more elements than "
+                                     "its storage holds")
+    return t
 
 
 def _rebuild_parameter(data: Tensor, *_ignored) -> Tensor:
@@ -229,13 +237,25 @@ def _read_dalle_file(path: str) -> Any:
         raise ValueError(f"{path} cannot be loaded (not a torch file, or corrupt: {e})") from None
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    except (EOFError, OverflowError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (EOFError, OverflowError, TypeError, AttributeError, IndexError, KeyError, RuntimeError,
+            RecursionError) as e:
         raise ValueError(f"{path} cannot be loaded (not a torch file, or corrupt: {type(e).__name__}: {e})") from None
 
 
-def _module_tensors(module: nn.Module, prefix: str = "") -> "OrderedDict[str, Tensor]":
+#: Deepest module nesting read from a file (the released encoder: 5 levels).
+_MAX_MODULE_DEPTH = 16
+
+
+def _module_tensors(module: nn.Module, prefix: str = "", _seen: tuple[int, ...] = ()) -> "OrderedDict[str, Tensor]":
     """The parameters and buffers of an unpickled module tree, read off its ``_parameters`` /
-    ``_buffers`` / ``_modules`` dicts (no method of the unpickled objects is called: no hooks run)."""
+    ``_buffers`` / ``_modules`` dicts (no method of the unpickled objects is called: no hooks run). A
+    module that contains itself (a reference cycle) or a tree deeper than ``_MAX_MODULE_DEPTH`` is refused."""
+    if id(module) in _seen:
+        raise ValueError(f"malformed pickled module: {prefix.rstrip('.') or 'the root'} contains itself (a reference "
+                         "cycle)")
+    if len(_seen) >= _MAX_MODULE_DEPTH:
+        raise ValueError(f"malformed pickled module: nested deeper than {_MAX_MODULE_DEPTH} levels")
+    _seen = (*_seen, id(module))
     out: OrderedDict[str, Tensor] = OrderedDict()
     state = vars(module)
     for attr in ("_parameters", "_buffers"):
@@ -250,7 +270,7 @@ def _module_tensors(module: nn.Module, prefix: str = "") -> "OrderedDict[str, Te
         raise ValueError(f"malformed pickled module (_modules is a {type(children).__name__})")
     for name, child in children.items():
         if isinstance(child, nn.Module):
-            out.update(_module_tensors(child, f"{prefix}{name}."))
+            out.update(_module_tensors(child, f"{prefix}{name}.", _seen))
     return out
 
 
@@ -280,9 +300,13 @@ def _unwrap_state_dict(obj: Any, path: str) -> "OrderedDict[str, Tensor]":
 
 def dalle_state_dict_from_file(path: str | os.PathLike) -> "OrderedDict[str, Tensor]":
     """Read a DALL-E encoder state dict (on CPU) from the released ``encoder.pkl`` or a plain state dict
-    file of the same layout. Raises ``FileNotFoundError`` (naming the path) if there is no such file."""
+    file of the same layout. Raises ``FileNotFoundError`` (naming the path) if there is no such file, and
+    ``ValueError`` for tensors that claim more than the file holds (stride-0 or overlapping views, more bytes
+    than the file: :func:`beit_fast.utils.limits.check_tensors_hold_their_bytes`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DALL-E encoder weights not found: {path!r} (expected OpenAI's encoder.pkl "
                                 "or a state dict file with the same keys)")
-    return _unwrap_state_dict(_read_dalle_file(path), path)
+    sd = _unwrap_state_dict(_read_dalle_file(path), path)
+    check_tensors_hold_their_bytes(sd, path, file_bytes=os.path.getsize(path))
+    return sd

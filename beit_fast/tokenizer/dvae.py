@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.checkpoint import CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint
+from ..utils.limits import DVAE_LIMITS, check_config_limits, check_parameter_budget, check_tensors_hold_their_bytes
 from ..utils.options import DVAE_RECOMMENDED_LR
 from .base import LOGIT_LAPLACE_EPS, VisualTokenizer
 
@@ -301,11 +302,33 @@ class DiscreteVAE(VisualTokenizer):
         The checkpoint's ``step`` and ``metrics`` are attached as ``model.checkpoint_step`` /
         ``model.checkpoint_metrics``."""
         ckpt = load_dvae_checkpoint(path, map_location)
-        model = cls(DVAEConfig.from_dict(ckpt["config"]))
+        model = cls(_checked_config(ckpt, os.fspath(path)))
         model.load_state_dict(ckpt["model"], strict=True)
         model.checkpoint_step = int(ckpt.get("step", 0))
         model.checkpoint_metrics = dict(ckpt.get("metrics", {}))
         return model.to(map_location).eval()
+
+
+def _checked_config(ckpt: Mapping[str, Any], path: str) -> DVAEConfig:
+    """The config of a dVAE checkpoint, checked before the model is allocated: each field within
+    :data:`beit_fast.utils.limits.DVAE_LIMITS`, the weights backed by their own bytes, and a model (built on the
+    meta device first) not much larger than the weights the file holds."""
+    config, weights = ckpt["config"], ckpt["model"]
+    if not isinstance(config, Mapping) or not isinstance(weights, Mapping):
+        raise ValueError(f"{path} is not a beit_fast dVAE checkpoint (its config and model are not dicts)")
+    check_config_limits(config, DVAE_LIMITS, f"{path}: config")
+    mult = config.get("channel_mult", (1, 2, 4))
+    if not isinstance(mult, (list, tuple)) or not all(isinstance(m, int) and 0 < m <= 64 for m in mult):
+        raise ValueError(f"{path}: config: channel_mult {mult!r} must hold positive integers <= 64")
+    try:
+        cfg = DVAEConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: config: {e}") from None
+    check_tensors_hold_their_bytes(weights, path)
+    with torch.device("meta"):
+        claimed = sum(p.numel() for p in DiscreteVAE(cfg).parameters())
+    check_parameter_budget(claimed, weights.values(), path)
+    return cfg
 
 
 def load_dvae_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

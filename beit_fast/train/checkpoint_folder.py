@@ -22,8 +22,9 @@ from typing import Callable, Iterable, Mapping
 
 from ..utils.checkpoint import (
     _NUMBERED, BEST_NAME, LAST_NAME, LOCK_NAME, PUBLISHED_KEY, CheckpointError, CheckpointSaveError,
-    OutputDirInUseError, copy_atomic, atomic_save, validate_checkpoint,
+    OutputDirInUseError, atomic_save, atomic_write_text, copy_atomic, validate_checkpoint,
 )
+from ..utils.run_files import RunFileError, is_publishable_name, open_run_file, write_error
 
 __all__ = ["numbered_checkpoints", "list_checkpoints", "existing_checkpoints", "remove_run_outputs",
            "find_resume_checkpoint", "prune_checkpoints", "remove_stale_temp_files", "Checkpointer", "OutputDirLock",
@@ -188,10 +189,16 @@ class Checkpointer:
 
     def restore_copies(self, state: Mapping, source: str | os.PathLike) -> list[Path]:
         """Re-publish ``source`` (the file ``state`` was loaded from) under the names its save published it
-        as, where that copy is missing or differs (a crash or a full disk between writing
+        as (``checkpoint-N.pt``, ``checkpoint-best.pt``; any other name is ignored with a warning), where that
+        copy is missing or differs (a crash or a full disk between writing
         ``checkpoint-last.pt`` and finishing its copies). Returns the files written."""
         source = Path(source)
-        names = [n for n in state.get(PUBLISHED_KEY, ()) if isinstance(n, str) and "/" not in n]
+        names = state.get(PUBLISHED_KEY, ())
+        refused = [n for n in names if not is_publishable_name(n)] if isinstance(names, (list, tuple)) else [names]
+        if refused:  # a checkpoint is data: it names only the copies the project itself writes
+            log.warning("%s asks to be re-published as %s: ignored (only checkpoint-N.pt and %s are)", source.name,
+                        ", ".join(repr(n)[:60] for n in refused[:4]), BEST_NAME)
+        names = [n for n in names if is_publishable_name(n)] if isinstance(names, (list, tuple)) else []
         todo = [n for n in names if (self.dir / n).resolve() != source.resolve()
                 and not _same_bytes(source, self.dir / n)]
         written = self._publish(source, todo)
@@ -245,10 +252,7 @@ class OutputDirLock:
             raise OutputDirInUseError(f"--output_dir {self.path.parent} is in use by another run in this process "
                                       f"(pid {os.getpid()}; lock file {self.path})")
         for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
-                raise CheckpointError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
+            fd = open_run_file(self.path, os.O_RDWR | os.O_CREAT, "lock file")
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -278,11 +282,15 @@ class OutputDirLock:
         stale = self._read(fd)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(info) + "\n").encode())
         self._fd, self._key = fd, key
         _HELD_LOCKS.add(key)
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+        except OSError as e:
+            self.release()
+            raise write_error(self.path, e, "lock file") from None
         return self.describe(stale) if stale else None
 
     def release(self) -> None:
@@ -314,19 +322,21 @@ class OutputDirLock:
 
 def trim_jsonl(path: str | os.PathLike, key: str, last: int) -> None:
     """Keep the JSON-lines records of ``path`` whose ``key`` is <= ``last`` (a resumed run logs the later
-    ones again; a line cut off by a kill, or one without ``key``, is dropped). Rewritten atomically."""
+    ones again; a line cut off by a kill, or one without ``key``, is dropped). Rewritten atomically (under a
+    ``mkstemp`` name); a symbolic link, FIFO or directory in place of the log is refused
+    (:func:`beit_fast.utils.run_files.open_run_file`)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return
     kept = []
-    with open(path) as f:
+    with os.fdopen(open_run_file(path, os.O_RDONLY, "log"), encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 if json.loads(line)[key] <= last:
                     kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    try:
+        atomic_write_text(path, "".join(kept))
+    except CheckpointSaveError as e:
+        raise RunFileError(str(e)) from None

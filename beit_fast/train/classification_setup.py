@@ -38,6 +38,7 @@ def build_classifier_for(checkpoint: str | None, num_classes: int, *, model: str
     config. ``rel_pos_bias`` None: per-block bias when the checkpoint has a relative position bias table (or
     without a checkpoint), none otherwise. The checkpoint is read once; pass the returned dict to
     :func:`load_weights`. The classifier's ``cfg`` holds the resolved image and patch size."""
+    from ..utils.limits import check_beit_config
     from ..model.beit import build_classifier, get_config
     from ..interop.pretrained import PretrainedLoadError, classifier_config_from_checkpoint, load_state_dict_any
 
@@ -51,6 +52,8 @@ def build_classifier_for(checkpoint: str | None, num_classes: int, *, model: str
     try:
         if checkpoint:
             sd, config = load_state_dict_any(checkpoint, trust_pickle=trust_pickle)
+            if config is not None and model is None:
+                check_beit_config(config, sd.values(), str(checkpoint))
             ckpt = {"model": sd, **({"model_config": config} if config else {})}
         if rel_pos_bias is None:
             rel_pos_bias = ckpt is None or any(k.endswith("relative_position_bias_table") for k in ckpt["model"])

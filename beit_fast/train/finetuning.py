@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..utils.checkpoint import CheckpointError
+from ..utils.checkpoint import CheckpointError, CheckpointSaveError, atomic_write_text
 from .checkpoint_folder import Checkpointer
 from ..config import FinetuneConfig
 from ..data.pretraining import ResumableSampler
@@ -91,8 +91,7 @@ def finetune(
     lock = claim_output_dir(out, resume=cfg.resume, overwrite=overwrite_output_dir) if out is not None else None
     try:
         if out is not None and run_args is not None:
-            with open(out / "args.json", "w") as f:
-                json.dump(run_args, f, indent=1, default=str)
+            _write_args(out / "args.json", run_args)
         return _finetune(model, train_set, val_set, cfg, device=torch.device(device), out=out, progress=progress,
                          num_classes=num_classes, trust_pickle=trust_pickle)
     finally:
@@ -237,3 +236,11 @@ def _finetune(model: nn.Module, train_set, val_set, cfg: FinetuneConfig, *, devi
             "final_top1": hooks.last_eval["top1"] if hooks.last_eval else None,
             "final_top5": hooks.last_eval["top5"] if hooks.last_eval else None, "history": result["history"],
             "steps": steps_per_epoch * cfg.epochs, "lr": cfg.effective_lr(), "interrupted": result["interrupted"]}
+
+
+def _write_args(path: Path, run_args: dict) -> None:
+    """``args.json``, written atomically (a link planted under the name is replaced, never followed)."""
+    try:
+        atomic_write_text(path, json.dumps(run_args, indent=1, default=str))
+    except CheckpointSaveError as e:
+        raise CheckpointError(f"{e}") from None

@@ -24,9 +24,11 @@ top-1 the score) - comes from a :class:`LoopHooks` object.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..utils.logs import bar_disable
+from ..utils.run_files import RunFileError, open_run_file, write_error
 from .checkpoint_folder import Checkpointer
 from .distributed import GracefulStop, any_rank
 from . import feed
@@ -192,23 +195,38 @@ class TrainLoop(LoopCheckpoints):
     def _open_logs(self) -> None:
         if not self.is_main:
             return
+        if self.out is not None:
+            # Appended to when resuming (trimmed to the checkpoint's step first); a fresh run starts it empty, so
+            # a log left by a run that never saved a checkpoint is not continued. Unbuffered: a failed write
+            # (disk full) raises here, with nothing left in a buffer to fail again at close.
+            path = self.out / "log.jsonl"
+            fresh = self.step == 0
+            if fresh and path.is_file() and path.stat().st_size:
+                log.warning("%s holds the log of a run that saved no checkpoint: starting it afresh", path)
+            self._log_file = open_run_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0),
+                                           "log")
         if self.log_dir is not None:
             from ..utils.logs import TensorBoardWriter
 
             self._tensorboard = TensorBoardWriter(self.log_dir, purge_step=self.step + 1 if self.step else None)
-        if self.out is not None:
-            self._log_file = open(self.out / "log.jsonl", "a")
 
     def _close_logs(self) -> None:
         if self._log_file is not None:
-            self._log_file.close()
+            os.close(self._log_file)
+            self._log_file = None
         if self._tensorboard is not None:
             self._tensorboard.close()
 
     def _write(self, record: dict) -> None:
         if self._log_file is not None:
-            self._log_file.write(json.dumps(record) + "\n")
-            self._log_file.flush()
+            data = (json.dumps(record) + "\n").encode()
+            try:
+                if os.write(self._log_file, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write (disk full?)")
+            except OSError as e:
+                kept = self.ckpt is not None and self.ckpt.last.is_file()
+                raise RunFileError(f"{write_error(self.out / 'log.jsonl', e, 'log')}; the run stops at step {self.step}"
+                                   + (f", its last checkpoint {self.ckpt.last} is kept" if kept else "")) from None
         if self._tensorboard is not None:
             self._tensorboard.add_scalars(record, record["step"])
 

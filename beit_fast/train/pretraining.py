@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.checkpoint import CheckpointError
+from ..utils.checkpoint import CheckpointError, atomic_write_text
 from .checkpoint_folder import Checkpointer
 from ..config import PretrainConfig, exit_on_problems
 from .loop import EpochEnd, LoopConfig, LoopHooks, NonFiniteLossError, TrainLoop
@@ -83,8 +83,9 @@ class _PretrainHooks(LoopHooks):
     records add (model config, flags, tokenizer; skipped images, the unigram baseline, memory), and the epoch
     mean loss as the score of checkpoint-best.pt."""
 
-    def __init__(self, cfg: PretrainConfig, model_config: dict, engine, data) -> None:
+    def __init__(self, cfg: PretrainConfig, model_config: dict, engine, data, tokenizer_sha256: str) -> None:
         self.cfg, self.model_config, self.engine, self.data = cfg, model_config, engine, data
+        self.tokenizer_sha256 = tokenizer_sha256
         self.loop: TrainLoop | None = None
 
     def start_epoch(self, epoch: int) -> None:
@@ -92,7 +93,8 @@ class _PretrainHooks(LoopHooks):
 
     def checkpoint_extras(self) -> dict:
         return {"model_config": self.model_config, "args": asdict(self.cfg),
-                "tokenizer": {"kind": self.cfg.tokenizer, "path": self.cfg.discrete_vae_weight_path}}
+                "tokenizer": {"kind": self.cfg.tokenizer, "path": self.cfg.discrete_vae_weight_path,
+                              "sha256": self.tokenizer_sha256}}
 
     def step_record_extras(self) -> dict:
         extras = {"skipped_images": self.data.loader.skipped.num_skipped}
@@ -128,7 +130,9 @@ def _run(cfg: PretrainConfig, dist_info, device: torch.device) -> dict:
     choose_tokenizer_precision(cfg, engine, data.dataset, device)
     if cfg.tokenize_in_loader:
         data.loader.set_tokenizer(tokenizer, engine.tokenizer_dtype)
-    hooks = _PretrainHooks(cfg, model.cfg.to_dict(), engine, data)
+    from ..tokenizer.identity import weights_sha256
+
+    hooks = _PretrainHooks(cfg, model.cfg.to_dict(), engine, data, weights_sha256(tokenizer))
     loop = TrainLoop(engine, data.loader, data.sampler, LoopConfig(
         epochs=cfg.epochs, steps_per_epoch=data.steps_per_epoch, update_freq=cfg.update_freq, batch_size=cfg.batch_size,
         images_per_step=cfg.global_batch_size, log_freq=cfg.log_freq, save_ckpt_freq=cfg.save_ckpt_freq,
@@ -138,7 +142,7 @@ def _run(cfg: PretrainConfig, dist_info, device: torch.device) -> dict:
         hooks, output_dir=cfg.output_dir, checkpointer=Checkpointer(cfg.output_dir, keep_last=cfg.keep_last)
         if is_main else None, log_dir=cfg.log_dir, dist_info=dist_info, device=device)
     hooks.loop = loop
-    _resume(cfg, loop, model.cfg.to_dict(), dist_info)
+    _resume(cfg, loop, model.cfg.to_dict(), dist_info, hooks.tokenizer_sha256)
     log.info("model %s: %.2fM parameters, vocab %d, device %s, amp %s, step %s, %s", cfg.model,
              sum(p.numel() for p in model.parameters()) / 1e6, model.cfg.vocab_size, device, engine.amp_dtype,
              "fast" if fast else "eager reference",
@@ -148,8 +152,10 @@ def _run(cfg: PretrainConfig, dist_info, device: torch.device) -> dict:
              len(data.dataset), data.steps_per_epoch, cfg.epochs, data.steps_per_epoch * cfg.epochs,
              cfg.global_batch_size, cfg.batch_size, cfg.update_freq, world, data.masking, cfg.data_pipeline)
     if is_main:
-        with open(Path(cfg.output_dir) / "args.json", "w") as f:
-            json.dump(asdict(cfg), f, indent=1, default=str)
+        try:  # atomically: a link planted under the name is replaced, never followed
+            atomic_write_text(Path(cfg.output_dir) / "args.json", json.dumps(asdict(cfg), indent=1, default=str))
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
     return _summary(_train(loop), engine, data.loader)
 
 
@@ -162,7 +168,7 @@ def _train(loop: TrainLoop) -> dict:
         raise SystemExit(f"error: {e}") from None
 
 
-def _resume(cfg: PretrainConfig, loop: TrainLoop, model_config: dict, dist_info) -> None:
+def _resume(cfg: PretrainConfig, loop: TrainLoop, model_config: dict, dist_info, tokenizer_sha256: str) -> None:
     if not cfg.resume:
         return
     try:
@@ -171,6 +177,7 @@ def _resume(cfg: PretrainConfig, loop: TrainLoop, model_config: dict, dist_info)
             raise SystemExit(f"error: checkpoint {state['_path']} was written for another model config: "
                              f"{_config_difference(state.get('model_config'), model_config)}")
         if state is not None:
+            _check_tokenizer_identity(state, cfg, tokenizer_sha256)
             _warn_if_trajectory_changes(state, cfg)
         loop.restore(state)
     except CheckpointError as e:
@@ -214,6 +221,27 @@ def _config_difference(old: dict | None, new: dict) -> str:
     old = old if isinstance(old, dict) else {}
     keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "-") != new.get(k, "-")]
     return "; ".join(f"{k}: checkpoint {old.get(k, '-')!r}, this run {new.get(k, '-')!r}" for k in keys)
+
+
+def _check_tokenizer_identity(state: dict, cfg: PretrainConfig, sha256: str) -> None:
+    """The checkpoint records the SHA-256 of its tokenizer's weights: other weights (a file retrained at the same
+    path, another file) would silently change the MIM targets, so resuming with them is refused unless
+    ``--allow_tokenizer_change``. Checkpoints without the record (older ones) are resumed with a note."""
+    tok = state.get("tokenizer") if isinstance(state.get("tokenizer"), dict) else {}
+    recorded = tok.get("sha256")
+    if recorded is None:
+        log.info("%s records no tokenizer identity: cannot check that %s is the tokenizer it was trained with",
+                 state["_path"], cfg.discrete_vae_weight_path)
+        return
+    if recorded == sha256:
+        return
+    what = (f"checkpoint {state['_path']} was trained with the tokenizer {tok.get('path')} (weights SHA-256 "
+            f"{str(recorded)[:16]}...), this run's tokenizer {cfg.discrete_vae_weight_path} has other weights (SHA-256 "
+            f"{sha256[:16]}...)")
+    if not cfg.allow_tokenizer_change:
+        raise SystemExit(f"error: {what}: resuming would change the MIM targets. Resume with the original tokenizer, "
+                         "or pass --allow_tokenizer_change if that is intended")
+    log.warning("%s; --allow_tokenizer_change: the MIM targets change from step %s on", what, state.get("step"))
 
 
 def _warn_if_trajectory_changes(state: dict, cfg: PretrainConfig) -> None:

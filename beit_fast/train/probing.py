@@ -231,6 +231,11 @@ def run_linear_probe(cfg) -> dict:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         per_layer = {str(k): v for k, v in result["per_layer"].items()}
-        with open(out / "linear_probe.json", "w") as f:
-            json.dump({"args": dataclasses.asdict(cfg), **result, "per_layer": per_layer}, f, indent=1, default=str)
+        from ..utils.checkpoint import CheckpointError, atomic_write_text
+
+        try:  # atomically: a link planted under the name is replaced, never followed
+            atomic_write_text(out / "linear_probe.json", json.dumps(
+                {"args": dataclasses.asdict(cfg), **result, "per_layer": per_layer}, indent=1, default=str))
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
     return result

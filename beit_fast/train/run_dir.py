@@ -54,7 +54,8 @@ def _claim(out: Path, resume: str, overwrite: bool) -> OutputDirLock:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
+        probe.unlink(missing_ok=True)  # left by a killed process of the same pid (or planted: never followed)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"--output_dir {out} is not writable: {e}") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from ..data.image_folder import ImageFolderDataset
 from ..data.pretraining import sample_seed
 from ..data.samples import PHOTOGRAPHS, SampleImages
 from ..tokenizer.dvae import PRESETS, RECOMMENDED_LR, DVAEConfig
+from ..utils.checkpoint import CheckpointError
 from .dvae import train_dvae
 from .engine import demo_cpu_threads
 from ..data.transforms import TokenizerViewTransform, TwoViewConfig
@@ -101,6 +103,35 @@ def _image_sources(data_path: str | None, n_train: int, n_eval: int) -> tuple[Da
     return train, held, f"{len(train)} training / {len(held)} evaluation image files under {folder.root}"
 
 
+def check_tokenizer_output(output: str | os.PathLike) -> None:
+    """Before any training: ``output`` can be written (its folder exists or can be created, and takes a file)
+    and is not another kind of file (a directory, a pretraining checkpoint, ...) that the tokenizer would
+    replace. An existing dVAE checkpoint is replaced (retraining). ``ValueError`` naming the path otherwise."""
+    import tempfile
+
+    from ..tokenizer.dvae import load_dvae_checkpoint
+
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory: give the tokenizer checkpoint's file path")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise ValueError(f"--output {path} exists and is not a regular file: refusing to replace it")
+        try:
+            load_dvae_checkpoint(path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--output {path} exists and is not a dVAE tokenizer checkpoint ({str(e)[:200]}): "
+                             "refusing to overwrite it; choose another path or delete it first") from None
+        log.warning("--output %s holds a dVAE tokenizer: it is replaced when training ends", path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot write into {path.parent} ({e.strerror or e}); checked before "
+                         "training so that no training is lost") from None
+
+
 def train_tokenizer(
     output: str | os.PathLike | None, *, preset: str = "tiny", steps: int = 300, batch_size: int = 16,
     lr: float | None = None, data_path: str | os.PathLike | None = None, eval_images: int = 128,
@@ -112,6 +143,8 @@ def train_tokenizer(
     photographs or of ``data_path``; ``lr`` None: the preset's recommended one. Writes ``output`` (a
     checkpoint; None: none) and returns :func:`beit_fast.train.dvae.train_dvae`'s metrics."""
     cfg = DVAEConfig.preset(preset, **overrides)
+    if output is not None:
+        check_tokenizer_output(output)
     n_train_crops = max(steps * batch_size, 1)
     train_images, eval_set_images, source = _image_sources(data_path or None, n_train_crops, eval_images)
     view = TokenizerViewTransform(TwoViewConfig(second_input_size=cfg.input_size, color_jitter=0.0))
@@ -147,7 +180,7 @@ def run_tokenizer_training(cfg) -> dict[str, Any]:
             input_size=cfg.input_size, temperature_start=cfg.temperature_start, temperature_end=cfg.temperature_end,
             kl_weight=cfg.kl_weight, recon_loss=cfg.recon_loss,
         )
-    except ValueError as e:  # no image files, a bad preset override, ...
+    except (ValueError, CheckpointError) as e:  # no image files, a bad preset override, a failed save, ...
         raise SystemExit(f"error: {e}") from None
     init = metrics["initial"]
     print(

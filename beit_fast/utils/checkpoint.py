@@ -5,8 +5,9 @@ Reading
   pretrained weights, tokenizers, the DALL-E ``encoder.pkl``, files to convert). It verifies the zip
   checksums torch writes into each record (a flipped byte is an error naming the file, not NaN losses
   later), then loads with ``torch.load(weights_only=True)``: tensors and plain Python values only, plus an
-  explicit allow-list (the uint32 numpy arrays of the previous checkpoint format's RNG state; the DALL-E
-  stand-in classes, passed by that loader). Anything else - a crafted file that would run code, an
+  explicit allow-list (stand-ins that build only the previous checkpoint format's uint32 RNG key, at most
+  1024 words: no callable that allocates a size the file chooses; the DALL-E stand-in classes, passed by
+  that loader). Anything else - a crafted file that would run code, an
   official checkpoint with its ``argparse.Namespace`` - raises :class:`UnsafeCheckpointError`, unless the
   caller opts in with ``trust_pickle=True`` (CLI: ``--trust-pickle``), which reads the file with Python's
   full unpickler after a warning.
@@ -79,18 +80,81 @@ class OutputDirInUseError(CheckpointError):
 # --------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------
+class _LegacyRngKey:
+    """Stand-ins that read the previous checkpoint format's numpy RNG state (``np.random.get_state()``: a
+    ``uint32 [624]`` MT19937 key) and nothing else. The names ``numpy.ndarray`` / ``numpy.dtype`` /
+    ``numpy._core.multiarray._reconstruct`` resolve to these: no callable reachable from a file allocates
+    a size the file chooses (``numpy.ndarray((2**31,), dtype('O'))`` is refused before any allocation)."""
+
+    #: The longest key accepted (MT19937's is 624 words).
+    MAX_WORDS = 1024
+
+    @staticmethod
+    def ndarray(*_args) -> None:
+        """What ``numpy.ndarray`` resolves to: only an argument of ``_reconstruct``, never called."""
+        raise pickle.UnpicklingError("refusing numpy.ndarray(...): the safe loader builds numpy arrays only as the "
+                                     "previous checkpoint format's uint32 RNG key")
+
+    @staticmethod
+    def dtype(name: Any = None, align: Any = False, copy: Any = True) -> Any:
+        import numpy as np
+
+        if name != "u4":
+            raise pickle.UnpicklingError(f"refusing numpy.dtype({name!r}): the safe loader reads only uint32 "
+                                         "numpy arrays (the previous checkpoint format's RNG key)")
+        return np.dtype("u4")
+
+    @classmethod
+    def reconstruct(cls, subtype: Any, shape: Any, typecode: Any) -> Any:
+        """``_reconstruct(ndarray, (0,), b'b')``, as numpy pickles every array: an empty key."""
+        if subtype is not cls.ndarray or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+            raise pickle.UnpicklingError("refusing numpy _reconstruct(...) of anything but an empty ndarray")
+        import numpy as np
+
+        return np.ndarray.__new__(_legacy_key_array(), (0,), np.uint8)
+
+
+_LEGACY_KEY_ARRAY: type | None = None
+
+
+def _legacy_key_array() -> type:
+    """The ndarray subclass the previous format's RNG key is built as (created on first use: numpy is
+    imported lazily). Its constructor refuses (only :meth:`_LegacyRngKey.reconstruct` makes one, empty) and
+    its ``__setstate__`` accepts a 1-D uint32 array of at most ``MAX_WORDS`` words whose bytes are all there."""
+    global _LEGACY_KEY_ARRAY
+    if _LEGACY_KEY_ARRAY is None:
+        import numpy as np
+
+        class LegacyRngKeyArray(np.ndarray):
+            def __new__(cls, *args, **kwargs):
+                raise pickle.UnpicklingError("refusing to build a numpy array from a checkpoint")
+
+            def __setstate__(self, state):
+                ok = (isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple)
+                      and len(state[1]) == 1 and isinstance(state[1][0], int)
+                      and 0 <= state[1][0] <= _LegacyRngKey.MAX_WORDS and state[2] == np.dtype("u4")
+                      and isinstance(state[4], (bytes, bytearray)) and len(state[4]) == 4 * state[1][0])
+                if not ok:
+                    raise pickle.UnpicklingError("refusing a numpy array that is not the previous checkpoint "
+                                                 f"format's RNG key (1-D uint32, at most {_LegacyRngKey.MAX_WORDS} "
+                                                 "words)")
+                super().__setstate__(state)
+
+        _LEGACY_KEY_ARRAY = LegacyRngKeyArray
+    return _LEGACY_KEY_ARRAY
+
+
 def _previous_format_globals() -> list:
     """What the previous checkpoint format needs beyond tensors and plain values: numpy's RNG state
-    (``np.random.get_state()``) holds a uint32 array. Only uint32 arrays can be built with these (an array
-    of another dtype, e.g. object arrays, fails at its dtype's state), and only numbers go into them."""
+    (``np.random.get_state()``) holds a uint32 array. The numpy names resolve to :class:`_LegacyRngKey`'s
+    stand-ins, which build that array and nothing else (no numpy callable is reachable from a file)."""
     import numpy as np
 
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy._core.multiarray._reconstruct"),
-            (_reconstruct, "numpy.core.multiarray._reconstruct")]
+    key = _legacy_key_array()
+    return [(_LegacyRngKey.ndarray, "numpy.ndarray"), (_LegacyRngKey.dtype, "numpy.dtype"),
+            type(np.dtype(np.uint32)), (key, "beit_fast.utils.checkpoint.LegacyRngKeyArray"),
+            (_LegacyRngKey.reconstruct, "numpy._core.multiarray._reconstruct"),
+            (_LegacyRngKey.reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
 def is_zip_format(path: str | os.PathLike) -> bool:
@@ -133,7 +197,7 @@ def _weights_only_detail(e: BaseException) -> str:
     if marker in text:
         text = text[text.index(marker) + len(marker):]
     lines = [s.strip() for s in text.strip().splitlines() if s.strip()]
-    keys = ("global", "unsupported", "trying to", "can only", "only persistent", "blocked", "invalid")
+    keys = ("global", "unsupported", "trying to", "can only", "only persistent", "blocked", "invalid", "refusing")
     for line in lines:
         if any(k in line.lower() for k in keys) and not line.startswith(("Weights only load failed", "(1)", "(2)")):
             return line
@@ -145,7 +209,7 @@ def _is_refused_object(detail: str) -> bool:
     a pickle at all, e.g. a corrupt or foreign file)."""
     d = detail.lower()
     return any(s in d for s in ("global", "function", "create new object", "build", "reduce", "__setstate__",
-                                "persistent_load"))  # the last: a pickled module in torch's legacy format
+                                "persistent_load", "refusing"))  # the last: a pickled module in torch's legacy format
 
 
 def load_checkpoint(

@@ -7,7 +7,8 @@
   logger, without the source line ``warnings`` would print. Nothing is attached to the root logger, and
   library code only ever logs (the library does not configure logging).
 * :class:`TensorBoardWriter` - the run's scalars for TensorBoard (``--log_dir``, as the official BEiT
-  scripts), through ``torch.utils.tensorboard``; needs the optional ``tensorboard`` package.
+  scripts), through ``torch.utils.tensorboard``; needs the optional ``tensorboard`` package. A folder it
+  cannot write (under a file, read-only, disk full) is a :class:`beit_fast.utils.run_files.RunFileError` naming it.
 """
 from __future__ import annotations
 
@@ -93,7 +94,16 @@ class TensorBoardWriter:
                 "--log_dir writes TensorBoard scalars and needs the tensorboard package: pip install tensorboard"
             ) from e
         self.log_dir = os.fspath(log_dir)
-        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+        try:
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+        except OSError as e:  # under a file, a read-only file system, disk full
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> Exception:
+        from .run_files import RunFileError
+
+        return RunFileError(f"--log_dir {self.log_dir}: cannot write TensorBoard events there: {e.strerror or e}"
+                            + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
 
     def add_scalars(self, record: Mapping[str, Any], step: int) -> None:
         """Write every finite int/float of ``record`` (but ``step`` and ``epoch``) at ``step``."""
@@ -101,10 +111,19 @@ class TensorBoardWriter:
             if name in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if math.isfinite(value):
-                self.writer.add_scalar(f"{_GROUPS.get(name, 'perf')}/{name}", value, step)
+                try:
+                    self.writer.add_scalar(f"{_GROUPS.get(name, 'perf')}/{name}", value, step)
+                except OSError as e:
+                    raise self._error(e) from None
 
     def flush(self) -> None:
-        self.writer.flush()
+        try:
+            self.writer.flush()
+        except OSError as e:
+            raise self._error(e) from None
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as e:
+            raise self._error(e) from None

@@ -20,8 +20,8 @@ _SKIP_KEYS = {"loss_scale", "min_lr", "weight_decay", "grad_norm", "images_per_s
 
 
 def read_log(log_path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines log (lines that are not JSON objects, e.g. one cut off by a kill, are
-    skipped). A missing file raises ``FileNotFoundError``."""
+    """The records of a JSON-lines log (lines that are not JSON objects, e.g. one cut off by a kill or one
+    nested too deeply to parse, are skipped). A missing file raises ``FileNotFoundError``."""
     log_path = Path(log_path)
     if not log_path.is_file():
         raise FileNotFoundError(f"log not found: {log_path}")
@@ -33,7 +33,7 @@ def read_log(log_path: str | os.PathLike) -> list[dict]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
                 continue
             if isinstance(rec, dict):
                 records.append(rec)

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..config.base import MAX_SEED
 from ..utils.options import DEFAULT_DPI, PICTURE_PARTS
 from .curves import plot_curves
 from .figures import _check_dpi
@@ -27,6 +28,10 @@ DEMO_ORDER = ("astronaut", "chelsea", "coffee", "motorcycle", "rocket", "immunoh
               "camera", "coins", "moon", "clock", "cell", "brick", "grass", "gravel", "hubble_deep_field")
 
 
+#: Most images one picture shows.
+MAX_IMAGES = 64
+
+
 def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
     from ..train.checkpoint_folder import list_checkpoints
 
@@ -43,7 +48,10 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Pat
 
 
 def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
-    from ..utils.checkpoint import CheckpointError, load_checkpoint
+    """The checkpoint's state, its model_config checked (:func:`beit_fast.utils.limits.check_beit_config`)
+    before anything is built from it."""
+    from ..utils.checkpoint import CheckpointError, extract_model_state, load_checkpoint
+    from ..utils.limits import check_beit_config
 
     try:
         state = load_checkpoint(path, trust_pickle=trust_pickle)
@@ -56,6 +64,10 @@ def _load_run_state(path: Path, trust_pickle: bool = False) -> dict:
     missing = [k for k in ("model", "model_config", "args") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path} is not a beit_fast pretraining checkpoint (missing {missing})")
+    if not isinstance(state["model_config"], dict) or not isinstance(extract_model_state(state), dict):
+        raise ValueError(f"{path} is not a beit_fast pretraining checkpoint (model_config and model are not dicts)")
+    check_beit_config(state["model_config"], extract_model_state(state).values(), str(path))
+    state["_path"] = str(path)
     return state
 
 
@@ -63,7 +75,10 @@ def _build_run_model(state: dict, device: torch.device):
     from ..utils.checkpoint import extract_model_state
     from ..model.beit import BeitConfig, VisionTransformerForMaskedImageModeling
 
-    cfg = BeitConfig(**state["model_config"])
+    try:
+        cfg = BeitConfig(**state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{state['_path']}: model_config: {e}") from None
     model = VisionTransformerForMaskedImageModeling(cfg)
     sd = extract_model_state(state)
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
@@ -161,7 +176,7 @@ def _parse_only(only: str | Sequence[str] | None) -> tuple[list[str], bool]:
     items = [s for s in items if s]
     unknown = [s for s in items if s not in PARTS]
     if unknown or not items:
-        raise ValueError(f"unknown picture(s) {unknown or items}; choose from {', '.join(PARTS)}")
+        raise ValueError(f"only: unknown picture(s) {unknown or items}; choose from {', '.join(PARTS)}")
     return [p for p in PARTS if p in items], True
 
 
@@ -187,8 +202,14 @@ def visualize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, num
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(num_images, int) or num_images > MAX_IMAGES:
+        raise ValueError(f"num_images must be at most {MAX_IMAGES} (one picture holds them all), got {num_images!r}")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device ({e})") from None
     _check_dpi(dpi)
     parts, explicit = _parse_only(only)
     written: list[Path] = []

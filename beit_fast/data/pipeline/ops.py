@@ -233,6 +233,11 @@ def _round_clip(acc: Tensor) -> Tensor:
     return torch.floor((acc + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)).clamp_(0, 255)
 
 
+#: Elements of the float copy of an image band in the first resampling pass (:func:`resize_crops`): 128 MiB
+#: in float64, whatever the image size.
+BAND_ELEMENTS = 2**24
+
+
 def resize_crops(images: Tensor, weights_y: Tensor, weights_x: Tensor, vertical_first: Tensor | None = None,
                  exact: bool = True) -> Tensor:
     """Resize one crop per image with precomputed :func:`resample_weights`.
@@ -254,13 +259,25 @@ def resize_crops(images: Tensor, weights_y: Tensor, weights_x: Tensor, vertical_
             continue
         whole = sel.numel() == b
         idx = sel.to(images.device)
-        x = (images if whole else images.index_select(0, idx)).to(dtype)
+        x = images if whole else images.index_select(0, idx)
         wx = (weights_x if whole else weights_x.index_select(0, idx)).to(dtype).transpose(1, 2).unsqueeze(1)
         wy = (weights_y if whole else weights_y.index_select(0, idx)).to(dtype).unsqueeze(1)
+        # The first pass in bands of columns (vertical first) or rows (horizontal first), each converted to
+        # ``dtype`` on its own: the float copy of a large image stays within BAND_ELEMENTS (the sums are those
+        # of the whole image: the bands split a dimension the pass does not sum over).
+        n, c, h, w = x.shape
         if flag:  # [B,1,oh,H] @ [B,3,H,W] -> [B,3,oh,W], then @ [B,1,W,ow]
-            res = _round_clip(torch.matmul(_round_clip(torch.matmul(wy, x)), wx))
+            step = max(1, BAND_ELEMENTS // max(n * c * h, 1))
+            mid = torch.cat([_round_clip(torch.matmul(wy, x[..., j: j + step].to(dtype)))
+                             for j in range(0, w, step)], dim=3) if w > step else \
+                _round_clip(torch.matmul(wy, x.to(dtype)))
+            res = _round_clip(torch.matmul(mid, wx))
         else:  # [B,3,H,W] @ [B,1,W,ow] -> [B,3,H,ow], then [B,1,oh,H] @ that
-            res = _round_clip(torch.matmul(wy, _round_clip(torch.matmul(x, wx))))
+            step = max(1, BAND_ELEMENTS // max(n * c * w, 1))
+            mid = torch.cat([_round_clip(torch.matmul(x[:, :, i: i + step].to(dtype), wx))
+                             for i in range(0, h, step)], dim=2) if h > step else \
+                _round_clip(torch.matmul(x.to(dtype), wx))
+            res = _round_clip(torch.matmul(wy, mid))
         if whole:
             return res.to(torch.uint8)
         out.index_copy_(0, idx, res.to(torch.uint8))

@@ -7,7 +7,8 @@ batch the training step takes, ``(patch_images float32 [B, 3, S, S], tokenizer_i
 
 1. JPEG decode, batched: ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA, libjpeg-turbo on
    CPU tensors); images the workers decoded (non-JPEG files) are copied from pinned host memory.
-2. Rows sorted by crop area, in chunks: the crops of a chunk are cut (unflipped) into one zero-padded
+2. Rows in chunks of similar shape, each chunk's padded buffers bounded (:func:`bounded_chunks`: at most
+   ``PAD_FACTOR`` times its own pixels): the crops of a chunk are cut (unflipped) into one zero-padded
    ``uint8 [n, 3, h, w]`` tensor and colour-jittered there (:func:`~beit_fast.data.pipeline.ops.color_jitter`,
    each image with its own order and factors; the contrast step's grey mean comes from the whole image,
    :func:`~beit_fast.data.pipeline.ops.contrast_means`).
@@ -22,13 +23,15 @@ is the only difference on a GPU (measure it with ``benchmarks/bench_input_pipeli
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 from ..transforms import TwoViewConfig, TwoViewTransform
 from .encoded import EncodedBatch
-from .ops import FILTERS, color_jitter, contrast_means, resample_weights, resize_crops, vertical_pass_first
+from .ops import (BAND_ELEMENTS, FILTERS, color_jitter, contrast_means, resample_weights, resize_crops,
+                  vertical_pass_first)
 
 
 def device_pipeline_problems(interpolation: str, second_interpolation: str) -> list[str]:
@@ -62,6 +65,49 @@ def _decode_with_pillow(data: torch.Tensor) -> torch.Tensor:
         im.load()
         arr = np.asarray(to_rgb(im))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+#: A chunk's zero-padded buffer (largest height x largest width x rows) holds at most this many times the
+#: pixels of its own images (whole images for the contrast means, crops for the resize).
+PAD_FACTOR = 4
+#: Pixels of the images (and of the crops) of one chunk, beyond its first image: bounds the float64 resize
+#: buffers (about 3 x 8 bytes per pixel) whatever ``chunk_size`` is.
+CHUNK_PIXELS = 2**24
+
+
+def bounded_chunks(sizes: torch.Tensor, crop_sizes: torch.Tensor, chunk_size: int) -> list[list[int]]:
+    """Rows of a batch in chunks whose padded buffers stay bounded (a 60000x1 image never shares a buffer
+    with a 1x60000 one): rows sorted by crop shape (aspect ratio, then area), each chunk grown while it has
+    fewer than ``chunk_size`` rows, ``rows x max h x max w`` of both its images and its crops is at most
+    :data:`PAD_FACTOR` times their own pixels, and those pixels at most :data:`CHUNK_PIXELS`. A chunk's
+    first image always fits (the per-image pixel limit bounds it). The views do not depend on the chunking. ``sizes`` / ``crop_sizes``: ``[B, 2]``
+    heights and widths."""
+    hw = [(int(h), int(w)) for h, w in sizes.tolist()]
+    crops = [(max(int(h), 1), max(int(w), 1)) for h, w in crop_sizes.tolist()]
+    order = sorted(range(len(hw)), key=lambda r: (round(math.log2(crops[r][0] / crops[r][1])),
+                                                   crops[r][0] * crops[r][1], r))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    stats = [0, 0, 0, 0, 0, 0]  # images: max h, max w, pixels; crops: the same
+
+    def fits(r: int) -> bool:
+        n = len(current) + 1
+        for k, (h, w) in ((0, hw[r]), (3, crops[r])):
+            mh, mw, px = max(stats[k], h), max(stats[k + 1], w), stats[k + 2] + h * w
+            if n * mh * mw > PAD_FACTOR * px or px > CHUNK_PIXELS:
+                return False
+        return True
+
+    for r in order:
+        if current and (len(current) >= chunk_size or not fits(r)):
+            chunks.append(current)
+            current, stats = [], [0, 0, 0, 0, 0, 0]
+        current.append(r)
+        for k, (h, w) in ((0, hw[r]), (3, crops[r])):
+            stats[k], stats[k + 1], stats[k + 2] = max(stats[k], h), max(stats[k + 1], w), stats[k + 2] + h * w
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class DeviceTwoViewTransform:
@@ -144,17 +190,16 @@ class DeviceTwoViewTransform:
     def render(self, images: list[torch.Tensor], batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(patch_images float32 [B, 3, S, S], tokenizer_images float32 [B, 3, S2, S2])`` on the device.
 
-        Rows are processed in chunks of similar crop size (sorted by crop area) to limit padding."""
+        Rows are processed in chunks of similar shape (:func:`bounded_chunks`): each chunk's zero-padded
+        buffers hold at most :data:`PAD_FACTOR` times its images' own pixels."""
         cfg, dev, b = self.cfg, self.device, len(batch)
         s1, s2 = cfg.input_size, cfg.second_input_size
         patch = torch.empty(b, 3, s1, s1, dtype=torch.float32, device=dev)
         tok = torch.empty(b, 3, s2, s2, dtype=torch.float32, device=dev)
-        order = torch.argsort(batch.boxes[:, 2] * batch.boxes[:, 3], stable=True).tolist()
         # The batch's draws on the device once (from pinned memory, asynchronous), not a small copy per chunk.
         on_device = {name: getattr(batch, name).to(dev, non_blocking=True)
                      for name in ("sizes", "boxes", "flips", "jitter_ops", "jitter_factors")}
-        for start in range(0, b, self.chunk_size):
-            rows = order[start: start + self.chunk_size]
+        for rows in bounded_chunks(batch.sizes, batch.boxes[:, 2:4], self.chunk_size):
             p, t = self._render_chunk([images[r] for r in rows], batch, rows, on_device)
             if rows == list(range(rows[0], rows[0] + len(rows))):
                 patch[rows[0]: rows[0] + len(rows)] = p
@@ -194,8 +239,11 @@ class DeviceTwoViewTransform:
         for k, img in enumerate(images):
             t, x, h, w = int(top[k]), int(x0[k]), int(bh[k]), int(bw[k])
             crops[k, :, :h, :w].copy_(img[:, t: t + h, x: x + w])
-        if ops.shape[1]:
-            crops = color_jitter(crops, ops_dev, factors_dev, None, present, means)
+        if ops.shape[1]:  # per pixel (the contrast means come from the whole images): in bands of rows
+            step = max(1, BAND_ELEMENTS // max(len(rows) * 3 * wc, 1))
+            for i in range(0, hc, step):
+                crops[:, :, i: i + step] = color_jitter(crops[:, :, i: i + step], ops_dev, factors_dev, None,
+                                                        present, means)
         views = []
         zeros = torch.zeros(len(rows), dtype=torch.int64, device=dev)
         bh_dev, bw_dev = boxes_dev[:, 2], boxes_dev[:, 3]
