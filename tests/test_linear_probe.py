@@ -130,7 +130,10 @@ def test_cli_help_and_sweep(tmp_path, capsys):
         main(["--finetune", str(ckpt), "--input_size", "16", "--layer", "5", "--no_progress"])
     with pytest.raises(SystemExit, match="not found"):
         main(["--finetune", str(tmp_path / "missing.pt")])
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint")  # refused by its first bytes, before any work
+    with pytest.raises(SystemExit, match="--finetune .*text.pt is not a checkpoint: no zip archive"):
+        main(["--finetune", str(tmp_path / "text.pt"), "--no_progress"])
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 but no zip archive after it")  # refused by the loader
     with pytest.raises(SystemExit, match="cannot be loaded"):
         main(["--finetune", str(tmp_path / "corrupt.pt"), "--no_progress"])
 
