@@ -30,12 +30,18 @@ def test_timing_events_already_passed_are_folded_into_the_waits():
     assert stats.device_wait_s == 500.0
 
 
-def test_resampling_reads_the_tf32_flag_and_never_sets_it(monkeypatch):
+def test_resampling_reads_the_tf32_flag_and_never_sets_it():
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert _resample_dtype(cuda, exact=False) == torch.float64  # TF32 would move pixels: float64 instead
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert _resample_dtype(cuda, exact=False) == torch.float32
+    # set and restored by hand: the flag lives behind cuBLASModule's __setattr__, not in an instance __dict__,
+    # and pytest >= 9.1's monkeypatch would delete it on undo
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _resample_dtype(cuda, exact=False) == torch.float64  # TF32 would move pixels: float64 instead
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _resample_dtype(cuda, exact=False) == torch.float32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     assert _resample_dtype(torch.device("cpu"), exact=False) == torch.float32
     assert _resample_dtype(cuda, exact=True) == torch.float64
     images = torch.randint(0, 256, (2, 3, 12, 10), dtype=torch.uint8)
