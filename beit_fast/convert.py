@@ -116,7 +116,7 @@ def convert(args: argparse.Namespace) -> str:
     if not src.exists():
         raise FileNotFoundError(f"SRC not found: {src}")
     sd = load_state_dict(src, trust_pickle=args.trust_pickle)
-    from .segmentation.keys import is_segmentation_state_dict
+    from .interop.segmentation_keys import is_segmentation_state_dict
 
     if is_segmentation_state_dict(sd):
         return _convert_segmentation(args, src, dst, sd)
@@ -175,7 +175,7 @@ def convert(args: argparse.Namespace) -> str:
 def _convert_segmentation(args: argparse.Namespace, src: Path, dst: Path, sd: dict) -> str:
     """A segmentation state dict (official mmseg / ours, or HF ``BeitForSemanticSegmentation``) to a file."""
     from .interop.checkpoints import save_state_dict
-    from .segmentation.keys import convert_segmentation_state_dict, detect_segmentation_format
+    from .interop.segmentation_keys import convert_segmentation_state_dict, detect_segmentation_format
 
     detected = detect_segmentation_format(sd)
     if args.to == "timm":
@@ -185,7 +185,7 @@ def _convert_segmentation(args: argparse.Namespace, src: Path, dst: Path, sd: di
     if _is_dir_target(dst):
         raise ValueError(f"DST {dst}: a segmentation checkpoint converts to a file (.pt/.pth/.bin/.safetensors); an HF "
                          "config cannot be read off its weights (HF's out_indices differ from the official ones, "
-                         "see beit_fast.segmentation.keys.hf_config_for)")
+                         "see beit_fast.interop.segmentation_keys.hf_config_for)")
     target = "official" if args.to == "official" else ("hf_legacy" if args.hf_naming == "legacy" else "hf")
     out = convert_segmentation_state_dict(sd, target)
     fmt = args.format or ("safetensors" if dst.suffix == ".safetensors" else "pt")

@@ -2,10 +2,10 @@
 
 Data: ``--data_path ROOT`` (ADE20K's ADEChallengeData2016 layout: 150 classes, reduce-zero-label) or a
 generic folder pair ``--train_images/--train_masks`` (+ ``--val_images/--val_masks``) with ``--num_classes``.
-Without either it runs the embedded CPU demo (:mod:`beit_fast.segmentation.demo`): texture scenes made from
+Without either it runs the embedded CPU demo (:mod:`beit_fast.train.segmentation_demo`): texture scenes made from
 scikit-image's photographs, fine-tuned from the pretraining demo's checkpoint (when present) and from
 scratch. This module parses the flags into a :class:`beit_fast.config.segment.SegmentConfig` and calls
-:mod:`beit_fast.segmentation.recipe` (torch is imported after parsing).
+:mod:`beit_fast.train.segmentation` (torch is imported after parsing).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def config_from_args(args: argparse.Namespace) -> SegmentConfig:
 
 
 def _datasets(args, cfg: SegmentConfig):
-    from .segmentation.data import (SegEvalTransform, SegmentationFolder, SegTrainTransform, ade20k_folders,
+    from .data.segmentation import (SegEvalTransform, SegmentationFolder, SegTrainTransform, ade20k_folders,
                                     pair_folders)
 
     train_tf = SegTrainTransform(crop_size=cfg.crop_size, img_scale=tuple(cfg.img_scale or (cfg.crop_size,) * 2),
@@ -159,8 +159,8 @@ def build_model_for(args, cfg: SegmentConfig, num_classes: int):
     """The segmenter: the --finetune checkpoint's architecture (or --model) at the crop size, its backbone
     loaded from --finetune."""
     from .interop.pretrained import classifier_config_from_checkpoint
-    from .segmentation.model import SegmentationHeadConfig, build_segmenter
-    from .segmentation.recipe import load_backbone_pretrained, read_backbone_checkpoint
+    from .model.segmentation import SegmentationHeadConfig, build_segmenter
+    from .train.segmentation import load_backbone_pretrained, read_backbone_checkpoint
 
     head = SegmentationHeadConfig(num_classes=num_classes, use_auxiliary_head=not args.no_auxiliary_head)
     if args.finetune:
@@ -182,11 +182,11 @@ def build_model_for(args, cfg: SegmentConfig, num_classes: int):
 def run(args: argparse.Namespace, cfg: SegmentConfig) -> dict:
     import torch
 
-    from .segmentation.recipe import evaluate_segmentation, segmenter_from_checkpoint, train_segmentation
+    from .train.segmentation import evaluate_segmentation, segmenter_from_checkpoint, train_segmentation
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if is_demo(args):
-        from .segmentation.demo import run_demo
+        from .train.segmentation_demo import run_demo
         from .train.engine import demo_cpu_threads
 
         demo_cpu_threads(device)
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace, cfg: SegmentConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     cfg = config_from_args(args)
-    from .segmentation.data import SegmentationDataError
+    from .data.segmentation import SegmentationDataError
     from .utils.checkpoint import CheckpointError
     from .interop.pretrained import PretrainedLoadError
 

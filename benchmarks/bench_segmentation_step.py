@@ -8,7 +8,7 @@
 Rows (each: forward, the loss - decode CE + 0.4 auxiliary CE, ignore 255 -, backward, one AdamW update over the
 same parameters; bf16 autocast on CUDA; drop path 0.1; 150 classes on CUDA, 5 on CPU):
 
-  seg_eager              beit_fast.segmentation's eager step (attention "math", the reference), in the engine
+  seg_eager              beit_fast.model.segmentation's eager step (attention "math", the reference), in the engine
   seg_beit_fast          the fast step: per-block tables in the fused attention ("auto"), compiled (fullgraph,
                          static shapes), in the engine (the fine-tuning run's step: device-side non-finite check)
   seg_beit_fast_triton   the same with attention "triton" (CUDA only; on a CPU the interpreter's time means nothing)
@@ -19,7 +19,7 @@ same parameters; bf16 autocast on CUDA; drop path 0.1; 150 classes on CUDA, 5 on
 Size on CUDA: ``BEIT_FAST_BENCH_BATCH`` (default 16), ``BEIT_FAST_BENCH_SEG_SIZE`` (default 512; 640 for the
 N = 1601 case). Target (issue 23): seg_beit_fast >= 1.5x seg_hf_compiled at 512 px, batch 16, bf16.
 HF's config takes ``out_indices`` (3, 5, 7, 11) (its ADE20K models' own, which read blocks 1, 3, 5, 9, see
-beit_fast.segmentation.keys); the work per step is the same: every block runs either way.
+beit_fast.interop.segmentation_keys); the work per step is the same: every block runs either way.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ VARIANTS = ("seg_eager", "seg_beit_fast", "seg_beit_fast_triton", "seg_hf_eager"
 
 def setup_model():
     """``(our model, batch size, image size, classes)``."""
-    from beit_fast.segmentation import SegmentationHeadConfig, build_segmenter
+    from beit_fast.model.segmentation import SegmentationHeadConfig, build_segmenter
 
     if CUDA:
         batch = int(os.environ.get("BEIT_FAST_BENCH_BATCH", "16"))
@@ -58,7 +58,7 @@ def make_data(batch, size, classes):
 
 
 def build_ours(variant, model, images, labels):
-    from beit_fast.segmentation.recipe import build_segmentation_engine
+    from beit_fast.train.segmentation import build_segmentation_engine
     from beit_fast.config.segment import SegmentConfig
 
     fast = variant != "seg_eager"
@@ -71,7 +71,7 @@ def build_ours(variant, model, images, labels):
 
 def build_hf(variant, model, images, labels):
     transformers = pytest.importorskip("transformers")
-    from beit_fast.segmentation.keys import hf_config_for
+    from beit_fast.interop.segmentation_keys import hf_config_for
 
     cfg = hf_config_for(_with_blocks(model, (1, 3, 5, 9) if model.cfg.depth == 12 else (0, 1, 2, 3)))
     cfg.drop_path_rate = 0.1

@@ -21,8 +21,7 @@ PKG = REPO / "beit_fast"
 ENTRY_POINTS = {"pretrain", "finetune", "linear_probe", "train_tokenizer", "visualize", "convert", "evidence", "segment"}
 
 #: Stage folders, bottom-up: a module of a stage imports only its own stage and those before it.
-STAGES = ["utils", "kernels", "ops", "tokenizer", "data", "model", "interop", "config", "train", "visualization",
-          "segmentation"]
+STAGES = ["utils", "kernels", "ops", "tokenizer", "data", "model", "interop", "config", "train", "visualization"]
 
 
 def _modules() -> dict[str, Path]:

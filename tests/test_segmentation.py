@@ -1,4 +1,4 @@
-"""Semantic segmentation (beit_fast.segmentation): HF and official mmseg layouts with logits parity, the metric
+"""Semantic segmentation (beit_fast.model.segmentation): HF and official mmseg layouts with logits parity, the metric
 against a hand-worked example and an independent implementation, the training pipeline's properties, sliding
 window vs whole image, layer-decay groups, bad input. Tiny models (D=32, 64x64 inputs), CPU."""
 import colorsys
@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from beit_fast.segmentation import SegmentationHeadConfig, build_segmenter
-from beit_fast.segmentation.data import (SegmentationDataError, SegmentationFolder, SegTrainTransform, _hsv_to_rgb,
+from beit_fast.model.segmentation import SegmentationHeadConfig, build_segmenter
+from beit_fast.data.segmentation import (SegmentationDataError, SegmentationFolder, SegTrainTransform, _hsv_to_rgb,
                                          _rgb_to_hsv, pair_folders, photometric_distortion, reduce_zero_label_)
-from beit_fast.segmentation.inference import model_logits, predict, rescale_size, slide_logits
-from beit_fast.segmentation.keys import (convert_segmentation_state_dict, detect_segmentation_format, hf_config_for,
+from beit_fast.model.segmentation_inference import model_logits, predict, rescale_size, slide_logits
+from beit_fast.interop.segmentation_keys import (convert_segmentation_state_dict, detect_segmentation_format, hf_config_for,
                                          out_indices_from_hf, segmentation_from_hf, segmentation_to_hf,
                                          segmenter_from_hf_config)
-from beit_fast.segmentation.metrics import SegmentationMetric, intersect_and_union
-from beit_fast.segmentation.recipe import poly_schedule, segmentation_param_groups
+from beit_fast.train.segmentation_metrics import SegmentationMetric, intersect_and_union
+from beit_fast.train.segmentation import poly_schedule, segmentation_param_groups
 
 TINY = dict(embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.0)
 
@@ -126,7 +126,7 @@ def test_key_conversion_refuses_unknown_keys():
 
 def test_backbone_loads_a_pretraining_checkpoint_with_tables_copied_and_resized():
     from beit_fast.model.beit import build_model
-    from beit_fast.segmentation.recipe import load_backbone_pretrained
+    from beit_fast.train.segmentation import load_backbone_pretrained
 
     torch.manual_seed(0)
     pre = build_model("tiny", img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2)  # 2x2 grid
@@ -410,7 +410,7 @@ def test_folder_pairs_and_bad_masks(tmp_path):
 
 def test_checkpoints_of_another_task_are_refused(tmp_path):
     from beit_fast.utils.checkpoint import CheckpointError
-    from beit_fast.segmentation.recipe import load_backbone_pretrained, segmenter_from_checkpoint
+    from beit_fast.train.segmentation import load_backbone_pretrained, segmenter_from_checkpoint
 
     seg = tiny_segmenter()
     with pytest.raises(CheckpointError, match="is a segmentation checkpoint, not a pretrained backbone"):

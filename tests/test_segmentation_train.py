@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from beit_fast.config.segment import SegmentConfig
-from beit_fast.segmentation import SegmentationHeadConfig, SegmentationLoss, build_segmentation_loss, build_segmenter
+from beit_fast.model.segmentation import SegmentationHeadConfig, SegmentationLoss, build_segmentation_loss, build_segmenter
 
 DEV = torch.device("cuda" if os.environ.get("BEIT_FAST_REAL_GPU") == "1" and torch.cuda.is_available() else "cpu")
 # The Triton attention runs on CUDA or under the interpreter (tests/conftest.py): never skipped.
@@ -92,7 +92,7 @@ def test_a_wrong_table_does_not_pass():
 
 def test_loss_is_mmsegs_and_hfs_reduction():
     """mmseg averages the pixel CE over all pixels (ignored ones count as 0); avg_non_ignore over labelled ones."""
-    from beit_fast.segmentation.model import segmentation_loss
+    from beit_fast.model.segmentation import segmentation_loss
 
     logits = torch.randn(2, 5, 16, 16)
     labels = torch.randint(0, 5, (2, 64, 64))
@@ -120,8 +120,8 @@ def test_compiled_fast_step_matches_eager():
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from beit_fast.segmentation.data import SegEvalTransform, SegmentationFolder, SegTrainTransform
-    from beit_fast.segmentation.demo import write_scene_folders
+    from beit_fast.data.segmentation import SegEvalTransform, SegmentationFolder, SegTrainTransform
+    from beit_fast.train.segmentation_demo import write_scene_folders
 
     d = write_scene_folders(tmp_path_factory.mktemp("scenes"), n_train=6, n_val=2, size=72, seed=0)
     train = SegmentationFolder.from_folders(d["train_images"], d["train_masks"], 4,
@@ -144,7 +144,7 @@ def _seg_model():
 
 def test_resume_is_bit_exact(scenes, tmp_path):
     from beit_fast.utils.checkpoint import CheckpointError
-    from beit_fast.segmentation.recipe import segmenter_from_checkpoint, train_segmentation
+    from beit_fast.train.segmentation import segmenter_from_checkpoint, train_segmentation
 
     train, val = scenes
     straight = train_segmentation(_seg_model(), train, val, _cfg(), output_dir=tmp_path / "a", progress=False)
@@ -204,7 +204,7 @@ def test_triton_attention_at_segmentation_lengths(grid):
 def test_cli_trains_from_a_pretraining_checkpoint_and_evaluates(tmp_path, capsys):
     from beit_fast.model.beit import build_model
     from beit_fast.segment import main
-    from beit_fast.segmentation.demo import write_scene_folders
+    from beit_fast.train.segmentation_demo import write_scene_folders
 
     d = write_scene_folders(tmp_path / "data", n_train=4, n_val=2, size=72, seed=1)
     torch.manual_seed(0)

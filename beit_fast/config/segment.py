@@ -1,5 +1,5 @@
 """The semantic segmentation run's configuration (``python -m beit_fast.segment``,
-:func:`beit_fast.segmentation.recipe.train_segmentation`). Flags are named like the official mmseg configs
+:func:`beit_fast.train.segmentation.train_segmentation`). Flags are named like the official mmseg configs
 (``upernet_beit_base_12_512_slide_160k_ade20k*.py``)."""
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.amp import autocast_or_null
-from ..model.beit import BeitConfig, BeitEncoder, get_config, init_vit_weights_
+from .beit import BeitConfig, BeitEncoder, get_config, init_vit_weights_
 
 __all__ = [
     "SegmentationHeadConfig", "default_out_indices", "ConvModule", "BeitSegmentationBackbone", "UPerHead",

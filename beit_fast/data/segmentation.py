@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["SegmentationDataError", "IMAGE_EXTENSIONS", "pair_folders", "ade20k_folders", "read_mask",
            "SegTrainTransform", "SegEvalTransform", "SegmentationFolder", "reduce_zero_label_",
-           "photometric_distortion"]
+           "photometric_distortion", "rescale_size"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MEAN = STD = (127.5, 127.5, 127.5)  # BEiT's normalisation (pixels to [-1, 1])
@@ -189,7 +189,6 @@ class SegTrainTransform:
     ignore_index: int = 255
 
     def resize(self, img, label):
-        from .inference import rescale_size
 
         ratio = _uniform(*self.ratio_range)
         scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
@@ -236,7 +235,7 @@ class SegTrainTransform:
 @dataclass
 class SegEvalTransform:
     """The test pipeline's image side: the image normalised at its ORIGINAL size (the resize to
-    ``img_scale`` is done by :func:`beit_fast.segmentation.inference.predict`, which maps the prediction
+    ``img_scale`` is done by :func:`beit_fast.model.segmentation_inference.predict`, which maps the prediction
     back), the label unchanged: ``(image float [3, H, W], label int64 [H, W])``."""
 
     def __call__(self, img: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,3 +285,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         img, label = self.load(index)
         return self.transform(img, label) if self.transform is not None else (img, label)
 
+
+def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with keep_ratio: the largest size with the long side <= max(scale) and the short
+    side <= min(scale); ``(new_h, new_w)`` rounded as mmcv does (``int(x * f + 0.5)``)."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)

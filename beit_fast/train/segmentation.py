@@ -3,7 +3,7 @@
 
 The official mmseg recipe (``upernet_beit_base_12_512_slide_160k_ade20k*.py``), iteration-based: AdamW over
 layer-wise lr-decay groups (:func:`segmentation_param_groups`), poly schedule with linear warmup
-(:func:`poly_schedule`), the loss of :class:`~beit_fast.segmentation.model.SegmentationLoss` (decode + 0.4 *
+(:func:`poly_schedule`), the loss of :class:`~beit_fast.model.segmentation.SegmentationLoss` (decode + 0.4 *
 auxiliary CE, ignore 255) as the engine's task module with the non-finite check on the device; the fast step
 (fused attention with per-block tables, activation checkpointing, compiled with static shapes) with
 ``fast``. A loop "epoch" is ``eval_interval`` iterations: after each, an evaluation (mIoU, mAcc, aAcc by
@@ -26,24 +26,24 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ..train.checkpoint_folder import Checkpointer
+from .checkpoint_folder import Checkpointer
 from ..utils.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from ..config.segment import SegmentConfig
 from ..utils.amp import autocast_or_null
-from ..train.optim import layer_id_for_vit, param_groups_layer_decay
+from .optim import layer_id_for_vit, param_groups_layer_decay
 from ..utils.rng import seed_everything
-from ..train.engine import Engine, resolve_amp_dtype
-from ..train.loop import EpochEnd, LoopConfig, LoopHooks, TrainLoop
-from ..train.run_dir import choose_resume_state, claim_output_dir
-from .inference import model_logits, predict
-from .metrics import SegmentationMetric
-from .model import BeitForSegmentation, SegmentationHeadConfig, build_segmentation_loss
+from .engine import Engine, resolve_amp_dtype
+from .loop import EpochEnd, LoopConfig, LoopHooks, TrainLoop
+from .run_dir import choose_resume_state, claim_output_dir
+from ..model.segmentation_inference import model_logits, predict
+from .segmentation_metrics import SegmentationMetric
+from ..model.segmentation import BeitForSegmentation, SegmentationHeadConfig, build_segmentation_loss
 
 __all__ = ["poly_schedule", "segmentation_layer_id", "segmentation_param_groups", "IterationSampler",
            "evaluate_segmentation", "train_segmentation", "read_backbone_checkpoint", "load_backbone_pretrained", "segmenter_from_checkpoint",
            "CHECKPOINT_KIND"]
 
-log = logging.getLogger("beit_fast.segmentation")
+log = logging.getLogger("beit_fast.model.segmentation")
 CHECKPOINT_KIND = "segment"
 
 

@@ -2,7 +2,7 @@
 augmentation) horizontal flip and several scales averaged as softmax probabilities.
 
 ``logits_fn(x [B, 3, h, w]) -> [B, C, h, w]``: the model's logits resized (bilinear, align_corners=False) to
-its input, mmseg's ``encode_decode`` (:func:`model_logits` for a :class:`~beit_fast.segmentation.model.
+its input, mmseg's ``encode_decode`` (:func:`model_logits` for a :class:`~beit_fast.model.segmentation.
 BeitForSegmentation`). The BEiT backbone takes one input size (its crop size): whole-image inference needs
 images of that size; sliding windows of that size cover any image (smaller ones are padded with 0, the
 normalised padding value of training, and the padding is cut off again).
@@ -14,7 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["model_logits", "whole_logits", "slide_logits", "rescale_size", "predict"]
+from ..data.segmentation import rescale_size
+
+__all__ = ["model_logits", "whole_logits", "slide_logits", "predict"]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,14 +58,6 @@ def slide_logits(logits_fn: LogitsFn, img: torch.Tensor, num_classes: int, crop:
             preds[:, :, y1:y2, x1:x2] += logits
             count[:, :, y1:y2, x1:x2] += 1
     return preds / count
-
-
-def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv ``rescale_size`` with keep_ratio: the largest size with the long side <= max(scale) and the short
-    side <= min(scale); ``(new_h, new_w)`` rounded as mmcv does (``int(x * f + 0.5)``)."""
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(h, w), short_edge / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ def _most_frequent_class(dataset) -> int:
 def _baseline(val, cls: int) -> dict:
     import torch
 
-    from .metrics import SegmentationMetric
+    from .segmentation_metrics import SegmentationMetric
 
     metric = SegmentationMetric(val.num_classes)
     for i in range(len(val)):
@@ -107,7 +107,7 @@ def _picture(path: Path, val, models: dict, cfg, n: int = 4) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    from .inference import model_logits, predict
+    from ..model.segmentation_inference import model_logits, predict
 
     cols = ["image", "ground truth"] + [f"prediction ({name})" for name in models]
     fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 2.2 * n), squeeze=False)
@@ -146,9 +146,9 @@ def run_demo(cfg, *, output_dir: str | Path = "runs/beit_segment_demo", device="
 
     from ..model.beit import get_config
     from ..interop.pretrained import classifier_config_from_checkpoint
-    from .data import SegEvalTransform, SegmentationFolder, SegTrainTransform
-    from .model import SegmentationHeadConfig, build_segmenter
-    from .recipe import load_backbone_pretrained, train_segmentation
+    from ..data.segmentation import SegEvalTransform, SegmentationFolder, SegTrainTransform
+    from ..model.segmentation import SegmentationHeadConfig, build_segmenter
+    from .segmentation import load_backbone_pretrained, train_segmentation
 
     out = Path(output_dir)
     dirs = write_scene_folders(out / "data", n_train=n_train, n_val=n_val, seed=0)

@@ -101,7 +101,7 @@ def _is_neck_or_head(key: str) -> bool:
 def segmentation_to_hf(sd: Mapping[str, torch.Tensor], naming: str = "hf") -> dict[str, torch.Tensor]:
     """Official mmseg / our names -> HF ``BeitForSemanticSegmentation`` (``naming`` "hf" or "hf_legacy").
     The ``relative_position_index`` buffers are dropped (HF recomputes them)."""
-    from ..interop.hf_keys import official_to_hf
+    from .hf_keys import official_to_hf
 
     if naming not in ("hf", "hf_legacy"):
         raise ValueError(f"naming must be 'hf' or 'hf_legacy', got {naming!r}")
@@ -121,7 +121,7 @@ def segmentation_to_hf(sd: Mapping[str, torch.Tensor], naming: str = "hf") -> di
 def segmentation_from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF ``BeitForSemanticSegmentation`` ("hf" or "hf_legacy") -> official mmseg / our names, with the
     per-block ``relative_position_index`` buffers (square grids, read off the table size)."""
-    from ..interop.hf_keys import hf_to_official
+    from .hf_keys import hf_to_official
 
     naming = detect_segmentation_format(sd)
     if naming == "official":
@@ -164,7 +164,7 @@ def out_indices_from_hf(hf_indices) -> tuple[int, ...]:
 
 def hf_config_for(model, layer_norm_eps: float | None = None):
     """A ``transformers.BeitConfig`` for HF's ``BeitForSemanticSegmentation`` with ``model``'s architecture
-    (a :class:`beit_fast.segmentation.BeitForSegmentation`). HF's UperNet is as wide as the trunk and reads
+    (a :class:`beit_fast.model.segmentation.BeitForSegmentation`). HF's UperNet is as wide as the trunk and reads
     the auxiliary head's input from map 2: other settings are refused."""
     from transformers import BeitConfig as HFConfig
 
@@ -191,10 +191,10 @@ def hf_config_for(model, layer_norm_eps: float | None = None):
 
 
 def segmenter_from_hf_config(hf_config):
-    """Our :class:`~beit_fast.segmentation.BeitForSegmentation` with the architecture of an HF
+    """Our :class:`~beit_fast.model.segmentation.BeitForSegmentation` with the architecture of an HF
     ``BeitForSemanticSegmentation`` config (its ``out_indices`` read as HF reads them)."""
     from ..model.beit import BeitConfig
-    from .model import BeitForSegmentation, SegmentationHeadConfig
+    from ..model.segmentation import BeitForSegmentation, SegmentationHeadConfig
 
     c = hf_config
     if c.use_shared_relative_position_bias or not c.use_relative_position_bias:
