@@ -16,7 +16,7 @@ from beit_fast import pretrain
 from test_pretrain import toy_args, toy_setup  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-CLIS = ["pretrain", "finetune", "linear_probe", "train_tokenizer", "convert", "visualize", "evidence"]
+CLIS = ["pretrain", "finetune", "linear_probe", "train_tokenizer", "convert", "visualize", "evidence", "segment"]
 HEAVY = ["torch", "numpy", "PIL", "torchvision", "matplotlib", "sklearn", "skimage", "triton"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
